@@ -1,0 +1,143 @@
+"""The fused mixture-of-LoRA layer and the state object through which scalings reach it."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from xlora.adapters import LoraModuleWeights, module_features
+
+
+class ScalingState:
+    """The one explicit channel from the model to its layers (no hooks, no patched ``forward``).
+
+    Exactly one of ``scalings`` (``[b, t, L, E]``) and ``constant`` (one value for every token,
+    layer and expert) is in force during a pass; with neither, or ``constant == 0``, the layers are
+    the base model and skip the expert matmuls.
+    """
+
+    def __init__(self) -> None:
+        self.scalings: torch.Tensor | None = None
+        self.constant: float | None = None
+        self.global_weight: float = 1.0
+
+    @contextmanager
+    def use(
+        self, *, scalings: torch.Tensor | None = None, constant: float | None = None, global_weight: float = 1.0
+    ) -> Iterator[None]:
+        saved = (self.scalings, self.constant, self.global_weight)
+        self.scalings, self.constant, self.global_weight = scalings, constant, global_weight
+        try:
+            yield
+        finally:
+            self.scalings, self.constant, self.global_weight = saved
+
+
+class MixtureLoraLinear(nn.Module):
+    """A frozen base ``Linear``/``Conv1D`` plus all experts that adapt it, fused.
+
+    For input ``x`` of shape ``[b, t, in]`` and scalings ``s`` of shape ``[b, t, L, E]``:
+
+        y = base(x) + g · Σ_e s[b, t, l, e] · (α_e / r_e) · B_e · A_e · drop(x)
+
+    computed as two matmuls whatever the number of experts: with ``A = [A_1; …; A_E]`` of shape
+    ``[R, in]`` and ``B = [B_1 … B_E]`` of shape ``[out, R]`` (``R = Σ r_e``),
+
+        h = drop(x) · Aᵀ                  # [b, t, R]
+        y = base(x) + (h ⊙ c) · Bᵀ        # c[b, t, j] = g · s[b, t, l, e(j)] · α_e / r_e
+
+    Experts that do not adapt this module have no columns here and contribute nothing.
+
+    Args:
+        base_layer: the module being adapted; it is called, never copied.
+        layer_index: ``l``, this module's index on the ``L`` axis of the scalings.
+        num_experts: ``E`` of the whole model.
+        experts: ``{expert index: weights}`` of the experts that adapt this module.
+        state: the shared :class:`ScalingState`.
+        trainable: whether ``A`` and ``B`` receive gradients.
+    """
+
+    def __init__(
+        self,
+        base_layer: nn.Module,
+        layer_index: int,
+        num_experts: int,
+        experts: dict[int, LoraModuleWeights],
+        state: ScalingState,
+        trainable: bool = False,
+    ) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        self.layer_index = layer_index
+        self.state = state
+        self.in_features, self.out_features = module_features(base_layer)
+        w = next(base_layer.parameters())
+        ids = sorted(experts)
+        self.expert_ranks = [experts[e].rank for e in ids]
+        dtype, device = w.dtype, w.device
+        self.lora_A = nn.Parameter(torch.cat([experts[e].A for e in ids]).to(device, dtype), requires_grad=trainable)
+        self.lora_B = nn.Parameter(torch.cat([experts[e].B for e in ids], 1).to(device, dtype), requires_grad=trainable)
+        # Column j of the intermediate belongs to expert col_expert[j] and is scaled by α/r of it.
+        col_expert = torch.repeat_interleave(torch.tensor(ids), torch.tensor(self.expert_ranks))
+        col_scale = torch.repeat_interleave(torch.tensor([experts[e].scale for e in ids]), torch.tensor(self.expert_ranks))
+        col_drop = torch.repeat_interleave(torch.tensor([experts[e].dropout for e in ids]), torch.tensor(self.expert_ranks))
+        self.register_buffer("col_expert", col_expert.to(device), persistent=False)
+        self.register_buffer("col_scale", col_scale.to(device, dtype), persistent=False)
+        self.expert_ids = ids
+        self.all_experts = ids == list(range(num_experts))
+        self.uniform_rank = len(set(self.expert_ranks)) == 1
+        # Distinct dropout probabilities -> boolean column masks (one matmul per distinct p in training).
+        self._dropout_groups = [(float(p), col_drop == p) for p in torch.unique(col_drop).tolist()]
+
+    def _down(self, x: torch.Tensor) -> torch.Tensor:
+        """``h = drop(x) · Aᵀ`` with each expert's own dropout probability; ``[..., R]``."""
+        if not self.training or all(p == 0.0 for p, _ in self._dropout_groups):
+            return F.linear(x, self.lora_A)
+        if len(self._dropout_groups) == 1:
+            return F.linear(F.dropout(x, self._dropout_groups[0][0], True), self.lora_A)
+        h = None
+        for p, mask in self._dropout_groups:
+            part = F.linear(F.dropout(x, p, True), self.lora_A) * mask.to(x.dtype)
+            h = part if h is None else h + part
+        return h
+
+    def _column_coefficients(self, s: torch.Tensor) -> torch.Tensor:
+        """Per-token coefficients ``c`` of the ``R`` intermediate columns from ``s`` of shape ``[b, t, L, E]``."""
+        s = s[..., self.layer_index, :]  # [b, t, E]
+        if not self.all_experts:
+            s = s[..., self.expert_ids]  # [b, t, E_l]
+        if self.uniform_rank:
+            r = self.expert_ranks[0]
+            s = s.unsqueeze(-1).expand(*s.shape, r).reshape(*s.shape[:-1], -1)  # [b, t, R]
+        else:
+            s = s.repeat_interleave(torch.tensor(self.expert_ranks, device=s.device), dim=-1)  # [b, t, R]
+        return s.to(self.col_scale.dtype) * (self.col_scale * self.state.global_weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base_layer(x)
+        state = self.state
+        if state.scalings is not None:
+            coef = self._column_coefficients(state.scalings)
+        elif state.constant:
+            coef = self.col_scale * (state.constant * state.global_weight)  # [R]
+        else:
+            return y  # scalings all zero: exactly the base layer, no expert matmuls
+        return y + F.linear(self._down(x) * coef, self.lora_B)
+
+    def expert_weights(self) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+        """``{expert index: (A [r, in], B [out, r])}``, split back out of the fused matrices."""
+        out, start = {}, 0
+        for e, r in zip(self.expert_ids, self.expert_ranks):
+            out[e] = (self.lora_A[start:start + r].detach(), self.lora_B[:, start:start + r].detach())
+            start += r
+        return out
+
+    def extra_repr(self) -> str:
+        return (
+            f"in={self.in_features}, out={self.out_features}, layer_index={self.layer_index}, "
+            f"experts={self.expert_ids}, ranks={self.expert_ranks}"
+        )

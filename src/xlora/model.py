@@ -1,0 +1,319 @@
+"""`XLoraModel`: expert layers injected into a frozen causal LM, the two-pass forward, save/load."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+from torch import nn
+from transformers import AutoModelForCausalLM, PreTrainedModel
+from transformers.modeling_outputs import CausalLMOutputWithPast
+
+from xlora._io import atomic_save_safetensors
+from xlora.adapters import LoraExpert, adaptable_modules, load_experts, save_expert
+from xlora.config import XLoraConfig
+from xlora.head import ScalingHead
+from xlora.layers import MixtureLoraLinear, ScalingState
+
+CONFIG_FILE = "xlora_config.json"
+HEAD_FILE = "xlora_head.safetensors"
+EXPERTS_DIR = "experts"
+
+ScalingsSpec = str | int | torch.Tensor | None
+
+
+@dataclass
+class XLoraOutput(CausalLMOutputWithPast):
+    """``CausalLMOutputWithPast`` plus ``scalings`` of shape ``[b, t, L, E]`` (after softmax / top-k)."""
+
+    scalings: torch.Tensor | None = None
+
+
+class XLoraModel(nn.Module):
+    """A mixture of LoRA experts over a Hugging Face causal LM.
+
+    One forward is two passes of the same base model: a scaling pass (no grad, every scaling set
+    to ``scaling_pass_value``) whose last hidden state ``[b, t, hidden]`` feeds the scaling head,
+    giving scalings ``s`` of shape ``[b, t, L, E]``; then the main pass with ``s`` in every
+    adapted module, which yields the logits and, with ``labels``, the loss.
+
+    Args:
+        base_model: a ``PreTrainedModel`` for causal LM; it is adapted in place (its ``Linear`` /
+            ``Conv1D`` targets are wrapped, never copied) and frozen.
+        config: the X-LoRA configuration; ``hidden_size`` and ``num_adapted_modules`` are filled
+            in from the base model (a conflicting value is an error).
+        experts_root: folder against which relative expert paths are resolved.
+    """
+
+    def __init__(self, base_model: PreTrainedModel, config: XLoraConfig, experts_root: str | Path | None = None) -> None:
+        super().__init__()
+        if not isinstance(base_model, PreTrainedModel):
+            raise TypeError(f"base_model must be a transformers PreTrainedModel, got {type(base_model).__name__}")
+        hidden = _hidden_size(base_model)
+        if config.hidden_size is not None and config.hidden_size != hidden:
+            raise ValueError(
+                f"config.hidden_size={config.hidden_size} but the base model's hidden size is {hidden}: "
+                "this X-LoRA head was trained for another base model"
+            )
+        experts = load_experts(config.experts, base_model, Path(experts_root) if experts_root else None)
+        for p in base_model.parameters():
+            p.requires_grad_(False)
+        self.base_model = base_model
+        self.config = config
+        self.state = ScalingState()
+        self.adapted_modules = self._inject(experts)
+        # The fused layers now own the weights; keep only each expert's name, path and config.
+        self.experts: list[LoraExpert] = [dataclasses.replace(e, modules={}) for e in experts]
+        L = len(self.adapted_modules)
+        if config.num_adapted_modules is not None and config.num_adapted_modules != L:
+            raise ValueError(
+                f"config.num_adapted_modules={config.num_adapted_modules} but the experts adapt {L} modules "
+                "of this base model: the head was trained with other experts or another base model"
+            )
+        config.hidden_size, config.num_adapted_modules = hidden, L
+        if config.base_model_name_or_path is None:
+            config.base_model_name_or_path = getattr(base_model.config, "_name_or_path", None) or None
+        w = next(base_model.parameters())
+        self.head = ScalingHead(config, hidden, L, config.num_experts).to(w.device, w.dtype)
+        self._fixed_scalings: torch.Tensor | None = None
+        self.train(base_model.training)
+
+    # ------------------------------------------------------------------ construction
+    def _inject(self, experts: list[LoraExpert]) -> list[str]:
+        """Wrap every module that at least one expert adapts; returns their names (the ``L`` axis)."""
+        targets = adaptable_modules(self.base_model)
+        names = [n for n in targets if any(n in e.modules for e in experts)]
+        for l, name in enumerate(names):
+            parent_name, _, child = name.rpartition(".")
+            parent = self.base_model.get_submodule(parent_name) if parent_name else self.base_model
+            per_expert = {i: e.modules[name] for i, e in enumerate(experts) if name in e.modules}
+            layer = MixtureLoraLinear(
+                targets[name], l, len(experts), per_expert, self.state, trainable=self.config.use_trainable_adapters
+            )
+            setattr(parent, child, layer)
+        return names
+
+    def mixture_layers(self) -> list[MixtureLoraLinear]:
+        return [self.base_model.get_submodule(n) for n in self.adapted_modules]
+
+    @property
+    def num_experts(self) -> int:
+        return self.config.num_experts
+
+    @property
+    def num_layers(self) -> int:
+        """``L``: the number of adapted modules, the layer axis of the scalings."""
+        return len(self.adapted_modules)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.base_model.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.base_model.parameters()).dtype
+
+    # ------------------------------------------------------------------ scalings
+    def resolve_scalings(self, spec: ScalingsSpec) -> torch.Tensor | None:
+        """Turn a hand-fixed scalings spec into a tensor that broadcasts to ``[b, t, L, E]``.
+
+        ``spec`` is ``None`` (use the head), ``"uniform"`` (``1/E`` each), ``"zero"`` (the base model),
+        an expert name or index (that expert alone at 1), or a tensor of shape ``[E]``, ``[L, E]`` or
+        ``[b, t, L, E]``.
+        """
+        L, E = self.num_layers, self.num_experts
+        if spec is None:
+            return None
+        if isinstance(spec, str) and spec in ("uniform", "zero"):
+            return torch.full((L, E), 1.0 / E if spec == "uniform" else 0.0, device=self.device, dtype=self.dtype)
+        if isinstance(spec, (str, int)) and not isinstance(spec, bool):
+            names = self.config.expert_names
+            if isinstance(spec, str):
+                if spec not in names:
+                    raise ValueError(f"scalings={spec!r} names no expert; choose one of {names}, 'uniform' or 'zero'")
+                idx = names.index(spec)
+            else:
+                if not 0 <= spec < E:
+                    raise ValueError(f"scalings={spec} is not an expert index; use 0..{E - 1}")
+                idx = spec
+            s = torch.zeros(L, E, device=self.device, dtype=self.dtype)
+            s[:, idx] = 1.0
+            return s
+        if isinstance(spec, torch.Tensor):
+            if spec.shape[-1] != E or spec.dim() not in (1, 2, 4) or (spec.dim() >= 2 and spec.shape[-2] != L):
+                raise ValueError(
+                    f"scalings tensor has shape {tuple(spec.shape)}; expected [E]=[{E}], [L, E]=[{L}, {E}] "
+                    f"or [batch, seq, {L}, {E}]"
+                )
+            if spec.dim() == 1:
+                spec = spec.expand(L, E)
+            return spec.to(self.device, self.dtype)
+        raise ValueError(f"scalings must be None, 'uniform', 'zero', an expert name/index or a tensor, got {spec!r}")
+
+    def fix_scalings(self, spec: ScalingsSpec) -> None:
+        """Use fixed scalings (see :meth:`resolve_scalings`) instead of the head until called with ``None``."""
+        self._fixed_scalings = self.resolve_scalings(spec)
+
+    @contextmanager
+    def fixed_scalings(self, spec: ScalingsSpec) -> Iterator[None]:
+        """Context manager form of :meth:`fix_scalings`, e.g. ``with model.fixed_scalings("chem"): ...``."""
+        saved = self._fixed_scalings
+        self._fixed_scalings = self.resolve_scalings(spec)
+        try:
+            yield
+        finally:
+            self._fixed_scalings = saved
+
+    def _expand_fixed(self, fixed: torch.Tensor, b: int, t: int) -> torch.Tensor:
+        if fixed.dim() == 4:
+            if fixed.shape[0] != b or fixed.shape[1] != t:
+                raise ValueError(
+                    f"fixed scalings of shape {tuple(fixed.shape)} do not match the input's batch {b} x length {t}"
+                )
+            return fixed
+        return fixed.expand(b, t, *fixed.shape)
+
+    def scaling_pass(self, **inputs: Any) -> torch.Tensor:
+        """Run the base model with every scaling at ``scaling_pass_value``; returns ``[b, t, hidden]``."""
+        decoder = self.base_model.base_model
+        with torch.no_grad(), self.state.use(constant=self.config.scaling_pass_value):
+            if decoder is self.base_model:
+                out = self.base_model(**inputs, output_hidden_states=True, return_dict=True)
+                return out.hidden_states[-1]
+            return decoder(**inputs, return_dict=True).last_hidden_state
+
+    def compute_scalings(self, **inputs: Any) -> torch.Tensor:
+        """Scaling pass + head: scalings ``[b, t, L, E]`` for ``inputs`` (input_ids, attention_mask, ...)."""
+        hidden = self.scaling_pass(**inputs)
+        return self.head(hidden.to(self.head.layers[0].weight.dtype))
+
+    # ------------------------------------------------------------------ forward
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        scalings: ScalingsSpec = None,
+        **kwargs: Any,
+    ) -> XLoraOutput:
+        """Two-pass forward. ``scalings`` (or :meth:`fix_scalings`) bypasses the scaling pass and head.
+
+        Returns:
+            :class:`XLoraOutput` with ``logits`` ``[b, t, vocab]``, ``loss`` when ``labels`` are
+            given, and the ``scalings`` ``[b, t, L, E]`` that were applied.
+        """
+        if input_ids is None and inputs_embeds is None:
+            raise ValueError("forward needs input_ids or inputs_embeds")
+        ref = input_ids if input_ids is not None else inputs_embeds
+        b, t = ref.shape[0], ref.shape[1]
+        inputs = {"input_ids": input_ids, "attention_mask": attention_mask, "inputs_embeds": inputs_embeds,
+                  "position_ids": position_ids}
+        inputs = {k: v for k, v in inputs.items() if v is not None}
+        fixed = self.resolve_scalings(scalings) if scalings is not None else self._fixed_scalings
+        if fixed is not None:
+            s = self._expand_fixed(fixed, b, t)
+        else:
+            s = self.compute_scalings(**inputs)
+        with self.state.use(scalings=s, global_weight=self.config.global_scaling_weight):
+            out = self.base_model(**inputs, labels=labels, return_dict=True, **kwargs)
+        return XLoraOutput(
+            loss=out.loss, logits=out.logits, cache=out.cache,
+            hidden_states=out.hidden_states, attentions=out.attentions, scalings=s,
+        )
+
+    # ------------------------------------------------------------------ save / load
+    def trainable_expert_weights(self) -> list[dict[str, tuple[torch.Tensor, torch.Tensor]]]:
+        """Per expert, ``{module: (A, B)}`` read back from the fused layers."""
+        out: list[dict[str, tuple[torch.Tensor, torch.Tensor]]] = [{} for _ in self.experts]
+        for name, layer in zip(self.adapted_modules, self.mixture_layers()):
+            for e, ab in layer.expert_weights().items():
+                out[e][name] = ab
+        return out
+
+    def save_pretrained(self, save_directory: str | os.PathLike, bundle: bool = False) -> None:
+        """Write ``xlora_config.json`` and ``xlora_head.safetensors`` (atomically).
+
+        Experts are referenced by absolute path; with ``bundle=True`` (or trainable experts, whose
+        weights changed) they are written under ``experts/<name>/`` in PEFT's format, so the
+        directory stands alone.
+        """
+        out = Path(save_directory)
+        out.mkdir(parents=True, exist_ok=True)
+        cfg = XLoraConfig.from_dict(self.config.to_dict())
+        copy_experts = bundle or self.config.use_trainable_adapters
+        trained = self.trainable_expert_weights() if self.config.use_trainable_adapters else None
+        experts = {}
+        for i, expert in enumerate(self.experts):
+            if copy_experts:
+                rel = Path(EXPERTS_DIR) / expert.name
+                save_expert(expert, out / rel, trained[i] if trained else None)
+                experts[expert.name] = rel.as_posix()
+            else:
+                experts[expert.name] = str(expert.path.resolve())
+        cfg.experts = experts
+        atomic_save_safetensors(out / HEAD_FILE, self.head.state_dict(), metadata={"format": "pt"})
+        cfg.to_json_file(out / CONFIG_FILE)
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        directory: str | os.PathLike,
+        base_model: PreTrainedModel | str | os.PathLike | None = None,
+        **model_kwargs: Any,
+    ) -> XLoraModel:
+        """Load a directory written by :meth:`save_pretrained`.
+
+        Args:
+            directory: the X-LoRA directory.
+            base_model: a loaded model, or a local path / cached model id for ``AutoModelForCausalLM``;
+                defaults to the config's ``base_model_name_or_path``.
+            model_kwargs: passed to ``AutoModelForCausalLM.from_pretrained`` (e.g. ``dtype``).
+        """
+        directory = Path(directory)
+        if not directory.is_dir():
+            raise FileNotFoundError(f"X-LoRA directory {str(directory)!r} does not exist")
+        cfg = XLoraConfig.from_json_file(directory / CONFIG_FILE)
+        if base_model is None:
+            base_model = cfg.base_model_name_or_path
+            if not base_model:
+                raise ValueError(
+                    f"{str(directory / CONFIG_FILE)!r} names no base_model_name_or_path; pass base_model=... explicitly"
+                )
+        if not isinstance(base_model, PreTrainedModel):
+            base_model = AutoModelForCausalLM.from_pretrained(str(base_model), **model_kwargs)
+            base_model.eval()
+        model = cls(base_model, cfg, experts_root=directory)
+        head_file = directory / HEAD_FILE
+        if not head_file.is_file():
+            raise FileNotFoundError(f"{str(head_file)!r} is missing: the X-LoRA directory is incomplete")
+        try:
+            state = load_file(str(head_file))
+        except (SafetensorError, OSError, ValueError, RuntimeError) as err:
+            raise ValueError(f"{str(head_file)!r} is not a readable safetensors file ({err})") from None
+        expected = model.head.state_dict()
+        if set(state) != set(expected) or any(state[k].shape != expected[k].shape for k in expected):
+            got = {k: tuple(v.shape) for k, v in state.items()}
+            want = {k: tuple(v.shape) for k, v in expected.items()}
+            raise ValueError(f"{str(head_file)!r} does not fit the config's head: file has {got}, config needs {want}")
+        model.head.load_state_dict(state)
+        return model
+
+
+def _hidden_size(model: PreTrainedModel) -> int:
+    cfg = model.config
+    text_cfg = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+    for attr in ("hidden_size", "n_embd", "d_model"):
+        value = getattr(text_cfg, attr, None)
+        if isinstance(value, int):
+            return value
+    raise ValueError(f"cannot find the hidden size in {type(cfg).__name__}; X-LoRA needs a decoder with hidden_size")
