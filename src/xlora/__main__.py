@@ -1,0 +1,5 @@
+import sys
+
+from xlora.cli import main
+
+sys.exit(main())
