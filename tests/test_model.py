@@ -37,7 +37,7 @@ def test_zero_scalings_equal_base_model(setups, arch):
     ref = setup.base()(x).logits
     torch.testing.assert_close(model(x, scalings="zero").logits, ref, rtol=0, atol=0)
     # a head whose scalings are all zero (global weight 0) also gives the base model
-    model.config.global_scaling_weight = 0.0
+    model.xlora_config.global_scaling_weight = 0.0
     torch.testing.assert_close(model(x).logits, ref, rtol=0, atol=1e-6)
 
 
@@ -170,7 +170,7 @@ def test_save_load_gives_identical_logits(llama, tmp_path):
     model.save_pretrained(tmp_path / "ckpt")
     assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["xlora_config.json", "xlora_head.safetensors"]
     loaded = XLoraModel.from_pretrained(tmp_path / "ckpt", base_model=str(llama.base_dir)).eval()
-    assert loaded.config == model.config
+    assert loaded.xlora_config == model.xlora_config
     after = loaded(x)
     assert torch.equal(after.logits, before.logits)
     assert torch.equal(after.scalings, before.scalings)
@@ -232,7 +232,7 @@ def test_trainable_experts_get_gradients_and_save(llama, tmp_path):
     loaded = XLoraModel.from_pretrained(tmp_path / "ckpt", base_model=llama.base()).eval()
     torch.testing.assert_close(loaded(x).logits, before, rtol=0, atol=1e-6)
     # and the saved experts are valid PEFT adapters
-    for i, name in enumerate(model.config.expert_names):
+    for i, name in enumerate(model.xlora_config.expert_names):
         ref = PeftModel.from_pretrained(llama.base(), str(tmp_path / "ckpt" / "experts" / name)).eval()(x).logits
         torch.testing.assert_close(loaded(x, scalings=i).logits, ref, rtol=0, atol=1e-5)
 

@@ -44,7 +44,7 @@ def run_example(seq_len: int = 8) -> torch.Tensor:
         with torch.inference_mode():
             out = model(ids)
         per_token = out.scalings[0].mean(dim=1)  # [t, E]
-        names = model.config.expert_names
+        names = model.xlora_config.expert_names
         print(f"X-LoRA over a tiny Llama: {model.num_layers} adapted modules x {model.num_experts} experts {names}")
         print("token  " + "  ".join(f"{n:>9}" for n in names))
         for t, row in enumerate(per_token.tolist()):

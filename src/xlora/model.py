@@ -15,11 +15,13 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import nn
 from transformers import AutoModelForCausalLM, PreTrainedModel
+from transformers.cache_utils import Cache
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from xlora._io import atomic_save_safetensors
 from xlora.adapters import LoraExpert, adaptable_modules, load_experts, save_expert
 from xlora.config import XLoraConfig
+from xlora.generation import XLoraGenerationMixin
 from xlora.head import ScalingHead
 from xlora.layers import MixtureLoraLinear, ScalingState
 
@@ -37,7 +39,7 @@ class XLoraOutput(CausalLMOutputWithPast):
     scalings: torch.Tensor | None = None
 
 
-class XLoraModel(nn.Module):
+class XLoraModel(XLoraGenerationMixin, nn.Module):
     """A mixture of LoRA experts over a Hugging Face causal LM.
 
     One forward is two passes of the same base model: a scaling pass (no grad, every scaling set
@@ -67,7 +69,9 @@ class XLoraModel(nn.Module):
         for p in base_model.parameters():
             p.requires_grad_(False)
         self.base_model = base_model
-        self.config = config
+        self.xlora_config = config
+        self.config = base_model.config  # the Hugging Face convention: model.config is the base model's
+        self.generation_config = base_model.generation_config
         self.state = ScalingState()
         self.adapted_modules = self._inject(experts)
         # The fused layers now own the weights; keep only each expert's name, path and config.
@@ -96,7 +100,7 @@ class XLoraModel(nn.Module):
             parent = self.base_model.get_submodule(parent_name) if parent_name else self.base_model
             per_expert = {i: e.modules[name] for i, e in enumerate(experts) if name in e.modules}
             layer = MixtureLoraLinear(
-                targets[name], l, len(experts), per_expert, self.state, trainable=self.config.use_trainable_adapters
+                targets[name], l, len(experts), per_expert, self.state, trainable=self.xlora_config.use_trainable_adapters
             )
             setattr(parent, child, layer)
         return names
@@ -106,7 +110,7 @@ class XLoraModel(nn.Module):
 
     @property
     def num_experts(self) -> int:
-        return self.config.num_experts
+        return self.xlora_config.num_experts
 
     @property
     def num_layers(self) -> int:
@@ -135,7 +139,7 @@ class XLoraModel(nn.Module):
         if isinstance(spec, str) and spec in ("uniform", "zero"):
             return torch.full((L, E), 1.0 / E if spec == "uniform" else 0.0, device=self.device, dtype=self.dtype)
         if isinstance(spec, (str, int)) and not isinstance(spec, bool):
-            names = self.config.expert_names
+            names = self.xlora_config.expert_names
             if isinstance(spec, str):
                 if spec not in names:
                     raise ValueError(f"scalings={spec!r} names no expert; choose one of {names}, 'uniform' or 'zero'")
@@ -184,7 +188,7 @@ class XLoraModel(nn.Module):
     def scaling_pass(self, **inputs: Any) -> torch.Tensor:
         """Run the base model with every scaling at ``scaling_pass_value``; returns ``[b, t, hidden]``."""
         decoder = self.base_model.base_model
-        with torch.no_grad(), self.state.use(constant=self.config.scaling_pass_value):
+        with torch.no_grad(), self.state.use(constant=self.xlora_config.scaling_pass_value):
             if decoder is self.base_model:
                 out = self.base_model(**inputs, output_hidden_states=True, return_dict=True)
                 return out.hidden_states[-1]
@@ -203,29 +207,41 @@ class XLoraModel(nn.Module):
         labels: torch.LongTensor | None = None,
         inputs_embeds: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
+        cache: Cache | None = None,
+        use_cache: bool | None = None,
         scalings: ScalingsSpec = None,
+        logits_to_keep: int | torch.Tensor = 0,
         **kwargs: Any,
     ) -> XLoraOutput:
         """Two-pass forward. ``scalings`` (or :meth:`fix_scalings`) bypasses the scaling pass and head.
 
+        With ``cache`` (an :class:`~xlora.generation.XLoraCache`) both passes run incrementally on
+        the new tokens only; ``use_cache=True`` without a cache starts a new one.
+
         Returns:
             :class:`XLoraOutput` with ``logits`` ``[b, t, vocab]``, ``loss`` when ``labels`` are
-            given, and the ``scalings`` ``[b, t, L, E]`` that were applied.
+            given, the ``scalings`` ``[b, t, L, E]`` that were applied and the ``cache``.
         """
         if input_ids is None and inputs_embeds is None:
             raise ValueError("forward needs input_ids or inputs_embeds")
+        kwargs.pop("return_dict", None)  # always a ModelOutput
         ref = input_ids if input_ids is not None else inputs_embeds
         b, t = ref.shape[0], ref.shape[1]
         inputs = {"input_ids": input_ids, "attention_mask": attention_mask, "inputs_embeds": inputs_embeds,
                   "position_ids": position_ids}
         inputs = {k: v for k, v in inputs.items() if v is not None}
+        if use_cache is None:
+            use_cache = cache is not None
+        if use_cache and cache is None:
+            cache = self.new_cache()
         fixed = self.resolve_scalings(scalings) if scalings is not None else self._fixed_scalings
         if fixed is not None:
-            s = self._expand_fixed(fixed, b, t)
+            s = self._expand_fixed(fixed, b, t)  # no scaling pass: its cache falls behind (checked on reuse)
         else:
-            s = self.compute_scalings(**inputs)
-        with self.state.use(scalings=s, global_weight=self.config.global_scaling_weight):
-            out = self.base_model(**inputs, labels=labels, return_dict=True, **kwargs)
+            s = self.step_scalings(inputs, cache)
+        with self.state.use(scalings=s, global_weight=self.xlora_config.global_scaling_weight):
+            out = self.base_model(**inputs, labels=labels, cache=cache, use_cache=use_cache,
+                                  logits_to_keep=logits_to_keep, return_dict=True, **kwargs)
         return XLoraOutput(
             loss=out.loss, logits=out.logits, cache=out.cache,
             hidden_states=out.hidden_states, attentions=out.attentions, scalings=s,
@@ -249,9 +265,9 @@ class XLoraModel(nn.Module):
         """
         out = Path(save_directory)
         out.mkdir(parents=True, exist_ok=True)
-        cfg = XLoraConfig.from_dict(self.config.to_dict())
-        copy_experts = bundle or self.config.use_trainable_adapters
-        trained = self.trainable_expert_weights() if self.config.use_trainable_adapters else None
+        cfg = XLoraConfig.from_dict(self.xlora_config.to_dict())
+        copy_experts = bundle or self.xlora_config.use_trainable_adapters
+        trained = self.trainable_expert_weights() if self.xlora_config.use_trainable_adapters else None
         experts = {}
         for i, expert in enumerate(self.experts):
             if copy_experts:

@@ -1,0 +1,191 @@
+"""Exact incremental decoding for X-LoRA: two KV caches through Hugging Face's own ``generate()``.
+
+Attention is causal, so the scalings of token ``t`` depend only on tokens ``<= t``. Decoding is
+therefore exact with one cache per pass: :class:`XLoraCache` *is* the main pass's
+``DynamicCache`` and owns the scaling pass's cache, and every cache operation transformers calls
+(``reorder_cache`` for beams, ``crop``, ``batch_repeat_interleave``, ``batch_select_indices``,
+``reset``) is applied to both. Each new token costs one incremental step of each pass.
+
+With ``granularity="prompt"`` the scalings are computed over the prompt once (the last prompt
+token's, or the mean over the prompt's real tokens) and held fixed: decoding runs the main pass only.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import torch
+from transformers import DynamicCache, GenerationMixin
+from transformers.cache_utils import Cache
+
+Granularity = Literal["token", "prompt"]
+PromptReduce = Literal["last", "mean"]
+
+
+class XLoraCache(DynamicCache):
+    """The main pass's KV cache, carrying the scaling pass's cache and the decoding mode.
+
+    Args:
+        config: the base model's config (as for ``DynamicCache``).
+        granularity: ``"token"`` (scalings for every token) or ``"prompt"`` (fixed after the prompt).
+        prompt_scalings: with ``"prompt"`` granularity, ``"last"`` prompt token or ``"mean"`` over the prompt.
+        record: keep the scalings of every step in :attr:`recorded` (each ``[b, t_step, L, E]``).
+    """
+
+    def __init__(self, config: Any = None, granularity: Granularity = "token",
+                 prompt_scalings: PromptReduce = "last", record: bool = False) -> None:
+        if granularity not in ("token", "prompt"):
+            raise ValueError(f"granularity must be 'token' or 'prompt', got {granularity!r}")
+        if prompt_scalings not in ("last", "mean"):
+            raise ValueError(f"prompt_scalings must be 'last' or 'mean', got {prompt_scalings!r}")
+        super().__init__(config=config)
+        self.scaling_cache = DynamicCache(config=config)
+        self.granularity = granularity
+        self.prompt_scalings = prompt_scalings
+        self.fixed_scalings: torch.Tensor | None = None  # [b, 1, L, E] with prompt granularity
+        self.record = record
+        self.recorded: list[torch.Tensor] = []
+
+    # -- every operation transformers applies to a cache is applied to both caches
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        super().reorder_cache(beam_idx)
+        self.scaling_cache.reorder_cache(beam_idx)
+        if self.fixed_scalings is not None:
+            self.fixed_scalings = self.fixed_scalings.index_select(0, beam_idx.to(self.fixed_scalings.device))
+        if self.record and self.recorded:
+            raise RuntimeError("record=True cannot follow beam search (beams reorder the history); record without beams")
+
+    def crop(self, tokens_to_remove: int) -> None:
+        super().crop(tokens_to_remove)
+        self.scaling_cache.crop(tokens_to_remove)
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        super().batch_repeat_interleave(repeats)
+        self.scaling_cache.batch_repeat_interleave(repeats)
+        if self.fixed_scalings is not None:
+            self.fixed_scalings = self.fixed_scalings.repeat_interleave(repeats, dim=0)
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        super().batch_select_indices(indices)
+        self.scaling_cache.batch_select_indices(indices)
+        if self.fixed_scalings is not None:
+            self.fixed_scalings = self.fixed_scalings[indices]
+
+    def reset(self) -> None:
+        super().reset()
+        self.scaling_cache.reset()
+        self.fixed_scalings = None
+        self.recorded.clear()
+
+
+def reduce_prompt_scalings(s: torch.Tensor, attention_mask: torch.Tensor | None, how: PromptReduce) -> torch.Tensor:
+    """Prompt scalings ``[b, t, L, E]`` -> ``[b, 1, L, E]``: the last real token's, or the mean over real tokens."""
+    b, t = s.shape[:2]
+    mask = torch.ones(b, t, device=s.device) if attention_mask is None else attention_mask[:, -t:].to(s.device)
+    mask = mask.to(s.dtype)
+    if how == "mean":
+        w = mask / mask.sum(1, keepdim=True).clamp_min(1)
+        return (s * w[:, :, None, None]).sum(1, keepdim=True)
+    last = t - 1 - mask.flip(1).argmax(1)  # index of the last real token (works for left and right padding)
+    return s[torch.arange(b, device=s.device), last].unsqueeze(1)
+
+
+class XLoraGenerationMixin(GenerationMixin):
+    """Hugging Face ``generate()`` for :class:`~xlora.model.XLoraModel`, with the dual cache.
+
+    The model supplies ``base_model``, ``compute_scalings(**inputs)`` and a ``forward`` that calls
+    :meth:`step_scalings`.
+    """
+
+    main_input_name = "input_ids"
+    _is_stateful = False
+
+    @classmethod
+    def is_remote_code(cls) -> bool:
+        return False
+
+    @classmethod
+    def can_generate(cls) -> bool:
+        return True
+
+    # PreTrainedModel methods that generate() calls, answered by the base model explicitly.
+    def get_experts_implementation(self):  # noqa: ANN201
+        return self.base_model.get_experts_implementation()
+
+    def set_experts_implementation(self, implementation):  # noqa: ANN001, ANN201
+        return self.base_model.set_experts_implementation(implementation)
+
+    def new_cache(self, granularity: Granularity = "token", prompt_scalings: PromptReduce = "last",
+                  record: bool = False) -> XLoraCache:
+        """An empty :class:`XLoraCache` for this model (pass it as ``cache=`` to ``forward``/``generate``)."""
+        return XLoraCache(self.base_model.config, granularity, prompt_scalings, record)
+
+    def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs):  # noqa: ANN001
+        cache = model_kwargs.get("cache")
+        if cache is not None and not isinstance(cache, XLoraCache):
+            raise ValueError(
+                f"cache={type(cache).__name__}: X-LoRA decodes with two caches; pass model.new_cache() or no cache"
+            )
+        if generation_config.cache_implementation not in (None, "dynamic"):
+            raise ValueError(
+                f"cache_implementation={generation_config.cache_implementation!r} is not supported by X-LoRA; "
+                "leave it unset (X-LoRA uses its own dynamic dual cache)"
+            )
+        if cache is None and generation_config.use_cache is not False:
+            model_kwargs["cache"] = self.new_cache()
+        elif cache is not None:
+            cache._is_user_defined = True
+
+    def generate(self, *args: Any, granularity: Granularity = "token", prompt_scalings: PromptReduce = "last",
+                 record_scalings: bool = False, **kwargs: Any):
+        """``transformers`` ``generate()`` with exact dual-cache X-LoRA decoding.
+
+        Args:
+            granularity: ``"token"`` (default): scalings for every generated token (two incremental
+                passes per token); ``"prompt"``: scalings fixed after the prompt (one pass per token).
+            prompt_scalings: with ``"prompt"``: ``"last"`` prompt token's scalings or the ``"mean"``.
+            record_scalings: keep every step's scalings; read them with :meth:`last_generation_scalings`.
+            *args, **kwargs: as for ``transformers.GenerationMixin.generate`` (``max_new_tokens``,
+                ``do_sample``, ``num_beams``, ``streamer``, ``stop_strings`` with ``tokenizer``, ...).
+        """
+        if kwargs.get("cache") is None and kwargs.get("use_cache", True) is not False:
+            kwargs["cache"] = self.new_cache(granularity, prompt_scalings, record_scalings)
+            if record_scalings and kwargs.get("num_beams", 1) > 1:
+                raise ValueError("record_scalings=True is not supported with num_beams > 1; use greedy or sampling")
+        elif kwargs.get("use_cache") is False and (granularity != "token" or record_scalings):
+            raise ValueError("granularity='prompt' and record_scalings need the cache; do not pass use_cache=False")
+        self._last_cache = kwargs.get("cache")
+        return super().generate(*args, **kwargs)
+
+    def last_generation_scalings(self) -> list[torch.Tensor]:
+        """The scalings recorded by the last ``generate(record_scalings=True)``, one ``[b, t, L, E]`` per step."""
+        cache = getattr(self, "_last_cache", None)
+        return list(cache.recorded) if isinstance(cache, XLoraCache) else []
+
+    def step_scalings(self, inputs: dict[str, Any], cache: Cache | None) -> torch.Tensor:
+        """Scalings ``[b, t, L, E]`` for this forward's new tokens, using the scaling cache if any."""
+        if cache is None:
+            return self.compute_scalings(**inputs)
+        if not isinstance(cache, XLoraCache):
+            raise ValueError(
+                f"cache={type(cache).__name__}: X-LoRA needs an XLoraCache (model.new_cache()) holding both passes' caches"
+            )
+        if cache.granularity == "token" and cache.scaling_cache.get_seq_length() != cache.get_seq_length():
+            raise ValueError(
+                f"this XLoraCache's scaling cache holds {cache.scaling_cache.get_seq_length()} tokens but its main "
+                f"cache {cache.get_seq_length()}: scalings were fixed by hand for part of it; start a new cache"
+            )
+        if cache.granularity == "prompt":
+            if cache.fixed_scalings is None:
+                # The prompt itself is processed with its own per-token scalings (so the first new
+                # token equals token granularity's); the reduced scalings then hold for decoding.
+                s = self.compute_scalings(**inputs)
+                cache.fixed_scalings = reduce_prompt_scalings(s, inputs.get("attention_mask"), cache.prompt_scalings)
+            else:
+                ref = inputs["input_ids"] if inputs.get("input_ids") is not None else inputs["inputs_embeds"]
+                s = cache.fixed_scalings.expand(-1, ref.shape[1], -1, -1)
+        else:
+            s = self.compute_scalings(**inputs, cache=cache.scaling_cache, use_cache=True)
+        if cache.record:
+            cache.recorded.append(s.detach())
+        return s
