@@ -51,6 +51,25 @@ def tiny_model(arch: str, seed: int = 0):
     return model.eval()
 
 
+def tiny_tokenizer():
+    """A character-level fast tokenizer (printable ASCII) with a chat template; fits VOCAB."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<pad>", "<s>", "</s>", "<unk>"]
+    vocab = {t: i for i, t in enumerate(specials + [chr(c) for c in range(32, 127)])}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    backend.decoder = decoders.Fuse()
+    tok = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
+                                  unk_token="<unk>")
+    tok.chat_template = (
+        "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}</s>{% endfor %}"
+        "{% if add_generation_prompt %}<assistant>{% endif %}"
+    )
+    return tok
+
+
 def targets_of(arch: str) -> list[str]:
     return GPT2_TARGETS if arch == "gpt2" else LLAMA_TARGETS
 
@@ -87,6 +106,7 @@ def build_setup(root: Path, arch: str) -> Setup:
     base = tiny_model(arch)
     base_dir = root / f"{arch}-base"
     base.save_pretrained(str(base_dir))
+    tiny_tokenizer().save_pretrained(str(base_dir))
     t = targets_of(arch)
     experts = {
         "alpha": make_expert(base, root / f"{arch}-alpha", r=4, alpha=8, targets=t, seed=1),

@@ -1,0 +1,242 @@
+"""Dual-cache decoding through generate(): exact against full recomputation, beams, sampling, streaming."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+from conftest import VOCAB, tiny_tokenizer
+from transformers import DynamicCache, StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
+
+from xlora import XLoraConfig, XLoraModel
+from xlora.generation import XLoraCache, reduce_prompt_scalings
+
+
+def build(setup, seed: int = 3, **cfg) -> XLoraModel:
+    config = XLoraConfig(experts={k: str(v) for k, v in setup.expert_dirs.items()}, head_depth=2,
+                         head_hidden_size=16, **cfg)
+    model = XLoraModel(setup.base(), config).eval()
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for p in model.head.parameters():
+            p.normal_(0, 0.7)
+    return model
+
+
+def left_padded_batch(seed: int = 0):
+    """Three prompts of lengths 6, 4 and 2, left-padded with pad id 0."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, VOCAB, (3, 6), generator=g)
+    mask = torch.ones_like(ids)
+    mask[1, :2] = 0
+    mask[2, :4] = 0
+    ids[mask == 0] = 0
+    return ids, mask
+
+
+def positions(mask: torch.Tensor) -> torch.Tensor:
+    return (mask.cumsum(-1) - 1).clamp_min(0)
+
+
+@torch.no_grad()
+def reference_greedy(model: XLoraModel, ids, mask, steps: int, scalings_for=None):
+    """Recompute the whole sequence at every step, without any cache."""
+    seq, m, all_logits, all_scalings = ids.clone(), mask.clone(), [], []
+    for _ in range(steps):
+        kwargs = {"scalings": scalings_for(seq.shape[1])} if scalings_for else {}
+        out = model(input_ids=seq, attention_mask=m, position_ids=positions(m), use_cache=False, **kwargs)
+        all_logits.append(out.logits[:, -1])
+        all_scalings.append(out.scalings)
+        nxt = out.logits[:, -1].argmax(-1, keepdim=True)
+        seq, m = torch.cat([seq, nxt], 1), torch.cat([m, torch.ones_like(nxt)], 1)
+    return seq, all_logits, all_scalings
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_cached_greedy_equals_full_recomputation(setups, arch):
+    model = build(setups[arch])
+    ids, mask = left_padded_batch()
+    steps = 12
+    out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=steps, do_sample=False,
+                         output_logits=True, return_dict_in_generate=True, pad_token_id=0, eos_token_id=None)
+    ref_seq, ref_logits, _ = reference_greedy(model, ids, mask, steps)
+    assert torch.equal(out.sequences, ref_seq)
+    for step, (got, want) in enumerate(zip(out.logits, ref_logits)):
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-4, msg=f"step {step}")
+    # the mixture matters: the base model alone generates something else
+    base_out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=steps, do_sample=False,
+                              scalings="zero", pad_token_id=0, eos_token_id=None)
+    assert not torch.equal(base_out, out.sequences)
+
+
+class ShapeSpy(XLoraModel):
+    """Records the number of new tokens each scaling pass sees."""
+
+    def scaling_pass(self, **inputs):
+        ref = inputs.get("input_ids")
+        self.seen.append(ref.shape[1])
+        return super().scaling_pass(**inputs)
+
+
+def test_decoding_never_recomputes_the_prefix(llama):
+    model = ShapeSpy(llama.base(), XLoraConfig(experts={k: str(v) for k, v in llama.expert_dirs.items()}))
+    model.eval()
+    model.seen = []
+    ids, mask = left_padded_batch()
+    model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=8, do_sample=False, pad_token_id=0,
+                   eos_token_id=None)
+    assert model.seen == [6] + [1] * 7
+    model.seen = []
+    model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=8, do_sample=False, pad_token_id=0,
+                   eos_token_id=None, granularity="prompt")
+    assert model.seen == [6]  # prompt granularity: one scaling pass over the prompt, then the main pass alone
+
+
+def test_beam_search_equals_uncached_beam_search(llama):
+    model = build(llama)
+    ids, mask = left_padded_batch(seed=1)
+    kwargs = dict(input_ids=ids, attention_mask=mask, max_new_tokens=8, num_beams=3, do_sample=False,
+                  pad_token_id=0, eos_token_id=None, output_scores=True, return_dict_in_generate=True)
+    cached = model.generate(**kwargs)
+    uncached = model.generate(**kwargs, use_cache=False)
+    assert torch.equal(cached.sequences, uncached.sequences)
+    torch.testing.assert_close(cached.sequences_scores, uncached.sequences_scores, rtol=0, atol=1e-4)
+
+
+def test_sampling_is_reproducible_and_exact(llama):
+    model = build(llama)
+    ids, mask = left_padded_batch(seed=2)
+    kwargs = dict(input_ids=ids, attention_mask=mask, max_new_tokens=10, do_sample=True, temperature=0.8,
+                  top_p=0.9, top_k=20, repetition_penalty=1.3, pad_token_id=0, eos_token_id=None)
+    runs = []
+    for use_cache in (True, True, False):
+        torch.manual_seed(1234)
+        runs.append(model.generate(**kwargs, use_cache=use_cache))
+    assert torch.equal(runs[0], runs[1])
+    assert torch.equal(runs[0], runs[2])  # the cache changes nothing, even under sampling
+    torch.manual_seed(99)
+    assert not torch.equal(model.generate(**kwargs), runs[0])
+
+
+@pytest.mark.parametrize("how", ["last", "mean"])
+def test_prompt_granularity(llama, how):
+    model = build(llama)
+    ids, mask = left_padded_batch(seed=3)
+    steps = 8
+    out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=steps, do_sample=False,
+                         granularity="prompt", prompt_scalings=how, output_logits=True,
+                         return_dict_in_generate=True, pad_token_id=0, eos_token_id=None)
+    token = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=1, do_sample=False,
+                           pad_token_id=0, eos_token_id=None)
+    assert torch.equal(out.sequences[:, : ids.shape[1] + 1], token)
+    # its own no-cache reference: per-token scalings over the prompt, then the reduced ones held fixed
+    with torch.no_grad():
+        prompt_s = model(input_ids=ids, attention_mask=mask, position_ids=positions(mask)).scalings
+    fixed = reduce_prompt_scalings(prompt_s, mask, how)
+
+    def scalings_for(length: int) -> torch.Tensor:
+        return torch.cat([prompt_s, fixed.expand(-1, length - ids.shape[1], -1, -1)], 1)
+
+    ref_seq, ref_logits, _ = reference_greedy(model, ids, mask, steps, scalings_for)
+    assert torch.equal(out.sequences, ref_seq)
+    for got, want in zip(out.logits, ref_logits):
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-4)
+
+
+def test_reduce_prompt_scalings_by_hand():
+    s = torch.arange(2 * 3 * 1 * 2, dtype=torch.float).reshape(2, 3, 1, 2)
+    mask = torch.tensor([[0, 1, 1], [1, 1, 0]])
+    last = reduce_prompt_scalings(s, mask, "last")
+    assert last[:, 0, 0].tolist() == [[4.0, 5.0], [8.0, 9.0]]
+    mean = reduce_prompt_scalings(s, mask, "mean")
+    assert mean[:, 0, 0].tolist() == [[3.0, 4.0], [7.0, 8.0]]
+
+
+def test_recorded_scalings_equal_full_forward(llama):
+    model = build(llama)
+    ids, mask = left_padded_batch(seed=4)
+    seq = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=5, do_sample=False,
+                         record_scalings=True, pad_token_id=0, eos_token_id=None)
+    recorded = torch.cat(model.last_generation_scalings(), dim=1)  # [b, prompt + 4, L, E]
+    assert recorded.shape[1] == ids.shape[1] + 4  # the last new token is never fed back
+    full_mask = torch.cat([mask, torch.ones(3, 5, dtype=mask.dtype)], 1)
+    with torch.no_grad():
+        full = model(input_ids=seq[:, :-1], attention_mask=full_mask[:, :-1], position_ids=positions(full_mask[:, :-1]))
+    real = full_mask[:, :-1].bool()
+    torch.testing.assert_close(recorded[real], full.scalings[real], rtol=0, atol=1e-5)
+
+
+def test_streamer_yields_the_generated_text(llama):
+    model = build(llama)
+    tok = tiny_tokenizer()
+    enc = tok(["Hello there"], return_tensors="pt")
+    full = model.generate(**enc, max_new_tokens=12, do_sample=False, pad_token_id=0, eos_token_id=None)
+    expected = tok.decode(full[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+    streamer = TextIteratorStreamer(tok, skip_prompt=True, skip_special_tokens=True)
+    thread = threading.Thread(target=model.generate, kwargs=dict(**enc, max_new_tokens=12, do_sample=False,
+                                                                 pad_token_id=0, eos_token_id=None,
+                                                                 streamer=streamer))
+    thread.start()
+    pieces = list(streamer)
+    thread.join()
+    assert "".join(pieces) == expected
+    assert len(expected) > 0
+
+
+def test_stopping_criteria_and_stop_strings(llama):
+    model = build(llama)
+    tok = tiny_tokenizer()
+    enc = tok(["Hello there"], return_tensors="pt")
+    n = enc["input_ids"].shape[1]
+    full = model.generate(**enc, max_new_tokens=12, do_sample=False, pad_token_id=0, eos_token_id=None)
+    text = tok.decode(full[0, n:])
+
+    class StopAfter(StoppingCriteria):
+        def __call__(self, input_ids, scores, **kwargs):
+            return torch.full((input_ids.shape[0],), input_ids.shape[1] >= n + 3, dtype=torch.bool)
+
+    short = model.generate(**enc, max_new_tokens=12, do_sample=False, pad_token_id=0, eos_token_id=None,
+                           stopping_criteria=StoppingCriteriaList([StopAfter()]))
+    assert torch.equal(short, full[:, : n + 3])
+    stop = text[4:6]
+    stopped = model.generate(**enc, max_new_tokens=12, do_sample=False, pad_token_id=0, eos_token_id=None,
+                             stop_strings=[stop], tokenizer=tok)
+    got = tok.decode(stopped[0, n:])
+    assert got.endswith(stop) and text.startswith(got) and len(got) <= text.index(stop) + len(stop)
+
+
+def test_unsupported_modes_raise_clear_errors(llama):
+    model = build(llama)
+    ids, mask = left_padded_batch()
+    with pytest.raises(ValueError, match="record_scalings=True is not supported with num_beams > 1"):
+        model.generate(input_ids=ids, attention_mask=mask, num_beams=2, record_scalings=True, max_new_tokens=2)
+    with pytest.raises(ValueError, match="granularity='prompt' and record_scalings need the cache"):
+        model.generate(input_ids=ids, attention_mask=mask, use_cache=False, granularity="prompt", max_new_tokens=2)
+    with pytest.raises(ValueError, match="cache=DynamicCache: X-LoRA decodes with two caches"):
+        model.generate(input_ids=ids, attention_mask=mask, cache=DynamicCache(), max_new_tokens=2)
+    with pytest.raises(ValueError, match="granularity must be 'token' or 'prompt', got 'word'"):
+        model.generate(input_ids=ids, attention_mask=mask, granularity="word", max_new_tokens=2)
+    with pytest.raises(ValueError, match="cache_implementation='static' is not supported"):
+        model.generate(input_ids=ids, attention_mask=mask, cache_implementation="static", max_new_tokens=2)
+
+
+def test_cache_operations_apply_to_both_caches(llama):
+    model = build(llama)
+    ids, mask = left_padded_batch()
+    cache = model.new_cache(granularity="token")
+    with torch.no_grad():
+        model(input_ids=ids, attention_mask=mask, position_ids=positions(mask), cache=cache)
+    assert cache.get_seq_length() == cache.scaling_cache.get_seq_length() == 6
+    cache.crop(-2)
+    assert cache.get_seq_length() == cache.scaling_cache.get_seq_length() == 4
+    cache.batch_repeat_interleave(2)
+    assert cache.layers[0].keys.shape[0] == cache.scaling_cache.layers[0].keys.shape[0] == 6
+    idx = torch.tensor([5, 0])
+    before = cache.scaling_cache.layers[0].keys[idx].clone()
+    cache.batch_select_indices(idx)
+    assert torch.equal(cache.scaling_cache.layers[0].keys, before)
+    cache.reorder_cache(torch.tensor([1, 1]))
+    assert torch.equal(cache.scaling_cache.layers[0].keys[0], cache.scaling_cache.layers[0].keys[1])
+    assert torch.equal(cache.layers[0].keys[0], cache.layers[0].keys[1])
+    assert isinstance(cache, XLoraCache)
