@@ -25,3 +25,60 @@ def test_unknown_subcommand_is_an_argparse_error(capsys):
         main(["nonsense"])
     assert exc.value.code == 2
     assert "invalid choice: 'nonsense'" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def saved_model(llama, tmp_path_factory):
+    from xlora import XLoraConfig, XLoraModel
+
+    model = XLoraModel(llama.base(), XLoraConfig(experts={k: str(v) for k, v in llama.expert_dirs.items()},
+                                                 head_hidden_size=16)).eval()
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in model.head.parameters():
+            p.normal_(0, 0.7)
+    out = tmp_path_factory.mktemp("cli") / "xlora"
+    model.save_pretrained(out)
+    return out
+
+
+def _expected(model_dir, prompt, chat=False, n=10):
+    from xlora.model import load_model_and_tokenizer
+
+    model, tok = load_model_and_tokenizer(model_dir)
+    if chat:
+        enc = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                      return_tensors="pt", return_dict=True)
+    else:
+        enc = tok(prompt, return_tensors="pt")
+    ids = model.generate(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"], max_new_tokens=n,
+                         do_sample=False, pad_token_id=0, record_scalings=True)
+    new = ids[0, enc["input_ids"].shape[1]:]
+    steps = model.last_generation_scalings()
+    dominant = [int(s[0, -1].mean(0).argmax()) for s in steps[: len(new)]]
+    return tok.decode(new, skip_special_tokens=True), [model.xlora_config.expert_names[e] for e in dominant]
+
+
+@pytest.mark.parametrize("chat", [False, True])
+def test_generate_streams_the_same_text_as_generate(saved_model, capsys, chat):
+    argv = ["generate", str(saved_model), "Hello", "--max-new-tokens", "10"] + (["--chat"] if chat else [])
+    assert main(argv) == 0
+    text, _ = _expected(saved_model, "Hello", chat=chat)
+    assert capsys.readouterr().out == text + "\n"
+
+
+def test_generate_show_experts_names_the_dominant_expert(saved_model, capsys):
+    assert main(["generate", str(saved_model), "Hello", "--max-new-tokens", "10", "--show-experts"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    rows = out[2:]
+    text, dominant = _expected(saved_model, "Hello")
+    assert out[0] == text
+    assert len(rows) == len(dominant) == 10
+    assert [r.split()[-2] for r in rows] == dominant
+    assert len(set(dominant)) >= 1 and all(0.0 <= float(r.split()[-1]) <= 1.0 for r in rows)
+
+
+def test_generate_errors_are_one_line(tmp_path, capsys):
+    assert main(["generate", str(tmp_path / "missing"), "hi"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("xlora generate: error: X-LoRA directory") and "missing" in err

@@ -14,12 +14,54 @@ def _example(args: argparse.Namespace) -> int:
     return 0
 
 
+def _generate(args: argparse.Namespace) -> int:
+    from xlora.generation import generate_text
+    from xlora.model import load_model_and_tokenizer
+
+    if args.seed is not None:
+        import torch
+
+        torch.manual_seed(args.seed)
+    model, tokenizer = load_model_and_tokenizer(args.model_dir, base_model=args.base)
+    sampling = {"do_sample": args.temperature > 0}
+    if args.temperature > 0:
+        sampling.update(temperature=args.temperature, top_p=args.top_p)
+    out = sys.stdout
+    text, ids, scalings = generate_text(
+        model, tokenizer, args.prompt, chat=args.chat, max_new_tokens=args.max_new_tokens,
+        stream=lambda piece: (out.write(piece), out.flush()), granularity=args.granularity, **sampling,
+    )
+    out.write("\n")
+    if args.show_experts:
+        names = model.xlora_config.expert_names
+        per_token = scalings.float().mean(dim=1)  # [n, E], layers averaged
+        out.write(f"{'#':>4}  {'token':<16} {'expert':<16} weight\n")
+        for i, (tid, row) in enumerate(zip(ids, per_token)):
+            e = int(row.argmax())
+            piece = tokenizer.decode([tid])
+            out.write(f"{i:>4}  {piece!r:<16} {names[e]:<16} {row[e].item():.3f}\n")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="xlora", description="X-LoRA: a mixture of LoRA experts over a causal LM")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("example", help="build a tiny model and two experts in-process and print the X-LoRA scalings")
     p.add_argument("--seq-len", type=int, default=8, help="number of tokens in the example sequence")
     p.set_defaults(func=_example)
+
+    p = sub.add_parser("generate", help="stream text from an X-LoRA model directory")
+    p.add_argument("model_dir", help="directory written by XLoraModel.save_pretrained")
+    p.add_argument("prompt", help="the prompt text")
+    p.add_argument("--base", default=None, help="base model path (default: the one recorded in the directory)")
+    p.add_argument("--chat", action="store_true", help="apply the tokenizer's chat template to the prompt")
+    p.add_argument("--show-experts", action="store_true", help="print the dominant expert of every generated token")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--granularity", choices=["token", "prompt"], default="token")
+    p.add_argument("--seed", type=int, default=None)
+    p.set_defaults(func=_generate)
     return parser
 
 

@@ -189,3 +189,59 @@ class XLoraGenerationMixin(GenerationMixin):
         if cache.record:
             cache.recorded.append(s.detach())
         return s
+
+
+class _CallbackStreamer:
+    """Streams decoded text pieces to ``write`` as tokens arrive (skipping the prompt)."""
+
+    def __init__(self, tokenizer: Any, write: Any) -> None:
+        self.tokenizer, self.write = tokenizer, write
+        self.ids: list[int] = []
+        self.printed = 0
+        self.prompt_seen = False
+
+    def put(self, value: torch.Tensor) -> None:
+        if not self.prompt_seen:  # the first call carries the prompt
+            self.prompt_seen = True
+            return
+        self.ids.extend(value.reshape(-1).tolist())
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        if text.endswith("\ufffd"):  # an incomplete multi-byte character: wait for the rest
+            return
+        self.write(text[self.printed:])
+        self.printed = len(text)
+
+    def end(self) -> None:
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        if len(text) > self.printed:
+            self.write(text[self.printed:])
+        self.printed = len(text)
+
+
+def generate_text(model: Any, tokenizer: Any, prompt: str, *, chat: bool = False, stream: Any = None,
+                  max_new_tokens: int = 64, **generate_kwargs: Any) -> tuple[str, list[int], torch.Tensor]:
+    """Generate from one text prompt; returns ``(text, new_token_ids, scalings)``.
+
+    ``scalings`` has shape ``[n_new, L, E]``: for each generated token, the scalings of the forward
+    step that predicted it. ``stream`` (a callable taking ``str``) receives the text as it is produced;
+    ``chat=True`` applies the tokenizer's chat template with a generation prompt.
+    """
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if chat:
+        if not getattr(tokenizer, "chat_template", None):
+            raise ValueError("chat=True but the tokenizer has no chat_template; drop --chat or use a chat model")
+        enc = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                            return_tensors="pt", return_dict=True)
+    else:
+        enc = tokenizer(prompt, return_tensors="pt")
+    enc = {k: v.to(model.device) for k, v in enc.items() if k in ("input_ids", "attention_mask")}
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    streamer = _CallbackStreamer(tokenizer, stream) if stream is not None else None
+    with torch.inference_mode():
+        out = model.generate(**enc, max_new_tokens=max_new_tokens, record_scalings=True, streamer=streamer,
+                             pad_token_id=pad, **generate_kwargs)
+    new_ids = out[0, enc["input_ids"].shape[1]:].tolist()
+    steps = model.last_generation_scalings()
+    scalings = torch.stack([s[0, -1] for s in steps[: len(new_ids)]]) if new_ids else torch.empty(0)
+    return tokenizer.decode(new_ids, skip_special_tokens=True), new_ids, scalings

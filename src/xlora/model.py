@@ -333,3 +333,21 @@ def _hidden_size(model: PreTrainedModel) -> int:
         if isinstance(value, int):
             return value
     raise ValueError(f"cannot find the hidden size in {type(cfg).__name__}; X-LoRA needs a decoder with hidden_size")
+
+
+def load_model_and_tokenizer(directory: str | os.PathLike, base_model: str | None = None,
+                             **model_kwargs: Any) -> tuple[XLoraModel, Any]:
+    """Load an X-LoRA directory for inference, with the tokenizer saved in it or the base model's."""
+    from transformers import AutoTokenizer
+
+    model = XLoraModel.from_pretrained(directory, base_model=base_model, **model_kwargs).eval()
+    candidates = [Path(directory), base_model or model.xlora_config.base_model_name_or_path]
+    for cand in candidates:
+        if cand and Path(cand).is_dir() and any(
+            (Path(cand) / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
+        ):
+            return model, AutoTokenizer.from_pretrained(str(cand))
+    raise FileNotFoundError(
+        f"no tokenizer in {str(directory)!r} nor in the base model folder {str(candidates[1])!r}; "
+        "save one next to the model with tokenizer.save_pretrained(dir)"
+    )
