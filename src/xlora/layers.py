@@ -24,17 +24,48 @@ class ScalingState:
         self.scalings: torch.Tensor | None = None
         self.constant: float | None = None
         self.global_weight: float = 1.0
+        # Optional precomputed per-column coefficients [b, t, L, R_max] (see ColumnTable): one gather
+        # per forward instead of a few small ops in each of the L layers.
+        self.coefficients: torch.Tensor | None = None
 
     @contextmanager
     def use(
-        self, *, scalings: torch.Tensor | None = None, constant: float | None = None, global_weight: float = 1.0
+        self, *, scalings: torch.Tensor | None = None, constant: float | None = None, global_weight: float = 1.0,
+        coefficients: torch.Tensor | None = None,
     ) -> Iterator[None]:
-        saved = (self.scalings, self.constant, self.global_weight)
+        saved = (self.scalings, self.constant, self.global_weight, self.coefficients)
         self.scalings, self.constant, self.global_weight = scalings, constant, global_weight
+        self.coefficients = coefficients
         try:
             yield
         finally:
-            self.scalings, self.constant, self.global_weight = saved
+            self.scalings, self.constant, self.global_weight, self.coefficients = saved
+
+
+class ColumnTable(nn.Module):
+    """For all ``L`` layers at once: which expert each intermediate column belongs to, and its ``α/r``.
+
+    ``coefficients(s, g)[b, t, l, j] = g · s[b, t, l, expert[l, j]] · scale[l, j]`` for ``j < R_l``
+    (zero-padded to ``R_max``); layer ``l`` reads the view ``[..., l, :R_l]``.
+    """
+
+    def __init__(self, layers: list[MixtureLoraLinear]) -> None:
+        super().__init__()
+        r_max = max(layer.lora_A.shape[0] for layer in layers)
+        expert = torch.zeros(len(layers), r_max, dtype=torch.long)
+        scale = torch.zeros(len(layers), r_max)
+        for l, layer in enumerate(layers):
+            r = layer.lora_A.shape[0]
+            expert[l, :r] = layer.col_expert.cpu()
+            scale[l, :r] = layer.col_scale.float().cpu()
+        device, dtype = layers[0].col_scale.device, layers[0].col_scale.dtype
+        self.register_buffer("expert", expert.to(device), persistent=False)
+        self.register_buffer("scale", scale.to(device, dtype), persistent=False)
+
+    def coefficients(self, s: torch.Tensor, global_weight: float) -> torch.Tensor:
+        b, t, L, _ = s.shape
+        idx = self.expert.expand(b, t, L, self.expert.shape[1])  # [b, t, L, R_max]
+        return torch.gather(s.to(self.scale.dtype), -1, idx) * (self.scale * global_weight)
 
 
 class MixtureLoraLinear(nn.Module):
@@ -120,7 +151,9 @@ class MixtureLoraLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base_layer(x)
         state = self.state
-        if state.scalings is not None:
+        if state.coefficients is not None:
+            coef = state.coefficients[..., self.layer_index, : self.lora_A.shape[0]]
+        elif state.scalings is not None:
             coef = self._column_coefficients(state.scalings)
         elif state.constant:
             coef = self.col_scale * (state.constant * state.global_weight)  # [R]

@@ -23,7 +23,7 @@ from xlora.adapters import LoraExpert, adaptable_modules, load_experts, save_exp
 from xlora.config import XLoraConfig
 from xlora.generation import XLoraGenerationMixin
 from xlora.head import ScalingHead
-from xlora.layers import MixtureLoraLinear, ScalingState
+from xlora.layers import ColumnTable, MixtureLoraLinear, ScalingState
 
 CONFIG_FILE = "xlora_config.json"
 HEAD_FILE = "xlora_head.safetensors"
@@ -74,6 +74,7 @@ class XLoraModel(XLoraGenerationMixin, nn.Module):
         self.generation_config = base_model.generation_config
         self.state = ScalingState()
         self.adapted_modules = self._inject(experts)
+        self.columns = ColumnTable(self.mixture_layers())
         # The fused layers now own the weights; keep only each expert's name, path and config.
         self.experts: list[LoraExpert] = [dataclasses.replace(e, modules={}) for e in experts]
         L = len(self.adapted_modules)
@@ -239,7 +240,8 @@ class XLoraModel(XLoraGenerationMixin, nn.Module):
             s = self._expand_fixed(fixed, b, t)  # no scaling pass: its cache falls behind (checked on reuse)
         else:
             s = self.step_scalings(inputs, cache)
-        with self.state.use(scalings=s, global_weight=self.xlora_config.global_scaling_weight):
+        g = self.xlora_config.global_scaling_weight
+        with self.state.use(scalings=s, global_weight=g, coefficients=self.columns.coefficients(s, g)):
             out = self.base_model(**inputs, labels=labels, cache=cache, use_cache=use_cache,
                                   logits_to_keep=logits_to_keep, return_dict=True, **kwargs)
         return XLoraOutput(
