@@ -21,7 +21,7 @@ from safetensors.torch import load_file
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from xlora._io import atomic_save_safetensors, atomic_write_text
+from xlora._io import atomic_save_safetensors, atomic_write, atomic_write_text
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -122,7 +122,7 @@ def read_adapter_config(name: str, path: Path) -> dict[str, Any]:
     if bias != "none":
         raise ValueError(f"expert {name!r}: LoRA bias={bias!r} is not supported; retrain the expert with bias='none'")
     for key in ("r", "lora_alpha"):
-        if not isinstance(cfg.get(key), (int, float)) or cfg[key] <= 0:
+        if isinstance(cfg.get(key), bool) or not isinstance(cfg.get(key), (int, float)) or cfg[key] <= 0:
             raise ValueError(f"expert {name!r}: adapter_config.json needs a positive {key}, got {cfg.get(key)!r}")
     return cfg
 
@@ -157,11 +157,19 @@ def load_expert(name: str, path: str | Path, base_model: nn.Module) -> LoraExper
     targets = adaptable_modules(base_model)
     all_modules = dict(base_model.named_modules())
     pairs: dict[str, dict[str, torch.Tensor]] = {}
-    for key, tensor in raw.items():
+    # Name an unsupported variant before complaining about any other key: an embedding adapter also
+    # saves its embedding's '...base_layer.weight', which may come first.
+    for key in raw:
         if "lora_embedding_" in key:
-            raise ValueError(f"expert {name!r}: key {key!r} adapts an embedding; embedding targets are not supported")
+            raise ValueError(
+                f"expert {name!r}: key {key!r} adapts an embedding; embedding targets are not supported "
+                "(retrain the expert without embed_tokens/wte in target_modules)"
+            )
         if "lora_magnitude_vector" in key:
             raise ValueError(f"expert {name!r}: key {key!r} is a DoRA magnitude; DoRA is not supported")
+        if key.endswith(".lora_B.bias"):
+            raise ValueError(f"expert {name!r}: key {key!r} is a LoRA bias; retrain the expert with lora_bias=False")
+    for key, tensor in raw.items():
         suffix = next((s for s in _SUFFIXES if key.endswith(s)), None)
         if suffix is None or not key.startswith(_PREFIX):
             raise ValueError(
@@ -237,9 +245,7 @@ def save_expert(expert: LoraExpert, out_dir: Path, weights: dict[str, tuple[torc
         for fname in (CONFIG_NAME, WEIGHTS_NAME):
             src, dst = expert.path / fname, out_dir / fname
             if src.resolve() != dst.resolve():
-                tmp = dst.with_name(f".{fname}.tmp")
-                shutil.copyfile(src, tmp)
-                tmp.replace(dst)
+                atomic_write(dst, lambda tmp, src=src: shutil.copyfile(src, tmp))
         return
     tensors = {}
     for module, (A, B) in weights.items():

@@ -43,6 +43,46 @@ def _generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _train(args: argparse.Namespace) -> int:
+    from xlora.config import TrainConfig
+    from xlora.training import TrainingError, train
+
+    given = {k: v for k, v in vars(args).items() if k not in ("command", "func", "config")}
+    data = TrainConfig.from_file(args.config).to_dict() if getattr(args, "config", None) else {}
+    data.update(given)
+    try:
+        result = train(TrainConfig.from_dict(data))
+    except TrainingError as err:
+        print(f"xlora train: error: {err}", file=sys.stderr)
+        return 1
+    if result.interrupted:
+        return 130
+    ev = f", eval loss {result.eval_loss:.4f}" if result.eval_loss is not None else ""
+    print(f"trained {result.steps} steps: train loss {result.train_loss:.4f}{ev}; model in {result.output_dir}")
+    return 0
+
+
+def _add_dataclass_flags(p: argparse.ArgumentParser, cls: type, skip: set[str]) -> None:
+    """One flag per dataclass field (``--field-name``), defaults left to the dataclass (one source of truth)."""
+    import dataclasses
+    import typing
+
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if f.name in skip:
+            continue
+        flag, hint = "--" + f.name.replace("_", "-"), hints[f.name]
+        doc = f"(default: {f.default!r})" if f.default is not dataclasses.MISSING else ""
+        if hint is bool:
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=doc)
+        elif f.name == "experts":
+            p.add_argument(flag, nargs="+", metavar="NAME=PATH", default=argparse.SUPPRESS,
+                           help="the experts, in order: name=adapter_dir ...")
+        else:
+            args = [a for a in typing.get_args(hint) if a is not type(None)] or [hint]
+            p.add_argument(flag, type=args[0], default=argparse.SUPPRESS, help=doc)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="xlora", description="X-LoRA: a mixture of LoRA experts over a causal LM")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -62,6 +102,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--granularity", choices=["token", "prompt"], default="token")
     p.add_argument("--seed", type=int, default=None)
     p.set_defaults(func=_generate)
+
+    from xlora.config import TrainConfig, XLoraConfig
+
+    p = sub.add_parser("train", help="train the X-LoRA scaling head (runs under accelerate launch / torchrun too)")
+    p.add_argument("--config", default=argparse.SUPPRESS, help="JSON or YAML file of options; flags override it")
+    _add_dataclass_flags(p, TrainConfig, skip={"xlora"})
+    _add_dataclass_flags(p, XLoraConfig, skip={"hidden_size", "num_adapted_modules", "base_model_name_or_path"})
+    p.set_defaults(func=_train)
     return parser
 
 

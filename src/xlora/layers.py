@@ -53,11 +53,11 @@ class ColumnTable(nn.Module):
         super().__init__()
         r_max = max(layer.lora_A.shape[0] for layer in layers)
         expert = torch.zeros(len(layers), r_max, dtype=torch.long)
-        scale = torch.zeros(len(layers), r_max)
+        scale = torch.zeros(len(layers), r_max, dtype=torch.float64)  # cast to the layers' dtype below
         for l, layer in enumerate(layers):
             r = layer.lora_A.shape[0]
             expert[l, :r] = layer.col_expert.cpu()
-            scale[l, :r] = layer.col_scale.float().cpu()
+            scale[l, :r] = layer.col_scale.double().cpu()
         device, dtype = layers[0].col_scale.device, layers[0].col_scale.dtype
         self.register_buffer("expert", expert.to(device), persistent=False)
         self.register_buffer("scale", scale.to(device, dtype), persistent=False)
@@ -114,7 +114,10 @@ class MixtureLoraLinear(nn.Module):
         self.lora_B = nn.Parameter(torch.cat([experts[e].B for e in ids], 1).to(device, dtype), requires_grad=trainable)
         # Column j of the intermediate belongs to expert col_expert[j] and is scaled by α/r of it.
         col_expert = torch.repeat_interleave(torch.tensor(ids), torch.tensor(self.expert_ranks))
-        col_scale = torch.repeat_interleave(torch.tensor([experts[e].scale for e in ids]), torch.tensor(self.expert_ranks))
+        # float64 so that a float64 base layer gets α/r unrounded (a float32 tensor would round it)
+        col_scale = torch.repeat_interleave(
+            torch.tensor([experts[e].scale for e in ids], dtype=torch.float64), torch.tensor(self.expert_ranks)
+        )
         col_drop = torch.repeat_interleave(torch.tensor([experts[e].dropout for e in ids]), torch.tensor(self.expert_ranks))
         self.register_buffer("col_expert", col_expert.to(device), persistent=False)
         self.register_buffer("col_scale", col_scale.to(device, dtype), persistent=False)

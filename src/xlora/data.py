@@ -1,0 +1,346 @@
+"""Training data for X-LoRA: records from JSONL (or any `datasets` format) to padded batches.
+
+Three record shapes are understood (one per record; files may mix them):
+
+- ``{"text": str}``: loss on every token; the tokenizer's EOS is appended if it has one.
+- ``{"prompt": str, "completion": str}``: loss on the completion and its EOS only.
+- ``{"messages": [{"role": str, "content": str}, ...]}``: rendered with the tokenizer's chat
+  template; loss on the assistant turns only. An assistant turn's loss span is the text between
+  ``render(messages[:i], add_generation_prompt=True)`` and ``render(messages[:i + 1])``: its
+  content *plus the template's closing markup for that turn* (e.g. ``</s>``, ``<|im_end|>``), so the
+  model learns to stop; the role header is not in the loss. The full conversation is tokenized once
+  (fast tokenizers map tokens to spans by character offsets), so training sees the same tokens as
+  inference.
+
+Labels are ``-100`` where no loss is taken. Record indices are 0-based in arguments and 1-based in
+messages ("record 12" is the 12th line of data).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+IGNORE_INDEX = -100
+SHAPES = ('{"text": str}, {"prompt": str, "completion": str}, '
+          '{"messages": [{"role": str, "content": str}, ...]}')
+# Extensions handed to Hugging Face `datasets`: builder name and extra keyword arguments.
+_DATASETS_FORMATS: dict[str, tuple[str, dict[str, Any]]] = {
+    ".json": ("json", {}), ".csv": ("csv", {}), ".tsv": ("csv", {"sep": "\t"}),
+    ".parquet": ("parquet", {}), ".arrow": ("arrow", {}), ".txt": ("text", {}),
+}
+
+
+@dataclass
+class TokenizedExample:
+    """One training sequence: ``input_ids`` and ``labels`` of equal length (``-100`` = no loss)."""
+
+    input_ids: list[int]
+    labels: list[int]
+
+
+@dataclass
+class DatasetStats:
+    """What ``build_dataset`` did: records read, examples produced, records truncated, loss tokens."""
+
+    num_records: int
+    num_examples: int
+    num_truncated: int
+    num_loss_tokens: int
+
+
+# ----------------------------------------------------------------------------------------- reading
+def read_records(path: str | Path) -> list[dict]:
+    """Read training records (in file order) from ``path``.
+
+    ``.jsonl`` (and ``.json`` files that are not a JSON array) are read as JSON lines, one object
+    per line, blank lines skipped. Other formats (``.csv``, ``.tsv``, ``.parquet``, ``.arrow``,
+    ``.txt``, ``.json`` arrays) go through ``datasets.load_dataset(builder, data_files=path)``.
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist.
+        ValueError: the file is empty, a line is not valid JSON or not an object (the message gives
+            the 1-based line number), or the extension is unknown.
+        ImportError: a non-JSONL format was given and ``datasets`` is not installed.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"data file {str(path)!r} does not exist (or is not a file); check the path")
+    suffix = path.suffix.lower()
+    text = path.read_text(encoding="utf-8") if suffix in (".jsonl", ".json") else None
+    if text is not None and not text.strip():
+        raise ValueError(f"data file {str(path)!r} is empty; it needs at least one record")
+    if suffix == ".jsonl" or (suffix == ".json" and not text.lstrip().startswith("[")):
+        return _read_json_lines(path, text)
+    if suffix not in _DATASETS_FORMATS:
+        raise ValueError(f"data file {str(path)!r} has extension {suffix!r}, which is not supported; use one of "
+                         f"{sorted(['.jsonl', *_DATASETS_FORMATS])}")
+    return _read_with_datasets(path, *_DATASETS_FORMATS[suffix])
+
+
+def _read_json_lines(path: Path, text: str) -> list[dict]:
+    records = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            value = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: line {number} is not valid JSON ({e}); each line must be one JSON object") from e
+        if not isinstance(value, dict):
+            raise ValueError(f"{path}: line {number} is a JSON {type(value).__name__}, not an object; each line "
+                             f"must be one record such as {{\"text\": \"...\"}}")
+        records.append(value)
+    return records
+
+
+def _read_with_datasets(path: Path, builder: str, kwargs: dict[str, Any]) -> list[dict]:
+    try:
+        from datasets import load_dataset
+    except ImportError as e:
+        raise ImportError(f"reading {str(path)!r} ({path.suffix} files) needs Hugging Face datasets: "
+                          f"`pip install datasets` (or `pip install xlora[train]`), or convert the file to "
+                          f".jsonl") from e
+    dataset = load_dataset(builder, data_files=str(path), split="train", **kwargs)
+    records = [dict(row) for row in dataset]
+    if not records:
+        raise ValueError(f"data file {str(path)!r} is empty; it needs at least one record")
+    return records
+
+
+# -------------------------------------------------------------------------------------- tokenizing
+def record_kind(record: dict, index: int) -> str:
+    """The shape of a record: ``"text"``, ``"prompt_completion"`` or ``"messages"``.
+
+    Args:
+        record: one record as read by ``read_records``.
+        index: its 0-based position (messages print it 1-based).
+
+    Raises:
+        ValueError: the record has none of the three shapes; the message lists its keys.
+    """
+    if isinstance(record, dict):
+        if "messages" in record:
+            return "messages"
+        if "prompt" in record and "completion" in record:
+            return "prompt_completion"
+        if "text" in record:
+            return "text"
+        keys = sorted(map(str, record))
+    else:
+        keys = f"none (it is a {type(record).__name__})"
+    raise ValueError(f"record {index + 1} has keys {keys}, which match none of the supported shapes "
+                     f"{SHAPES}; rename its fields to one of them")
+
+
+def tokenize_record(record: dict, tokenizer: Any, max_length: int, index: int = 0) -> tuple[TokenizedExample, bool]:
+    """Tokenize one record and mask the tokens that take no loss.
+
+    Args:
+        record: ``{"text"}``, ``{"prompt", "completion"}`` or ``{"messages"}`` (see the module doc).
+        tokenizer: a Hugging Face tokenizer; ``messages`` need its ``chat_template``.
+        max_length: keep at most this many tokens (the beginning).
+        index: the record's 0-based position, for error messages.
+
+    Returns:
+        ``(example, truncated)``: ``example.input_ids`` and ``example.labels`` are ``[n]`` with
+        ``n <= max_length``; ``truncated`` says whether tokens were cut. An example may be left with
+        no loss token after truncation; the caller decides what to do with it.
+
+    Raises:
+        ValueError: unknown shape, a field of the wrong type, a conversation without an assistant
+            turn, or a tokenizer without a chat template.
+    """
+    if max_length < 1:
+        raise ValueError(f"max_length must be >= 1, got {max_length}")
+    kind = record_kind(record, index)
+    where = f"record {index + 1}"
+    if kind == "text":
+        ids = _encode(tokenizer, _string(record, "text", where), special=True) + _eos(tokenizer)
+        labels = list(ids)
+    elif kind == "prompt_completion":
+        prompt = _encode(tokenizer, _string(record, "prompt", where), special=True)
+        completion = _encode(tokenizer, _string(record, "completion", where), special=False) + _eos(tokenizer)
+        ids, labels = prompt + completion, [IGNORE_INDEX] * len(prompt) + completion
+    else:
+        ids, labels = _tokenize_chat(record["messages"], tokenizer, where)
+    truncated = len(ids) > max_length
+    return TokenizedExample(ids[:max_length], labels[:max_length]), truncated
+
+
+def _string(record: dict, field: str, where: str) -> str:
+    value = record[field]
+    if not isinstance(value, str):
+        raise ValueError(f"{where}: field {field!r} must be a string, got {type(value).__name__} {value!r:.60}")
+    return value
+
+
+def _encode(tokenizer: Any, text: str, special: bool) -> list[int]:
+    return list(tokenizer(text, add_special_tokens=special)["input_ids"])
+
+
+def _eos(tokenizer: Any) -> list[int]:
+    return [] if tokenizer.eos_token_id is None else [int(tokenizer.eos_token_id)]
+
+
+def _tokenize_chat(messages: Any, tokenizer: Any, where: str) -> tuple[list[int], list[int]]:
+    if not isinstance(messages, list) or not messages:
+        raise ValueError(f"{where}: field 'messages' must be a non-empty list of {{\"role\", \"content\"}} objects, "
+                         f"got {type(messages).__name__} {messages!r:.60}")
+    for j, m in enumerate(messages):
+        if not isinstance(m, dict):
+            raise ValueError(f"{where}: messages[{j}] must be an object with 'role' and 'content', "
+                             f"got {type(m).__name__}")
+        for field in ("role", "content"):
+            if not isinstance(m.get(field), str):
+                got = "it is missing" if field not in m else f"got {type(m[field]).__name__}"
+                raise ValueError(f"{where}: messages[{j}].{field} must be a string ({got})")
+    if not any(m["role"] == "assistant" for m in messages):
+        raise ValueError(f"{where}: the conversation has no 'assistant' message, so there is nothing to learn; "
+                         f"add one or drop the record")
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValueError(f"{where} uses 'messages' but the tokenizer has no chat_template; use a tokenizer with "
+                         f"one (an instruct model's) or convert the data to prompt/completion records")
+
+    def render(prefix: list[dict], generation_prompt: bool = False) -> str:
+        if not prefix:  # templates cannot render an empty conversation
+            return ""
+        try:
+            return tokenizer.apply_chat_template(prefix, tokenize=False, add_generation_prompt=generation_prompt)
+        except Exception as e:  # the template's own checks (role order, …)
+            raise ValueError(f"{where}: the chat template failed on this conversation: {e}") from e
+
+    full = render(messages)
+    spans: list[tuple[int, int]] = []  # character spans of the assistant turns in `full`
+    for i, m in enumerate(messages):
+        if m["role"] != "assistant":
+            continue
+        end_text = render(messages[: i + 1])
+        start_text = render(messages[:i], generation_prompt=True)
+        if not end_text.startswith(start_text):  # the generation prompt differs from the turn's header
+            start_text = render(messages[:i])
+        if not (full.startswith(end_text) and end_text.startswith(start_text)):
+            raise ValueError(f"{where}: the chat template does not render message {i} as a prefix of the whole "
+                             f"conversation (it rewrites earlier turns), so assistant tokens cannot be located; "
+                             f"split the conversation or convert it to prompt/completion records")
+        spans.append((len(start_text), len(end_text)))
+    return _encode_spans(tokenizer, full, spans)
+
+
+def _encode_spans(tokenizer: Any, text: str, spans: list[tuple[int, int]]) -> tuple[list[int], list[int]]:
+    """Tokenize ``text``; a token takes loss iff it starts inside one of ``spans`` (character ranges)."""
+    if getattr(tokenizer, "is_fast", False):
+        enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        ids = list(enc["input_ids"])
+        labels = [t if any(a <= s < b for a, b in spans) else IGNORE_INDEX
+                  for t, (s, _) in zip(ids, enc["offset_mapping"])]
+        return ids, labels
+    # No offsets: tokenize the pieces between span boundaries separately and concatenate.
+    ids, labels, pos = [], [], 0
+    for a, b in [*spans, (len(text), len(text))]:
+        for piece, loss in ((text[pos:a], False), (text[a:b], True)):
+            piece_ids = _encode(tokenizer, piece, special=False) if piece else []
+            ids += piece_ids
+            labels += piece_ids if loss else [IGNORE_INDEX] * len(piece_ids)
+        pos = b
+    return ids, labels
+
+
+# -------------------------------------------------------------------------------------- assembling
+def build_dataset(path: str | Path, tokenizer: Any, max_length: int,
+                  packing: bool = False) -> tuple[list[TokenizedExample], DatasetStats]:
+    """Read and tokenize a data file, optionally packing examples into ``max_length`` chunks.
+
+    With ``packing``, the examples (each ending with EOS where the tokenizer has one) are
+    concatenated and cut into chunks of exactly ``max_length`` tokens (the last may be shorter),
+    labels carried along; attention is not masked across example boundaries.
+
+    Records are truncated to ``max_length`` before packing too. Examples whose loss tokens were
+    all truncated away are kept. Returns ``(examples, stats)``.
+
+    Raises:
+        ValueError: bad records (the message starts with the file and names the record), or no
+            example has a loss token.
+    """
+    if max_length < 1:
+        raise ValueError(f"max_length must be >= 1, got {max_length}")
+    records = read_records(path)
+    examples, num_truncated = [], 0
+    for index, record in enumerate(records):
+        try:
+            example, truncated = tokenize_record(record, tokenizer, max_length, index)
+        except ValueError as e:
+            raise ValueError(f"{path}: {e}") from e
+        examples.append(example)
+        num_truncated += truncated
+    if packing:
+        examples = _pack(examples, max_length)
+    num_loss = sum(sum(label != IGNORE_INDEX for label in e.labels) for e in examples)
+    if num_loss == 0:
+        raise ValueError(f"{path}: none of the {len(records)} records has a token to train on after truncation "
+                         f"to max_length={max_length}; raise max_length or check the assistant/completion fields")
+    return examples, DatasetStats(len(records), len(examples), num_truncated, num_loss)
+
+
+def _pack(examples: list[TokenizedExample], max_length: int) -> list[TokenizedExample]:
+    ids = [t for e in examples for t in e.input_ids]
+    labels = [t for e in examples for t in e.labels]
+    return [TokenizedExample(ids[i:i + max_length], labels[i:i + max_length]) for i in range(0, len(ids), max_length)]
+
+
+def collate(examples: list[TokenizedExample], pad_token_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad a batch.
+
+    Args:
+        examples: ``b`` examples of lengths ``n_i``.
+        pad_token_id: the id written into padded ``input_ids`` positions.
+
+    Returns:
+        ``input_ids`` ``[b, T]`` (padded with ``pad_token_id``), ``attention_mask`` ``[b, T]`` (1 real,
+        0 pad) and ``labels`` ``[b, T]`` (``-100`` on pad), all ``int64``, ``T = max(n_i)``.
+    """
+    if not examples:
+        raise ValueError("collate got an empty list of examples; a batch needs at least one")
+    b, T = len(examples), max(len(e.input_ids) for e in examples)
+    input_ids = torch.full((b, T), pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros((b, T), dtype=torch.long)
+    labels = torch.full((b, T), IGNORE_INDEX, dtype=torch.long)
+    for row, e in enumerate(examples):
+        n = len(e.input_ids)
+        input_ids[row, :n] = torch.tensor(e.input_ids, dtype=torch.long)
+        attention_mask[row, :n] = 1
+        labels[row, :n] = torch.tensor(e.labels, dtype=torch.long)
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+def batch_order(lengths: list[int], batch_size: int, seed: int, epoch: int,
+                group_by_length: bool) -> list[list[int]]:
+    """The batches of one epoch, as lists of example indices; a pure function of its arguments.
+
+    A permutation of ``range(len(lengths))`` (from a ``torch.Generator`` seeded with ``seed`` and
+    ``epoch``) cut into batches of ``batch_size``; only the last batch may be smaller. With
+    ``group_by_length``, the permutation is cut into mega-chunks of ``50 * batch_size`` examples,
+    each sorted by length (longest first) before batching, and the order of the full batches is
+    shuffled again, so a batch holds examples of similar length (less padding).
+
+    Every index appears exactly once; each ``(seed, epoch)`` gets its own order.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    generator = torch.Generator().manual_seed((seed * 1_000_003 + epoch) % (2**63))
+    order = torch.randperm(len(lengths), generator=generator).tolist()
+    if group_by_length:
+        mega = 50 * batch_size
+        # sorted() is stable, so ties keep their shuffled order: still deterministic.
+        order = [i for k in range(0, len(order), mega)
+                 for i in sorted(order[k:k + mega], key=lambda i: -lengths[i])]
+    batches = [order[k:k + batch_size] for k in range(0, len(order), batch_size)]
+    if group_by_length:
+        # Mega-chunks are whole multiples of batch_size, so only the final batch can be short; keep it last.
+        tail = [batches.pop()] if batches and len(batches[-1]) < batch_size else []
+        batches = [batches[k] for k in torch.randperm(len(batches), generator=generator).tolist()] + tail
+    return batches

@@ -1,0 +1,241 @@
+"""Training the head: it learns to route, resumes exactly, scales to two processes, refuses bad input."""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import tiny_model, tiny_tokenizer
+from peft import LoraConfig, get_peft_model
+from safetensors.torch import load_file
+
+from xlora import XLoraModel
+from xlora.config import TrainConfig
+from xlora.training import TrainingError, lr_factor, scalings_regularizer, train
+
+LETTERS = "abcdefghijklmnopqrstuvwxyz"
+DIGITS = "0123456789"
+
+
+def domain_text(alphabet: str, rng: random.Random, length: int = 24) -> str:
+    """A cyclic run through ``alphabet`` from a random start, with a random stride of 1 or 2."""
+    start, stride = rng.randrange(len(alphabet)), rng.choice([1, 2])
+    return "".join(alphabet[(start + i * stride) % len(alphabet)] for i in range(length))
+
+
+def write_jsonl(path: Path, texts: list[str]) -> Path:
+    path.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    return path
+
+
+def train_expert(base, tok, texts: list[str], out: Path, steps: int = 120, seed: int = 0) -> Path:
+    torch.manual_seed(seed)
+    model = get_peft_model(copy.deepcopy(base), LoraConfig(r=8, lora_alpha=16, target_modules=[
+        "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]))
+    model.train()
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    enc = tok(texts, return_tensors="pt")
+    for step in range(steps):
+        idx = torch.randint(0, len(texts), (16,))
+        loss = model(input_ids=enc["input_ids"][idx], labels=enc["input_ids"][idx]).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    model.save_pretrained(str(out))
+    return out
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """A tiny base model, a 'letters' and a 'digits' expert trained with PEFT, and mixed data files."""
+    root = tmp_path_factory.mktemp("routing")
+    base, tok = tiny_model("llama"), tiny_tokenizer()
+    base.save_pretrained(str(root / "base"))
+    tok.save_pretrained(str(root / "base"))
+    rng = random.Random(0)
+    data = {name: [domain_text(alpha, rng) for _ in range(160)] for name, alpha in
+            (("letters", LETTERS), ("digits", DIGITS))}
+    experts = {name: str(train_expert(base, tok, texts[:100], root / name, seed=i))
+               for i, (name, texts) in enumerate(data.items())}
+    train_texts = data["letters"][:100] + data["digits"][:100]
+    random.Random(1).shuffle(train_texts)
+    files = {
+        "train": write_jsonl(root / "train.jsonl", train_texts),
+        "eval": write_jsonl(root / "eval.jsonl", data["letters"][100:130] + data["digits"][100:130]),
+        "letters": data["letters"][130:], "digits": data["digits"][130:],
+    }
+    return {"root": root, "base": str(root / "base"), "experts": experts, "files": files, "tok": tok}
+
+
+def config(world, out: Path, **kw) -> TrainConfig:
+    opts = dict(base_model=world["base"], train_file=str(world["files"]["train"]), output_dir=str(out),
+                experts=world["experts"], max_length=32, per_device_batch_size=8, learning_rate=2e-2,
+                max_steps=40, save_every=10, log_every=5, progress=False, head_dropout=0.0, seed=3)
+    opts.update(kw)
+    return TrainConfig.from_dict(opts)
+
+
+def mixed_loss(model: XLoraModel, tok, texts: list[str], **kw) -> float:
+    enc = tok(texts, return_tensors="pt")
+    with torch.no_grad():
+        return float(model(input_ids=enc["input_ids"], labels=enc["input_ids"], **kw).loss)
+
+
+def test_head_learns_to_route(world, tmp_path):
+    result = train(config(world, tmp_path / "run", eval_file=str(world["files"]["eval"]), max_steps=60))
+    assert result.steps == 60 and result.eval_loss is not None
+    model = XLoraModel.from_pretrained(tmp_path / "run").eval()
+    tok = world["tok"]
+    held_out = world["files"]["letters"] + world["files"]["digits"]
+    ours = mixed_loss(model, tok, held_out)
+    singles = {name: mixed_loss(model, tok, held_out, scalings=name) for name in world["experts"]}
+    uniform = mixed_loss(model, tok, held_out, scalings="uniform")
+    assert ours < min(singles.values()), (ours, singles)
+    assert ours < uniform, (ours, uniform)
+    for idx, name in enumerate(world["experts"]):
+        enc = tok(world["files"][name], return_tensors="pt")
+        with torch.no_grad():
+            s = model(input_ids=enc["input_ids"]).scalings  # [b, t, L, E]
+        share = s.mean(dim=(0, 1, 2))
+        assert share[idx] > 0.6, (name, share.tolist())
+    # metrics were logged: train loss decreased, eval loss recorded
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in records if "loss" in r]
+    assert losses[-1] < losses[0]
+    assert {"step", "loss", "lr", "tokens_per_s"} <= set(records[0])
+    assert any("eval_loss" in r for r in records)
+    assert (tmp_path / "run" / "tokenizer.json").is_file()
+
+
+def head_of(path: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(path / "xlora_head.safetensors"))
+
+
+def test_resume_after_sigterm_equals_uninterrupted(world, tmp_path):
+    full = tmp_path / "full"
+    train(config(world, full, max_steps=30, save_every=2, head_depth=2, head_hidden_size=16, head_dropout=0.3))
+    cmd = [sys.executable, "-m", "xlora", "train", "--base-model", world["base"],
+           "--train-file", str(world["files"]["train"]), "--output-dir", str(tmp_path / "cut"),
+           "--experts", *[f"{k}={v}" for k, v in world["experts"].items()], "--max-length", "32",
+           "--per-device-batch-size", "8", "--learning-rate", "0.02", "--max-steps", "30", "--save-every", "2",
+           "--seed", "3", "--head-depth", "2", "--head-hidden-size", "16", "--head-dropout", "0.3",
+           "--no-progress"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    ckpts = tmp_path / "cut" / "checkpoints"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (ckpts / "step-00000004").exists() and proc.poll() is None:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 130, out
+    assert "continue with --resume" in out
+    stopped_at = max(int(p.name.split("-")[1]) for p in ckpts.glob("step-*"))
+    assert 4 <= stopped_at < 30
+    assert not (tmp_path / "cut" / "xlora_head.safetensors").exists()  # no final model from a cut run
+    resumed = train(config(world, tmp_path / "cut", max_steps=30, save_every=2, head_depth=2,
+                           head_hidden_size=16, head_dropout=0.3, resume=True))
+    assert resumed.steps == 30
+    a, b = head_of(full), head_of(tmp_path / "cut")
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6)
+
+
+def test_corrupted_newest_checkpoint_is_skipped(world, tmp_path):
+    out = tmp_path / "run"
+    train(config(world, out, max_steps=20, save_every=5, keep_checkpoints=2))
+    ckpts = sorted((out / "checkpoints").glob("step-*"))
+    assert [p.name for p in ckpts] == ["step-00000015", "step-00000020"]  # only the last 2 are kept
+    (ckpts[-1] / "xlora_head.safetensors").write_bytes(b"\x00garbage")
+    with pytest.warns(UserWarning, match="skipping damaged checkpoint .*step-00000020"):
+        result = train(config(world, out, max_steps=25, save_every=5, keep_checkpoints=2, resume=True))
+    assert result.steps == 25
+    state = json.loads((out / "checkpoints" / "step-00000025" / "trainer_state.json").read_text())
+    assert state["step"] == 25
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs torchrun")
+def test_two_processes_equal_one_with_the_same_global_batch(world, tmp_path):
+    single = tmp_path / "single"
+    train(config(world, single, max_steps=6, per_device_batch_size=8, save_every=100))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
+           "-m", "xlora", "train", "--base-model", world["base"], "--train-file", str(world["files"]["train"]),
+           "--output-dir", str(tmp_path / "ddp"), "--experts", *[f"{k}={v}" for k, v in world["experts"].items()],
+           "--max-length", "32", "--per-device-batch-size", "4", "--learning-rate", "0.02", "--max-steps", "6",
+           "--save-every", "100", "--seed", "3", "--head-dropout", "0.0", "--no-progress"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "2 process(es), global batch 8" in proc.stdout
+    a, b = head_of(single), head_of(tmp_path / "ddp")
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-5)
+
+
+def test_output_dir_protection(world, tmp_path):
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("precious")
+    with pytest.raises(TrainingError, match="exists and is not an xlora training directory; pass --resume"):
+        train(config(world, foreign, max_steps=1))
+    train(config(world, foreign, max_steps=1, overwrite=True))
+    assert (foreign / "notes.txt").read_text() == "precious"  # overwrite never deletes the user's files
+    with pytest.raises(TrainingError, match="holds a previous run; pass --resume to continue it or --overwrite"):
+        train(config(world, foreign, max_steps=1))
+    with pytest.raises(TrainingError, match="holds no run to resume"):
+        train(config(world, tmp_path / "empty", max_steps=1, resume=True))
+
+
+def test_non_finite_loss_stops_with_a_clear_message(world, tmp_path):
+    out = tmp_path / "run"
+    with pytest.raises(TrainingError, match=r"(loss became (nan|inf)|became non-finite).*(Lower --learning-rate)"):
+        train(config(world, out, max_steps=40, save_every=1, learning_rate=1e30, max_grad_norm=0.0, enable_softmax=False))
+    ckpts = sorted((out / "checkpoints").glob("step-*"))
+    assert ckpts, "the steps before the blow-up were checkpointed"
+    for t in head_of(ckpts[-1]).values():
+        assert torch.isfinite(t).all()
+
+
+def test_lr_schedule_and_regularizers_by_hand():
+    assert [round(lr_factor(s, 2, 10), 6) for s in (0, 1, 2, 6, 10)] == [0.5, 1.0, 1.0, 0.5, 0.0]
+    assert lr_factor(4, 0, 8) == pytest.approx(0.5 * (1 + math.cos(math.pi * 0.5)))
+    s = torch.tensor([[[[1.0, 0.0]], [[0.0, 1.0]], [[0.5, 0.5]]]])  # [1, 3, 1, 2]
+    mask = torch.tensor([[1, 1, 0]])
+    assert float(scalings_regularizer(s, mask, "balance")) == pytest.approx(2 * (0.25 + 0.25))
+    assert float(scalings_regularizer(s, mask, "entropy")) == pytest.approx(0.0, abs=1e-6)
+    assert float(scalings_regularizer(s, torch.tensor([[0, 0, 1]]), "entropy")) == pytest.approx(math.log(2))
+
+
+def test_trains_under_hf_trainer(world, tmp_path):
+    from transformers import Trainer, TrainingArguments
+
+    from xlora import XLoraConfig
+
+    tok = world["tok"]
+    from transformers import AutoModelForCausalLM
+
+    model = XLoraModel(AutoModelForCausalLM.from_pretrained(world["base"]),
+                       XLoraConfig(experts=world["experts"], head_dropout=0.0))
+    texts = [json.loads(line)["text"] for line in world["files"]["train"].read_text().splitlines()]
+    enc = tok(texts, return_tensors="pt")
+    dataset = [{"input_ids": ids, "labels": ids} for ids in enc["input_ids"]]
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    args = TrainingArguments(output_dir=str(tmp_path / "hf"), per_device_train_batch_size=8, max_steps=20,
+                             learning_rate=2e-2, save_strategy="no", report_to=[], use_cpu=True,
+                             logging_steps=5, disable_tqdm=True)
+    trainer = Trainer(model=model, args=args, train_dataset=dataset)
+    out = trainer.train()
+    after = model.state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed == {k for k in before if k.startswith("head.")}
+    logs = [r["loss"] for r in trainer.state.log_history if "loss" in r]
+    assert logs[-1] < logs[0] and out.global_step == 20
