@@ -43,6 +43,28 @@ def _generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _inspect(args: argparse.Namespace) -> int:
+    from xlora.inspection import run_inspect
+
+    run_inspect(args.model_dir, args.prompt, generate=args.generate, out_dir=args.out, chat=args.chat,
+                base_model=args.base, per_page=args.per_page)
+    return 0
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import dataclasses
+    import os
+    from pathlib import Path
+
+    from xlora.server import ServerConfig, serve
+
+    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(ServerConfig) if hasattr(args, f.name)}
+    given.setdefault("model_name", Path(args.model_dir).resolve().name)
+    given.setdefault("api_key", os.environ.get("XLORA_API_KEY") or None)
+    serve(args.model_dir, ServerConfig(**given), base_model=args.base, log_level=args.log_level)
+    return 0
+
+
 def _train(args: argparse.Namespace) -> int:
     from xlora.config import TrainConfig
     from xlora.training import TrainingError, train
@@ -102,6 +124,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--granularity", choices=["token", "prompt"], default="token")
     p.add_argument("--seed", type=int, default=None)
     p.set_defaults(func=_generate)
+
+    p = sub.add_parser("inspect", help="show which experts a prompt (and its answer) uses: table, colours, plots")
+    p.add_argument("model_dir", help="directory written by XLoraModel.save_pretrained")
+    p.add_argument("prompt", help="the prompt text")
+    p.add_argument("--generate", type=int, default=0, metavar="N", help="also generate N tokens greedily")
+    p.add_argument("--out", default="xlora-inspect", help="folder for the scalings log, stats.json and the plots")
+    p.add_argument("--chat", action="store_true", help="apply the tokenizer's chat template to the prompt")
+    p.add_argument("--base", default=None, help="base model path (default: the one recorded in the directory)")
+    p.add_argument("--per-page", type=int, default=None, help="rows per plot file (default 64)")
+    p.set_defaults(func=_inspect)
+
+    p = sub.add_parser("serve", help="serve an X-LoRA model over an OpenAI-compatible HTTP API")
+    p.add_argument("model_dir", help="directory written by XLoraModel.save_pretrained")
+    p.add_argument("--base", default=None, help="base model path (default: the one recorded in the directory)")
+    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    keep = argparse.SUPPRESS  # defaults live in ServerConfig
+    p.add_argument("--host", default=keep, help="(default: 127.0.0.1)")
+    p.add_argument("--port", type=int, default=keep, help="(default: 8000)")
+    p.add_argument("--api-key", default=keep, help="require 'Authorization: Bearer KEY' (default: $XLORA_API_KEY)")
+    p.add_argument("--model-name", default=keep, help="the model id clients send (default: the directory's name)")
+    p.add_argument("--max-batch", type=int, default=keep, help="the most requests decoded together (default: 8)")
+    p.add_argument("--batch-window-ms", type=float, default=keep, help="wait for more requests (default: 10)")
+    p.add_argument("--max-queue", type=int, default=keep, help="more waiting requests get HTTP 429 (default: 256)")
+    p.add_argument("--max-tokens-limit", type=int, default=keep, help="largest max_tokens allowed (default: 4096)")
+    p.add_argument("--max-prompt-tokens", type=int, default=keep, help="(default: the model's context length)")
+    p.set_defaults(func=_serve)
 
     from xlora.config import TrainConfig, XLoraConfig
 

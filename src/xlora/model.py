@@ -89,6 +89,9 @@ class XLoraModel(XLoraGenerationMixin, nn.Module):
         w = next(base_model.parameters())
         self.head = ScalingHead(config, hidden, L, config.num_experts).to(w.device, w.dtype)
         self._fixed_scalings: torch.Tensor | None = None
+        # Optional sink for the scalings of every forward (see xlora.analysis.record_scalings):
+        # anything with .record(scalings, input_ids, attention_mask).
+        self.scalings_log: Any = None
         self.train(base_model.training)
 
     # ------------------------------------------------------------------ construction
@@ -240,6 +243,8 @@ class XLoraModel(XLoraGenerationMixin, nn.Module):
             s = self._expand_fixed(fixed, b, t)  # no scaling pass: its cache falls behind (checked on reuse)
         else:
             s = self.step_scalings(inputs, cache)
+        if self.scalings_log is not None:
+            self.scalings_log.record(s, input_ids, attention_mask)
         g = self.xlora_config.global_scaling_weight
         with self.state.use(scalings=s, global_weight=g, coefficients=self.columns.coefficients(s, g)):
             out = self.base_model(**inputs, labels=labels, cache=cache, use_cache=use_cache,
