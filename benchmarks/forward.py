@@ -53,6 +53,8 @@ RANK = 16
 ALPHA = 32
 MODEL_SEED = 0
 MiB = 1024 * 1024
+NOISY = 1.5  # a row whose repeats spread over more than this (max/min) is measured again
+_BEST_BASE: dict[tuple[int, int], float] = {}  # fastest base median per (batch, seq) seen in this run
 
 
 # ---------------------------------------------------------------------------------------- models
@@ -171,6 +173,8 @@ class Timing:
     max_abs_diff: float = 0.0        # ours vs PEFT logits
     diff_from_base: float = 0.0      # ours vs base logits (the mixture is not trivially the base)
     flops: Flops | None = None
+    noisy: bool = False              # some model's repeats spread over more than NOISY (max/min)
+    spread_ratio: float = 1.0
 
     def row(self) -> dict[str, Any]:
         b, o, p = self.ms["base"], self.ms["ours"], self.ms["peft"]
@@ -183,6 +187,7 @@ class Timing:
             "ours_flop_ratio": round(f.ours_ratio, 3), "peft_flop_ratio": round(f.peft_ratio, 3),
             "min_max_ms": {k: [round(v[0], 2), round(v[1], 2)] for k, v in self.spread.items()},
             "max_abs_diff_ours_peft": self.max_abs_diff, "max_abs_diff_ours_base": self.diff_from_base,
+            "noisy": self.noisy, "spread_max_over_min": self.spread_ratio,
         }
 
 
@@ -222,17 +227,32 @@ def bench_config(base: LlamaForCausalLM, dirs: list[Path], batch: int, seq: int,
     diff_base = (lo - lb).abs().max().item()
     if not diff < args.tol:
         raise SystemExit(f"[{label}] ours and PEFT disagree: max |logits diff| = {diff:.3g} >= tol {args.tol}")
-    times = time_models({"base": (base, run_base), "ours": (ours, run_model), "peft": (theirs, run_model)},
-                        x, warmup, repeats)
-    t = Timing(label, batch, seq, E, max_abs_diff=diff, diff_from_base=diff_base, flops=count_flops(base, E, seq))
+    models = {"base": (base, run_base), "ours": (ours, run_model), "peft": (theirs, run_model)}
+    best = None
+    for attempt in range(1 + args.retries):
+        times = time_models(models, x, warmup, repeats)
+        spread = {n: (min(v), max(v)) for n, v in times.items()}
+        worst = max(hi / lo for lo, hi in spread.values())
+        # A busy machine can also slow a whole row evenly (with 2 threads, every parallel region waits
+        # for a descheduled thread): compare the base's median with the fastest seen at this shape.
+        base_med = statistics.median(times["base"])
+        ref = min(_BEST_BASE.get((batch, seq), base_med), base_med)
+        _BEST_BASE[(batch, seq)] = ref
+        worst = max(worst, base_med / ref)
+        if best is None or worst < best[0]:
+            best = (worst, times)
+        if worst <= NOISY:
+            break
+        print(f"  ! {label} E={E}: repeats spread {worst:.2f}x (max/min, or base median vs the fastest base at "
+              f"this shape) on attempt {attempt + 1}: "
+              "the machine is busy" + ("; measuring again" if attempt < args.retries else ""), flush=True)
+    worst, times = best
+    t = Timing(label, batch, seq, E, max_abs_diff=diff, diff_from_base=diff_base, flops=count_flops(base, E, seq),
+               noisy=worst > NOISY, spread_ratio=round(worst, 2))
     for n, v in times.items():
         t.ms[n] = statistics.median(v)
         t.spread[n] = (min(v), max(v))
     r = t.row()
-    noisy = [n for n, (lo, hi) in t.spread.items() if hi > 1.5 * lo]
-    if noisy:
-        print(f"  ! {label} E={E}: timings of {', '.join(noisy)} spread over more than 1.5x (min..max); "
-              "the machine was noisy, consider rerunning", flush=True)
     print(f"  {label:<10} b{batch}xt{seq} E={E:<2}  base {r['base_ms']:8.1f}  ours {r['ours_ms']:8.1f}  "
           f"peft {r['peft_ms']:8.1f} ms   |ours-peft| {diff:.2e}", flush=True)
     return t
@@ -302,7 +322,14 @@ def run_probe(kind: str, args: argparse.Namespace, adapters: Path) -> dict[str, 
 
 
 def measure_memory(args: argparse.Namespace, adapters: Path) -> dict[str, Any]:
-    res = {k: run_probe(k, args, adapters) for k in ("base", "ours", "peft")}
+    """Median over ``--memory-runs`` fresh processes per kind (the forward's peak varies by ~±20 MiB)."""
+    runs: dict[str, list[dict[str, Any]]] = {k: [] for k in ("base", "ours", "peft")}
+    for _ in range(args.memory_runs):
+        for k in runs:  # interleaved, like the timings
+            runs[k].append(run_probe(k, args, adapters))
+    res = {k: sorted(v, key=lambda d: d["after_forward"])[len(v) // 2] for k, v in runs.items()}
+    for k, v in runs.items():
+        res[k]["all_after_forward"] = [d["after_forward"] for d in v]
     b, o = res["base"]["after_forward"], res["ours"]["after_forward"]
     weights = res["ours"]["expert_bytes"] + res["ours"]["head_bytes"]
     budget = 1.10 * (b + weights)
@@ -365,7 +392,7 @@ def print_table(rows: list[dict[str, Any]]) -> None:
             "PEFT/base", "PEFT/ours", "ours/base (min)", "PEFT/ours (min)", "max|ours-PEFT|"]
     lines = []
     for r in rows:
-        lines.append([f"{r['label']} {r['batch']}x{r['seq']}", str(r["experts"]), f"{r['base_ms']:.1f}",
+        lines.append([f"{r['label']} {r['batch']}x{r['seq']}" + (" (noisy)" if r["noisy"] else ""), str(r["experts"]), f"{r['base_ms']:.1f}",
                       f"{r['ours_ms']:.1f}", f"{r['peft_ms']:.1f}", f"{r['ours_over_base']:.2f}",
                       f"{r['floor_2_plus_f']:.2f}", f"{r['f']:.3f}", f"{r['peft_ms'] / r['base_ms']:.2f}",
                       f"{r['peft_over_ours']:.2f}",
@@ -389,12 +416,13 @@ def check_targets(rows: list[dict[str, Any]], mem: dict[str, Any] | None, main_e
     r4 = find(4, "main")
     if r4:
         out.append({"target": "ours/base <= 2.5 at E=4", "value": r4["ours_over_base"],
-                    "met": r4["ours_over_base"] <= 2.5})
-        out.append({"target": "PEFT/ours >= 2 at E=4", "value": r4["peft_over_ours"], "met": r4["peft_over_ours"] >= 2})
+                    "met": r4["ours_over_base"] <= 2.5, "noisy": r4["noisy"]})
+        out.append({"target": "PEFT/ours >= 2 at E=4", "value": r4["peft_over_ours"], "met": r4["peft_over_ours"] >= 2,
+                    "noisy": r4["noisy"]})
     r16 = find(16, "sweep")
     if r16:
         out.append({"target": "PEFT/ours >= 3 at E=16", "value": r16["peft_over_ours"],
-                    "met": r16["peft_over_ours"] >= 3})
+                    "met": r16["peft_over_ours"] >= 3, "noisy": r16["noisy"]})
     if mem:
         out.append({"target": f"peak RSS ours <= 1.1 x (base + experts + head) at E={mem['experts']}",
                     "value": round(mem["ours_peak"] / MiB, 1), "budget": round(mem["budget"] / MiB, 1),
@@ -421,6 +449,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--tol", type=float, default=1e-3, help="max allowed |logits(ours) - logits(PEFT)|")
     p.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory probes")
+    p.add_argument("--memory-runs", type=int, default=3, help="fresh processes per memory probe (median taken)")
+    p.add_argument("--retries", type=int, default=2, help="re-measure a row whose repeats spread over 1.5x")
     p.add_argument("--quick", action="store_true", help="smoke run: small shapes, few repeats, short sweep")
     p.add_argument("--json", default=None, help="also write the JSON summary to this path")
     p.add_argument("--hidden", type=int, default=512)
@@ -434,6 +464,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.quick:
         args.batch, args.seq = min(args.batch, 2), min(args.seq, 64)
         args.warmup, args.repeats, args.small_repeats, args.sweep_repeats = 1, 3, 5, 2
+        args.memory_runs, args.retries = 1, 0
         args.sweep = "1,4"
     args.sweep_batch = args.sweep_batch or args.batch
     args.sweep_seq = args.sweep_seq or args.seq
@@ -499,10 +530,12 @@ def main(argv: list[str] | None = None) -> int:
           f"every expert at scaling 0).")
     if mem:
         print(f"\nPeak RSS (VmHWM of a fresh process after building and one {args.batch}x{args.seq} forward, "
-              f"E={args.experts}; ru_maxrss is not used because Linux carries it over from the parent across exec):")
+              f"E={args.experts}, median of {args.memory_runs} processes each; ru_maxrss is not used because Linux carries it over from the parent across exec):")
         print(f"  base alone        {mem['base_peak'] / MiB:8.1f} MiB")
         print(f"  ours              {mem['ours_peak'] / MiB:8.1f} MiB   (+{(mem['ours_peak'] - mem['base_peak']) / MiB:.1f})")
         print(f"  PEFT (info)       {mem['peft_peak'] / MiB:8.1f} MiB   (+{(mem['peft_peak'] - mem['base_peak']) / MiB:.1f})")
+        print("  (all runs, MiB: " + "; ".join(
+            f"{k} " + ", ".join(f"{v / MiB:.0f}" for v in p["all_after_forward"]) for k, p in mem["probes"].items()) + ")")
         print(f"  experts+head      {mem['experts_plus_head_bytes'] / MiB:8.1f} MiB")
         print(f"  budget 1.1*(base+experts+head) {mem['budget'] / MiB:.1f} MiB -> "
               f"{'within' if mem['within'] else 'OVER'}")
@@ -510,6 +543,7 @@ def main(argv: list[str] | None = None) -> int:
     print("\nTargets:")
     for t in targets:
         extra = f" (budget {t['budget']})" if "budget" in t else ""
+        extra += " -- measured on a busy machine, rerun to confirm" if t.get("noisy") else ""
         print(f"  [{'met' if t['met'] else 'MISSED'}] {t['target']}: {t['value']}{extra}")
     total = time.perf_counter() - t_start
     info["loadavg_end"] = loadavg()
