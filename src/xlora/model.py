@@ -298,8 +298,9 @@ class XLoraModel(XLoraGenerationMixin, nn.Module):
 
         Args:
             directory: the X-LoRA directory.
-            base_model: a loaded model, or a local path / cached model id for ``AutoModelForCausalLM``;
-                defaults to the config's ``base_model_name_or_path``.
+            base_model: a loaded model, or a local path / cached model id for ``AutoModelForCausalLM``
+                (``local_files_only=True`` unless ``model_kwargs`` say otherwise); defaults to the
+                config's ``base_model_name_or_path``.
             model_kwargs: passed to ``AutoModelForCausalLM.from_pretrained`` (e.g. ``dtype``).
         """
         directory = Path(directory)
@@ -313,8 +314,7 @@ class XLoraModel(XLoraGenerationMixin, nn.Module):
                     f"{str(directory / CONFIG_FILE)!r} names no base_model_name_or_path; pass base_model=... explicitly"
                 )
         if not isinstance(base_model, PreTrainedModel):
-            base_model = AutoModelForCausalLM.from_pretrained(str(base_model), **model_kwargs)
-            base_model.eval()
+            base_model = _load_base(str(base_model), directory, **model_kwargs)
         model = cls(base_model, cfg, experts_root=directory)
         head_file = directory / HEAD_FILE
         if not head_file.is_file():
@@ -330,6 +330,21 @@ class XLoraModel(XLoraGenerationMixin, nn.Module):
             raise ValueError(f"{str(head_file)!r} does not fit the config's head: file has {got}, config needs {want}")
         model.head.load_state_dict(state)
         return model
+
+
+def _load_base(name: str, directory: Path, **model_kwargs: Any) -> PreTrainedModel:
+    """``AutoModelForCausalLM.from_pretrained(name)``, with an error that says how to point elsewhere."""
+    try:
+        # local folders and the local Hugging Face cache only: nothing is downloaded at load time
+        model = AutoModelForCausalLM.from_pretrained(name, **{"local_files_only": True, **model_kwargs})
+    except (OSError, ValueError) as err:
+        where = "a local directory that does not hold a model" if Path(name).is_dir() else \
+            "not a local directory, nor a model in the Hugging Face cache"
+        raise FileNotFoundError(
+            f"cannot load the base model {name!r} of {str(directory)!r}: it is {where} ({str(err).splitlines()[0]}); "
+            "pass the local base model folder with base_model=... (CLI: --base PATH)"
+        ) from None
+    return model.eval()
 
 
 def _hidden_size(model: PreTrainedModel) -> int:
