@@ -137,7 +137,10 @@ class _Row:
         self.job, self.tokenizer, self.lock, self.eos = job, tokenizer, lock, eos
         self.ids: list[int] = []
         self.done = False
-        self.sent = 0  # characters of the decoded text already released
+        self.text = ""  # the decoded text of ``ids`` so far (complete characters only)
+        self.sent = 0  # characters of ``text`` already released
+        self._prefix = 0  # ids[_prefix:_read] is re-decoded as context for the new tokens
+        self._read = 0  # ids[:_read] are in ``text``
         seed = job.params.seed if job.params.seed is not None else random.getrandbits(63)
         self.generator = torch.Generator(device=device).manual_seed(seed)
 
@@ -157,10 +160,9 @@ class _Row:
         """Record ``token``, emit its event; returns the finish reason once the row is done."""
         self.ids.append(token)
         p = self.job.params
-        with self.lock:
-            text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        text = self._extend_text()
         reason, end = None, len(text)
-        hits = [i for i in (text.find(s) for s in p.stop) if i >= 0]
+        hits = [i for i in (text.find(s, max(0, self.sent - len(s) + 1)) for s in p.stop) if i >= 0]
         if hits:
             reason, end = "stop", max(min(hits), self.sent)  # OpenAI drops the stop string and what follows
         elif token in self.eos and not p.ignore_eos:
@@ -172,6 +174,30 @@ class _Row:
         self.job.sink(TokenEvent(text[self.sent:end], token, scalings))
         self.sent = max(self.sent, end)
         return reason
+
+    def _extend_text(self) -> str:
+        """``text`` extended by the new tokens, decoding only a short window (linear in the length).
+
+        The window ``ids[_prefix:]`` is decoded and the text of its already-read part
+        ``ids[_prefix:_read]`` is cut off its front, so that tokenizers whose pieces depend on their
+        left neighbour (a leading space, a multi-byte character split over tokens) decode as the
+        whole sequence does. A window ending in an incomplete character waits for the next token.
+        """
+        with self.lock:
+            seen = self.tokenizer.decode(self.ids[self._prefix:self._read], skip_special_tokens=True)
+            window = self.tokenizer.decode(self.ids[self._prefix:], skip_special_tokens=True)
+        if not window.startswith(seen):  # a tokenizer this trick does not fit: decode everything
+            with self.lock:
+                self.text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+            self._read = len(self.ids)
+            return self.text
+        p = self.job.params
+        last = len(self.ids) >= p.max_tokens or (self.ids[-1] in self.eos and not p.ignore_eos)
+        if window.endswith("\ufffd") and not last:  # an incomplete character: wait for the next token
+            return self.text
+        self.text += window[len(seen):]
+        self._prefix, self._read = self._read, len(self.ids)
+        return self.text
 
     def _safe_end(self, text: str) -> int:
         """How much of ``text`` can be released: hold back a partial character or a stop-string prefix."""
