@@ -240,3 +240,32 @@ def test_cache_operations_apply_to_both_caches(llama):
     assert torch.equal(cache.scaling_cache.layers[0].keys[0], cache.scaling_cache.layers[0].keys[1])
     assert torch.equal(cache.layers[0].keys[0], cache.layers[0].keys[1])
     assert isinstance(cache, XLoraCache)
+
+
+def test_merged_caches_decode_each_row_as_its_own_run(llama):
+    """Two caches of different lengths merged (shorter one left-padded, masked): the next steps equal
+    decoding every row alone, and recording caches are refused with a clear error."""
+    model = build(llama)
+    g = torch.Generator().manual_seed(5)
+    a, b = torch.randint(3, VOCAB, (1, 7), generator=g), torch.randint(3, VOCAB, (2, 3), generator=g)
+    with torch.no_grad():
+        ca, cb = model.new_cache(), model.new_cache()
+        la = model(input_ids=a, cache=ca).logits[:, -1]
+        lb = model(input_ids=b, cache=cb).logits[:, -1]
+        pad_a, pad_b = ca.merge_rows(cb)
+        assert (pad_a, pad_b) == (0, 4)
+        assert ca.get_seq_length() == ca.scaling_cache.get_seq_length() == 7
+        mask = torch.cat([torch.ones(1, 7), torch.cat([torch.zeros(2, 4), torch.ones(2, 3)], 1)]).long()
+        seq = torch.cat([a.repeat(2, 1)[:1], torch.cat([torch.zeros(2, 4, dtype=torch.long), b], 1)])
+        nxt = torch.cat([la, lb]).argmax(-1, keepdim=True)
+        pos = torch.tensor([[7], [3], [3]])
+        for _ in range(3):
+            mask = torch.cat([mask, torch.ones(3, 1, dtype=torch.long)], 1)
+            seq = torch.cat([seq, nxt], 1)
+            step = model(input_ids=nxt, attention_mask=mask, position_ids=pos, cache=ca).logits[:, -1]
+            for row, (start, length) in enumerate([(0, 7), (4, 3), (4, 3)]):
+                alone = model(input_ids=seq[row:row + 1, start:], use_cache=False).logits[0, -1]
+                torch.testing.assert_close(step[row], alone, rtol=0, atol=1e-4)
+            nxt, pos = step.argmax(-1, keepdim=True), pos + 1
+    with pytest.raises(ValueError, match="record=False"):
+        model.new_cache(record=True).merge_rows(model.new_cache())

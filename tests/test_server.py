@@ -363,3 +363,56 @@ def test_cli_serve_builds_the_config_from_flags_and_env(monkeypatch, tmp_path):
     assert main(["serve", str(tmp_path), "--api-key", "sk-flag", "--max-batch", "0"]) == 2  # ValueError -> exit 2
     monkeypatch.delenv("XLORA_API_KEY")
     assert main(["serve", str(tmp_path)]) == 0 and seen["cfg"].api_key is None
+
+
+def _greedy_no_cache(model, ids: list[int], n: int) -> list[int]:
+    """Reference: recompute the whole sequence for every token (no cache, no padding, EOS ignored)."""
+    seq = list(ids)
+    with torch.inference_mode():
+        for _ in range(n):
+            seq.append(int(model(input_ids=torch.tensor([seq]), use_cache=False).logits[0, -1].argmax()))
+    return seq[len(ids):]
+
+
+def test_requests_arriving_mid_batch_join_it_and_equal_their_solo_runs(model_dir, ref):
+    from xlora.batching import Batcher, BatcherConfig, FinishEvent, SamplingParams, TokenEvent
+
+    model, tok = load_model_and_tokenizer(model_dir)
+    batcher = Batcher(model, tok, BatcherConfig(max_batch=4, batch_window_ms=0))
+    batcher.start()
+    prompts = ["Once upon a time", "x", "A much longer prompt, so the caches need padding", "mid"]
+    lengths = [40, 6, 12, 3]
+    got: dict[int, list[int]] = {i: [] for i in range(4)}
+    finished: list[int] = []
+    done = threading.Event()
+    started = threading.Event()
+
+    def sink(i: int):
+        def on(ev) -> None:
+            if isinstance(ev, TokenEvent):
+                got[i].append(ev.token_id)
+                if i == 0 and len(got[0]) == 3:
+                    started.set()
+            elif isinstance(ev, FinishEvent):
+                assert ev.reason == "length", ev
+                finished.append(i)
+                if len(finished) == 4:
+                    done.set()
+        return on
+
+    def submit(i: int) -> None:
+        batcher.submit(tok(prompts[i])["input_ids"], SamplingParams(max_tokens=lengths[i], temperature=0,
+                                                                     ignore_eos=True), sink(i))
+
+    try:
+        submit(0)
+        assert started.wait(30)
+        for i in (1, 2, 3):  # while request 0 is decoding
+            submit(i)
+        assert done.wait(60)
+    finally:
+        batcher.close()
+    for i in range(4):
+        assert got[i] == _greedy_no_cache(ref[0], tok(prompts[i])["input_ids"], lengths[i]), i
+    assert batcher.joined_rows == 3  # they joined the running batch ...
+    assert finished[-1] == 0  # ... and finished long before request 0, instead of waiting for it

@@ -16,7 +16,7 @@ from typing import Any, Literal
 
 import torch
 from transformers import DynamicCache, GenerationMixin
-from transformers.cache_utils import Cache
+from transformers.cache_utils import Cache, DynamicLayer
 
 Granularity = Literal["token", "prompt"]
 PromptReduce = Literal["last", "mean"]
@@ -71,11 +71,48 @@ class XLoraCache(DynamicCache):
         if self.fixed_scalings is not None:
             self.fixed_scalings = self.fixed_scalings[indices]
 
+    def can_merge(self) -> bool:
+        """Whether :meth:`merge_rows` applies: plain dynamic layers in both caches, nothing recorded."""
+        layers = list(self.layers) + list(self.scaling_cache.layers)
+        return not self.record and all(type(layer) is DynamicLayer for layer in layers)
+
+    def merge_rows(self, other: XLoraCache) -> tuple[int, int]:
+        """Append the batch rows of ``other`` after this cache's rows (continuous batching in the server).
+
+        Both caches hold ``[b, heads, t, d]`` keys and values per layer; the shorter one is left-padded
+        with zeros along ``t`` so both have ``T = max(t_self, t_other)``. The padded positions must be
+        masked by the caller (attention mask 0), which makes them invisible to attention.
+
+        Returns:
+            ``(pad_self, pad_other)``: the columns of zeros added on the left of each cache's rows.
+        Raises:
+            ValueError: a cache holds layers other than plain ``DynamicLayer`` (sliding window, static,
+                quantised), the layer counts differ, or only one cache has prompt-granularity scalings.
+        """
+        if not (self.can_merge() and other.can_merge()):
+            raise ValueError("merge_rows needs plain dynamic cache layers in both caches and record=False")
+        if len(self.layers) != len(other.layers) or (self.fixed_scalings is None) != (other.fixed_scalings is None):
+            raise ValueError("merge_rows: the caches come from different models or decoding modes")
+        t_self, t_other = self.get_seq_length(), other.get_seq_length()
+        t = max(t_self, t_other)
+        for mine, theirs in ((self, other), (self.scaling_cache, other.scaling_cache)):
+            for a, b in zip(mine.layers, theirs.layers):
+                a.keys = torch.cat([_left_pad(a.keys, t), _left_pad(b.keys, t)], dim=0)
+                a.values = torch.cat([_left_pad(a.values, t), _left_pad(b.values, t)], dim=0)
+        if self.fixed_scalings is not None:
+            self.fixed_scalings = torch.cat([self.fixed_scalings, other.fixed_scalings], dim=0)
+        return t - t_self, t - t_other
+
     def reset(self) -> None:
         super().reset()
         self.scaling_cache.reset()
         self.fixed_scalings = None
         self.recorded.clear()
+
+
+def _left_pad(x: torch.Tensor, length: int) -> torch.Tensor:
+    """``[b, h, t, d]`` -> ``[b, h, length, d]`` with zeros before the ``t`` cached positions."""
+    return x if x.shape[-2] == length else torch.nn.functional.pad(x, (0, 0, length - x.shape[-2], 0))
 
 
 def reduce_prompt_scalings(s: torch.Tensor, attention_mask: torch.Tensor | None, how: PromptReduce) -> torch.Tensor:

@@ -90,10 +90,12 @@ class Metrics:
                [f"xlora_queue_length {b.queue_length}"])
         metric("xlora_active_rows", "gauge", "Rows being decoded in the current batch.",
                [f"xlora_active_rows {b.active_rows}"])
+        metric("xlora_joined_rows_total", "counter", "Requests that joined a running batch (continuous batching).",
+               [f"xlora_joined_rows_total {b.joined_rows}"])
         hist = Histogram(BATCH_BUCKETS)
         for size, n in sorted(dict(b.batch_sizes).items()):  # a copy: the worker may add a size
             hist.observe(size, n)
-        metric("xlora_batch_size", "histogram", "Rows per batch at prefill.", hist.lines("xlora_batch_size"))
+        metric("xlora_batch_size", "histogram", "Rows per prefill (a new batch or rows joining one).", hist.lines("xlora_batch_size"))
         return "\n".join(out) + "\n"
 
     def middleware_class(self) -> type:

@@ -1,4 +1,4 @@
-"""The serving batcher's text release: incremental detokenization equals decoding the whole answer."""
+"""A request row's text release (xlora.jobs): incremental detokenization equals decoding the whole answer."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
-from xlora.batching import Job, SamplingParams, TokenEvent, _Row
+from xlora.jobs import Job, RowState, SamplingParams, TokenEvent
 
 TEXT = ("Café crème, naïve façade — 日本語のテキスト 🙂🧬 and plain ASCII words; "
         "Ωmega ∑ sums, ü ö ä ß, ελληνικά, العربية, 한국어 ✓✓✓ done.")
@@ -40,7 +40,7 @@ def _release(tok, ids, **params) -> tuple[str, list[str], str | None]:
     events: list[TokenEvent] = []
     job = Job([1], SamplingParams(max_tokens=params.pop("max_tokens", len(ids)), temperature=0, **params),
               events.append)
-    row = _Row(job, tok, threading.Lock(), {tok.eos_token_id}, device="cpu")
+    row = RowState(job, tok, threading.Lock(), {tok.eos_token_id}, device="cpu")
     reason = None
     for t in ids:
         reason = row.push(t, None)
