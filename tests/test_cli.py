@@ -112,3 +112,18 @@ def test_eval_writes_the_table_of_the_real_demo(tmp_path):
     for domain, shares in table["routing"].items():
         assert sum(shares.values()) == pytest.approx(1.0, abs=1e-4), (domain, shares)
     assert (tmp_path / "eval.md").read_text().count("| xlora |") == 2  # loss and score tables
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["generate", "d", "p", "--temperature", "-1"], "expected a number >= 0, got '-1'"),
+    (["generate", "d", "p", "--temperature", "nan"], "expected a number >= 0, got 'nan'"),
+    (["generate", "d", "p", "--top-p", "0"], "expected a number in (0, 1], got '0'"),
+    (["generate", "d", "p", "--max-new-tokens", "0"], "expected a positive integer, got '0'"),
+    (["inspect", "d", "p", "--generate", "-2"], "expected an integer >= 0, got '-2'"),
+])
+def test_bad_sampling_flags_are_refused_before_loading_anything(argv, message, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err and argv[-2] in err  # names the flag and the value

@@ -127,6 +127,36 @@ def _positive(text: str) -> int:
     return value
 
 
+def _count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
+    return value
+
+
+def _non_negative(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not value >= 0:  # also refuses nan
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}")
+    return value
+
+
+def _probability(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {text!r}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="xlora", description="X-LoRA: a mixture of LoRA experts over a causal LM")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -154,9 +184,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--base", default=None, help="base model path (default: the one recorded in the directory)")
     p.add_argument("--chat", action="store_true", help="apply the tokenizer's chat template to the prompt")
     p.add_argument("--show-experts", action="store_true", help="print the dominant expert of every generated token")
-    p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--max-new-tokens", type=_positive, default=64)
+    p.add_argument("--temperature", type=_non_negative, default=0.0, help="0 = greedy")
+    p.add_argument("--top-p", type=_probability, default=1.0, help="nucleus sampling mass in (0, 1]")
     p.add_argument("--granularity", choices=["token", "prompt"], default="token")
     p.add_argument("--seed", type=int, default=None)
     p.set_defaults(func=_generate)
@@ -164,11 +194,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("inspect", help="show which experts a prompt (and its answer) uses: table, colours, plots")
     p.add_argument("model_dir", help="directory written by XLoraModel.save_pretrained")
     p.add_argument("prompt", help="the prompt text")
-    p.add_argument("--generate", type=int, default=0, metavar="N", help="also generate N tokens greedily")
+    p.add_argument("--generate", type=_count, default=0, metavar="N", help="also generate N tokens greedily")
     p.add_argument("--out", default="xlora-inspect", help="folder for the scalings log, stats.json and the plots")
     p.add_argument("--chat", action="store_true", help="apply the tokenizer's chat template to the prompt")
     p.add_argument("--base", default=None, help="base model path (default: the one recorded in the directory)")
-    p.add_argument("--per-page", type=int, default=None, help="rows per plot file (default 64)")
+    p.add_argument("--per-page", type=_positive, default=None, help="rows per plot file (default 64)")
     p.set_defaults(func=_inspect)
 
     p = sub.add_parser("serve", help="serve an X-LoRA model over an OpenAI-compatible HTTP API")
