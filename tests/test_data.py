@@ -193,9 +193,19 @@ def test_collate_right_pads_with_masks(tok):
     assert batch["labels"].tolist() == [[M, 6, 7], [8, M, M]]
 
 
+def test_collate_left_pads_when_asked():
+    batch = collate([TokenizedExample([5, 6, 7], [M, 6, 7]), TokenizedExample([8], [8])], pad_token_id=0,
+                    side="left")
+    assert batch["input_ids"].tolist() == [[5, 6, 7], [0, 0, 8]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1], [0, 0, 1]]
+    assert batch["labels"].tolist() == [[M, 6, 7], [M, M, 8]]
+
+
 def test_collate_of_nothing_is_an_error():
     with pytest.raises(ValueError, match="empty list of examples"):
         collate([], pad_token_id=0)
+    with pytest.raises(ValueError, match="side must be 'right' or 'left', got 'top'"):
+        collate([TokenizedExample([5], [5])], pad_token_id=0, side="top")
 
 
 # ------------------------------------------------------------------------------------- batch order

@@ -20,13 +20,7 @@ from xlora.demo_model import base_model_dir, find_gguf, is_model_dir, load_base
 DOMS = ["mathematics", "general"]  # need neither RDKit nor Biopython
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Tiny matmuls on a shared 2-core machine: a second OpenMP thread only spins (60x slower here).
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

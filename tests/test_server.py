@@ -26,13 +26,7 @@ EXPERTS = ["alpha", "beta", "gamma"]
 PROMPTS = ["Hello", "The quick brown fox", "a", "What is 2+2?", "xyz", "Once upon a time", "!", "Lorem ipsum dolor"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny matmuls are ~10x faster on one thread than fighting over two shared cores."""
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -292,8 +292,8 @@ def _pack(examples: list[TokenizedExample], max_length: int) -> list[TokenizedEx
     return [TokenizedExample(ids[i:i + max_length], labels[i:i + max_length]) for i in range(0, len(ids), max_length)]
 
 
-def collate(examples: list[TokenizedExample], pad_token_id: int) -> dict[str, torch.Tensor]:
-    """Right-pad a batch.
+def collate(examples: list[TokenizedExample], pad_token_id: int, side: str = "right") -> dict[str, torch.Tensor]:
+    """Pad a batch on the right (training) or on the ``side="left"`` (every sequence ends at the last column).
 
     Args:
         examples: ``b`` examples of lengths ``n_i``.
@@ -305,15 +305,18 @@ def collate(examples: list[TokenizedExample], pad_token_id: int) -> dict[str, to
     """
     if not examples:
         raise ValueError("collate got an empty list of examples; a batch needs at least one")
+    if side not in ("right", "left"):
+        raise ValueError(f"side must be 'right' or 'left', got {side!r}")
     b, T = len(examples), max(len(e.input_ids) for e in examples)
     input_ids = torch.full((b, T), pad_token_id, dtype=torch.long)
     attention_mask = torch.zeros((b, T), dtype=torch.long)
     labels = torch.full((b, T), IGNORE_INDEX, dtype=torch.long)
     for row, e in enumerate(examples):
         n = len(e.input_ids)
-        input_ids[row, :n] = torch.tensor(e.input_ids, dtype=torch.long)
-        attention_mask[row, :n] = 1
-        labels[row, :n] = torch.tensor(e.labels, dtype=torch.long)
+        cols = slice(0, n) if side == "right" else slice(T - n, T)
+        input_ids[row, cols] = torch.tensor(e.input_ids, dtype=torch.long)
+        attention_mask[row, cols] = 1
+        labels[row, cols] = torch.tensor(e.labels, dtype=torch.long)
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
 
 

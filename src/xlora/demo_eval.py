@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from xlora import domains
 from xlora._io import atomic_write_text
-from xlora.data import IGNORE_INDEX, TokenizedExample, tokenize_record
+from xlora.data import IGNORE_INDEX, TokenizedExample, collate, tokenize_record
 
 SYSTEM = "Answer with the result only."
 BASE, UNIFORM, XLORA = "base", "uniform", "xlora"
@@ -47,15 +47,9 @@ def left_padded(examples: list[TokenizedExample], pad_id: int) -> dict[str, Any]
     ``labels``, all ``[b, T]``, and ``keep``: the trailing positions whose logits are needed (from
     just before the earliest loss token to the end), so that the LM head runs on those only.
     """
-    b, T = len(examples), max(len(e.input_ids) for e in examples)
-    ids = torch.full((b, T), pad_id, dtype=torch.long)
-    mask = torch.zeros((b, T), dtype=torch.long)
-    labels = torch.full((b, T), IGNORE_INDEX, dtype=torch.long)
-    for row, e in enumerate(examples):
-        n = len(e.input_ids)
-        ids[row, T - n:] = torch.tensor(e.input_ids)
-        mask[row, T - n:] = 1
-        labels[row, T - n:] = torch.tensor(e.labels)
+    batch = collate(examples, pad_id, side="left")
+    ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
+    T = ids.shape[1]
     has_loss = (labels != IGNORE_INDEX).any(1)
     first = int((labels != IGNORE_INDEX).float().argmax(1)[has_loss].min()) if has_loss.any() else T - 1
     positions = (mask.cumsum(1) - 1).clamp_min(0)
