@@ -115,7 +115,9 @@ def base_model_dir(convert: bool = True) -> Path:
         return out
     if not convert:
         raise FileNotFoundError(f"no converted demo model in {out}; run xlora demo once (needs: {_INSTALL})")
-    return convert_gguf(find_gguf(), out)
+    gguf_file = find_gguf()
+    print(f"converting {gguf_file.name} once to a safetensors model in {out} (about a minute) ...", flush=True)
+    return convert_gguf(gguf_file, out)
 
 
 def load_base(model_dir: str | os.PathLike | None = None) -> tuple[Any, Any]:
