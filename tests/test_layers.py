@@ -163,6 +163,27 @@ def test_column_table_coefficients_equal_per_layer_path():
         torch.testing.assert_close(fused, reference(base, x, experts, s, layer.layer_index, g), rtol=0, atol=1e-6)
 
 
+def test_column_table_is_skipped_for_large_inputs_only_when_ranks_are_uniform(monkeypatch):
+    state = ScalingState()
+    base = base_layer("linear")
+    uniform = [MixtureLoraLinear(base, l, 2, {0: lora(2, 1.0, 1 + l), 1: lora(2, 0.5, 3 + l)}, state) for l in range(2)]
+    mixed = [uniform[0], MixtureLoraLinear(base, 1, 2, {0: lora(3, 0.5, 8), 1: lora(1, 2.0, 9)}, state)]  # ranks 3, 1
+    assert ColumnTable(uniform).uniform_ranks and not ColumnTable(mixed).uniform_ranks
+    s = probs(B, T, 2, 2, seed=3)
+    monkeypatch.setattr(ColumnTable, "MAX_TABLE", B * T * 2 * 4)  # exactly this input fits: L = 2 layers, R = 4 columns
+    table = ColumnTable(uniform).coefficients(s, 0.7)
+    assert table.shape == (B, T, 2, 4)
+    monkeypatch.setattr(ColumnTable, "MAX_TABLE", B * T * 2 * 4 - 1)
+    assert ColumnTable(uniform).coefficients(s, 0.7) is None  # the layers weight h per expert instead
+    assert ColumnTable(mixed).coefficients(s, 0.7).shape == (B, T, 2, 4)  # a mixed-rank layer keeps the table
+    x = rand(B, T, IN, seed=4)
+    for layer in uniform:  # both paths give the same bits
+        with state.use(scalings=s, global_weight=0.7):
+            view = layer(x)
+        with state.use(scalings=s, global_weight=0.7, coefficients=table):
+            assert torch.equal(layer(x), view)
+
+
 def nan_layer(kind: str, state: ScalingState) -> MixtureLoraLinear:
     layer = MixtureLoraLinear(base_layer(kind), 0, E, EXPERTS, state).eval()
     with torch.no_grad():
