@@ -239,3 +239,19 @@ def test_trains_under_hf_trainer(world, tmp_path):
     assert changed == {k for k in before if k.startswith("head.")}
     logs = [r["loss"] for r in trainer.state.log_history if "loss" in r]
     assert logs[-1] < logs[0] and out.global_step == 20
+
+
+def test_bf16_mixed_precision_tracks_the_float32_run(world, tmp_path):
+    """Accelerate's bf16 autocast (CPU here): the same head training, losses within bf16 rounding of the
+    fp32 run's, and the saved head stays float32 (autocast computes in bf16, weights are not cast)."""
+    runs = {}
+    for mp in ("no", "bf16"):
+        train(config(world, tmp_path / mp, max_steps=10, log_every=1, mixed_precision=mp))
+        lines = (tmp_path / mp / "metrics.jsonl").read_text().splitlines()
+        runs[mp] = [r["loss"] for r in map(json.loads, lines) if "loss" in r]
+    assert len(runs["no"]) == len(runs["bf16"]) == 10
+    diffs = [abs(a - b) / a for a, b in zip(runs["no"], runs["bf16"])]
+    assert max(diffs) < 0.05, diffs  # bf16 has an 8-bit mantissa: ~1% per op, not a different run
+    assert any(d > 0 for d in diffs)  # and autocast really was on
+    head = head_of(tmp_path / "bf16")
+    assert all(v.dtype == torch.float32 for v in head.values())

@@ -157,6 +157,7 @@ def train(cfg: TrainConfig) -> TrainResult:
 
     # Without a GPU/XPU, Accelerate only forms a multi-process (gloo) group when told it is on CPU.
     has_accel = torch.accelerator.is_available() if hasattr(torch, "accelerator") else torch.cuda.is_available()
+    _forget_accelerator_settings()
     accelerator = Accelerator(mixed_precision=cfg.mixed_precision, cpu=not has_accel)
     out = Path(cfg.output_dir)
     main = accelerator.is_main_process
@@ -304,6 +305,20 @@ def _rank_slice(indices: list[int], rank: int, world: int) -> list[int]:
     """This process's contiguous share of a global micro-batch (equal shares; a short batch is split evenly)."""
     share = math.ceil(len(indices) / world)
     return indices[rank * share:(rank + 1) * share]
+
+
+def _forget_accelerator_settings() -> None:
+    """Let a second ``train()`` in the same process use other settings (e.g. ``mixed_precision``).
+
+    Accelerate keeps its settings in a process-wide singleton and refuses a different
+    ``mixed_precision`` once set; the settings are dropped here, the process group (``PartialState``,
+    set up by ``torchrun``/``accelerate launch``) is kept.
+    """
+    from accelerate.state import AcceleratorState
+
+    reset = getattr(AcceleratorState, "_reset_state", None)
+    if reset is not None:
+        reset(reset_partial_state=False)
 
 
 def _tensorboard(out: Path) -> Any:
