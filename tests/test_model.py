@@ -262,7 +262,7 @@ def test_head_mismatch_and_hidden_size_errors(llama, setups, tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         XLoraModel.from_pretrained(tmp_path / "nope", base_model=llama.base())
     # a base model that is neither a local folder nor cached: a clear error, no download attempt
-    with pytest.raises(FileNotFoundError, match=r"base model 'no-such-org/no-such-model' .* not a local directory.*--base PATH"):
+    with pytest.raises(FileNotFoundError, match=r"base model 'no-such-org/no-such-model': it is not a local directory.*--base PATH"):
         XLoraModel.from_pretrained(tmp_path / "ckpt", base_model="no-such-org/no-such-model")
-    with pytest.raises(FileNotFoundError, match=r"base model '.*ckpt' .* a local directory that does not hold a model"):
+    with pytest.raises(FileNotFoundError, match=r"base model '.*ckpt': it is a local directory that does not hold a model"):
         XLoraModel.from_pretrained(tmp_path / "ckpt", base_model=str(tmp_path / "ckpt"))

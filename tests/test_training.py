@@ -255,3 +255,9 @@ def test_bf16_mixed_precision_tracks_the_float32_run(world, tmp_path):
     assert any(d > 0 for d in diffs)  # and autocast really was on
     head = head_of(tmp_path / "bf16")
     assert all(v.dtype == torch.float32 for v in head.values())
+
+
+def test_a_base_model_that_is_not_there_is_named_before_anything_is_written(world, tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"cannot load the base model's tokenizer '.*nowhere'.*--base-model"):
+        train(config(world, tmp_path / "run", base_model=str(tmp_path / "nowhere")))
+    assert not (tmp_path / "run").exists()

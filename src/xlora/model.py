@@ -332,19 +332,26 @@ class XLoraModel(XLoraGenerationMixin, nn.Module):
         return model
 
 
-def _load_base(name: str, directory: Path, **model_kwargs: Any) -> PreTrainedModel:
-    """``AutoModelForCausalLM.from_pretrained(name)``, with an error that says how to point elsewhere."""
+def load_local(loader: Any, name: str, what: str, fix: str, **kwargs: Any) -> Any:
+    """``loader.from_pretrained(name, local_files_only=True)`` (a model or tokenizer class), with an
+    error naming ``what`` was being loaded, why it failed and ``fix`` instead of transformers' trace.
+
+    Nothing is downloaded: ``name`` is a local folder or a model id already in the Hugging Face cache.
+    """
     try:
-        # local folders and the local Hugging Face cache only: nothing is downloaded at load time
-        model = AutoModelForCausalLM.from_pretrained(name, **{"local_files_only": True, **model_kwargs})
+        return loader.from_pretrained(name, **{"local_files_only": True, **kwargs})
     except (OSError, ValueError) as err:
         where = "a local directory that does not hold a model" if Path(name).is_dir() else \
             "not a local directory, nor a model in the Hugging Face cache"
-        raise FileNotFoundError(
-            f"cannot load the base model {name!r} of {str(directory)!r}: it is {where} ({str(err).splitlines()[0]}); "
-            "pass the local base model folder with base_model=... (CLI: --base PATH)"
-        ) from None
-    return model.eval()
+        raise FileNotFoundError(f"cannot load {what} {name!r}: it is {where} ({str(err).splitlines()[0]}); {fix}") \
+            from None
+
+
+def _load_base(name: str, directory: Path, **model_kwargs: Any) -> PreTrainedModel:
+    """The base model recorded in (or given for) the X-LoRA directory ``directory``."""
+    fix = (f"{str(directory)!r} names it as its base; pass the local base model folder with base_model=... "
+           "(CLI: --base PATH)")
+    return load_local(AutoModelForCausalLM, name, "the base model", fix, **model_kwargs).eval()
 
 
 def _hidden_size(model: PreTrainedModel) -> int:

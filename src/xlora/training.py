@@ -33,7 +33,7 @@ from xlora.checkpoints import (
 )
 from xlora.config import TrainConfig
 from xlora.data import TokenizedExample, batch_order, build_dataset, collate
-from xlora.model import XLoraModel
+from xlora.model import XLoraModel, load_local
 
 MARKER = "train_config.json"
 METRICS = "metrics.jsonl"
@@ -157,6 +157,8 @@ def train(cfg: TrainConfig) -> TrainResult:
 
     # Without a GPU/XPU, Accelerate only forms a multi-process (gloo) group when told it is on CPU.
     has_accel = torch.accelerator.is_available() if hasattr(torch, "accelerator") else torch.cuda.is_available()
+    fix = "set base_model (--base-model) to a local model folder"
+    tokenizer = load_local(AutoTokenizer, cfg.base_model, "the base model's tokenizer", fix)
     _forget_accelerator_settings()
     accelerator = Accelerator(mixed_precision=cfg.mixed_precision, cpu=not has_accel)
     out = Path(cfg.output_dir)
@@ -168,12 +170,11 @@ def train(cfg: TrainConfig) -> TrainResult:
     accelerator.wait_for_everyone()
 
     torch.manual_seed(cfg.seed)
-    tokenizer = AutoTokenizer.from_pretrained(cfg.base_model)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
     train_set, stats = build_dataset(cfg.train_file, tokenizer, cfg.max_length, packing=cfg.packing)
     eval_set = build_dataset(cfg.eval_file, tokenizer, cfg.max_length)[0] if cfg.eval_file else None
 
-    base = AutoModelForCausalLM.from_pretrained(cfg.base_model)
+    base = load_local(AutoModelForCausalLM, cfg.base_model, "the base model", fix)
     resume_from = newest_valid_checkpoint(out) if cfg.resume else None
     if resume_from is not None:
         model = XLoraModel.from_pretrained(resume_from[0], base_model=base)
