@@ -7,6 +7,7 @@ import json
 import math
 import re
 import struct
+from pathlib import Path
 
 import pytest
 import torch
@@ -280,3 +281,24 @@ def test_inspect_chat_without_generation_and_rich_output(saved_model, tmp_path, 
     capsys.readouterr()
     assert main(["inspect", str(tmp_path / "missing"), "hi"]) == 2
     assert capsys.readouterr().err.startswith("xlora inspect: error: X-LoRA directory")
+
+
+def test_the_readme_example_runs_and_its_numbers_hold(llama, tmp_path, monkeypatch, capsys):
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    section = readme[readme.index("## Seeing the mixture"):]
+    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    model = XLoraModel(llama.base(), XLoraConfig(experts={k: str(v) for k, v in llama.expert_dirs.items()})).eval()
+    tok = tiny_tokenizer()
+    tok.padding_side = "left"
+    monkeypatch.chdir(tmp_path)
+    scope = {"model": model, "tok": tok}
+    with torch.no_grad():
+        exec(compile(code, "README.md", "exec"), scope)  # noqa: S102 - our own README
+    bio, chem, log = scope["bio"], scope["chem"], scope["log"]
+    ids, s = log.sequence(1)
+    assert ids.tolist() == tok("a chem prompt")["input_ids"]  # padding dropped
+    assert sum(bio.mean_weight.values()) == pytest.approx(1.0)  # softmax mixture
+    diff = compare(bio, chem)
+    for name in bio.mean_weight:
+        assert diff.mean_weight[name] == pytest.approx(bio.mean_weight[name] - chem.mean_weight[name])
+    assert "total_variation" in capsys.readouterr().out
