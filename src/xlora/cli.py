@@ -8,20 +8,20 @@ from collections.abc import Callable
 
 
 def _example(args: argparse.Namespace) -> int:
-    from xlora.example import run_example
+    from xlora.demo.tiny import run_example
 
     run_example(seq_len=args.seq_len)
     return 0
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from xlora.demo import run_demo
+    from xlora.demo.run import run_demo
 
     return run_demo(retrain=args.retrain, out_dir=args.out, n_per_domain=args.n, n_generate=args.n_generate)
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from xlora.demo import run_eval
+    from xlora.demo.run import run_eval
 
     return run_eval(args.out, n_per_domain=args.n, n_generate=args.n_generate)
 
@@ -56,7 +56,7 @@ def _generate(args: argparse.Namespace) -> int:
 
 
 def _inspect(args: argparse.Namespace) -> int:
-    from xlora.inspection import run_inspect
+    from xlora.analysis.inspect import run_inspect
 
     run_inspect(args.model_dir, args.prompt, generate=args.generate, out_dir=args.out, chat=args.chat,
                 base_model=args.base, per_page=args.per_page)
@@ -68,7 +68,7 @@ def _serve(args: argparse.Namespace) -> int:
     import os
     from pathlib import Path
 
-    from xlora.server import ServerConfig, serve
+    from xlora.serve.app import ServerConfig, serve
 
     given = {f.name: getattr(args, f.name) for f in dataclasses.fields(ServerConfig) if hasattr(args, f.name)}
     given.setdefault("model_name", Path(args.model_dir).resolve().name)
@@ -78,8 +78,8 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from xlora.config import TrainConfig
-    from xlora.training import TrainingError, train
+    from xlora.train.config import TrainConfig
+    from xlora.train.trainer import TrainingError, train
 
     given = {k: v for k, v in vars(args).items() if k not in ("command", "func", "config")}
     data = TrainConfig.from_file(args.config).to_dict() if getattr(args, "config", None) else {}
@@ -196,7 +196,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-prompt-tokens", type=int, default=keep, help="(default: the model's context length)")
     p.set_defaults(func=_serve)
 
-    from xlora.config import TrainConfig, XLoraConfig
+    from xlora import XLoraConfig
+    from xlora.train.config import TrainConfig
 
     p = sub.add_parser("train", help="train the X-LoRA scaling head (runs under accelerate launch / torchrun too)")
     p.add_argument("--config", default=argparse.SUPPRESS, help="JSON or YAML file of options; flags override it")

@@ -11,11 +11,12 @@ import torch
 from conftest import LLAMA_TARGETS, make_expert, tiny_model, tiny_tokenizer
 from peft import PeftModel
 
-from xlora import XLoraConfig, XLoraModel, domains
-from xlora.data import IGNORE_INDEX, tokenize_record
-from xlora.demo import ASSETS, dominant_experts, evaluate_demo, load_demo, show_routing
-from xlora.demo_eval import chat_messages, generate_answers, left_padded, losses
-from xlora.demo_model import base_model_dir, find_gguf, is_model_dir, load_base
+from xlora import XLoraConfig, XLoraModel
+from xlora.demo import domains
+from xlora.train.data import IGNORE_INDEX, tokenize_record
+from xlora.demo.run import ASSETS, dominant_experts, evaluate_demo, load_demo, show_routing
+from xlora.demo.evaluate import chat_messages, generate_answers, left_padded, losses
+from xlora.demo.base_model import base_model_dir, find_gguf, is_model_dir, load_base
 
 DOMS = ["mathematics", "general"]  # need neither RDKit nor Biopython
 
@@ -115,7 +116,7 @@ def test_batched_greedy_answers_equal_one_by_one(demo):
 
 def test_left_padding_gives_the_unpadded_losses(demo):
     model, tok, *_ = demo
-    from xlora.demo_eval import completion_loss, tokenize
+    from xlora.demo.evaluate import completion_loss, tokenize
 
     records = domains.generate_mixture("test", 2, domains=DOMS)
     batch = left_padded(tokenize(records, tok), tok.pad_token_id)
@@ -155,7 +156,7 @@ def test_load_demo_from_a_directory(demo, tmp_path):
 
 def test_expert_training_writes_a_peft_adapter_xlora_loads(demo, tmp_path):
     model, tok, base_dir, experts, _ = demo
-    from xlora.demo_train import _to_bf16, train_expert
+    from xlora.demo.retrain import _to_bf16, train_expert
 
     records = domains.generate("mathematics", "train", 8)
     stats = train_expert(base_dir, records, tmp_path / "math", steps=3, batch_size=4, targets=["q_proj", "v_proj"],
@@ -198,7 +199,7 @@ def test_head_training_writes_a_loadable_xlora_directory(demo, tmp_path):
     pytest.importorskip("Bio")
     pytest.importorskip("accelerate")
     _, _, base_dir, _, _ = demo
-    from xlora.demo_train import train_head
+    from xlora.demo.retrain import train_head
 
     base = tiny_model("llama")
     out = tmp_path / "assets"

@@ -20,7 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from starlette.requests import Request
 from starlette.responses import Response
 
-from xlora.batching import FinishEvent, Job, TokenEvent
+from xlora.serve.batcher import FinishEvent, Job, TokenEvent
 
 
 class _Strict(BaseModel):

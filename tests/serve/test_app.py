@@ -18,7 +18,7 @@ from transformers import AutoModelForCausalLM
 
 from xlora import XLoraConfig, XLoraModel
 from xlora.model import load_model_and_tokenizer
-from xlora.server import ServerConfig, build_server, create_app
+from xlora.serve.app import ServerConfig, build_server, create_app
 
 KEY = "sk-test-key"
 NAME = "tiny-xlora"
@@ -343,11 +343,11 @@ def test_queue_full_is_429_and_shutdown_finishes_in_flight_streams(model_dir):
 
 
 def test_cli_serve_builds_the_config_from_flags_and_env(monkeypatch, tmp_path):
-    import xlora.server
+    import xlora.serve.app
     from xlora.cli import main
 
     seen = {}
-    monkeypatch.setattr(xlora.server, "serve", lambda d, cfg, base_model=None, log_level="info": seen.update(
+    monkeypatch.setattr(xlora.serve.app, "serve", lambda d, cfg, base_model=None, log_level="info": seen.update(
         dir=d, cfg=cfg, base=base_model))
     monkeypatch.setenv("XLORA_API_KEY", "sk-env")
     assert main(["serve", str(tmp_path / "my-model"), "--max-batch", "4", "--port", "9001"]) == 0
@@ -369,7 +369,7 @@ def _greedy_no_cache(model, ids: list[int], n: int) -> list[int]:
 
 
 def test_requests_arriving_mid_batch_join_it_and_equal_their_solo_runs(model_dir, ref):
-    from xlora.batching import Batcher, BatcherConfig, FinishEvent, SamplingParams, TokenEvent
+    from xlora.serve.batcher import Batcher, BatcherConfig, FinishEvent, SamplingParams, TokenEvent
 
     model, tok = load_model_and_tokenizer(model_dir)
     batcher = Batcher(model, tok, BatcherConfig(max_batch=4, batch_window_ms=0))

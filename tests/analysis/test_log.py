@@ -24,7 +24,7 @@ from xlora.analysis import (
     topk_coverage,
 )
 from xlora.cli import main
-from xlora.plots import display_token, generation_share_plot, layer_expert_heatmap, token_expert_heatmap
+from xlora.analysis.plots import display_token, generation_share_plot, layer_expert_heatmap, token_expert_heatmap
 
 NAMES = ["alpha", "beta", "gamma"]
 LAYERS = ["m.l0.q", "m.l1.q"]
@@ -263,7 +263,7 @@ def test_inspect_cli_prints_the_statistics_and_writes_the_files(saved_model, tmp
 
 
 def test_inspect_chat_without_generation_and_rich_output(saved_model, tmp_path, capsys):
-    from xlora.inspection import inspect_prompt, print_inspection
+    from xlora.analysis.inspect import inspect_prompt, print_inspection
     from xlora.model import load_model_and_tokenizer
 
     assert main(["inspect", str(saved_model), "Hi", "--chat", "--out", str(tmp_path)]) == 0
@@ -284,7 +284,7 @@ def test_inspect_chat_without_generation_and_rich_output(saved_model, tmp_path, 
 
 
 def test_the_readme_example_runs_and_its_numbers_hold(llama, tmp_path, monkeypatch, capsys):
-    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    readme = (Path(__file__).parents[2] / "README.md").read_text()
     section = readme[readme.index("## Seeing the mixture"):]
     code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
     model = XLoraModel(llama.base(), XLoraConfig(experts={k: str(v) for k, v in llama.expert_dirs.items()})).eval()

@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from xlora.jobs import Event, FinishEvent, Job, RowState, SamplingParams, TokenEvent
+from xlora.serve.jobs import Event, FinishEvent, Job, RowState, SamplingParams, TokenEvent
 
 __all__ = ["Batcher", "BatcherConfig", "Event", "FinishEvent", "Job", "QueueFull", "SamplingParams",
            "ShuttingDown", "TokenEvent"]

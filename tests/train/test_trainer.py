@@ -20,8 +20,8 @@ from peft import LoraConfig, get_peft_model
 from safetensors.torch import load_file
 
 from xlora import XLoraModel
-from xlora.config import TrainConfig
-from xlora.training import TrainingError, lr_factor, scalings_regularizer, train
+from xlora.train.config import TrainConfig
+from xlora.train.trainer import TrainingError, lr_factor, scalings_regularizer, train
 
 LETTERS = "abcdefghijklmnopqrstuvwxyz"
 DIGITS = "0123456789"

@@ -1,10 +1,10 @@
 """Retraining the demo's assets: one PEFT LoRA expert per domain, then the X-LoRA head on the mixture.
 
-Run ``python -m xlora.demo_train OUT_DIR [experts] [head]`` (or :func:`retrain`); the committed
-assets in ``xlora/demo_assets/`` were made this way. Experts are ordinary PEFT adapters
+Run ``python -m xlora.demo.retrain OUT_DIR [experts] [head]`` (or :func:`retrain`); the committed
+assets in ``xlora/demo/assets/`` were made this way. Experts are ordinary PEFT adapters
 (``LoraConfig`` + ``get_peft_model``, r=8 on q/k/v/o/up/down, 160 steps of 8 examples, stored in
 bfloat16), trained on completion tokens only; the head (2 layers, layerwise scalings) is trained by
-:func:`xlora.training.train` for 150 steps on a JSONL mix of all domains. On 2 CPU cores an
+:func:`xlora.train.trainer.train` for 150 steps on a JSONL mix of all domains. On 2 CPU cores an
 expert takes 6-12 minutes when the machine is otherwise idle, the head about 9 minutes.
 """
 
@@ -22,9 +22,9 @@ from typing import Any
 
 import torch
 
-from xlora import domains
-from xlora.demo_eval import chat_messages, completion_loss, left_padded, tokenize
-from xlora.demo_model import base_model_dir, cache_root, load_base
+from xlora.demo import domains
+from xlora.demo.evaluate import chat_messages, completion_loss, left_padded, tokenize
+from xlora.demo.base_model import base_model_dir, cache_root, load_base
 
 EXPERT_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj"]
 EXPERT_STEPS, EXPERT_BATCH, EXPERT_LR, EXPERT_RANK = 160, 8, 1e-3, 8
@@ -134,10 +134,11 @@ def write_jsonl(path: Path, records: list[dict[str, Any]]) -> Path:
 
 def train_head(out_dir: str | os.PathLike, base_dir: str | os.PathLike | None = None, steps: int = HEAD_STEPS,
                work_dir: str | os.PathLike | None = None) -> dict[str, Any]:
-    """Train the X-LoRA head over ``out_dir/experts/*`` with :func:`xlora.training.train`; the head and
+    """Train the X-LoRA head over ``out_dir/experts/*`` with :func:`xlora.train.trainer.train`; the head and
     its config land in ``out_dir`` (experts referenced relatively, ``experts/<domain>``)."""
-    from xlora.config import TrainConfig, XLoraConfig
-    from xlora.training import train
+    from xlora import XLoraConfig
+    from xlora.train.config import TrainConfig
+    from xlora.train.trainer import train
 
     out = Path(out_dir)
     base_dir = Path(base_dir) if base_dir is not None else base_model_dir()

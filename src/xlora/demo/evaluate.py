@@ -18,9 +18,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from xlora import domains
+from xlora.demo import domains
 from xlora._io import atomic_write_text
-from xlora.data import IGNORE_INDEX, TokenizedExample, collate, tokenize_record
+from xlora.train.data import IGNORE_INDEX, TokenizedExample, collate, tokenize_record
 
 SYSTEM = "Answer with the result only."
 BASE, UNIFORM, XLORA = "base", "uniform", "xlora"
@@ -36,7 +36,7 @@ def chat_messages(record: dict[str, Any], system: str | None = SYSTEM, answer: b
 
 
 def tokenize(records: list[dict[str, Any]], tokenizer: Any, max_length: int = 256) -> list[TokenizedExample]:
-    """Chat-formatted examples with loss on the assistant turn only (as :mod:`xlora.data` trains)."""
+    """Chat-formatted examples with loss on the assistant turn only (as :mod:`xlora.train.data` trains)."""
     return [tokenize_record({"messages": chat_messages(r)}, tokenizer, max_length, i)[0] for i, r in enumerate(records)]
 
 

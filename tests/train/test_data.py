@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from conftest import tiny_tokenizer
-from xlora.data import (
+from xlora.train.data import (
     DatasetStats,
     TokenizedExample,
     batch_order,

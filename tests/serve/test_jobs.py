@@ -1,4 +1,4 @@
-"""A request row's text release (xlora.jobs): incremental detokenization equals decoding the whole answer."""
+"""A request row's text release (xlora.serve.jobs): incremental detokenization equals decoding the whole answer."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
-from xlora.jobs import Job, RowState, SamplingParams, TokenEvent
+from xlora.serve.jobs import Job, RowState, SamplingParams, TokenEvent
 
 TEXT = ("Café crème, naïve façade — 日本語のテキスト 🙂🧬 and plain ASCII words; "
         "Ωmega ∑ sums, ü ö ä ß, ελληνικά, العربية, 한국어 ✓✓✓ done.")

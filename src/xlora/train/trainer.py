@@ -25,14 +25,14 @@ import torch
 import torch.nn.functional as F
 
 from xlora._io import atomic_write_text
-from xlora.checkpoints import (
+from xlora.train.checkpoints import (
     CHECKPOINTS,
     newest_valid_checkpoint,
     optimizer_from_tensors,
     save_checkpoint,
 )
-from xlora.config import TrainConfig
-from xlora.data import TokenizedExample, batch_order, build_dataset, collate
+from xlora.train.config import TrainConfig
+from xlora.train.data import TokenizedExample, batch_order, build_dataset, collate
 from xlora.model import XLoraModel, load_local
 
 MARKER = "train_config.json"

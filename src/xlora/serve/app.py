@@ -2,7 +2,7 @@
 
 Endpoints: ``GET /v1/models``, ``POST /v1/completions``, ``POST /v1/chat/completions`` (both with
 ``stream: true`` as server-sent events), ``GET /health`` and ``GET /metrics`` (Prometheus text).
-Requests are decoded in dynamic batches by :class:`~xlora.batching.Batcher`. The extension field
+Requests are decoded in dynamic batches by :class:`~xlora.serve.batcher.Batcher`. The extension field
 ``"xlora": {"return_scalings": true}`` adds, per generated token, the expert weights averaged over
 the adapted layers (``E`` floats) and the expert names; ``"ignore_eos": true`` decodes past EOS.
 """
@@ -25,8 +25,8 @@ from pydantic import BaseModel, ValidationError
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from xlora.batching import Batcher, BatcherConfig, QueueFull, SamplingParams, ShuttingDown
-from xlora.openai_protocol import (
+from xlora.serve.batcher import Batcher, BatcherConfig, QueueFull, SamplingParams, ShuttingDown
+from xlora.serve.protocol import (
     UNSUPPORTED,
     APIError,
     ChatRequest,
@@ -36,7 +36,7 @@ from xlora.openai_protocol import (
     SSEResponse,
     XLoraOptions,
 )
-from xlora.serving_metrics import Metrics
+from xlora.serve.metrics import Metrics
 
 
 @dataclass
@@ -47,7 +47,7 @@ class ServerConfig:
         model_name: the id clients send as ``model`` (default: the model directory's name).
         api_key: when set, ``/v1/*`` needs ``Authorization: Bearer <api_key>`` (else 401).
         host, port: where :func:`serve` listens.
-        max_batch, batch_window_ms, max_queue: see :class:`~xlora.batching.BatcherConfig`.
+        max_batch, batch_window_ms, max_queue: see :class:`~xlora.serve.batcher.BatcherConfig`.
         max_tokens_limit: the largest ``max_tokens`` a request may ask for (else 400).
         max_prompt_tokens: the longest prompt in tokens (default: the model's context length).
         max_body_bytes: the largest request body (else 413).
@@ -91,7 +91,7 @@ class ServerConfig:
 def create_app(model: Any, tokenizer: Any, config: ServerConfig | None = None) -> FastAPI:
     """The FastAPI app serving ``model``; its batching worker runs while the app's lifespan does.
 
-    ``app.state.batcher`` is the :class:`~xlora.batching.Batcher`; ``app.state.metrics`` the counters.
+    ``app.state.batcher`` is the :class:`~xlora.serve.batcher.Batcher`; ``app.state.metrics`` the counters.
     """
     cfg = config or ServerConfig()
     batcher = Batcher(model, tokenizer, cfg.batcher_config())

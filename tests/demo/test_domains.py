@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from xlora import domains
-from xlora._domain_data import number_words
+from xlora.demo import domains
+from xlora.demo._domain_data import number_words
 
 
 def _rec(task: str, meta: dict, completion: str = "") -> dict:

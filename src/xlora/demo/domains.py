@@ -32,7 +32,7 @@ from collections.abc import Callable
 from fractions import Fraction
 from typing import Any
 
-from xlora._domain_data import (
+from xlora.demo._domain_data import (
     ANTONYMS,
     CAPITALS,
     DAYS,

@@ -4,7 +4,7 @@
 evaluates the base model, each expert alone, the uniform mixture and X-LoRA on a small test sample,
 shows a few answers with every token coloured by its dominant expert, and writes heatmaps.
 ``run_eval(out_dir)`` (``xlora eval``) runs the full evaluation. The experts and head were trained by
-:mod:`xlora.demo_train` and ship in ``xlora/demo_assets/``; ``run_demo(retrain=True)`` retrains them.
+:mod:`xlora.demo.retrain` and ship in ``xlora/demo/assets/``; ``run_demo(retrain=True)`` retrains them.
 """
 
 from __future__ import annotations
@@ -17,11 +17,11 @@ from typing import Any
 
 import torch
 
-from xlora import domains
-from xlora.demo_eval import XLORA, EvalTable, evaluate, generate_answers
-from xlora.demo_model import base_model_dir, cache_root, load_base
+from xlora.demo import domains
+from xlora.demo.evaluate import XLORA, EvalTable, evaluate, generate_answers
+from xlora.demo.base_model import base_model_dir, cache_root, load_base
 
-ASSETS = Path(__file__).parent / "demo_assets"
+ASSETS = Path(__file__).parent / "assets"
 __all__ = ["evaluate_demo", "run_demo", "run_eval", "load_demo", "ASSETS"]
 
 
@@ -47,14 +47,14 @@ def evaluate_demo(model_dir_or_model: str | os.PathLike | Any, split: str = "tes
     Args:
         model_dir_or_model: an X-LoRA directory (loaded over ``base_dir``, default the demo base model)
             or a loaded :class:`~xlora.model.XLoraModel` (then ``tokenizer`` is required).
-        split: ``"train"``, ``"validation"`` or ``"test"`` records of :mod:`xlora.domains`.
+        split: ``"train"``, ``"validation"`` or ``"test"`` records of :mod:`xlora.demo.domains`.
         n_per_domain: records per domain for the losses.
         out_dir: if given, the table is written there as ``eval.md`` and ``eval.json``.
         n_generate: records per domain answered greedily by every configuration and scored.
         domain_names: the domains to evaluate (default: all four).
 
     Returns:
-        The :class:`~xlora.demo_eval.EvalTable` (losses, scores, routing, token counts, samples).
+        The :class:`~xlora.demo.evaluate.EvalTable` (losses, scores, routing, token counts, samples).
     """
     if isinstance(model_dir_or_model, (str, os.PathLike)):
         model, tok = load_demo(model_dir_or_model, base_dir)
@@ -74,7 +74,7 @@ def dominant_experts(scalings: torch.Tensor, names: list[str]) -> list[tuple[str
     """Per generated token, the expert with the largest layer-averaged scaling and that scaling.
 
     Args:
-        scalings: ``[n, L, E]``, as returned by :func:`~xlora.demo_eval.generate_answers`.
+        scalings: ``[n, L, E]``, as returned by :func:`~xlora.demo.evaluate.generate_answers`.
     """
     per_token = scalings.float().mean(1)  # [n, E]
     return [(names[int(row.argmax())], float(row.max())) for row in per_token]
@@ -92,8 +92,8 @@ def _block_rows(modules: list[str]) -> tuple[list[str], list[list[int]]]:
 def write_heatmaps(out_dir: Path, stem: str, tokens: list[str], scalings: torch.Tensor, names: list[str],
                    modules: list[str]) -> list[Path]:
     """PNGs (and SVGs) of one answer: token x expert (layers averaged) and block x expert (tokens and the
-    block's modules averaged), via :mod:`xlora.plots`."""
-    from xlora.plots import layer_expert_heatmap, token_expert_heatmap
+    block's modules averaged), via :mod:`xlora.analysis.plots`."""
+    from xlora.analysis.plots import layer_expert_heatmap, token_expert_heatmap
 
     labels, groups = _block_rows(modules)
     by_block = torch.stack([scalings.float()[:, g].mean(1) for g in groups], 1)  # [n, blocks, E]
@@ -113,7 +113,7 @@ def _console() -> Any:
 def show_routing(model: Any, tokenizer: Any, records: list[dict[str, Any]], out_dir: Path,
                  max_new_tokens: int = 32) -> list[Path]:
     """Print X-LoRA's answers with every token coloured by its dominant expert; write one heatmap each."""
-    from xlora.plots import expert_color
+    from xlora.analysis.plots import expert_color
 
     names = model.xlora_config.expert_names
     colour = {n: expert_color(i) for i, n in enumerate(names)}
@@ -141,7 +141,7 @@ def show_routing(model: Any, tokenizer: Any, records: list[dict[str, Any]], out_
 
 
 def _retrain_assets() -> Path:
-    from xlora.demo_train import retrain
+    from xlora.demo.retrain import retrain
 
     out = cache_root() / "demo_assets"
     print(f"retraining the demo experts and head into {out} (about an hour or more on 2 CPU cores) ...")

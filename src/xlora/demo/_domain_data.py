@@ -1,4 +1,4 @@
-"""Built-in tables for :mod:`xlora.domains`: small real molecules, words, capitals, antonyms."""
+"""Built-in tables for :mod:`xlora.demo.domains`: small real molecules, words, capitals, antonyms."""
 
 from __future__ import annotations
 

@@ -18,7 +18,8 @@ from typing import Any, TextIO
 import torch
 
 from xlora._io import atomic_write_text
-from xlora.analysis import ExpertStats, MixtureSummary, ScalingsLog, expert_stats, mixture_summary
+from xlora.analysis.log import ScalingsLog
+from xlora.analysis.stats import ExpertStats, MixtureSummary, expert_stats, mixture_summary
 
 LOG_FILE = "scalings.safetensors"
 STATS_FILE = "stats.json"
@@ -87,7 +88,7 @@ def inspect_prompt(model: Any, tokenizer: Any, prompt: str, *, generate: int = 0
 
 def write_outputs(result: Inspection, tokenizer: Any, out_dir: str | Path, per_page: int | None = None) -> list[Path]:
     """Write the log, ``stats.json`` and the plots (PNG + SVG) into ``out_dir``; returns the paths."""
-    from xlora import plots
+    from xlora.analysis import plots
 
     out, log = Path(out_dir), result.log
     page = {"per_page": per_page} if per_page else {}
@@ -156,7 +157,7 @@ def print_inspection(result: Inspection, tokenizer: Any, file: TextIO | None = N
     from rich.table import Table
     from rich.text import Text
 
-    from xlora.plots import expert_color
+    from xlora.analysis.plots import expert_color
 
     console = Console(file=file, highlight=False, force_terminal=True)
     table = Table(title=head, title_justify="left")
