@@ -151,7 +151,7 @@ def main() -> int:
             }
             cache = ours.new_cache()
             with torch.inference_mode():
-                out = ours(input_ids=ids, attention_mask=mask, cache=cache)
+                ours(input_ids=ids, attention_mask=mask, cache=cache)
                 base_out = base(input_ids=ids, attention_mask=mask, use_cache=True)
             kv = {"base": cache_bytes(base_out.cache), "xlora_main": cache_bytes(cache),
                   "xlora_scaling": cache_bytes(cache.scaling_cache)}

@@ -263,7 +263,7 @@ def test_merged_caches_decode_each_row_as_its_own_run(llama):
             mask = torch.cat([mask, torch.ones(3, 1, dtype=torch.long)], 1)
             seq = torch.cat([seq, nxt], 1)
             step = model(input_ids=nxt, attention_mask=mask, position_ids=pos, cache=ca).logits[:, -1]
-            for row, (start, length) in enumerate([(0, 7), (4, 3), (4, 3)]):
+            for row, (start, _length) in enumerate([(0, 7), (4, 3), (4, 3)]):
                 alone = model(input_ids=seq[row:row + 1, start:], use_cache=False).logits[0, -1]
                 torch.testing.assert_close(step[row], alone, rtol=0, atol=1e-4)
             nxt, pos = step.argmax(-1, keepdim=True), pos + 1

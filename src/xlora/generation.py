@@ -228,6 +228,37 @@ class XLoraGenerationMixin(GenerationMixin):
         return s
 
 
+def pad_token_id(tokenizer: Any) -> int:
+    """The id to pad batches with: the tokenizer's pad token, else its EOS token, else 0.
+
+    Padded positions are masked (attention mask 0, label ``-100``), so any id works; this one choice
+    is used by every caller (CLI, inspect, trainer, demo, server).
+    """
+    for tid in (tokenizer.pad_token_id, tokenizer.eos_token_id):
+        if isinstance(tid, int):
+            return tid
+    return 0
+
+
+def encode_prompt(tokenizer: Any, prompt: str | list[dict[str, Any]], *, chat: bool = False,
+                  device: torch.device | str | None = None) -> dict[str, torch.Tensor]:
+    """``{"input_ids", "attention_mask"}`` of shape ``[1, t]`` for one prompt.
+
+    ``chat=True`` (or a list of ``{"role", "content"}`` messages) applies the tokenizer's chat
+    template with a generation prompt; otherwise the text is tokenised as it is.
+    """
+    if isinstance(prompt, list) or chat:
+        if not getattr(tokenizer, "chat_template", None):
+            raise ValueError("chat=True but the tokenizer has no chat_template; drop --chat or use a chat model")
+        messages = prompt if isinstance(prompt, list) else [{"role": "user", "content": prompt}]
+        enc = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt",
+                                            return_dict=True)
+    else:
+        enc = tokenizer(prompt, return_tensors="pt")
+    return {k: v.to(device) if device is not None else v for k, v in enc.items()
+            if k in ("input_ids", "attention_mask")}
+
+
 class _CallbackStreamer:
     """Streams decoded text pieces to ``write`` as tokens arrive (skipping the prompt)."""
 
@@ -265,15 +296,8 @@ def generate_text(model: Any, tokenizer: Any, prompt: str, *, chat: bool = False
     """
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    if chat:
-        if not getattr(tokenizer, "chat_template", None):
-            raise ValueError("chat=True but the tokenizer has no chat_template; drop --chat or use a chat model")
-        enc = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
-                                            return_tensors="pt", return_dict=True)
-    else:
-        enc = tokenizer(prompt, return_tensors="pt")
-    enc = {k: v.to(model.device) for k, v in enc.items() if k in ("input_ids", "attention_mask")}
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    enc = encode_prompt(tokenizer, prompt, chat=chat, device=model.device)
+    pad = pad_token_id(tokenizer)
     streamer = _CallbackStreamer(tokenizer, stream) if stream is not None else None
     with torch.inference_mode():
         out = model.generate(**enc, max_new_tokens=max_new_tokens, record_scalings=True, streamer=streamer,

@@ -23,8 +23,8 @@ from xlora.analysis import (
     token_entropy,
     topk_coverage,
 )
-from xlora.cli import main
 from xlora.analysis.plots import display_token, generation_share_plot, layer_expert_heatmap, token_expert_heatmap
+from xlora.cli import main
 
 NAMES = ["alpha", "beta", "gamma"]
 LAYERS = ["m.l0.q", "m.l1.q"]

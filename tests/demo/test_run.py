@@ -13,10 +13,10 @@ from peft import PeftModel
 
 from xlora import XLoraConfig, XLoraModel
 from xlora.demo import domains
-from xlora.train.data import IGNORE_INDEX, tokenize_record
-from xlora.demo.run import ASSETS, dominant_experts, evaluate_demo, load_demo, show_routing
-from xlora.demo.evaluate import chat_messages, generate_answers, left_padded, losses
 from xlora.demo.base_model import base_model_dir, find_gguf, is_model_dir, load_base
+from xlora.demo.evaluate import chat_messages, generate_answers, left_padded, losses
+from xlora.demo.run import ASSETS, dominant_experts, evaluate_demo, load_demo, show_routing
+from xlora.train.data import IGNORE_INDEX, tokenize_record
 
 DOMS = ["mathematics", "general"]  # need neither RDKit nor Biopython
 

@@ -6,7 +6,7 @@ import json
 import socket
 import threading
 import time
-from functools import lru_cache
+from functools import cache
 
 import httpx
 import openai
@@ -105,7 +105,7 @@ def prompt_ids(tok, prompt: str, chat: bool) -> list[int]:
     return tok(prompt)["input_ids"]
 
 
-@lru_cache(maxsize=None)
+@cache
 def _solo(ref_id: int, ids: tuple[int, ...], n: int) -> tuple[list[int], str]:
     model, tok = _REFS[ref_id]
     with torch.inference_mode():

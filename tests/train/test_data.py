@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import tiny_tokenizer
+
 from xlora.train.data import (
     DatasetStats,
     TokenizedExample,

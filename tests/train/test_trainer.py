@@ -45,7 +45,7 @@ def train_expert(base, tok, texts: list[str], out: Path, steps: int = 120, seed:
     model.train()
     opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     enc = tok(texts, return_tensors="pt")
-    for step in range(steps):
+    for _step in range(steps):
         idx = torch.randint(0, len(texts), (16,))
         loss = model(input_ids=enc["input_ids"][idx], labels=enc["input_ids"][idx]).loss
         loss.backward()

@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+
 def _prepare(scalings: torch.Tensor, mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
     """``([b, t, L, E] float64, token weights [b, t] float64)`` from ``[t, L, E]`` or ``[b, t, L, E]``."""
     s = scalings.detach().cpu().double()

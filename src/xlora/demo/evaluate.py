@@ -18,8 +18,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from xlora.demo import domains
 from xlora._io import atomic_write_text
+from xlora.demo import domains
 from xlora.train.data import IGNORE_INDEX, TokenizedExample, collate, tokenize_record
 
 SYSTEM = "Answer with the result only."

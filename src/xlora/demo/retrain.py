@@ -23,8 +23,8 @@ from typing import Any
 import torch
 
 from xlora.demo import domains
-from xlora.demo.evaluate import chat_messages, completion_loss, left_padded, tokenize
 from xlora.demo.base_model import base_model_dir, cache_root, load_base
+from xlora.demo.evaluate import chat_messages, completion_loss, left_padded, tokenize
 
 EXPERT_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj"]
 EXPERT_STEPS, EXPERT_BATCH, EXPERT_LR, EXPERT_RANK = 160, 8, 1e-3, 8

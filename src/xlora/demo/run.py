@@ -18,8 +18,8 @@ from typing import Any
 import torch
 
 from xlora.demo import domains
-from xlora.demo.evaluate import XLORA, EvalTable, evaluate, generate_answers
 from xlora.demo.base_model import base_model_dir, cache_root, load_base
+from xlora.demo.evaluate import XLORA, EvalTable, evaluate, generate_answers
 
 ASSETS = Path(__file__).parent / "assets"
 __all__ = ["evaluate_demo", "run_demo", "run_eval", "load_demo", "ASSETS"]

@@ -26,6 +26,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from xlora.serve.batcher import Batcher, BatcherConfig, QueueFull, SamplingParams, ShuttingDown
+from xlora.serve.metrics import Metrics
 from xlora.serve.protocol import (
     UNSUPPORTED,
     APIError,
@@ -36,7 +37,6 @@ from xlora.serve.protocol import (
     SSEResponse,
     XLoraOptions,
 )
-from xlora.serve.metrics import Metrics
 
 
 @dataclass

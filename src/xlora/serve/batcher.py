@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 
+from xlora.generation import pad_token_id
 from xlora.serve.jobs import Event, FinishEvent, Job, RowState, SamplingParams, TokenEvent
 
 __all__ = ["Batcher", "BatcherConfig", "Event", "FinishEvent", "Job", "QueueFull", "SamplingParams",
@@ -74,7 +75,7 @@ class Batcher:
         self.model, self.tokenizer = model.eval(), tokenizer
         self.config = config or BatcherConfig()
         self.tokenizer_lock = threading.Lock()
-        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+        self.pad_id = pad_token_id(tokenizer)
         eos = model.generation_config.eos_token_id
         self.eos = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
         if tokenizer.eos_token_id is not None:

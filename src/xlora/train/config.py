@@ -11,7 +11,6 @@ from typing import Any
 
 from xlora.config import XLoraConfig, check_bool, check_float, check_int
 
-
 _MIXED_PRECISION = ("no", "fp16", "bf16")
 _REGULARIZERS = ("none", "balance", "entropy")
 

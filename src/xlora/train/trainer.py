@@ -25,6 +25,8 @@ import torch
 import torch.nn.functional as F
 
 from xlora._io import atomic_write_text
+from xlora.generation import pad_token_id
+from xlora.model import XLoraModel, load_local
 from xlora.train.checkpoints import (
     CHECKPOINTS,
     newest_valid_checkpoint,
@@ -33,7 +35,6 @@ from xlora.train.checkpoints import (
 )
 from xlora.train.config import TrainConfig
 from xlora.train.data import TokenizedExample, batch_order, build_dataset, collate
-from xlora.model import XLoraModel, load_local
 
 MARKER = "train_config.json"
 METRICS = "metrics.jsonl"
@@ -170,7 +171,7 @@ def train(cfg: TrainConfig) -> TrainResult:
     accelerator.wait_for_everyone()
 
     torch.manual_seed(cfg.seed)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+    pad_id = pad_token_id(tokenizer)
     train_set, stats = build_dataset(cfg.train_file, tokenizer, cfg.max_length, packing=cfg.packing)
     eval_set = build_dataset(cfg.eval_file, tokenizer, cfg.max_length)[0] if cfg.eval_file else None
 
