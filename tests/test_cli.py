@@ -43,7 +43,7 @@ def saved_model(llama, tmp_path_factory):
 
 
 def _expected(model_dir, prompt, chat=False, n=10):
-    from xlora.model import load_model_and_tokenizer
+    from xlora.saving import load_model_and_tokenizer
 
     model, tok = load_model_and_tokenizer(model_dir)
     if chat:

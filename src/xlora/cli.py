@@ -28,7 +28,7 @@ def _eval(args: argparse.Namespace) -> int:
 
 def _generate(args: argparse.Namespace) -> int:
     from xlora.generation import generate_text
-    from xlora.model import load_model_and_tokenizer
+    from xlora.saving import load_model_and_tokenizer
 
     if args.seed is not None:
         import torch

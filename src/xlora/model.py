@@ -11,23 +11,16 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file
 from torch import nn
-from transformers import AutoModelForCausalLM, PreTrainedModel
+from transformers import PreTrainedModel
 from transformers.cache_utils import Cache
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from xlora._io import atomic_save_safetensors
-from xlora.adapters import LoraExpert, adaptable_modules, load_experts, save_expert
+from xlora.adapters import LoraExpert, adaptable_modules, load_experts
 from xlora.config import XLoraConfig
 from xlora.generation import XLoraGenerationMixin
 from xlora.head import ScalingHead
 from xlora.layers import ColumnTable, MixtureLoraLinear, ScalingState
-
-CONFIG_FILE = "xlora_config.json"
-HEAD_FILE = "xlora_head.safetensors"
-EXPERTS_DIR = "experts"
 
 ScalingsSpec = str | int | torch.Tensor | None
 
@@ -264,28 +257,10 @@ class XLoraModel(XLoraGenerationMixin, nn.Module):
         return out
 
     def save_pretrained(self, save_directory: str | os.PathLike, bundle: bool = False) -> None:
-        """Write ``xlora_config.json`` and ``xlora_head.safetensors`` (atomically).
+        """Write ``xlora_config.json`` and ``xlora_head.safetensors`` (atomically); see :func:`xlora.saving.save_model`."""
+        from xlora.saving import save_model
 
-        Experts are referenced by absolute path; with ``bundle=True`` (or trainable experts, whose
-        weights changed) they are written under ``experts/<name>/`` in PEFT's format, so the
-        directory stands alone.
-        """
-        out = Path(save_directory)
-        out.mkdir(parents=True, exist_ok=True)
-        cfg = XLoraConfig.from_dict(self.xlora_config.to_dict())
-        copy_experts = bundle or self.xlora_config.use_trainable_adapters
-        trained = self.trainable_expert_weights() if self.xlora_config.use_trainable_adapters else None
-        experts = {}
-        for i, expert in enumerate(self.experts):
-            if copy_experts:
-                rel = Path(EXPERTS_DIR) / expert.name
-                save_expert(expert, out / rel, trained[i] if trained else None)
-                experts[expert.name] = rel.as_posix()
-            else:
-                experts[expert.name] = str(expert.path.resolve())
-        cfg.experts = experts
-        atomic_save_safetensors(out / HEAD_FILE, self.head.state_dict(), metadata={"format": "pt"})
-        cfg.to_json_file(out / CONFIG_FILE)
+        save_model(self, save_directory, bundle=bundle)
 
     @classmethod
     def from_pretrained(
@@ -294,64 +269,10 @@ class XLoraModel(XLoraGenerationMixin, nn.Module):
         base_model: PreTrainedModel | str | os.PathLike | None = None,
         **model_kwargs: Any,
     ) -> XLoraModel:
-        """Load a directory written by :meth:`save_pretrained`.
+        """Load a directory written by :meth:`save_pretrained`; see :func:`xlora.saving.load_model`."""
+        from xlora.saving import load_model
 
-        Args:
-            directory: the X-LoRA directory.
-            base_model: a loaded model, or a local path / cached model id for ``AutoModelForCausalLM``
-                (``local_files_only=True`` unless ``model_kwargs`` say otherwise); defaults to the
-                config's ``base_model_name_or_path``.
-            model_kwargs: passed to ``AutoModelForCausalLM.from_pretrained`` (e.g. ``dtype``).
-        """
-        directory = Path(directory)
-        if not directory.is_dir():
-            raise FileNotFoundError(f"X-LoRA directory {str(directory)!r} does not exist")
-        cfg = XLoraConfig.from_json_file(directory / CONFIG_FILE)
-        if base_model is None:
-            base_model = cfg.base_model_name_or_path
-            if not base_model:
-                raise ValueError(
-                    f"{str(directory / CONFIG_FILE)!r} names no base_model_name_or_path; pass base_model=... explicitly"
-                )
-        if not isinstance(base_model, PreTrainedModel):
-            base_model = _load_base(str(base_model), directory, **model_kwargs)
-        model = cls(base_model, cfg, experts_root=directory)
-        head_file = directory / HEAD_FILE
-        if not head_file.is_file():
-            raise FileNotFoundError(f"{str(head_file)!r} is missing: the X-LoRA directory is incomplete")
-        try:
-            state = load_file(str(head_file))
-        except (SafetensorError, OSError, ValueError, RuntimeError) as err:
-            raise ValueError(f"{str(head_file)!r} is not a readable safetensors file ({err})") from None
-        expected = model.head.state_dict()
-        if set(state) != set(expected) or any(state[k].shape != expected[k].shape for k in expected):
-            got = {k: tuple(v.shape) for k, v in state.items()}
-            want = {k: tuple(v.shape) for k, v in expected.items()}
-            raise ValueError(f"{str(head_file)!r} does not fit the config's head: file has {got}, config needs {want}")
-        model.head.load_state_dict(state)
-        return model
-
-
-def load_local(loader: Any, name: str, what: str, fix: str, **kwargs: Any) -> Any:
-    """``loader.from_pretrained(name, local_files_only=True)`` (a model or tokenizer class), with an
-    error naming ``what`` was being loaded, why it failed and ``fix`` instead of transformers' trace.
-
-    Nothing is downloaded: ``name`` is a local folder or a model id already in the Hugging Face cache.
-    """
-    try:
-        return loader.from_pretrained(name, **{"local_files_only": True, **kwargs})
-    except (OSError, ValueError) as err:
-        where = "a local directory that does not hold a model" if Path(name).is_dir() else \
-            "not a local directory, nor a model in the Hugging Face cache"
-        raise FileNotFoundError(f"cannot load {what} {name!r}: it is {where} ({str(err).splitlines()[0]}); {fix}") \
-            from None
-
-
-def _load_base(name: str, directory: Path, **model_kwargs: Any) -> PreTrainedModel:
-    """The base model recorded in (or given for) the X-LoRA directory ``directory``."""
-    fix = (f"{str(directory)!r} names it as its base; pass the local base model folder with base_model=... "
-           "(CLI: --base PATH)")
-    return load_local(AutoModelForCausalLM, name, "the base model", fix, **model_kwargs).eval()
+        return load_model(cls, directory, base_model, **model_kwargs)
 
 
 def _hidden_size(model: PreTrainedModel) -> int:
@@ -362,21 +283,3 @@ def _hidden_size(model: PreTrainedModel) -> int:
         if isinstance(value, int):
             return value
     raise ValueError(f"cannot find the hidden size in {type(cfg).__name__}; X-LoRA needs a decoder with hidden_size")
-
-
-def load_model_and_tokenizer(directory: str | os.PathLike, base_model: str | None = None,
-                             **model_kwargs: Any) -> tuple[XLoraModel, Any]:
-    """Load an X-LoRA directory for inference, with the tokenizer saved in it or the base model's."""
-    from transformers import AutoTokenizer
-
-    model = XLoraModel.from_pretrained(directory, base_model=base_model, **model_kwargs).eval()
-    candidates = [Path(directory), base_model or model.xlora_config.base_model_name_or_path]
-    for cand in candidates:
-        if cand and Path(cand).is_dir() and any(
-            (Path(cand) / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
-        ):
-            return model, AutoTokenizer.from_pretrained(str(cand))
-    raise FileNotFoundError(
-        f"no tokenizer in {str(directory)!r} nor in the base model folder {str(candidates[1])!r}; "
-        "save one next to the model with tokenizer.save_pretrained(dir)"
-    )

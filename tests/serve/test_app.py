@@ -17,7 +17,7 @@ from openai import OpenAI
 from transformers import AutoModelForCausalLM
 
 from xlora import XLoraConfig, XLoraModel
-from xlora.model import load_model_and_tokenizer
+from xlora.saving import load_model_and_tokenizer
 from xlora.serve.app import ServerConfig, build_server, create_app
 
 KEY = "sk-test-key"

@@ -25,6 +25,7 @@ import torch
 from xlora.demo import domains
 from xlora.demo.base_model import base_model_dir, cache_root, load_base
 from xlora.demo.evaluate import chat_messages, completion_loss, left_padded, tokenize
+from xlora.saving import CONFIG_FILE, HEAD_FILE
 
 EXPERT_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj"]
 EXPERT_STEPS, EXPERT_BATCH, EXPERT_LR, EXPERT_RANK = 160, 8, 1e-3, 8
@@ -158,11 +159,11 @@ def train_head(out_dir: str | os.PathLike, base_dir: str | os.PathLike | None = 
     t0 = time.perf_counter()
     result = train(cfg)
     seconds = time.perf_counter() - t0
-    shutil.copyfile(run / "xlora_head.safetensors", out / "xlora_head.safetensors")
-    xcfg = XLoraConfig.from_json_file(run / "xlora_config.json")
+    shutil.copyfile(run / HEAD_FILE, out / HEAD_FILE)
+    xcfg = XLoraConfig.from_json_file(run / CONFIG_FILE)
     xcfg.experts = {d: f"experts/{d}" for d in xcfg.experts}
     xcfg.base_model_name_or_path = DEMO_BASE_ID
-    xcfg.to_json_file(out / "xlora_config.json")
+    xcfg.to_json_file(out / CONFIG_FILE)
     shutil.copyfile(run / "metrics.jsonl", out / "head_metrics.jsonl")
     return {"steps": result.steps, "seconds": round(seconds, 1), "train_loss": result.train_loss,
             "eval_loss": result.eval_loss}

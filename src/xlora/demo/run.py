@@ -20,6 +20,7 @@ import torch
 from xlora.demo import domains
 from xlora.demo.base_model import base_model_dir, cache_root, load_base
 from xlora.demo.evaluate import XLORA, EvalTable, evaluate, generate_answers
+from xlora.saving import CONFIG_FILE
 
 ASSETS = Path(__file__).parent / "assets"
 __all__ = ["evaluate_demo", "run_demo", "run_eval", "load_demo", "ASSETS"]
@@ -31,7 +32,7 @@ def load_demo(assets: str | os.PathLike | None = None, base_dir: str | os.PathLi
     from xlora.model import XLoraModel
 
     assets = Path(assets) if assets is not None else ASSETS
-    if not (assets / "xlora_config.json").is_file():
+    if not (assets / CONFIG_FILE).is_file():
         raise FileNotFoundError(f"no X-LoRA demo assets in {assets} (xlora_config.json missing); "
                                 "retrain them with `xlora demo --retrain`")
     base, tokenizer = load_base(base_dir)

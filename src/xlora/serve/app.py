@@ -306,7 +306,7 @@ def build_server(app: FastAPI, host: str = "127.0.0.1", port: int = 8000, log_le
 def serve(model_dir: str | os.PathLike, config: ServerConfig | None = None, base_model: str | None = None,
           log_level: str = "info") -> None:
     """Load ``model_dir`` (see :func:`~xlora.model.load_model_and_tokenizer`) and serve it until interrupted."""
-    from xlora.model import load_model_and_tokenizer
+    from xlora.saving import load_model_and_tokenizer
 
     cfg = config or ServerConfig()
     model, tokenizer = load_model_and_tokenizer(model_dir, base_model=base_model)

@@ -26,7 +26,8 @@ import torch.nn.functional as F
 
 from xlora._io import atomic_write_text
 from xlora.generation import pad_token_id
-from xlora.model import XLoraModel, load_local
+from xlora.model import XLoraModel
+from xlora.saving import load_local
 from xlora.train.checkpoints import (
     CHECKPOINTS,
     newest_valid_checkpoint,
