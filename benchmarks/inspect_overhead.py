@@ -3,10 +3,9 @@
 Same model as ``forward.py`` (random-init float32 Llama, hidden 512, intermediate 1376, 8 layers,
 8 heads, vocab 8000; E rank-16 experts on all seven projections, made with PEFT), built in-process.
 
-- generate: greedy, ``--prompt`` tokens, ``--new`` new tokens, batch 1, ``record_scalings=False``
-  vs ``True`` (then the log is built with ``ScalingsLog.record_generation``);
-- forward: ``--batch x --seq``, plain vs recorded into a :class:`xlora.analysis.ScalingsLog`
-  (through ``record_scalings(model)`` when the model owns a log, else ``log.record(out.scalings)``).
+- generate: greedy, ``--prompt`` tokens, ``--new`` new tokens, batch 1, without vs with
+  ``observer=ScalingsLog`` (every step appended to the log);
+- forward: ``--batch x --seq``, plain vs ``observer=`` a :class:`xlora.analysis.ScalingsLog`.
 
 Medians over ``--repeats`` interleaved calls (off/on alternate who goes first) after ``--warmup``;
 the ratio on/off should be ~1.00. Runs in well under 2 minutes on 2 cores.
@@ -37,7 +36,7 @@ from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 transformers.logging.set_verbosity_error()
 
 import xlora  # noqa: E402
-from xlora.analysis import ScalingsLog, record_scalings  # noqa: E402
+from xlora.analysis import ScalingsLog  # noqa: E402
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -103,32 +102,24 @@ def main(argv: list[str] | None = None) -> int:
     x = torch.randint(3, 8000, (args.batch, args.seq), generator=g)
     gen = {"input_ids": prompt, "max_new_tokens": args.new, "min_new_tokens": args.new, "do_sample": False,
            "pad_token_id": 0}
-    owns_log = hasattr(model, "scalings_log")
 
     def gen_off() -> None:
         model.generate(**gen)
 
     def gen_on() -> None:
-        out = model.generate(**gen, record_scalings=True)
-        ScalingsLog.for_model(model).record_generation(model, out)
+        model.generate(**gen, observer=ScalingsLog.for_model(model))
 
     def fwd_off() -> None:
         model(input_ids=x)
 
     def fwd_on() -> None:
-        if owns_log:
-            with record_scalings(model):
-                model(input_ids=x)
-        else:
-            ScalingsLog.for_model(model).record(model(input_ids=x).scalings, x)
+        model(input_ids=x, observer=ScalingsLog.for_model(model))
 
     with torch.inference_mode():
-        compare(f"generate 1x{args.prompt} +{args.new} tokens (record_scalings)", gen_off, gen_on,
+        compare(f"generate 1x{args.prompt} +{args.new} tokens (observer=log)", gen_off, gen_on,
                 args.warmup, args.repeats)
-        how = "record_scalings(model)" if owns_log else "log.record(out.scalings)"
-        compare(f"forward {args.batch}x{args.seq} ({how})", fwd_off, fwd_on, args.warmup, args.repeats)
-    print(f"# model owns a scalings_log: {owns_log}; total {time.perf_counter() - t_start:.0f}s, "
-          f"load {os.getloadavg()[0]:.2f}")
+        compare(f"forward {args.batch}x{args.seq} (observer=log)", fwd_off, fwd_on, args.warmup, args.repeats)
+    print(f"# total {time.perf_counter() - t_start:.0f}s, load {os.getloadavg()[0]:.2f}")
     return 0
 
 

@@ -7,6 +7,7 @@ import torch
 
 from xlora.cli import main
 from xlora.demo.tiny import run_example
+from xlora.generation import StepRecorder
 
 
 def test_example_prints_the_scalings_it_computes(capsys):
@@ -51,11 +52,11 @@ def _expected(model_dir, prompt, chat=False, n=10):
                                       return_tensors="pt", return_dict=True)
     else:
         enc = tok(prompt, return_tensors="pt")
+    recorder = StepRecorder()
     ids = model.generate(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"], max_new_tokens=n,
-                         do_sample=False, pad_token_id=0, record_scalings=True)
+                         do_sample=False, pad_token_id=0, observer=recorder)
     new = ids[0, enc["input_ids"].shape[1]:]
-    steps = model.last_generation_scalings()
-    dominant = [int(s[0, -1].mean(0).argmax()) for s in steps[: len(new)]]
+    dominant = [int(s[0, -1].mean(0).argmax()) for s in recorder.steps[: len(new)]]
     return tok.decode(new, skip_special_tokens=True), [model.xlora_config.expert_names[e] for e in dominant]
 
 

@@ -10,7 +10,7 @@ from conftest import VOCAB, tiny_tokenizer
 from transformers import DynamicCache, StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
 
 from xlora import XLoraConfig, XLoraModel
-from xlora.generation import XLoraCache, reduce_prompt_scalings
+from xlora.generation import StepRecorder, XLoraCache, reduce_prompt_scalings
 
 
 def build(setup, seed: int = 3, **cfg) -> XLoraModel:
@@ -156,9 +156,12 @@ def test_reduce_prompt_scalings_by_hand():
 def test_recorded_scalings_equal_full_forward(llama):
     model = build(llama)
     ids, mask = left_padded_batch(seed=4)
+    recorder = StepRecorder()
     seq = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=5, do_sample=False,
-                         record_scalings=True, pad_token_id=0, eos_token_id=None)
-    recorded = torch.cat(model.last_generation_scalings(), dim=1)  # [b, prompt + 4, L, E]
+                         observer=recorder, pad_token_id=0, eos_token_id=None)
+    recorded = torch.cat(recorder.steps, dim=1)  # [b, prompt + 4, L, E]
+    assert recorder.per_token(5, row=1).shape == (5, model.num_layers, model.num_experts)
+    torch.testing.assert_close(recorder.per_token(5, row=1)[1:], recorded[1, ids.shape[1]:], rtol=0, atol=0)
     assert recorded.shape[1] == ids.shape[1] + 4  # the last new token is never fed back
     full_mask = torch.cat([mask, torch.ones(3, 5, dtype=mask.dtype)], 1)
     with torch.no_grad():
@@ -209,9 +212,9 @@ def test_stopping_criteria_and_stop_strings(llama):
 def test_unsupported_modes_raise_clear_errors(llama):
     model = build(llama)
     ids, mask = left_padded_batch()
-    with pytest.raises(ValueError, match="record_scalings=True is not supported with num_beams > 1"):
-        model.generate(input_ids=ids, attention_mask=mask, num_beams=2, record_scalings=True, max_new_tokens=2)
-    with pytest.raises(ValueError, match="granularity='prompt' and record_scalings need the cache"):
+    with pytest.raises(ValueError, match="observer= is not supported with num_beams > 1"):
+        model.generate(input_ids=ids, attention_mask=mask, num_beams=2, observer=StepRecorder(), max_new_tokens=2)
+    with pytest.raises(ValueError, match="use_cache=False recomputes every step without a cache: granularity='prompt'"):
         model.generate(input_ids=ids, attention_mask=mask, use_cache=False, granularity="prompt", max_new_tokens=2)
     with pytest.raises(ValueError, match="cache=DynamicCache: X-LoRA decodes with two caches"):
         model.generate(input_ids=ids, attention_mask=mask, cache=DynamicCache(), max_new_tokens=2)
@@ -267,5 +270,56 @@ def test_merged_caches_decode_each_row_as_its_own_run(llama):
                 alone = model(input_ids=seq[row:row + 1, start:], use_cache=False).logits[0, -1]
                 torch.testing.assert_close(step[row], alone, rtol=0, atol=1e-4)
             nxt, pos = step.argmax(-1, keepdim=True), pos + 1
-    with pytest.raises(ValueError, match="record=False"):
-        model.new_cache(record=True).merge_rows(model.new_cache())
+    with pytest.raises(ValueError, match="different models or decoding modes"):
+        prompt_mode = model.new_cache(granularity="prompt")
+        prompt_mode.fixed_scalings = torch.zeros(1, 1, model.num_layers, model.num_experts)
+        model.new_cache().merge_rows(prompt_mode)
+
+
+def no_cache_base(setup):
+    """The base as fine-tuned checkpoints often ship: ``use_cache: false`` in config and generation config."""
+    base = setup.base()
+    base.config.use_cache = False
+    base.generation_config.use_cache = False
+    return base
+
+
+def test_a_use_cache_false_base_still_decodes_exactly_with_the_dual_cache(llama):
+    config = XLoraConfig(experts={k: str(v) for k, v in llama.expert_dirs.items()}, head_depth=2, head_hidden_size=16)
+    model = ShapeSpy(no_cache_base(llama), config).eval()
+    torch.manual_seed(3)
+    with torch.no_grad():
+        for p in model.head.parameters():
+            p.normal_(0, 0.7)
+    model.seen = []
+    ids, mask = left_padded_batch()
+    out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=10, do_sample=False, pad_token_id=0,
+                         eos_token_id=None, output_logits=True, return_dict_in_generate=True)
+    assert model.seen == [6] + [1] * 9  # the dual cache was used, not silently dropped
+    ref_seq, ref_logits, _ = reference_greedy(model, ids, mask, 10)
+    assert torch.equal(out.sequences, ref_seq)
+    for step, (got, want) in enumerate(zip(out.logits, ref_logits)):
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-4, msg=f"step {step}")
+    # beams and seeded sampling: the cached run equals recomputation without a cache
+    beams = dict(input_ids=ids, attention_mask=mask, max_new_tokens=6, num_beams=3, do_sample=False,
+                 pad_token_id=0, eos_token_id=None)
+    assert torch.equal(model.generate(**beams), model.generate(**beams, use_cache=False))
+    sample = dict(input_ids=ids, attention_mask=mask, max_new_tokens=8, do_sample=True, temperature=0.9,
+                  top_k=20, pad_token_id=0, eos_token_id=None)
+    runs = []
+    for use_cache in (True, False):
+        torch.manual_seed(7)
+        runs.append(model.generate(**sample, use_cache=use_cache))
+    assert torch.equal(runs[0], runs[1])
+    model.seen = []
+    model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=3, do_sample=False, pad_token_id=0,
+                   eos_token_id=None, use_cache=False)
+    assert model.seen == [6, 7, 8]  # use_cache=False from the caller: full recomputation at every step
+
+
+def test_forward_with_a_cache_and_use_cache_false_is_refused(llama):
+    model = build(llama)
+    cache = model.new_cache()
+    with pytest.raises(ValueError, match=r"forward\(cache=\.\.\., use_cache=False\) would leave the cache behind"):
+        model(input_ids=torch.tensor([[5, 6, 7]]), cache=cache, use_cache=False)
+    assert cache.get_seq_length() == 0 and cache.scaling_cache.get_seq_length() == 0

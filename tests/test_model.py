@@ -147,9 +147,9 @@ def test_fixed_scalings_forms(llama):
     with model.fixed_scalings("beta"):
         beta = model(x)
     assert torch.equal(beta.scalings[..., 1], torch.ones(2, 7, L)) and beta.scalings.sum() == 2 * 7 * L
-    model.fix_scalings(torch.full((2, 7, L, E), 1 / E))
-    torch.testing.assert_close(model(x).logits, uniform.logits, rtol=0, atol=0)
-    model.fix_scalings(None)
+    with model.fixed_scalings(torch.full((2, 7, L, E), 1 / E)):
+        torch.testing.assert_close(model(x).logits, uniform.logits, rtol=0, atol=0)
+    assert not hasattr(model, "fix_scalings")  # one way to fix scalings: the argument or the context manager
     randomize_head(model)
     assert not torch.allclose(model(x).scalings, uniform.scalings)
     with pytest.raises(ValueError, match="'delta' names no expert"):
@@ -266,3 +266,13 @@ def test_head_mismatch_and_hidden_size_errors(llama, setups, tmp_path):
         XLoraModel.from_pretrained(tmp_path / "ckpt", base_model="no-such-org/no-such-model")
     with pytest.raises(FileNotFoundError, match=r"base model '.*ckpt': it is a local directory that does not hold a model"):
         XLoraModel.from_pretrained(tmp_path / "ckpt", base_model=str(tmp_path / "ckpt"))
+
+
+def test_the_callers_config_is_not_mutated(llama):
+    config = XLoraConfig(experts={k: str(v) for k, v in llama.expert_dirs.items()})
+    before = config.to_dict()
+    model = XLoraModel(llama.base(), config)
+    assert config.to_dict() == before and config.hidden_size is None and config.num_adapted_modules is None
+    assert model.xlora_config is not config
+    assert (model.xlora_config.hidden_size, model.xlora_config.num_adapted_modules) == (32, model.num_layers)
+    XLoraModel(llama.base(), config)  # the same config builds a second model

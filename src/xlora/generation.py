@@ -12,7 +12,7 @@ token's, or the mean over the prompt's real tokens) and held fixed: decoding run
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 import torch
 from transformers import DynamicCache, GenerationMixin
@@ -22,6 +22,39 @@ Granularity = Literal["token", "prompt"]
 PromptReduce = Literal["last", "mean"]
 
 
+class ScalingsObserver(Protocol):
+    """The one way to observe scalings: passed explicitly as ``observer=`` to ``forward`` or ``generate``.
+
+    ``record`` is called once per forward with the scalings it applied, ``[b, t, L, E]``, and that
+    forward's ``input_ids`` ``[b, t]`` and ``attention_mask`` (``[b, past + t]`` while decoding).
+    :class:`~xlora.analysis.ScalingsLog` and :class:`StepRecorder` are observers.
+    """
+
+    def record(self, scalings: torch.Tensor, input_ids: torch.Tensor | None,
+               attention_mask: torch.Tensor | None) -> None: ...
+
+
+class StepRecorder:
+    """An observer that keeps each forward's scalings; :meth:`per_token` lines them up with new tokens."""
+
+    def __init__(self) -> None:
+        self.steps: list[torch.Tensor] = []  # one [b, t_step, L, E] per forward
+
+    def record(self, scalings: torch.Tensor, input_ids: torch.Tensor | None = None,
+               attention_mask: torch.Tensor | None = None) -> None:
+        self.steps.append(scalings.detach())
+
+    def per_token(self, n_new: int, row: int = 0) -> torch.Tensor:
+        """``[n_new, L, E]``: for generated token ``k``, the scalings of the last position of the step
+        that predicted it (step ``k``: the prompt for ``k = 0``, then the token before)."""
+        if n_new > len(self.steps):
+            raise ValueError(f"{n_new} new tokens but only {len(self.steps)} forward steps were recorded")
+        if n_new == 0:
+            shape = self.steps[0].shape[2:] if self.steps else (0, 0)
+            return torch.empty(0, *shape)
+        return torch.stack([s[row, -1] for s in self.steps[:n_new]])
+
+
 class XLoraCache(DynamicCache):
     """The main pass's KV cache, carrying the scaling pass's cache and the decoding mode.
 
@@ -29,11 +62,10 @@ class XLoraCache(DynamicCache):
         config: the base model's config (as for ``DynamicCache``).
         granularity: ``"token"`` (scalings for every token) or ``"prompt"`` (fixed after the prompt).
         prompt_scalings: with ``"prompt"`` granularity, ``"last"`` prompt token or ``"mean"`` over the prompt.
-        record: keep the scalings of every step in :attr:`recorded` (each ``[b, t_step, L, E]``).
     """
 
     def __init__(self, config: Any = None, granularity: Granularity = "token",
-                 prompt_scalings: PromptReduce = "last", record: bool = False) -> None:
+                 prompt_scalings: PromptReduce = "last") -> None:
         if granularity not in ("token", "prompt"):
             raise ValueError(f"granularity must be 'token' or 'prompt', got {granularity!r}")
         if prompt_scalings not in ("last", "mean"):
@@ -43,8 +75,6 @@ class XLoraCache(DynamicCache):
         self.granularity = granularity
         self.prompt_scalings = prompt_scalings
         self.fixed_scalings: torch.Tensor | None = None  # [b, 1, L, E] with prompt granularity
-        self.record = record
-        self.recorded: list[torch.Tensor] = []
 
     # -- every operation transformers applies to a cache is applied to both caches
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
@@ -52,8 +82,6 @@ class XLoraCache(DynamicCache):
         self.scaling_cache.reorder_cache(beam_idx)
         if self.fixed_scalings is not None:
             self.fixed_scalings = self.fixed_scalings.index_select(0, beam_idx.to(self.fixed_scalings.device))
-        if self.record and self.recorded:
-            raise RuntimeError("record=True cannot follow beam search (beams reorder the history); record without beams")
 
     def crop(self, tokens_to_remove: int) -> None:
         super().crop(tokens_to_remove)
@@ -72,9 +100,9 @@ class XLoraCache(DynamicCache):
             self.fixed_scalings = self.fixed_scalings[indices]
 
     def can_merge(self) -> bool:
-        """Whether :meth:`merge_rows` applies: plain dynamic layers in both caches, nothing recorded."""
+        """Whether :meth:`merge_rows` applies: plain dynamic layers in both caches."""
         layers = list(self.layers) + list(self.scaling_cache.layers)
-        return not self.record and all(type(layer) is DynamicLayer for layer in layers)
+        return all(type(layer) is DynamicLayer for layer in layers)
 
     def merge_rows(self, other: XLoraCache) -> tuple[int, int]:
         """Append the batch rows of ``other`` after this cache's rows (continuous batching in the server).
@@ -90,7 +118,7 @@ class XLoraCache(DynamicCache):
                 quantised), the layer counts differ, or only one cache has prompt-granularity scalings.
         """
         if not (self.can_merge() and other.can_merge()):
-            raise ValueError("merge_rows needs plain dynamic cache layers in both caches and record=False")
+            raise ValueError("merge_rows needs plain dynamic cache layers in both caches")
         if len(self.layers) != len(other.layers) or (self.fixed_scalings is None) != (other.fixed_scalings is None):
             raise ValueError("merge_rows: the caches come from different models or decoding modes")
         t_self, t_other = self.get_seq_length(), other.get_seq_length()
@@ -107,7 +135,6 @@ class XLoraCache(DynamicCache):
         super().reset()
         self.scaling_cache.reset()
         self.fixed_scalings = None
-        self.recorded.clear()
 
 
 def _left_pad(x: torch.Tensor, length: int) -> torch.Tensor:
@@ -152,10 +179,9 @@ class XLoraGenerationMixin(GenerationMixin):
     def set_experts_implementation(self, implementation):  # noqa: ANN001, ANN201
         return self.base_model.set_experts_implementation(implementation)
 
-    def new_cache(self, granularity: Granularity = "token", prompt_scalings: PromptReduce = "last",
-                  record: bool = False) -> XLoraCache:
+    def new_cache(self, granularity: Granularity = "token", prompt_scalings: PromptReduce = "last") -> XLoraCache:
         """An empty :class:`XLoraCache` for this model (pass it as ``cache=`` to ``forward``/``generate``)."""
-        return XLoraCache(self.base_model.config, granularity, prompt_scalings, record)
+        return XLoraCache(self.base_model.config, granularity, prompt_scalings)
 
     def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs):  # noqa: ANN001
         cache = model_kwargs.get("cache")
@@ -174,30 +200,35 @@ class XLoraGenerationMixin(GenerationMixin):
             cache._is_user_defined = True
 
     def generate(self, *args: Any, granularity: Granularity = "token", prompt_scalings: PromptReduce = "last",
-                 record_scalings: bool = False, **kwargs: Any):
+                 observer: ScalingsObserver | None = None, **kwargs: Any):
         """``transformers`` ``generate()`` with exact dual-cache X-LoRA decoding.
+
+        X-LoRA always decodes with its dual cache, whatever the base's config or generation config
+        say about ``use_cache``; ``use_cache=False`` here recomputes every step without a cache.
 
         Args:
             granularity: ``"token"`` (default): scalings for every generated token (two incremental
                 passes per token); ``"prompt"``: scalings fixed after the prompt (one pass per token).
             prompt_scalings: with ``"prompt"``: ``"last"`` prompt token's scalings or the ``"mean"``.
-            record_scalings: keep every step's scalings; read them with :meth:`last_generation_scalings`.
+            observer: receives every step's scalings (see :class:`ScalingsObserver`), e.g. a
+                :class:`StepRecorder` or :class:`~xlora.analysis.ScalingsLog`; not with beams.
             *args, **kwargs: as for ``transformers.GenerationMixin.generate`` (``max_new_tokens``,
                 ``do_sample``, ``num_beams``, ``streamer``, ``stop_strings`` with ``tokenizer``, ...).
         """
-        if kwargs.get("cache") is None and kwargs.get("use_cache", True) is not False:
-            kwargs["cache"] = self.new_cache(granularity, prompt_scalings, record_scalings)
-            if record_scalings and kwargs.get("num_beams", 1) > 1:
-                raise ValueError("record_scalings=True is not supported with num_beams > 1; use greedy or sampling")
-        elif kwargs.get("use_cache") is False and (granularity != "token" or record_scalings):
-            raise ValueError("granularity='prompt' and record_scalings need the cache; do not pass use_cache=False")
-        self._last_cache = kwargs.get("cache")
-        return super().generate(*args, **kwargs)
-
-    def last_generation_scalings(self) -> list[torch.Tensor]:
-        """The scalings recorded by the last ``generate(record_scalings=True)``, one ``[b, t, L, E]`` per step."""
-        cache = getattr(self, "_last_cache", None)
-        return list(cache.recorded) if isinstance(cache, XLoraCache) else []
+        use_cache = kwargs.pop("use_cache", None) is not False
+        if observer is not None:
+            beams = kwargs.get("num_beams") or getattr(kwargs.get("generation_config"), "num_beams", 1) or 1
+            if beams > 1:
+                raise ValueError("observer= is not supported with num_beams > 1 (beams reorder the history); "
+                                 "observe greedy or sampled decoding")
+            kwargs["observer"] = observer
+        if not use_cache:
+            if granularity != "token" or kwargs.get("cache") is not None:
+                raise ValueError("use_cache=False recomputes every step without a cache: granularity='prompt' "
+                                 "and cache= need the cache")
+        elif kwargs.get("cache") is None:
+            kwargs["cache"] = self.new_cache(granularity, prompt_scalings)
+        return super().generate(*args, use_cache=use_cache, **kwargs)
 
     def step_scalings(self, inputs: dict[str, Any], cache: Cache | None) -> torch.Tensor:
         """Scalings ``[b, t, L, E]`` for this forward's new tokens, using the scaling cache if any."""
@@ -223,8 +254,6 @@ class XLoraGenerationMixin(GenerationMixin):
                 s = cache.fixed_scalings.expand(-1, ref.shape[1], -1, -1)
         else:
             s = self.compute_scalings(**inputs, cache=cache.scaling_cache, use_cache=True)
-        if cache.record:
-            cache.recorded.append(s.detach())
         return s
 
 
@@ -299,10 +328,10 @@ def generate_text(model: Any, tokenizer: Any, prompt: str, *, chat: bool = False
     enc = encode_prompt(tokenizer, prompt, chat=chat, device=model.device)
     pad = pad_token_id(tokenizer)
     streamer = _CallbackStreamer(tokenizer, stream) if stream is not None else None
+    recorder = StepRecorder()
     with torch.inference_mode():
-        out = model.generate(**enc, max_new_tokens=max_new_tokens, record_scalings=True, streamer=streamer,
+        out = model.generate(**enc, max_new_tokens=max_new_tokens, observer=recorder, streamer=streamer,
                              pad_token_id=pad, **generate_kwargs)
     new_ids = out[0, enc["input_ids"].shape[1]:].tolist()
-    steps = model.last_generation_scalings()
-    scalings = torch.stack([s[0, -1] for s in steps[: len(new_ids)]]) if new_ids else torch.empty(0)
+    scalings = recorder.per_token(len(new_ids))
     return tokenizer.decode(new_ids, skip_special_tokens=True), new_ids, scalings

@@ -18,7 +18,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from xlora.adapters import LoraExpert, adaptable_modules, load_experts
 from xlora.config import XLoraConfig
-from xlora.generation import XLoraGenerationMixin
+from xlora.generation import ScalingsObserver, XLoraGenerationMixin
 from xlora.head import ScalingHead
 from xlora.layers import ColumnTable, MixtureLoraLinear, ScalingState
 
@@ -52,6 +52,7 @@ class XLoraModel(XLoraGenerationMixin, nn.Module):
         super().__init__()
         if not isinstance(base_model, PreTrainedModel):
             raise TypeError(f"base_model must be a transformers PreTrainedModel, got {type(base_model).__name__}")
+        config = XLoraConfig.from_dict(config.to_dict())  # ours to fill in; the caller's object is left as it is
         hidden = _hidden_size(base_model)
         if config.hidden_size is not None and config.hidden_size != hidden:
             raise ValueError(
@@ -81,10 +82,7 @@ class XLoraModel(XLoraGenerationMixin, nn.Module):
             config.base_model_name_or_path = getattr(base_model.config, "_name_or_path", None) or None
         w = next(base_model.parameters())
         self.head = ScalingHead(config, hidden, L, config.num_experts).to(w.device, w.dtype)
-        self._fixed_scalings: torch.Tensor | None = None
-        # Optional sink for the scalings of every forward (see xlora.analysis.record_scalings):
-        # anything with .record(scalings, input_ids, attention_mask).
-        self.scalings_log: Any = None
+        self._fixed_scalings: torch.Tensor | None = None  # set only inside `with fixed_scalings(...)`
         self.train(base_model.training)
 
     # ------------------------------------------------------------------ construction
@@ -159,13 +157,11 @@ class XLoraModel(XLoraGenerationMixin, nn.Module):
             return spec.to(self.device, self.dtype)
         raise ValueError(f"scalings must be None, 'uniform', 'zero', an expert name/index or a tensor, got {spec!r}")
 
-    def fix_scalings(self, spec: ScalingsSpec) -> None:
-        """Use fixed scalings (see :meth:`resolve_scalings`) instead of the head until called with ``None``."""
-        self._fixed_scalings = self.resolve_scalings(spec)
-
     @contextmanager
     def fixed_scalings(self, spec: ScalingsSpec) -> Iterator[None]:
-        """Context manager form of :meth:`fix_scalings`, e.g. ``with model.fixed_scalings("chem"): ...``."""
+        """Inside ``with model.fixed_scalings("chem"): ...`` every forward (and ``generate``) uses the
+        scalings ``spec`` (see :meth:`resolve_scalings`) instead of the scaling pass and head; the
+        per-call form is ``model(..., scalings="chem")``."""
         saved = self._fixed_scalings
         self._fixed_scalings = self.resolve_scalings(spec)
         try:
@@ -185,6 +181,7 @@ class XLoraModel(XLoraGenerationMixin, nn.Module):
     def scaling_pass(self, **inputs: Any) -> torch.Tensor:
         """Run the base model with every scaling at ``scaling_pass_value``; returns ``[b, t, hidden]``."""
         decoder = self.base_model.base_model
+        inputs.setdefault("use_cache", False)  # a base whose config says use_cache=true would build a cache to discard
         with torch.no_grad(), self.state.use(constant=self.xlora_config.scaling_pass_value):
             if decoder is self.base_model:
                 out = self.base_model(**inputs, output_hidden_states=True, return_dict=True)
@@ -208,12 +205,15 @@ class XLoraModel(XLoraGenerationMixin, nn.Module):
         use_cache: bool | None = None,
         scalings: ScalingsSpec = None,
         logits_to_keep: int | torch.Tensor = 0,
+        observer: ScalingsObserver | None = None,
         **kwargs: Any,
     ) -> XLoraOutput:
-        """Two-pass forward. ``scalings`` (or :meth:`fix_scalings`) bypasses the scaling pass and head.
+        """Two-pass forward. ``scalings`` (or :meth:`fixed_scalings`) bypasses the scaling pass and head.
 
         With ``cache`` (an :class:`~xlora.generation.XLoraCache`) both passes run incrementally on
-        the new tokens only; ``use_cache=True`` without a cache starts a new one.
+        the new tokens only; ``use_cache=True`` without a cache starts a new one. ``observer``
+        (anything with ``record(scalings, input_ids, attention_mask)``, e.g.
+        :class:`~xlora.analysis.ScalingsLog`) receives the scalings this call applied.
 
         Returns:
             :class:`XLoraOutput` with ``logits`` ``[b, t, vocab]``, ``loss`` when ``labels`` are
@@ -229,6 +229,9 @@ class XLoraModel(XLoraGenerationMixin, nn.Module):
         inputs = {k: v for k, v in inputs.items() if v is not None}
         if use_cache is None:
             use_cache = cache is not None
+        elif cache is not None and not use_cache:
+            raise ValueError("forward(cache=..., use_cache=False) would leave the cache behind its tokens: "
+                             "pass use_cache=True with a cache, or no cache to recompute without one")
         if use_cache and cache is None:
             cache = self.new_cache()
         fixed = self.resolve_scalings(scalings) if scalings is not None else self._fixed_scalings
@@ -236,8 +239,8 @@ class XLoraModel(XLoraGenerationMixin, nn.Module):
             s = self._expand_fixed(fixed, b, t)  # no scaling pass: its cache falls behind (checked on reuse)
         else:
             s = self.step_scalings(inputs, cache)
-        if self.scalings_log is not None:
-            self.scalings_log.record(s, input_ids, attention_mask)
+        if observer is not None:
+            observer.record(s, input_ids, attention_mask)
         g = self.xlora_config.global_scaling_weight
         with self.state.use(scalings=s, global_weight=g, coefficients=self.columns.coefficients(s, g)):
             out = self.base_model(**inputs, labels=labels, cache=cache, use_cache=use_cache,

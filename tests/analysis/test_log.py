@@ -19,12 +19,12 @@ from xlora.analysis import (
     compare,
     expert_stats,
     mixture_summary,
-    record_scalings,
     token_entropy,
     topk_coverage,
 )
 from xlora.analysis.plots import display_token, generation_share_plot, layer_expert_heatmap, token_expert_heatmap
 from xlora.cli import main
+from xlora.generation import StepRecorder
 
 NAMES = ["alpha", "beta", "gamma"]
 LAYERS = ["m.l0.q", "m.l1.q"]
@@ -141,13 +141,12 @@ def build(setup, seed: int = 3) -> XLoraModel:
 
 
 @torch.no_grad()
-def test_record_generation_rows_are_the_scalings_of_the_tokens_read(llama):
+def test_a_log_observing_generate_holds_the_scalings_of_the_tokens_read(llama):
     model = build(llama)
     ids = torch.tensor([[5, 9, 17, 33, 60]])
-    out = model.generate(input_ids=ids, max_new_tokens=6, do_sample=False, record_scalings=True, pad_token_id=0,
-                         eos_token_id=None)
     log = ScalingsLog.for_model(model)
-    log.record_generation(model, out, torch.ones_like(ids))
+    out = model.generate(input_ids=ids, max_new_tokens=6, do_sample=False, observer=log, pad_token_id=0,
+                         eos_token_id=None)
     assert [e.scalings.shape[1] for e in log.entries] == [5, 1, 1, 1, 1, 1]
     seq_ids, rows = log.sequence(0)
     assert seq_ids.tolist() == out[0, :-1].tolist()  # every token but the last was read
@@ -155,18 +154,16 @@ def test_record_generation_rows_are_the_scalings_of_the_tokens_read(llama):
     torch.testing.assert_close(rows, full, rtol=0, atol=1e-5)
 
 
-def test_record_scalings_needs_a_model_that_owns_a_log(llama):
-    with pytest.raises(TypeError, match="has no scalings_log attribute.*log.record\\(out.scalings"):
-        with record_scalings(torch.nn.Linear(2, 2)):
-            pass
+def test_the_observer_is_passed_explicitly_and_sees_forward_and_generate(llama):
     model = build(llama)
-    if not hasattr(model, "scalings_log"):
-        pytest.skip("XLoraModel.scalings_log (proposed change to model.py) is not there yet")
     ids = torch.tensor([[5, 9, 17]])
-    with torch.no_grad(), record_scalings(model) as log:
-        out = model(input_ids=ids)
-        model.generate(input_ids=ids, max_new_tokens=3, do_sample=False, pad_token_id=0, eos_token_id=None)
-    assert model.scalings_log is None
+    log = ScalingsLog.for_model(model)
+    with torch.no_grad():
+        out = model(input_ids=ids, observer=log)
+        model.generate(input_ids=ids, max_new_tokens=3, do_sample=False, pad_token_id=0, eos_token_id=None,
+                       observer=log)
+        model(input_ids=ids)  # no observer: nothing recorded, and the model keeps no reference to the log
+    assert not hasattr(model, "scalings_log") and not hasattr(model, "_last_cache")
     assert [e.scalings.shape[1] for e in log.entries] == [3, 3, 1, 1]
     assert torch.equal(log.entries[0].scalings, out.scalings) and torch.equal(log.entries[0].input_ids, ids)
 
@@ -236,8 +233,9 @@ def test_inspect_cli_prints_the_statistics_and_writes_the_files(saved_model, tmp
     model, tok = load_model_and_tokenizer(saved_model)
     enc = tok("Hello there", return_tensors="pt")
     with torch.no_grad():
-        gen = model.generate(**enc, max_new_tokens=6, do_sample=False, record_scalings=True, pad_token_id=0)
-    steps = model.last_generation_scalings()
+        recorder = StepRecorder()
+        gen = model.generate(**enc, max_new_tokens=6, do_sample=False, observer=recorder, pad_token_id=0)
+    steps = recorder.steps
     direct = torch.cat([s[0] for s in steps[: gen.shape[1] - enc["input_ids"].shape[1]]])  # [11 + 6 - 1, L, E]
     st = expert_stats(direct, model.xlora_config.expert_names, model.adapted_modules)
     assert set(rows) == set(NAMES)

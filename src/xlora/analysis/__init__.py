@@ -3,7 +3,7 @@
 The plots need the ``viz`` extra (matplotlib); the log and the statistics need only the core.
 """
 
-from xlora.analysis.log import LogEntry, ScalingsLog, record_scalings
+from xlora.analysis.log import LogEntry, ScalingsLog
 from xlora.analysis.stats import (
     ExpertStats,
     MixtureDiff,
@@ -16,4 +16,4 @@ from xlora.analysis.stats import (
 )
 
 __all__ = ["ExpertStats", "LogEntry", "MixtureDiff", "MixtureSummary", "ScalingsLog", "compare", "expert_stats",
-           "mixture_summary", "record_scalings", "token_entropy", "topk_coverage"]
+           "mixture_summary", "token_entropy", "topk_coverage"]

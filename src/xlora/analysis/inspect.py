@@ -20,6 +20,7 @@ import torch
 from xlora._io import atomic_write_text
 from xlora.analysis.log import ScalingsLog
 from xlora.analysis.stats import ExpertStats, MixtureSummary, expert_stats, mixture_summary
+from xlora.generation import encode_prompt, pad_token_id
 
 LOG_FILE = "scalings.safetensors"
 STATS_FILE = "stats.json"
@@ -51,33 +52,20 @@ class Inspection:
         return torch.stack(steps) if steps else torch.empty(0, *self.rows.shape[1:])
 
 
-def _encode(tokenizer: Any, prompt: str, chat: bool) -> dict[str, torch.Tensor]:
-    if chat:
-        if not getattr(tokenizer, "chat_template", None):
-            raise ValueError("chat=True but the tokenizer has no chat_template; drop --chat or use a chat model")
-        enc = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
-                                            return_tensors="pt", return_dict=True)
-    else:
-        enc = tokenizer(prompt, return_tensors="pt")
-    return {k: v for k, v in enc.items() if k in ("input_ids", "attention_mask")}
-
-
 def inspect_prompt(model: Any, tokenizer: Any, prompt: str, *, generate: int = 0, chat: bool = False,
                    info: dict[str, Any] | None = None) -> Inspection:
     """Run ``prompt`` through ``model`` (and greedily generate ``generate`` tokens), recording the scalings."""
     if generate < 0:
         raise ValueError(f"generate={generate} must be >= 0 (the number of new tokens)")
-    enc = {k: v.to(model.device) for k, v in _encode(tokenizer, prompt, chat).items()}
+    enc = encode_prompt(tokenizer, prompt, chat=chat, device=model.device)
     log = ScalingsLog.for_model(model, {"prompt": prompt, "chat": chat, **(info or {})})
     with torch.inference_mode():
         if generate:
-            pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-            out = model.generate(**enc, max_new_tokens=generate, do_sample=False, record_scalings=True,
-                                 pad_token_id=pad)
-            log.record_generation(model, out, enc.get("attention_mask"))
+            out = model.generate(**enc, max_new_tokens=generate, do_sample=False, observer=log,
+                                 pad_token_id=pad_token_id(tokenizer))
             new_ids = out[0, enc["input_ids"].shape[1]:].tolist()
         else:
-            log.record(model(**enc).scalings, enc["input_ids"], enc.get("attention_mask"))
+            model(**enc, observer=log)
             new_ids = []
     text = tokenizer.decode(new_ids, skip_special_tokens=True)
     log.info.update(prompt_ids=enc["input_ids"][0].tolist(), new_ids=new_ids, text=text)

@@ -12,8 +12,7 @@ optional padding mask ``[b, t]`` (1 = real token); they return plain dataclasses
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -39,9 +38,9 @@ class LogEntry:
 class ScalingsLog:
     """The scalings of successive forward calls, with the expert and layer names they refer to.
 
-    Fill it with :meth:`record` (one forward's ``out.scalings``), :meth:`record_generation` (after
-    ``model.generate(..., record_scalings=True)``) or, on a model that owns a log, with
-    :func:`record_scalings`.
+    It is a scalings observer: pass it as ``model(..., observer=log)`` or
+    ``model.generate(..., observer=log)`` and every forward call is appended; or call
+    :meth:`record` with one forward's ``out.scalings``.
 
     Args:
         expert_names: the ``E`` axis, ``model.xlora_config.expert_names``.
@@ -85,27 +84,6 @@ class ScalingsLog:
             None if input_ids is None else input_ids[:, -t:].detach(),
             None if attention_mask is None else attention_mask[:, -t:].detach(),
         ))
-
-    def record_generation(self, model: Any, sequences: torch.Tensor,
-                          attention_mask: torch.Tensor | None = None) -> None:
-        """Append the steps of the last ``model.generate(..., record_scalings=True)``.
-
-        Args:
-            model: the model that generated (its ``last_generation_scalings()`` are read).
-            sequences: ``generate``'s output ``[b, prompt + new]``.
-            attention_mask: the prompt's mask ``[b, prompt]``; generated tokens count as real.
-        """
-        steps = model.last_generation_scalings()
-        if not steps:
-            raise ValueError("model.last_generation_scalings() is empty: call generate(..., record_scalings=True) first")
-        pos = 0
-        for s in steps:
-            t = s.shape[1]
-            if pos + t > sequences.shape[1]:
-                raise ValueError(f"sequences of length {sequences.shape[1]} are shorter than the recorded steps")
-            mask = attention_mask[:, pos:pos + t] if attention_mask is not None and pos == 0 else None
-            self.record(s, sequences[:, pos:pos + t], mask)
-            pos += t
 
     def sequence(self, row: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
         """Batch row ``row`` over all entries, padding dropped: ``(ids [T], scalings [T, L, E])`` on the CPU.
@@ -158,24 +136,3 @@ class ScalingsLog:
             extra = {k: tensors[f"{i}.{k}"] for k in kinds}
             log.entries.append(LogEntry(tensors[f"{i}.scalings"], **extra))
         return log
-
-
-@contextmanager
-def record_scalings(model: Any, log: ScalingsLog | None = None) -> Iterator[ScalingsLog]:
-    """``with record_scalings(model) as log:`` every forward (and each ``generate`` step) is logged.
-
-    Needs a model that owns an optional log (``model.scalings_log``, appended to in ``forward``
-    when not ``None``); without it, call :meth:`ScalingsLog.record` on ``out.scalings`` instead.
-    """
-    if not hasattr(model, "scalings_log"):
-        raise TypeError(
-            f"{type(model).__name__} has no scalings_log attribute, so record_scalings cannot see its forward "
-            "calls; record explicitly: log.record(out.scalings, input_ids, attention_mask)"
-        )
-    log = log if log is not None else ScalingsLog.for_model(model)
-    saved = model.scalings_log
-    model.scalings_log = log
-    try:
-        yield log
-    finally:
-        model.scalings_log = saved

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 
 from xlora._io import atomic_write_text
 from xlora.demo import domains
+from xlora.generation import StepRecorder, pad_token_id
 from xlora.train.data import IGNORE_INDEX, TokenizedExample, collate, tokenize_record
 
 SYSTEM = "Answer with the result only."
@@ -148,7 +149,7 @@ def _spec(config: str) -> str | None:
 def losses(model: Any, tokenizer: Any, records: list[dict[str, Any]], configs: list[str], batch_size: int = 8
            ) -> tuple[dict[str, dict[str, float]], dict[str, dict[str, float]], dict[str, int]]:
     """``(loss[config][domain], routing[domain][expert], tokens[domain])`` over ``records``."""
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad = pad_token_id(tokenizer)
     doms = sorted({r["domain"] for r in records}, key=lambda d: [r["domain"] for r in records].index(d))
     by_domain = {d: [r for r in records if r["domain"] == d] for d in doms}
     names = model.xlora_config.expert_names
@@ -183,7 +184,7 @@ def generate_answers(model: Any, tokenizer: Any, records: list[dict[str, Any]], 
     Returns ``(texts, new_token_ids, scalings)``; with ``record_scalings`` (X-LoRA), ``scalings[i]``
     is ``[n_new_i, L, E]``: for each generated token, the scalings of the step that predicted it.
     """
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad = pad_token_id(tokenizer)
     texts, all_ids, all_s = [], [], []
     for i in range(0, len(records), batch_size):
         chunk = records[i:i + batch_size]
@@ -192,19 +193,19 @@ def generate_answers(model: Any, tokenizer: Any, records: list[dict[str, Any]], 
         examples = [TokenizedExample(ids, ids) for ids in
                     (tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts)]
         batch = left_padded(examples, pad)
+        recorder = StepRecorder() if record_scalings else None
         with model.fixed_scalings(_spec(config)):
             out = model.generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                                  max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad,
-                                 eos_token_id=tokenizer.eos_token_id, record_scalings=record_scalings)
-        steps = model.last_generation_scalings() if record_scalings else []
+                                 eos_token_id=tokenizer.eos_token_id, observer=recorder)
         for row in range(len(chunk)):
             new = out[row, batch["input_ids"].shape[1]:].tolist()
             if tokenizer.eos_token_id in new:
                 new = new[: new.index(tokenizer.eos_token_id)]
             all_ids.append(new)
             texts.append(tokenizer.decode(new, skip_special_tokens=True).strip())
-            if record_scalings:
-                all_s.append(torch.stack([s[row, -1] for s in steps[: len(new)]]) if new else torch.empty(0))
+            if recorder is not None:
+                all_s.append(recorder.per_token(len(new), row))
     return texts, all_ids, all_s
 
 

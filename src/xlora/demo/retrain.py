@@ -25,6 +25,7 @@ import torch
 from xlora.demo import domains
 from xlora.demo.base_model import base_model_dir, cache_root, load_base
 from xlora.demo.evaluate import chat_messages, completion_loss, left_padded, tokenize
+from xlora.generation import pad_token_id
 from xlora.saving import CONFIG_FILE, HEAD_FILE
 
 EXPERT_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj"]
@@ -52,7 +53,7 @@ def train_expert(base_dir: str | os.PathLike, records: list[dict[str, Any]], out
 
     torch.manual_seed(seed)
     model, tokenizer = load_base(base_dir)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad = pad_token_id(tokenizer)
     cfg = LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0, target_modules=targets or EXPERT_TARGETS,
                      task_type="CAUSAL_LM")
     model = get_peft_model(model, cfg)
