@@ -12,17 +12,14 @@ import httpx
 import openai
 import pytest
 import torch
-from conftest import LLAMA_TARGETS, make_expert, tiny_model, tiny_tokenizer
 from openai import OpenAI
-from transformers import AutoModelForCausalLM
+from serve_models import EXPERTS, build_model_dir
 
-from xlora import XLoraConfig, XLoraModel
 from xlora.saving import load_model_and_tokenizer
 from xlora.serve.app import ServerConfig, build_server, create_app
 
 KEY = "sk-test-key"
 NAME = "tiny-xlora"
-EXPERTS = ["alpha", "beta", "gamma"]
 PROMPTS = ["Hello", "The quick brown fox", "a", "What is 2+2?", "xyz", "Once upon a time", "!", "Lorem ipsum dolor"]
 
 
@@ -31,24 +28,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    root = tmp_path_factory.mktemp("serve")
-    base = tiny_model("llama")
-    base.config.max_position_embeddings = 1024  # room for long streams in the disconnect/shutdown tests
-    base.save_pretrained(str(root / "base"))
-    tiny_tokenizer().save_pretrained(str(root / "base"))
-    experts = {
-        "alpha": make_expert(base, root / "alpha", r=4, alpha=8, targets=LLAMA_TARGETS, seed=1),
-        "beta": make_expert(base, root / "beta", r=2, alpha=3, targets=LLAMA_TARGETS[:2], seed=2, rslora=True),
-        "gamma": make_expert(base, root / "gamma", r=8, alpha=4, targets=LLAMA_TARGETS[-2:], seed=3),
-    }
-    base = AutoModelForCausalLM.from_pretrained(str(root / "base")).eval()  # records its path for reloading
-    model = XLoraModel(base, XLoraConfig(experts={k: str(v) for k, v in experts.items()}, head_hidden_size=16))
-    torch.manual_seed(0)
-    with torch.no_grad():
-        for p in model.head.parameters():
-            p.normal_(0, 0.7)
-    model.save_pretrained(root / "xlora")
-    return root / "xlora"
+    return build_model_dir(tmp_path_factory)
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,8 @@ import pytest
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
-from xlora.serve.jobs import Job, RowState, SamplingParams, TokenEvent
+from xlora.serve.jobs import Job, RowState, TokenEvent
+from xlora.serve.sampling import SamplingParams
 
 TEXT = ("Café crème, naïve façade — 日本語のテキスト 🙂🧬 and plain ASCII words; "
         "Ωmega ∑ sums, ü ö ä ß, ελληνικά, العربية, 한국어 ✓✓✓ done.")

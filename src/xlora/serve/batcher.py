@@ -9,6 +9,11 @@ Requests arriving while a batch runs join it at the next step (continuous batchi
 are prefilled on their own and their caches appended to the running ones, left-padded with masked
 zeros, so a row only ever attends to its own tokens. Models with sliding-window cache layers cannot
 merge caches; there, new requests wait for the next batch.
+
+Shutdown: :meth:`Batcher.begin_shutdown` stops taking requests and gives the running and queued
+ones ``grace_s`` seconds; then the worker ends each of them itself with a ``"cancelled"``
+:class:`FinishEvent` carrying the reason, which the server answers as an OpenAI error (an SSE
+error event, or a JSON 503), so no client is left with a cut connection.
 """
 
 from __future__ import annotations
@@ -19,13 +24,14 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from xlora.generation import pad_token_id
-from xlora.serve.jobs import Event, FinishEvent, Job, RowState, SamplingParams, TokenEvent
+from xlora.serve.jobs import Event, FinishEvent, Job, RowState, RunningBatch, TokenEvent
+from xlora.serve.sampling import SamplingParams
 
 __all__ = ["Batcher", "BatcherConfig", "Event", "FinishEvent", "Job", "QueueFull", "SamplingParams",
            "ShuttingDown", "TokenEvent"]
@@ -54,12 +60,17 @@ class BatcherConfig:
         if not isinstance(self.max_queue, int) or self.max_queue < 1:
             raise ValueError(f"max_queue must be an integer >= 1, got {self.max_queue!r}")
 
+
 class QueueFull(RuntimeError):
     """The waiting queue is at ``max_queue``."""
 
 
 class ShuttingDown(RuntimeError):
     """The batcher accepts no new requests."""
+
+
+NOT_STARTED = "the server shut down before this request started; retry it on another instance"
+
 
 class Batcher:
     """Owns ``model`` on one worker thread and serves submitted jobs in dynamic batches.
@@ -85,7 +96,8 @@ class Batcher:
         self._lock = threading.Lock()
         self._accepting = True
         self._thread: threading.Thread | None = None
-        self._cancel_running = False
+        self._deadline: float | None = None  # time.monotonic() at which running rows are ended
+        self._grace_s = 0.0
         self._stopping = False  # the shutdown sentinel was taken: finish the current work, then stop
         # statistics, read by the server's /metrics
         self.active_rows = 0
@@ -122,22 +134,34 @@ class Batcher:
             self._queue.put(job)
         return job
 
-    def begin_shutdown(self) -> None:
-        """Stop accepting jobs; queued and running ones still complete."""
+    def begin_shutdown(self, grace_s: float | None = None) -> None:
+        """Stop accepting jobs; queued and running ones go on for ``grace_s`` seconds (``None``: until
+        they finish), then the worker ends them at its next step with a ``"cancelled"`` finish whose
+        ``error`` says why. A later call can only bring the deadline closer."""
         with self._lock:
             self._accepting = False
+            if grace_s is not None:
+                deadline = time.monotonic() + max(0.0, grace_s)
+                if self._deadline is None or deadline < self._deadline:
+                    self._deadline, self._grace_s = deadline, grace_s
 
     def close(self, timeout: float = 30.0) -> None:
-        """Stop accepting, let the worker finish its work for up to ``timeout`` s, then cancel the rest."""
-        self.begin_shutdown()
+        """Stop accepting, give running and queued jobs up to ``timeout`` s (or the earlier deadline of
+        :meth:`begin_shutdown`), end the rest, and stop the worker."""
+        self.begin_shutdown(timeout)
         self._queue.put(None)
         if self._thread is not None:
-            self._thread.join(timeout)
-            if self._thread.is_alive():  # out of patience: running rows are cancelled at their next step
-                self._cancel_running = True
-                self._thread.join(5.0)
+            assert self._deadline is not None
+            self._thread.join(max(0.0, self._deadline - time.monotonic()) + 5.0)  # + one step's time
         for job in self._drain():  # never started: finish them so no client waits forever
-            self._finish(job, "cancelled", 0, "the server shut down before this request started")
+            self._finish(job, "cancelled", 0, NOT_STARTED)
+
+    def _expired(self) -> bool:
+        return self._deadline is not None and time.monotonic() >= self._deadline
+
+    def _shutdown_error(self) -> str:
+        return (f"the server is shutting down and this request did not finish within its shutdown timeout "
+                f"of {self._grace_s:g} s; retry it on another instance")
 
     # ------------------------------------------------------------------ worker
     def _drain(self) -> list[Job]:
@@ -175,11 +199,13 @@ class Batcher:
                 self._decode_safely(live)
 
     def _live(self, jobs: list[Job]) -> list[Job]:
-        """The jobs still wanted; the cancelled ones are finished here."""
+        """The jobs still wanted; the cancelled ones (and all, past the shutdown deadline) are finished here."""
         live = []
         for job in jobs:
-            if job.cancelled or self._cancel_running:
+            if job.cancelled:
                 self._finish(job, "cancelled", 0, None)
+            elif self._expired():
+                self._finish(job, "cancelled", 0, self._shutdown_error())
             else:
                 live.append(job)
         return live
@@ -220,7 +246,7 @@ class Batcher:
         finally:
             self.active_rows = 0
 
-    def _prefill(self, jobs: list[Job], rows: list[RowState]) -> _Batch:
+    def _prefill(self, jobs: list[Job], rows: list[RowState]) -> RunningBatch:
         """Start ``jobs``: left-pad their prompts, run the prompt through both passes, sample a first token."""
         device = self.model.device
         first = len(rows)
@@ -235,10 +261,10 @@ class Batcher:
             mask[i, width - len(job.prompt_ids):] = 1
         ids, mask = ids.to(device), mask.to(device)
         pos = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)  # [b, t], as HF's generate for left padding
-        batch = _Batch(self.model.new_cache(), mask, pos, list(range(first, len(rows))))
+        batch = RunningBatch(self.model.new_cache(), mask, pos, list(range(first, len(rows))))
         return self._step(batch, ids, rows)
 
-    def _step(self, batch: _Batch, step_ids: torch.Tensor, rows: list[RowState]) -> _Batch:
+    def _step(self, batch: RunningBatch, step_ids: torch.Tensor, rows: list[RowState]) -> RunningBatch:
         """One forward of ``batch`` on ``step_ids``; sample, release, drop the rows that finished.
 
         On return ``batch.mask``/``batch.pos``/``batch.next_ids`` describe the next step's input.
@@ -252,7 +278,7 @@ class Batcher:
         next_ids, keep = [], []
         for j, i in enumerate(batch.active):
             row = rows[i]
-            token = row.sample(logits[j])
+            token = row.sample(logits[j : j + 1])
             scal = per_token[j] if per_token is not None and row.job.params.return_scalings else None
             try:
                 reason = None if row.job.cancelled else row.push(token, scal)
@@ -301,28 +327,16 @@ class Batcher:
             if not batch.active:
                 return
             self.active_rows = len(batch.active)
-            if self._cancel_running:
-                for i in batch.active:
-                    rows[i].job.cancel()
+            if self._expired():
+                self._end_rows(batch, rows)
+                return
             step_ids = torch.tensor(batch.next_ids, device=batch.mask.device).unsqueeze(1)  # [b, 1]
             batch = self._step(batch, step_ids, rows)
 
+    def _end_rows(self, batch: RunningBatch, rows: list[RowState]) -> None:
+        """The shutdown deadline passed: end every running row with the reason."""
+        for i in batch.active:
+            rows[i].done = True
+            self._finish(rows[i].job, "cancelled", len(rows[i].ids), self._shutdown_error())
+        batch.active = []
 
-@dataclass(eq=False)
-class _Batch:
-    """The running batch: both caches, the attention mask ``[b, T]`` and positions ``[b, t_step]``
-    of the next step, the indices (into the worker's rows) of its rows, and their next input tokens."""
-
-    cache: Any
-    mask: torch.Tensor
-    pos: torch.Tensor
-    active: list[int]
-    next_ids: list[int] = field(default_factory=list)
-
-    def merge(self, other: _Batch) -> _Batch:
-        """Append ``other``'s rows (both already sampled, about to feed ``next_ids``)."""
-        pad_self, pad_other = self.cache.merge_rows(other.cache)
-        mask = torch.cat([torch.nn.functional.pad(self.mask, (pad_self, 0)),
-                          torch.nn.functional.pad(other.mask, (pad_other, 0))], dim=0)
-        return _Batch(self.cache, mask, torch.cat([self.pos, other.pos], dim=0), self.active + other.active,
-                      self.next_ids + other.next_ids)

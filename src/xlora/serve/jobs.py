@@ -1,10 +1,10 @@
-"""One request's life in the server: its sampling parameters, the events it receives, and the
-per-row decoding state (sampling with its own generator; incremental, stop-aware text release).
+"""One request's life in the server: the events it receives, its per-row decoding state (its
+:class:`~xlora.serve.sampling.Sampler`; incremental, stop-aware text release), and the state of the
+running batch that its row belongs to.
 """
 
 from __future__ import annotations
 
-import random
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -12,39 +12,8 @@ from typing import Any
 
 import torch
 
+from xlora.serve.sampling import Sampler, SamplingParams
 
-@dataclass
-class SamplingParams:
-    """Per-request decoding parameters.
-
-    Args:
-        max_tokens: the most tokens to generate (>= 1).
-        temperature: softmax temperature; ``0`` is greedy (argmax).
-        top_p: nucleus sampling mass in ``(0, 1]``.
-        stop: strings that end the completion; the stop string itself is not returned.
-        seed: seeds this row's own ``torch.Generator`` (random when ``None``).
-        return_scalings: report each generated token's layer-averaged expert weights ``[E]``.
-        ignore_eos: keep generating after the end-of-sequence token (for benchmarks).
-    """
-
-    max_tokens: int = 16
-    temperature: float = 1.0
-    top_p: float = 1.0
-    stop: tuple[str, ...] = ()
-    seed: int | None = None
-    return_scalings: bool = False
-    ignore_eos: bool = False
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
-            raise ValueError(f"max_tokens must be an integer >= 1, got {self.max_tokens!r}")
-        if not 0.0 <= self.temperature:
-            raise ValueError(f"temperature must be >= 0 (0 = greedy), got {self.temperature!r}")
-        if not 0.0 < self.top_p <= 1.0:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
-        self.stop = tuple(self.stop)
-        if any(not isinstance(s, str) or not s for s in self.stop):
-            raise ValueError(f"stop must hold non-empty strings, got {self.stop!r}")
 
 @dataclass
 class TokenEvent:
@@ -95,20 +64,7 @@ class RowState:
         self.sent = 0  # characters of ``text`` already released
         self._prefix = 0  # ids[_prefix:_read] is re-decoded as context for the new tokens
         self._read = 0  # ids[:_read] are in ``text``
-        seed = job.params.seed if job.params.seed is not None else random.getrandbits(63)
-        self.generator = torch.Generator(device=device).manual_seed(seed)
-
-    def sample(self, logits: torch.Tensor) -> int:
-        """Next token from this row's logits ``[vocab]`` with its temperature, top-p and generator."""
-        p = self.job.params
-        if p.temperature == 0:
-            return int(logits.argmax())
-        probs = torch.softmax(logits.float() / p.temperature, dim=-1)
-        if p.top_p < 1.0:
-            sorted_p, order = probs.sort(descending=True)
-            drop = sorted_p.cumsum(0) - sorted_p > p.top_p  # keep the smallest prefix holding top_p
-            probs = probs.scatter(0, order[drop], 0.0)
-        return int(torch.multinomial(probs, 1, generator=self.generator))
+        self.sample = Sampler(job.params, job.prompt_ids, device)  # raw logits [1, vocab] -> next token
 
     def push(self, token: int, scalings: list[float] | None) -> str | None:
         """Record ``token``, emit its event; returns the finish reason once the row is done."""
@@ -165,3 +121,23 @@ class RowState:
                     hold = k
                     break
         return max(end - hold, self.sent)
+
+
+@dataclass(eq=False)
+class RunningBatch:
+    """The running batch: both caches, the attention mask ``[b, T]`` and positions ``[b, t_step]``
+    of the next step, the indices (into the worker's rows) of its rows, and their next input tokens."""
+
+    cache: Any
+    mask: torch.Tensor
+    pos: torch.Tensor
+    active: list[int]
+    next_ids: list[int] = field(default_factory=list)
+
+    def merge(self, other: RunningBatch) -> RunningBatch:
+        """Append ``other``'s rows (both already sampled, about to feed ``next_ids``)."""
+        pad_self, pad_other = self.cache.merge_rows(other.cache)
+        mask = torch.cat([torch.nn.functional.pad(self.mask, (pad_self, 0)),
+                          torch.nn.functional.pad(other.mask, (pad_other, 0))], dim=0)
+        return RunningBatch(self.cache, mask, torch.cat([self.pos, other.pos], dim=0),
+                            self.active + other.active, self.next_ids + other.next_ids)

@@ -1,0 +1,43 @@
+"""The tiny X-LoRA model the server tests share, built once per session and saved to a temporary folder.
+
+(A helper module rather than ``tests/serve/conftest.py``: the suite imports the root conftest as
+``conftest``, and a second non-package conftest would replace it in ``sys.modules``.)
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from conftest import LLAMA_TARGETS, make_expert, tiny_model, tiny_tokenizer
+from transformers import AutoModelForCausalLM
+
+from xlora import XLoraConfig, XLoraModel
+
+EXPERTS = ["alpha", "beta", "gamma"]
+_BUILT: dict[str, Path] = {}
+
+
+def build_model_dir(tmp_path_factory) -> Path:
+    """An X-LoRA directory over a tiny Llama (context 1024, char tokenizer) with three experts."""
+    if "dir" in _BUILT:
+        return _BUILT["dir"]
+    root = tmp_path_factory.mktemp("serve")
+    base = tiny_model("llama")
+    base.config.max_position_embeddings = 1024  # room for long streams in the disconnect/shutdown tests
+    base.save_pretrained(str(root / "base"))
+    tiny_tokenizer().save_pretrained(str(root / "base"))
+    experts = {
+        "alpha": make_expert(base, root / "alpha", r=4, alpha=8, targets=LLAMA_TARGETS, seed=1),
+        "beta": make_expert(base, root / "beta", r=2, alpha=3, targets=LLAMA_TARGETS[:2], seed=2, rslora=True),
+        "gamma": make_expert(base, root / "gamma", r=8, alpha=4, targets=LLAMA_TARGETS[-2:], seed=3),
+    }
+    base = AutoModelForCausalLM.from_pretrained(str(root / "base")).eval()  # records its path for reloading
+    model = XLoraModel(base, XLoraConfig(experts={k: str(v) for k, v in experts.items()}, head_hidden_size=16))
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in model.head.parameters():
+            p.normal_(0, 0.7)
+    model.save_pretrained(root / "xlora")
+    _BUILT["dir"] = root / "xlora"
+    return _BUILT["dir"]
