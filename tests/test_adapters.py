@@ -457,3 +457,17 @@ def test_load_experts_names_the_failing_expert(tmp_path, llama, base):
     experts = {"alpha": str(llama.expert_dirs["alpha"]), "broken": str(tmp_path / "missing")}
     with pytest.raises(FileNotFoundError, match=re.escape("expert 'broken': adapter directory")):
         load_experts(experts, base)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_expert_weights_are_refused_naming_the_tensor(tmp_path, llama, base, bad):
+    path = tmp_path / "broken"
+    shutil.copytree(llama.expert_dirs["beta"], path)
+    weights = load_file(str(path / WEIGHTS_NAME))
+    key = sorted(k for k in weights if k.endswith("lora_B.weight"))[0]
+    weights[key][0, 0] = bad
+    save_file(weights, str(path / WEIGHTS_NAME))
+    kind = "NaN" if bad != bad else "Inf"
+    with pytest.raises(ValueError, match=re.escape(f"expert 'chem': {str(path / WEIGHTS_NAME)!r} tensor {key!r} "
+                                                   f"holds 1 non-finite value(s) ({kind} among them")):
+        load_expert("chem", path, base)

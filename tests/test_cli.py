@@ -128,3 +128,26 @@ def test_bad_sampling_flags_are_refused_before_loading_anything(argv, message, c
     assert exc.value.code == 2
     err = capsys.readouterr().err
     assert message in err and argv[-2] in err  # names the flag and the value
+
+
+def test_generate_with_a_pickle_only_base_gives_a_one_line_error(saved_model, llama, tmp_path, capsys):
+    import pickle
+    import shutil
+
+    base = tmp_path / "pickled-base"
+    base.mkdir()
+    shutil.copy(llama.base_dir / "config.json", base / "config.json")
+    sentinel = tmp_path / "unpickled"
+
+    class Bomb:  # unpickling this would create the sentinel file
+        def __reduce__(self):
+            return (open, (str(sentinel), "w"))
+
+    (base / "pytorch_model.bin").write_bytes(pickle.dumps(Bomb()))
+    assert main(["generate", str(saved_model), "Hi", "--base", str(base), "--max-new-tokens", "2"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    assert err.startswith(f"xlora generate: error: cannot load the base model {str(base)!r}: it holds only a "
+                          "pickle checkpoint (pytorch_model.bin), which xlora never unpickles")
+    assert "--base PATH" in err and "Traceback" not in err
+    assert not sentinel.exists()

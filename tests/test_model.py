@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import shutil
 
 import peft
@@ -276,3 +277,18 @@ def test_the_callers_config_is_not_mutated(llama):
     assert model.xlora_config is not config
     assert (model.xlora_config.hidden_size, model.xlora_config.num_adapted_modules) == (32, model.num_layers)
     XLoraModel(llama.base(), config)  # the same config builds a second model
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("-inf")])
+def test_a_saved_head_with_non_finite_values_is_refused(llama, tmp_path, bad):
+    from safetensors.torch import load_file, save_file
+
+    model = build(llama, head_depth=2)
+    model.save_pretrained(tmp_path / "ckpt")
+    head = tmp_path / "ckpt" / "xlora_head.safetensors"
+    state = load_file(str(head))
+    name = sorted(state)[-1]
+    state[name].view(-1)[3] = bad
+    save_file(state, str(head))
+    with pytest.raises(ValueError, match=re.escape(f"{str(head)!r}: tensor {name!r} holds 1 non-finite value(s)")):
+        XLoraModel.from_pretrained(tmp_path / "ckpt", base_model=llama.base())

@@ -42,3 +42,11 @@ def atomic_write_text(path: Path, text: str) -> None:
 def atomic_save_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
     tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
     atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+
+
+def check_finite(tensor: torch.Tensor, what: str, fix: str) -> None:
+    """Raise ``ValueError`` naming ``what`` when ``tensor`` holds NaN or ±Inf (a corrupt or diverged file)."""
+    if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+        bad = int((~torch.isfinite(tensor)).sum())
+        kind = "NaN" if bool(torch.isnan(tensor).any()) else "Inf"
+        raise ValueError(f"{what} holds {bad} non-finite value(s) ({kind} among them, of {tensor.numel()}); {fix}")

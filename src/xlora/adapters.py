@@ -21,7 +21,7 @@ from safetensors.torch import load_file
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from xlora._io import atomic_save_safetensors, atomic_write, atomic_write_text
+from xlora._io import atomic_save_safetensors, atomic_write, atomic_write_text, check_finite
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -148,17 +148,37 @@ def load_expert(name: str, path: str | Path, base_model: nn.Module) -> LoraExper
 
     Raises:
         FileNotFoundError / NotADirectoryError: the directory or one of its files is missing.
-        ValueError: a pickle, a corrupt file, an unsupported LoRA variant, or an adapter made for
-            another base model (the message names the module and both shapes).
+        ValueError: a pickle, a corrupt file, non-finite weights, an unsupported LoRA variant, or an
+            adapter made for another base model (the message names the module and both shapes).
     """
     path = Path(path)
     cfg = read_adapter_config(name, path)
     raw = _read_weights(name, path)
+    _refuse_variants(name, raw)
+    pairs = _pair_keys(name, path, raw)
     targets = adaptable_modules(base_model)
     all_modules = dict(base_model.named_modules())
-    pairs: dict[str, dict[str, torch.Tensor]] = {}
-    # Name an unsupported variant before complaining about any other key: an embedding adapter also
-    # saves its embedding's '...base_layer.weight', which may come first.
+    modules: dict[str, LoraModuleWeights] = {}
+    for module, ab in pairs.items():
+        if set(ab) != {"A", "B"}:
+            missing = "lora_B" if "A" in ab else "lora_A"
+            raise ValueError(f"expert {name!r}: module {module!r} has no {missing} weight")
+        if module not in targets:
+            if module in all_modules:
+                kind = type(all_modules[module]).__name__
+                raise ValueError(f"expert {name!r}: module {module!r} is a {kind}; only Linear and Conv1D "
+                                 "modules can be experts' targets")
+            raise ValueError(
+                f"expert {name!r}: module {module!r} does not exist in the base model "
+                f"({type(base_model).__name__}): was the adapter trained on another base model?"
+            )
+        modules[module] = _module_weights(name, module, ab["A"], ab["B"], module_features(targets[module]), cfg)
+    return LoraExpert(name=name, path=path, config=cfg, modules=modules)
+
+
+def _refuse_variants(name: str, raw: dict[str, torch.Tensor]) -> None:
+    """Name an unsupported variant before complaining about any other key: an embedding adapter also
+    saves its embedding's '...base_layer.weight', which may come first."""
     for key in raw:
         if "lora_embedding_" in key:
             raise ValueError(
@@ -169,6 +189,11 @@ def load_expert(name: str, path: str | Path, base_model: nn.Module) -> LoraExper
             raise ValueError(f"expert {name!r}: key {key!r} is a DoRA magnitude; DoRA is not supported")
         if key.endswith(".lora_B.bias"):
             raise ValueError(f"expert {name!r}: key {key!r} is a LoRA bias; retrain the expert with lora_bias=False")
+
+
+def _pair_keys(name: str, path: Path, raw: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
+    """``{module: {"A": tensor, "B": tensor}}`` from PEFT's flat keys; every tensor must be finite."""
+    pairs: dict[str, dict[str, torch.Tensor]] = {}
     for key, tensor in raw.items():
         suffix = next((s for s in _SUFFIXES if key.endswith(s)), None)
         if suffix is None or not key.startswith(_PREFIX):
@@ -176,49 +201,34 @@ def load_expert(name: str, path: str | Path, base_model: nn.Module) -> LoraExper
                 f"expert {name!r}: unexpected key {key!r} in {WEIGHTS_NAME}; expected "
                 f"'{_PREFIX}<module>.lora_A.weight' / '.lora_B.weight'"
             )
-        module = key[len(_PREFIX):-len(suffix)]
-        pairs.setdefault(module, {})[_SUFFIXES[suffix]] = tensor
+        check_finite(tensor, f"expert {name!r}: {str(path / WEIGHTS_NAME)!r} tensor {key!r}",
+                     "the adapter file is corrupt or its training diverged; retrain or restore it")
+        pairs.setdefault(key[len(_PREFIX):-len(suffix)], {})[_SUFFIXES[suffix]] = tensor
     if not pairs:
         raise ValueError(f"expert {name!r}: {str(path / WEIGHTS_NAME)!r} holds no LoRA weights")
+    return pairs
 
-    rank_pattern = cfg.get("rank_pattern") or {}
-    alpha_pattern = cfg.get("alpha_pattern") or {}
-    rslora = bool(cfg.get("use_rslora", False))
-    dropout = float(cfg.get("lora_dropout", 0.0) or 0.0)
-    modules: dict[str, LoraModuleWeights] = {}
-    for module, ab in pairs.items():
-        if set(ab) != {"A", "B"}:
-            missing = "lora_B" if "A" in ab else "lora_A"
-            raise ValueError(f"expert {name!r}: module {module!r} has no {missing} weight")
-        if module not in targets:
-            if module in all_modules:
-                kind = type(all_modules[module]).__name__
-                raise ValueError(
-                    f"expert {name!r}: module {module!r} is a {kind}; only Linear and Conv1D modules can be experts' targets"
-                )
-            raise ValueError(
-                f"expert {name!r}: module {module!r} does not exist in the base model "
-                f"({type(base_model).__name__}): was the adapter trained on another base model?"
-            )
-        A, B = ab["A"], ab["B"]
-        in_f, out_f = module_features(targets[module])
-        r = A.shape[0]
-        if A.dim() != 2 or B.dim() != 2 or A.shape[1] != in_f or B.shape[0] != out_f or B.shape[1] != r:
-            raise ValueError(
-                f"expert {name!r} adapts {module!r} with lora_A {tuple(A.shape)} and lora_B {tuple(B.shape)}, "
-                f"but the base model's module maps {in_f} -> {out_f} (needs lora_A (r, {in_f}), lora_B ({out_f}, r)): "
-                "was it trained on another base model?"
-            )
-        expected_r = _pattern_value(rank_pattern, module, cfg["r"])
-        if expected_r != r:
-            raise ValueError(
-                f"expert {name!r}: module {module!r} has rank {r} but adapter_config.json says r={expected_r}; "
-                "the adapter files do not belong together"
-            )
-        alpha = float(_pattern_value(alpha_pattern, module, cfg["lora_alpha"]))
-        scale = alpha / math.sqrt(r) if rslora else alpha / r
-        modules[module] = LoraModuleWeights(A=A, B=B, scale=scale, dropout=dropout)
-    return LoraExpert(name=name, path=path, config=cfg, modules=modules)
+
+def _module_weights(name: str, module: str, A: torch.Tensor, B: torch.Tensor, features: tuple[int, int],
+                    cfg: dict[str, Any]) -> LoraModuleWeights:
+    """Check one module's ``A [r, in]``, ``B [out, r]`` against the base's ``(in, out)`` and the config."""
+    in_f, out_f = features
+    r = A.shape[0]
+    if A.dim() != 2 or B.dim() != 2 or A.shape[1] != in_f or B.shape[0] != out_f or B.shape[1] != r:
+        raise ValueError(
+            f"expert {name!r} adapts {module!r} with lora_A {tuple(A.shape)} and lora_B {tuple(B.shape)}, "
+            f"but the base model's module maps {in_f} -> {out_f} (needs lora_A (r, {in_f}), lora_B ({out_f}, r)): "
+            "was it trained on another base model?"
+        )
+    expected_r = _pattern_value(cfg.get("rank_pattern") or {}, module, cfg["r"])
+    if expected_r != r:
+        raise ValueError(
+            f"expert {name!r}: module {module!r} has rank {r} but adapter_config.json says r={expected_r}; "
+            "the adapter files do not belong together"
+        )
+    alpha = float(_pattern_value(cfg.get("alpha_pattern") or {}, module, cfg["lora_alpha"]))
+    scale = alpha / math.sqrt(r) if cfg.get("use_rslora", False) else alpha / r
+    return LoraModuleWeights(A=A, B=B, scale=scale, dropout=float(cfg.get("lora_dropout", 0.0) or 0.0))
 
 
 def load_experts(experts: dict[str, str], base_model: nn.Module, root: Path | None = None) -> list[LoraExpert]:

@@ -16,7 +16,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
-from xlora._io import atomic_save_safetensors
+from xlora._io import atomic_save_safetensors, check_finite
 from xlora.adapters import save_expert
 from xlora.config import XLoraConfig
 
@@ -99,14 +99,6 @@ def read_head_state(head_file: Path, expected: dict[str, torch.Tensor]) -> dict[
     return state
 
 
-def check_finite(tensor: torch.Tensor, what: str, fix: str) -> None:
-    """Raise ``ValueError`` naming ``what`` when ``tensor`` holds NaN or ±Inf (a corrupt or diverged file)."""
-    if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
-        bad = int((~torch.isfinite(tensor)).sum())
-        kind = "NaN" if bool(torch.isnan(tensor).any()) else "Inf"
-        raise ValueError(f"{what} holds {bad} non-finite value(s) ({kind} among them, of {tensor.numel()}); {fix}")
-
-
 def load_local(loader: Any, name: str, what: str, fix: str, **kwargs: Any) -> Any:
     """``loader.from_pretrained(name, local_files_only=True)`` (a model or tokenizer class), with an
     error naming ``what`` was being loaded, why it failed and ``fix`` instead of transformers' trace.
@@ -115,6 +107,13 @@ def load_local(loader: Any, name: str, what: str, fix: str, **kwargs: Any) -> An
     A folder holding only a pickle checkpoint (``pytorch_model.bin``) is refused the same way:
     transformers would unpickle it, which can run arbitrary code.
     """
+    folder = Path(name)
+    if folder.is_dir() and "gguf_file" not in kwargs and not any(folder.glob("*.safetensors")) \
+            and any(folder.glob("pytorch_model*.bin")):
+        raise FileNotFoundError(
+            f"cannot load {what} {name!r}: it holds only a pickle checkpoint (pytorch_model.bin), which xlora never "
+            "unpickles (it can run arbitrary code); convert it once where you trust it with "
+            f"model.save_pretrained(dir) (safetensors), then pass that folder; {fix}")
     try:
         return loader.from_pretrained(name, **{"local_files_only": True, **kwargs})
     except (OSError, ValueError) as err:
