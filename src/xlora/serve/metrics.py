@@ -1,4 +1,9 @@
-"""Prometheus metrics of the server, in the text exposition format, without extra dependencies."""
+"""Prometheus metrics of the server, in the text exposition format, without extra dependencies.
+
+Requests are counted by ``endpoint`` label: the route of :data:`~xlora.serve.protocol.ENDPOINTS`
+that the path matches (``/v1/models/{model_id}`` for any model id), else ``other``, so the label
+values stay bounded and a new endpoint needs no change here.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +12,10 @@ import time
 from collections import Counter
 from typing import Any
 
-ENDPOINTS = ("/v1/models", "/v1/models/{id}", "/v1/completions", "/v1/chat/completions", "/health", "/metrics")
+from starlette.routing import compile_path
+
+from xlora.serve.protocol import ENDPOINTS, Endpoint
+
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
 
@@ -43,18 +51,21 @@ def _num(x: float) -> str:
 class Metrics:
     """Request counts by endpoint and status, latencies, tokens; queue and batch figures from ``batcher``."""
 
-    def __init__(self, batcher: Any) -> None:
+    def __init__(self, batcher: Any, endpoints: tuple[Endpoint, ...] = ENDPOINTS) -> None:
         self.batcher = batcher
+        self.routes = [(compile_path(e.path)[0], e.label) for e in endpoints]
         self.lock = threading.Lock()
         self.requests: Counter[tuple[str, int]] = Counter()
         self.latency: dict[str, Histogram] = {}
         self.prompt_tokens = 0
         self.completion_tokens = 0
 
+    def label(self, path: str) -> str:
+        """The ``endpoint`` label of a request path: its route in the endpoint table, else ``other``."""
+        return next((label for regex, label in self.routes if regex.match(path)), "other")
+
     def observe_request(self, path: str, status: int, seconds: float) -> None:
-        if path.startswith("/v1/models/"):
-            path = "/v1/models/{id}"
-        endpoint = path if path in ENDPOINTS else "other"  # bounded label values
+        endpoint = self.label(path)
         with self.lock:
             self.requests[(endpoint, status)] += 1
             self.latency.setdefault(endpoint, Histogram(LATENCY_BUCKETS)).observe(seconds)
