@@ -17,6 +17,7 @@ from typing import Any
 
 from xlora._io import atomic_write_text
 
+LORA_DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16", "float64": "float64"}
 _EXPERT_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_\-]*$")
 
 
@@ -93,6 +94,9 @@ class XLoraConfig:
         scaling_pass_value: value of every scaling during the scaling pass (0 = exactly the base model).
         global_scaling_weight: ``g``, multiplies every expert's contribution.
         use_trainable_adapters: train the experts together with the head.
+        lora_dtype: dtype of the experts' weights and their matmuls (``"float32"``, ``"bfloat16"``,
+            ``"float16"``, ``"float64"``); ``None``: the base model's floating dtype (its compute dtype
+            when the base is quantised). Activations are cast to it and the result back.
         base_model_name_or_path: where the base model was loaded from (informational, used by loaders).
         hidden_size: filled in from the base model; a mismatch on load is an error.
         num_adapted_modules: ``L``, filled in from the base model and the experts.
@@ -112,6 +116,7 @@ class XLoraConfig:
     scaling_pass_value: float = 0.0
     global_scaling_weight: float = 1.0
     use_trainable_adapters: bool = False
+    lora_dtype: str | None = None
     base_model_name_or_path: str | None = None
     hidden_size: int | None = None
     num_adapted_modules: int | None = None
@@ -140,6 +145,9 @@ class XLoraConfig:
             raise ValueError("enable_softmax_topk=True needs top_k to be set (e.g. top_k=2)")
         self.scaling_pass_value = check_float("scaling_pass_value", self.scaling_pass_value)
         self.global_scaling_weight = check_float("global_scaling_weight", self.global_scaling_weight)
+        if self.lora_dtype is not None and self.lora_dtype not in LORA_DTYPES:
+            raise ValueError(f"lora_dtype must be one of {sorted(LORA_DTYPES)} or None (the base model's dtype), "
+                             f"got {self.lora_dtype!r}")
         if self.hidden_size is not None:
             check_int("hidden_size", self.hidden_size, 1)
         if self.num_adapted_modules is not None:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 
 import torch
 import torch.nn.functional as F
@@ -40,6 +40,14 @@ class ScalingState:
             yield
         finally:
             self.scalings, self.constant, self.global_weight, self.coefficients = saved
+
+    def checkpoint_contexts(self) -> tuple[AbstractContextManager[None], AbstractContextManager[None]]:
+        """``context_fn`` for ``torch.utils.checkpoint`` (non-reentrant): the recomputation in the
+        backward pass runs with the state in force when the layer first ran, not the state of the
+        moment (by then the pass that set it has ended)."""
+        snapshot = {"scalings": self.scalings, "constant": self.constant, "global_weight": self.global_weight,
+                    "coefficients": self.coefficients}
+        return nullcontext(), self.use(**snapshot)
 
 
 class ColumnTable(nn.Module):
@@ -100,6 +108,10 @@ class MixtureLoraLinear(nn.Module):
         experts: ``{expert index: weights}`` of the experts that adapt this module.
         state: the shared :class:`ScalingState`.
         trainable: whether ``A`` and ``B`` receive gradients.
+        dtype: the experts' own dtype (default: the base layer's floating weight dtype, else float32).
+            The base layer computes itself, quantised or not (bitsandbytes ``Linear8bitLt`` /
+            ``Linear4bit``, torchao weight tensors); ``x`` is cast to ``dtype`` for the experts and
+            their sum cast back to the base output's dtype.
     """
 
     def __init__(
@@ -110,6 +122,7 @@ class MixtureLoraLinear(nn.Module):
         experts: dict[int, LoraModuleWeights],
         state: ScalingState,
         trainable: bool = False,
+        dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
         self.base_layer = base_layer
@@ -119,7 +132,8 @@ class MixtureLoraLinear(nn.Module):
         w = next(base_layer.parameters())
         ids = sorted(experts)
         self.expert_ranks = [experts[e].rank for e in ids]
-        dtype, device = w.dtype, w.device
+        device = w.device
+        dtype = dtype or (w.dtype if w.dtype.is_floating_point else torch.float32)
         self.lora_A = nn.Parameter(torch.cat([experts[e].A for e in ids]).to(device, dtype), requires_grad=trainable)
         self.lora_B = nn.Parameter(torch.cat([experts[e].B for e in ids], 1).to(device, dtype), requires_grad=trainable)
         # Column j of the intermediate belongs to expert col_expert[j] and is scaled by α/r of it.
@@ -141,7 +155,8 @@ class MixtureLoraLinear(nn.Module):
         self._dropout_groups = [(float(p), col_drop == p) for p in torch.unique(col_drop).tolist()]
 
     def _down(self, x: torch.Tensor) -> torch.Tensor:
-        """``h = drop(x) · Aᵀ`` with each expert's own dropout probability; ``[..., R]``."""
+        """``h = drop(x) · Aᵀ`` with each expert's own dropout probability, in the experts' dtype; ``[..., R]``."""
+        x = x.to(self.lora_A.dtype)
         if not self.training or all(p == 0.0 for p, _ in self._dropout_groups):
             return F.linear(x, self.lora_A)
         if len(self._dropout_groups) == 1:
@@ -166,6 +181,11 @@ class MixtureLoraLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base_layer(x)
+        delta = self._experts(x)
+        return y if delta is None else y + delta.to(y.dtype)
+
+    def _experts(self, x: torch.Tensor) -> torch.Tensor | None:
+        """``g · Σ_e s_e · (α_e/r_e) · B_e A_e x`` in the experts' dtype, or ``None`` when every scaling is 0."""
         state = self.state
         if state.coefficients is not None:
             coef = state.coefficients[..., self.layer_index, : self.lora_A.shape[0]]
@@ -177,14 +197,14 @@ class MixtureLoraLinear(nn.Module):
             w = s.to(self.expert_scale.dtype) * (self.expert_scale * state.global_weight)  # [b, t, E_l]
             h = self._down(x)
             h = (h.unflatten(-1, (len(self.expert_ids), self.expert_ranks[0])) * w.unsqueeze(-1)).flatten(-2)
-            return y + F.linear(h, self.lora_B)
+            return F.linear(h, self.lora_B)
         elif state.scalings is not None:
             coef = self._column_coefficients(state.scalings)
         elif state.constant:
             coef = self.col_scale * (state.constant * state.global_weight)  # [R]
         else:
-            return y  # scalings all zero: exactly the base layer, no expert matmuls
-        return y + F.linear(self._down(x) * coef, self.lora_B)
+            return None  # scalings all zero: exactly the base layer, no expert matmuls
+        return F.linear(self._down(x) * coef.to(self.lora_A.dtype), self.lora_B)
 
     def expert_weights(self) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
         """``{expert index: (A [r, in], B [out, r])}``, split back out of the fused matrices."""

@@ -21,6 +21,7 @@ from xlora.config import XLoraConfig
 from xlora.generation import ScalingsObserver, XLoraGenerationMixin
 from xlora.head import ScalingHead
 from xlora.layers import ColumnTable, MixtureLoraLinear, ScalingState
+from xlora.lifecycle import LifecycleMixin
 
 ScalingsSpec = str | int | torch.Tensor | None
 
@@ -32,7 +33,7 @@ class XLoraOutput(CausalLMOutputWithPast):
     scalings: torch.Tensor | None = None
 
 
-class XLoraModel(XLoraGenerationMixin, nn.Module):
+class XLoraModel(LifecycleMixin, XLoraGenerationMixin, nn.Module):
     """A mixture of LoRA experts over a Hugging Face causal LM.
 
     One forward is two passes of the same base model: a scaling pass (no grad, every scaling set
@@ -60,6 +61,8 @@ class XLoraModel(XLoraGenerationMixin, nn.Module):
                 "this X-LoRA head was trained for another base model"
             )
         experts = load_experts(config.experts, base_model, Path(experts_root) if experts_root else None)
+        self._base_requires_grad = {n: p.requires_grad for n, p in base_model.named_parameters()}
+        self._base_was_checkpointing = bool(getattr(base_model, "is_gradient_checkpointing", False))
         for p in base_model.parameters():
             p.requires_grad_(False)
         self.base_model = base_model
@@ -80,8 +83,8 @@ class XLoraModel(XLoraGenerationMixin, nn.Module):
         config.hidden_size, config.num_adapted_modules = hidden, L
         if config.base_model_name_or_path is None:
             config.base_model_name_or_path = getattr(base_model.config, "_name_or_path", None) or None
-        w = next(base_model.parameters())
-        self.head = ScalingHead(config, hidden, L, config.num_experts).to(w.device, w.dtype)
+        w = base_model.get_input_embeddings().weight
+        self.head = ScalingHead(config, hidden, L, config.num_experts).to(w.device, _float_dtype(base_model))
         self._fixed_scalings: torch.Tensor | None = None  # set only inside `with fixed_scalings(...)`
         self.train(base_model.training)
 
@@ -90,13 +93,14 @@ class XLoraModel(XLoraGenerationMixin, nn.Module):
         """Wrap every module that at least one expert adapts; returns their names (the ``L`` axis)."""
         targets = adaptable_modules(self.base_model)
         names = [n for n in targets if any(n in e.modules for e in experts)]
+        cfg = self.xlora_config.lora_dtype
+        lora_dtype = getattr(torch, cfg) if cfg else _float_dtype(self.base_model)
         for l, name in enumerate(names):
             parent_name, _, child = name.rpartition(".")
             parent = self.base_model.get_submodule(parent_name) if parent_name else self.base_model
             per_expert = {i: e.modules[name] for i, e in enumerate(experts) if name in e.modules}
-            layer = MixtureLoraLinear(
-                targets[name], l, len(experts), per_expert, self.state, trainable=self.xlora_config.use_trainable_adapters
-            )
+            layer = MixtureLoraLinear(targets[name], l, len(experts), per_expert, self.state,
+                                      trainable=self.xlora_config.use_trainable_adapters, dtype=lora_dtype)
             setattr(parent, child, layer)
         return names
 
@@ -219,6 +223,7 @@ class XLoraModel(XLoraGenerationMixin, nn.Module):
             :class:`XLoraOutput` with ``logits`` ``[b, t, vocab]``, ``loss`` when ``labels`` are
             given, the ``scalings`` ``[b, t, L, E]`` that were applied and the ``cache``.
         """
+        self._check_loaded()
         if input_ids is None and inputs_embeds is None:
             raise ValueError("forward needs input_ids or inputs_embeds")
         kwargs.pop("return_dict", None)  # always a ModelOutput
@@ -234,6 +239,11 @@ class XLoraModel(XLoraGenerationMixin, nn.Module):
                              "pass use_cache=True with a cache, or no cache to recompute without one")
         if use_cache and cache is None:
             cache = self.new_cache()
+        if self._adapters_disabled:  # exactly the base model: one pass, no head, no experts
+            out = self.base_model(**inputs, labels=labels, cache=cache, use_cache=use_cache,
+                                  logits_to_keep=logits_to_keep, return_dict=True, **kwargs)
+            return XLoraOutput(loss=out.loss, logits=out.logits, cache=out.cache, hidden_states=out.hidden_states,
+                               attentions=out.attentions)
         fixed = self.resolve_scalings(scalings) if scalings is not None else self._fixed_scalings
         if fixed is not None:
             s = self._expand_fixed(fixed, b, t)  # no scaling pass: its cache falls behind (checked on reuse)
@@ -276,6 +286,12 @@ class XLoraModel(XLoraGenerationMixin, nn.Module):
         from xlora.saving import load_model
 
         return load_model(cls, directory, base_model, **model_kwargs)
+
+
+def _float_dtype(model: PreTrainedModel) -> torch.dtype:
+    """The base's activation dtype: its floating parameters' (a quantised base keeps norms and
+    embeddings in it), float32 when it has none."""
+    return next((p.dtype for p in model.parameters() if p.dtype.is_floating_point), torch.float32)
 
 
 def _hidden_size(model: PreTrainedModel) -> int:
