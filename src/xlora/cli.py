@@ -194,6 +194,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-queue", type=int, default=keep, help="more waiting requests get HTTP 429 (default: 256)")
     p.add_argument("--max-tokens-limit", type=int, default=keep, help="largest max_tokens allowed (default: 4096)")
     p.add_argument("--max-prompt-tokens", type=int, default=keep, help="(default: the model's context length)")
+    p.add_argument("--shutdown-timeout", dest="shutdown_timeout_s", type=_non_negative, default=keep, metavar="SECONDS",
+                   help="on SIGTERM/Ctrl-C, running requests get this long, then end with an OpenAI error (default: 30)")
     p.set_defaults(func=_serve)
 
     from xlora import XLoraConfig

@@ -41,3 +41,16 @@ def build_model_dir(tmp_path_factory) -> Path:
     model.save_pretrained(root / "xlora")
     _BUILT["dir"] = root / "xlora"
     return _BUILT["dir"]
+
+
+def long_context_base(model_dir: Path, dest: Path, context: int = 1 << 15) -> Path:
+    """A copy of ``model_dir``'s base with a ``context``-token window (rotary positions: no weight changes),
+    for streams that outlast a shutdown timeout; pass it as ``--base``."""
+    import json
+    import shutil
+
+    shutil.copytree(model_dir.parent / "base", dest)
+    config = json.loads((dest / "config.json").read_text())
+    config["max_position_embeddings"] = context
+    (dest / "config.json").write_text(json.dumps(config))
+    return dest

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import signal
 import socket
 import threading
 import time
@@ -322,7 +323,41 @@ def test_queue_full_is_429_and_shutdown_finishes_in_flight_streams(model_dir):
     assert not srv.thread.is_alive()
 
 
-def test_cli_serve_builds_the_config_from_flags_and_env(monkeypatch, tmp_path):
+def test_a_second_exit_signal_ends_running_requests_at_once(model_dir):
+    srv = Live(model_dir)  # shutdown timeout 20 s
+    body = {"model": NAME, "prompt": "Hi", "max_tokens": 900, "temperature": 0, "stream": True,
+            "xlora": {"ignore_eos": True}}
+    lines: list[str] = []
+    started = threading.Event()
+
+    def stream() -> None:
+        with httpx.Client(base_url=srv.url, headers={"Authorization": f"Bearer {KEY}"}, timeout=60) as h:
+            with h.stream("POST", "/v1/completions", json=body) as resp:
+                for line in resp.iter_lines():
+                    lines.append(line)
+                    started.set()
+
+    reader = threading.Thread(target=stream)
+    reader.start()
+    assert started.wait(10)
+    srv.server.handle_exit(signal.SIGTERM, None)  # what uvicorn calls on SIGTERM: 20 s of grace begin
+    time.sleep(0.2)
+    assert srv.batcher.active_rows == 1 and not srv.batcher.accepting  # still decoding within the grace period
+    sent = time.monotonic()
+    srv.server.handle_exit(signal.SIGTERM, None)  # the second signal: no more grace
+    reader.join(10)
+    srv.thread.join(10)
+    assert time.monotonic() - sent < 2 and not srv.thread.is_alive()
+    data = [line for line in lines if line]
+    assert json.loads(data[-2][6:]) == {"error": {
+        "message": "the server is shutting down and this request did not finish within its shutdown timeout of 0 s; "
+                   "retry it on another instance", "type": "service_unavailable", "param": None,
+        "code": "shutting_down"}}
+    assert data[-1] == "data: [DONE]" and len(data) > 10
+    srv.http.close()
+
+
+def test_cli_serve_builds_the_config_from_flags_and_env(monkeypatch, tmp_path, capsys):
     import xlora.serve.app
     from xlora.cli import main
 
@@ -330,10 +365,19 @@ def test_cli_serve_builds_the_config_from_flags_and_env(monkeypatch, tmp_path):
     monkeypatch.setattr(xlora.serve.app, "serve", lambda d, cfg, base_model=None, log_level="info": seen.update(
         dir=d, cfg=cfg, base=base_model))
     monkeypatch.setenv("XLORA_API_KEY", "sk-env")
-    assert main(["serve", str(tmp_path / "my-model"), "--max-batch", "4", "--port", "9001"]) == 0
+    assert main(["serve", str(tmp_path / "my-model"), "--max-batch", "4", "--port", "9001",
+                 "--shutdown-timeout", "2.5"]) == 0
     cfg = seen["cfg"]
     assert (cfg.model_name, cfg.api_key, cfg.max_batch, cfg.port) == ("my-model", "sk-env", 4, 9001)
+    assert cfg.shutdown_timeout_s == 2.5
     assert (cfg.host, cfg.batch_window_ms) == (ServerConfig.host, ServerConfig.batch_window_ms)  # one source of truth
+    assert main(["serve", str(tmp_path)]) == 0 and seen["cfg"].shutdown_timeout_s == ServerConfig.shutdown_timeout_s
+    with pytest.raises(SystemExit) as exc:  # argparse refuses it, naming the flag and the value
+        main(["serve", str(tmp_path), "--shutdown-timeout", "-1"])
+    assert exc.value.code == 2
+    assert "--shutdown-timeout: expected a number >= 0, got '-1'" in capsys.readouterr().err
+    assert main(["serve", str(tmp_path), "--shutdown-timeout", "inf"]) == 2
+    assert "shutdown_timeout_s must be a number of seconds >= 0, got inf" in capsys.readouterr().err
     assert main(["serve", str(tmp_path), "--api-key", "sk-flag", "--max-batch", "0"]) == 2  # ValueError -> exit 2
     monkeypatch.delenv("XLORA_API_KEY")
     assert main(["serve", str(tmp_path)]) == 0 and seen["cfg"].api_key is None
