@@ -16,10 +16,10 @@ from xlora.train.data import (
     batch_order,
     build_dataset,
     collate,
-    read_records,
     record_kind,
     tokenize_record,
 )
+from xlora.train.records import read_records
 
 M = -100
 EOS = 2

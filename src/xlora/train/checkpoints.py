@@ -1,29 +1,44 @@
-"""Training checkpoints: written atomically, validated on resume, the last K kept.
+"""Training checkpoints: complete under their name or not there at all, validated on resume, the last K kept.
 
 A checkpoint is a directory ``checkpoints/step-00000100/`` holding what
 :meth:`XLoraModel.save_pretrained` writes, ``optimizer.safetensors`` and ``trainer_state.json``.
-It is written under a temporary name and renamed into place, so a checkpoint that exists is complete.
-No pickle is ever written or read.
+No pickle is ever written or read. What a kill (``kill -9``, power loss of the process) at any
+point can leave behind, and why resume never sees it:
+
+- a checkpoint is written under ``checkpoints/.tmp-step-N`` and renamed into place (one atomic
+  ``rename``), so a ``step-N`` directory is always complete;
+- a checkpoint is deleted (pruned, or replaced) by first renaming it to ``checkpoints/.trash-…``
+  and only then deleting the files, so a half-deleted one never carries a valid name;
+- leftovers (``.tmp-*``, ``.trash-*``, and the temporaries of atomic file writes) match no
+  checkpoint name and are removed by :func:`clean_stale` when the next run starts.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import warnings
+from itertools import count
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors.torch import load_file
 
+from xlora import XLoraConfig
 from xlora._io import atomic_save_safetensors, atomic_write_text
+from xlora.saving import CONFIG_FILE, EXPERTS_DIR, HEAD_FILE
 
 CHECKPOINTS = "checkpoints"
+MARKER = "train_config.json"  # the run's options; marks the output directory as a run of ours
+METRICS = "metrics.jsonl"
 STATE_FILE = "trainer_state.json"
 OPTIMIZER_FILE = "optimizer.safetensors"
 _NAME = re.compile(r"^step-(\d{8})$")
+_TMP, _TRASH = ".tmp-", ".trash-"
+_trash_ids = count()
 
 
 def optimizer_to_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], list[dict[str, Any]]]:
@@ -47,23 +62,46 @@ def optimizer_from_tensors(optimizer: torch.optim.Optimizer, tensors: dict[str, 
 
 def save_checkpoint(output_dir: Path, step: int, model: Any, optimizer: torch.optim.Optimizer,
                     state: dict[str, Any], keep: int) -> Path:
-    """Write ``checkpoints/step-N`` atomically (temp dir + rename) and prune to the newest ``keep``."""
-    root = output_dir / CHECKPOINTS
+    """Write ``checkpoints/step-N`` (temp dir + rename) and prune to the newest ``keep``; crash-safe at every step."""
+    root = Path(output_dir) / CHECKPOINTS
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step:08d}"
-    tmp = root / f".tmp-step-{step:08d}"
-    if tmp.exists():
+    tmp = root / f"{_TMP}{final.name}"
+    if tmp.exists():  # a killed attempt at this very step
         shutil.rmtree(tmp)
     model.save_pretrained(tmp)
     tensors, groups = optimizer_to_tensors(optimizer)
     atomic_save_safetensors(tmp / OPTIMIZER_FILE, tensors)
     atomic_write_text(tmp / STATE_FILE, json.dumps({**state, "step": step, "param_groups": groups}, indent=2))
-    if final.exists():
-        shutil.rmtree(final)
+    if final.exists():  # saving a step again (resumed before a damaged checkpoint): drop the old one first
+        discard(final)
     tmp.rename(final)
     for old in list_checkpoints(output_dir)[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+        discard(old)
     return final
+
+
+def discard(path: Path) -> None:
+    """Delete a checkpoint directory: rename it out of the valid names (atomic), then delete its files."""
+    trash = path.with_name(f"{_TRASH}{path.name}-{os.getpid()}-{next(_trash_ids)}")
+    path.rename(trash)
+    shutil.rmtree(trash)
+
+
+def clean_stale(output_dir: Path) -> list[Path]:
+    """Remove what a killed run left in ``output_dir`` (returned): ``checkpoints/.tmp-*`` and ``.trash-*``, and
+    the temporaries of our atomic writes (``.<name>.<random>.tmp``) next to our files. Never touches other files."""
+    out = Path(output_dir)
+    found = [p for p in (out / CHECKPOINTS).glob(".*") if p.name.startswith((_TMP, _TRASH))]
+    ours = (CONFIG_FILE, HEAD_FILE, MARKER, METRICS)
+    found += [p for p in out.glob(".*.tmp") if p.name[1:].startswith(tuple(f"{n}." for n in ours))]
+    found += [p for p in (out / EXPERTS_DIR).glob("*/.*.tmp") if p.is_file()]
+    for path in found:
+        if path.is_dir():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
+    return found
 
 
 def list_checkpoints(output_dir: Path) -> list[Path]:
@@ -79,7 +117,8 @@ def load_checkpoint_state(path: Path) -> tuple[dict[str, Any], dict[str, torch.T
     state = json.loads((path / STATE_FILE).read_text())
     if not isinstance(state, dict) or not isinstance(state.get("step"), int):
         raise ValueError(f"{path / STATE_FILE} has no step")
-    head = load_file(str(path / "xlora_head.safetensors"))
+    XLoraConfig.from_json_file(path / CONFIG_FILE)
+    head = load_file(str(path / HEAD_FILE))
     optim = load_file(str(path / OPTIMIZER_FILE))
     for name, t in head.items():
         if not torch.isfinite(t).all():

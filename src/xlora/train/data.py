@@ -18,21 +18,24 @@ messages ("record 12" is the 12th line of data).
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from xlora.train.records import iter_records
+
 IGNORE_INDEX = -100
 SHAPES = ('{"text": str}, {"prompt": str, "completion": str}, '
           '{"messages": [{"role": str, "content": str}, ...]}')
-# Extensions handed to Hugging Face `datasets`: builder name and extra keyword arguments.
-_DATASETS_FORMATS: dict[str, tuple[str, dict[str, Any]]] = {
-    ".json": ("json", {}), ".csv": ("csv", {}), ".tsv": ("csv", {"sep": "\t"}),
-    ".parquet": ("parquet", {}), ".arrow": ("arrow", {}), ".txt": ("text", {}),
-}
+# At most CHARS_PER_TOKEN * (max_length + 1) characters of a record reach the tokenizer, so a 50 MB
+# line costs what a short one does. Prose and code average 3-5 characters per token with BPE and
+# SentencePiece vocabularies (a character-level tokenizer: 1), so 64 is over 10x the need: a cut
+# record still yields more than max_length tokens and the kept ones are those of the whole text.
+# Only text dominated by tokens longer than 64 characters (long runs of one symbol that the
+# vocabulary has as single tokens) may come out shorter than max_length; it is still a valid example.
+CHARS_PER_TOKEN = 64
 
 
 @dataclass
@@ -53,71 +56,12 @@ class DatasetStats:
     num_loss_tokens: int
 
 
-# ----------------------------------------------------------------------------------------- reading
-def read_records(path: str | Path) -> list[dict]:
-    """Read training records (in file order) from ``path``.
-
-    ``.jsonl`` (and ``.json`` files that are not a JSON array) are read as JSON lines, one object
-    per line, blank lines skipped. Other formats (``.csv``, ``.tsv``, ``.parquet``, ``.arrow``,
-    ``.txt``, ``.json`` arrays) go through ``datasets.load_dataset(builder, data_files=path)``.
-
-    Raises:
-        FileNotFoundError: ``path`` does not exist.
-        ValueError: the file is empty, a line is not valid JSON or not an object (the message gives
-            the 1-based line number), or the extension is unknown.
-        ImportError: a non-JSONL format was given and ``datasets`` is not installed.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"data file {str(path)!r} does not exist (or is not a file); check the path")
-    suffix = path.suffix.lower()
-    text = path.read_text(encoding="utf-8") if suffix in (".jsonl", ".json") else None
-    if text is not None and not text.strip():
-        raise ValueError(f"data file {str(path)!r} is empty; it needs at least one record")
-    if suffix == ".jsonl" or (suffix == ".json" and not text.lstrip().startswith("[")):
-        return _read_json_lines(path, text)
-    if suffix not in _DATASETS_FORMATS:
-        raise ValueError(f"data file {str(path)!r} has extension {suffix!r}, which is not supported; use one of "
-                         f"{sorted(['.jsonl', *_DATASETS_FORMATS])}")
-    return _read_with_datasets(path, *_DATASETS_FORMATS[suffix])
-
-
-def _read_json_lines(path: Path, text: str) -> list[dict]:
-    records = []
-    for number, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            value = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}: line {number} is not valid JSON ({e}); each line must be one JSON object") from e
-        if not isinstance(value, dict):
-            raise ValueError(f"{path}: line {number} is a JSON {type(value).__name__}, not an object; each line "
-                             f"must be one record such as {{\"text\": \"...\"}}")
-        records.append(value)
-    return records
-
-
-def _read_with_datasets(path: Path, builder: str, kwargs: dict[str, Any]) -> list[dict]:
-    try:
-        from datasets import load_dataset
-    except ImportError as e:
-        raise ImportError(f"reading {str(path)!r} ({path.suffix} files) needs Hugging Face datasets: "
-                          f"`pip install datasets` (or `pip install xlora[train]`), or convert the file to "
-                          f".jsonl") from e
-    dataset = load_dataset(builder, data_files=str(path), split="train", **kwargs)
-    records = [dict(row) for row in dataset]
-    if not records:
-        raise ValueError(f"data file {str(path)!r} is empty; it needs at least one record")
-    return records
-
-
 # -------------------------------------------------------------------------------------- tokenizing
 def record_kind(record: dict, index: int) -> str:
     """The shape of a record: ``"text"``, ``"prompt_completion"`` or ``"messages"``.
 
     Args:
-        record: one record as read by ``read_records``.
+        record: one record as read by :func:`~xlora.train.records.iter_records`.
         index: its 0-based position (messages print it 1-based).
 
     Raises:
@@ -137,8 +81,25 @@ def record_kind(record: dict, index: int) -> str:
                      f"{SHAPES}; rename its fields to one of them")
 
 
+class _CharBudget:
+    """A record's text fields, in order, share one character budget; ``cut`` says whether text was dropped."""
+
+    def __init__(self, max_length: int) -> None:
+        self.left, self.cut = CHARS_PER_TOKEN * (max_length + 1), False
+
+    def take(self, text: str) -> str:
+        kept = text[:self.left]
+        self.left -= len(kept)
+        self.cut = self.cut or len(kept) < len(text)
+        return kept
+
+
 def tokenize_record(record: dict, tokenizer: Any, max_length: int, index: int = 0) -> tuple[TokenizedExample, bool]:
     """Tokenize one record and mask the tokens that take no loss.
+
+    Only the first ``CHARS_PER_TOKEN * (max_length + 1)`` characters of the record's text fields
+    (together, in order) are tokenized, so time and memory are bounded whatever the record's size;
+    a record cut this way gets no EOS (its end was not reached) and counts as truncated.
 
     Args:
         record: ``{"text"}``, ``{"prompt", "completion"}`` or ``{"messages"}`` (see the module doc).
@@ -159,16 +120,20 @@ def tokenize_record(record: dict, tokenizer: Any, max_length: int, index: int = 
         raise ValueError(f"max_length must be >= 1, got {max_length}")
     kind = record_kind(record, index)
     where = f"record {index + 1}"
+    budget = _CharBudget(max_length)
     if kind == "text":
-        ids = _encode(tokenizer, _string(record, "text", where), special=True) + _eos(tokenizer)
+        ids = _encode(tokenizer, budget.take(_string(record, "text", where)), special=True)
+        ids += [] if budget.cut else _eos(tokenizer)
         labels = list(ids)
     elif kind == "prompt_completion":
-        prompt = _encode(tokenizer, _string(record, "prompt", where), special=True)
-        completion = _encode(tokenizer, _string(record, "completion", where), special=False) + _eos(tokenizer)
+        prompt_text, completion_text = _string(record, "prompt", where), _string(record, "completion", where)
+        prompt = _encode(tokenizer, budget.take(prompt_text), special=True)
+        completion = _encode(tokenizer, budget.take(completion_text), special=False)
+        completion += [] if budget.cut else _eos(tokenizer)
         ids, labels = prompt + completion, [IGNORE_INDEX] * len(prompt) + completion
     else:
-        ids, labels = _tokenize_chat(record["messages"], tokenizer, where)
-    truncated = len(ids) > max_length
+        ids, labels = _tokenize_chat(record["messages"], tokenizer, where, budget)
+    truncated = budget.cut or len(ids) > max_length
     return TokenizedExample(ids[:max_length], labels[:max_length]), truncated
 
 
@@ -187,7 +152,7 @@ def _eos(tokenizer: Any) -> list[int]:
     return [] if tokenizer.eos_token_id is None else [int(tokenizer.eos_token_id)]
 
 
-def _tokenize_chat(messages: Any, tokenizer: Any, where: str) -> tuple[list[int], list[int]]:
+def _tokenize_chat(messages: Any, tokenizer: Any, where: str, budget: _CharBudget) -> tuple[list[int], list[int]]:
     if not isinstance(messages, list) or not messages:
         raise ValueError(f"{where}: field 'messages' must be a non-empty list of {{\"role\", \"content\"}} objects, "
                          f"got {type(messages).__name__} {messages!r:.60}")
@@ -205,6 +170,7 @@ def _tokenize_chat(messages: Any, tokenizer: Any, where: str) -> tuple[list[int]
     if not getattr(tokenizer, "chat_template", None):
         raise ValueError(f"{where} uses 'messages' but the tokenizer has no chat_template; use a tokenizer with "
                          f"one (an instruct model's) or convert the data to prompt/completion records")
+    messages = [{**m, "content": budget.take(m["content"])} for m in messages]
 
     def render(prefix: list[dict], generation_prompt: bool = False) -> str:
         if not prefix:  # templates cannot render an empty conversation
@@ -268,22 +234,22 @@ def build_dataset(path: str | Path, tokenizer: Any, max_length: int,
     """
     if max_length < 1:
         raise ValueError(f"max_length must be >= 1, got {max_length}")
-    records = read_records(path)
-    examples, num_truncated = [], 0
-    for index, record in enumerate(records):
+    examples, num_records, num_truncated = [], 0, 0
+    for index, record in enumerate(iter_records(path)):  # streamed: one raw record in memory at a time
         try:
             example, truncated = tokenize_record(record, tokenizer, max_length, index)
         except ValueError as e:
             raise ValueError(f"{path}: {e}") from e
         examples.append(example)
+        num_records += 1
         num_truncated += truncated
     if packing:
         examples = _pack(examples, max_length)
     num_loss = sum(sum(label != IGNORE_INDEX for label in e.labels) for e in examples)
     if num_loss == 0:
-        raise ValueError(f"{path}: none of the {len(records)} records has a token to train on after truncation "
+        raise ValueError(f"{path}: none of the {num_records} records has a token to train on after truncation "
                          f"to max_length={max_length}; raise max_length or check the assistant/completion fields")
-    return examples, DatasetStats(len(records), len(examples), num_truncated, num_loss)
+    return examples, DatasetStats(num_records, len(examples), num_truncated, num_loss)
 
 
 def _pack(examples: list[TokenizedExample], max_length: int) -> list[TokenizedExample]:

@@ -7,13 +7,16 @@ an optimizer step is the token-summed cross-entropy divided by the number of los
 whole step on all processes — so N processes give the same update as one process with the same
 global batch. Randomness (dropout) is re-seeded from ``(seed, step, rank)`` at every step, which
 makes a resumed run identical to an uninterrupted one.
+
+:func:`train` is a loop over four functions: :func:`~xlora.train.setup.setup` (load and check
+everything, then prepare the output directory), :func:`train_step` (one optimizer step),
+:func:`evaluate` and :func:`save_training_checkpoint`; :func:`finish` writes the final model.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import shutil
 import signal
 import time
 from contextlib import nullcontext
@@ -24,25 +27,13 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from xlora._io import atomic_write_text
-from xlora.generation import pad_token_id
-from xlora.model import XLoraModel
-from xlora.saving import load_local
-from xlora.train.checkpoints import (
-    CHECKPOINTS,
-    newest_valid_checkpoint,
-    optimizer_from_tensors,
-    save_checkpoint,
-)
+from xlora.train.checkpoints import METRICS, list_checkpoints, save_checkpoint
 from xlora.train.config import TrainConfig
-from xlora.train.data import TokenizedExample, batch_order, build_dataset, collate
+from xlora.train.data import IGNORE_INDEX, TokenizedExample, batch_order, collate
+from xlora.train.setup import Run, TrainingError, setup
 
-MARKER = "train_config.json"
-METRICS = "metrics.jsonl"
-
-
-class TrainingError(RuntimeError):
-    """Training stopped for a reason the user must act on (the message says what to do)."""
+__all__ = ["TrainResult", "TrainingError", "evaluate", "finish", "lr_factor", "save_training_checkpoint",
+           "scalings_regularizer", "train", "train_step"]
 
 
 @dataclass
@@ -54,28 +45,173 @@ class TrainResult:
     interrupted: bool = False
 
 
-def prepare_output_dir(cfg: TrainConfig) -> None:
-    """Refuse to clobber: an existing non-empty directory needs ``resume`` (ours) or ``overwrite``."""
-    out = Path(cfg.output_dir)
-    if not out.exists() or not any(out.iterdir()):
-        if cfg.resume:
-            raise TrainingError(f"resume=True but {str(out)!r} holds no run to resume; drop --resume")
-        return
-    ours = (out / MARKER).is_file()
-    if cfg.resume:
-        if not ours:
-            raise TrainingError(f"resume=True but {str(out)!r} is not an xlora training directory (no {MARKER})")
-        return
-    if not cfg.overwrite:
-        what = "holds a previous run" if ours else "exists and is not an xlora training directory"
-        raise TrainingError(f"output_dir {str(out)!r} {what}; pass --resume to continue it or --overwrite to start over")
-    # overwrite: remove only what a run of ours writes; never the user's other files
-    for name in (CHECKPOINTS, METRICS, MARKER, "xlora_config.json", "xlora_head.safetensors", "experts"):
-        target = out / name
-        if target.is_dir():
-            shutil.rmtree(target)
-        elif target.exists():
-            target.unlink()
+@dataclass
+class StepResult:
+    """What one optimizer step did: mean loss per loss token (all processes), learning rate, gradient norm
+    before clipping (``None`` without clipping) and the tokens this process fed through the model."""
+
+    loss: float
+    lr: float
+    grad_norm: float | None
+    tokens: int
+
+
+def train(cfg: TrainConfig) -> TrainResult:
+    """Train the X-LoRA head on ``cfg.train_file``; writes the model, metrics and checkpoints to ``cfg.output_dir``.
+
+    Raises:
+        TrainingError: bad output directory or setting, or a non-finite loss (the last good checkpoint is kept).
+        ValueError / FileNotFoundError: bad data or configuration (the message names the culprit). Nothing is
+            written to ``output_dir`` when setup fails.
+    """
+    run = setup(cfg)
+    if run.main:
+        world = run.accelerator.num_processes
+        print(f"{run.stats.num_examples} training examples ({run.stats.num_truncated} truncated to "
+              f"{cfg.max_length} tokens), {world} process(es), global batch "
+              f"{cfg.per_device_batch_size * world * cfg.gradient_accumulation_steps}, {run.total} steps")
+    step, result, eval_loss, interrupted = run.start, StepResult(float("nan"), 0.0, None, 0), None, False
+    with _StopFlag() as stop, _Metrics(run) as metrics:
+        while step < run.total and not interrupted:
+            result = train_step(run, step)
+            step += 1
+            metrics.step(step, result)
+            interrupted = _any_process(run, stop.raised is not None)  # one decision, the same on every process
+            if _eval_due(run, step):
+                eval_loss = evaluate(run.ddp_model, run.eval_set, cfg.per_device_batch_size, run.pad_id,
+                                     run.accelerator, run.precision.autocast)
+                metrics.log({"step": step, "eval_loss": eval_loss})
+            if step % cfg.save_every == 0 or step == run.total or interrupted:
+                save_training_checkpoint(run, step, {"train_loss": result.loss, "eval_loss": eval_loss})
+    if interrupted and run.main:
+        print(f"\nstopped by a signal at step {step}; checkpoint saved, continue with --resume")
+    finish(run, interrupted)
+    return TrainResult(run.out, step, result.loss, eval_loss, interrupted)
+
+
+def train_step(run: Run, step: int) -> StepResult:
+    """Optimizer step ``step`` (0-based): forward and backward over its micro-batches, clip, update."""
+    acc, world = run.accelerator, run.accelerator.num_processes
+    torch.manual_seed(run.cfg.seed * 1_000_003 + step * 1009 + acc.process_index)
+    batches = micro_batches(run, step)
+    mine = torch.tensor([sum(_loss_tokens(b) * w for b, w in batches)], device=acc.device, dtype=torch.float64)
+    n_global = max(float(acc.reduce(mine, reduction="sum").item()), 1.0)  # loss tokens of the step, all processes
+    loss_sum, tokens = torch.zeros((), device=acc.device), 0
+    for i, (batch, weight) in enumerate(batches):
+        # DDP all-reduces gradients in the last micro-batch's backward only
+        with acc.no_sync(run.ddp_model) if i < len(batches) - 1 else nullcontext():
+            with run.precision.autocast():
+                out = run.ddp_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                                    use_cache=False)
+                ce = _token_loss_sum(out.logits, batch["labels"]) * weight
+                loss = ce * world / n_global
+                if run.cfg.regularizer != "none" and run.cfg.regularizer_weight > 0:
+                    reg = scalings_regularizer(out.scalings, batch["attention_mask"], run.cfg.regularizer)
+                    loss = loss + run.cfg.regularizer_weight * reg / len(batches)
+            if not torch.isfinite(loss):
+                last = list_checkpoints(run.out)
+                raise TrainingError(
+                    f"the loss became {loss.item()} at step {step + 1}; stopping. The last good checkpoint is "
+                    f"{last[-1] if last else 'none yet'}. Lower --learning-rate, enable --max-grad-norm, or check "
+                    "the data.")
+            scaler = run.precision.scaler
+            acc.backward(scaler.scale(loss) if scaler is not None else loss)
+        loss_sum += ce.detach()
+        tokens += int(batch["attention_mask"].sum()) * int(weight)
+    grad_norm, lr = _update(run, step)
+    loss = float(acc.reduce(loss_sum.reshape(1), reduction="sum").item()) / n_global
+    return StepResult(loss, lr, grad_norm, tokens)
+
+
+def _any_process(run: Run, flag: bool) -> bool:
+    flags = torch.tensor([float(flag)], device=run.accelerator.device)
+    return bool(run.accelerator.reduce(flags, reduction="sum").item() > 0)
+
+
+def micro_batches(run: Run, step: int) -> list[tuple[dict[str, torch.Tensor], float]]:
+    """This process's ``(batch, weight)`` for each micro-batch of ``step``.
+
+    Every process runs every micro-batch (DDP all-reduces in each synchronised backward); a process
+    whose slice of a short last batch is empty runs one example with weight 0.
+    """
+    cfg, acc = run.cfg, run.accelerator
+    world, rank = acc.num_processes, acc.process_index
+    epoch, pos = divmod(step, run.steps_per_epoch)
+    lengths = [len(e.input_ids) for e in run.train_set]
+    order = batch_order(lengths, cfg.per_device_batch_size * world, cfg.seed, epoch, cfg.group_by_length)
+    out = []
+    for indices in order[pos * cfg.gradient_accumulation_steps:(pos + 1) * cfg.gradient_accumulation_steps]:
+        share = math.ceil(len(indices) / world)  # equal shares; a short batch is split evenly
+        mine = indices[rank * share:(rank + 1) * share]
+        batch = collate([run.train_set[i] for i in (mine or [0])], run.pad_id)
+        out.append(({k: v.to(acc.device) for k, v in batch.items()}, 1.0 if mine else 0.0))
+    return out
+
+
+def _update(run: Run, step: int) -> tuple[float | None, float]:
+    """Clip, set the learning rate of ``step`` and take the optimizer step; ``(grad_norm, lr)``."""
+    cfg, scaler, optimizer = run.cfg, run.precision.scaler, run.optimizer
+    if scaler is not None:
+        scaler.unscale_(optimizer)  # clip the true gradients
+    grad_norm = None
+    if cfg.max_grad_norm > 0:
+        grad_norm = float(run.accelerator.clip_grad_norm_(run.params, cfg.max_grad_norm))
+    lr = cfg.learning_rate * lr_factor(step, cfg.warmup_steps, run.total)
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    if scaler is not None:
+        scaler.step(optimizer)  # skipped when the fp16 gradients overflowed
+        scaler.update()
+    else:
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return grad_norm, lr
+
+
+def evaluate(model: Any, examples: list[TokenizedExample], batch_size: int, pad_id: int, accelerator: Any,
+             autocast: Any = nullcontext) -> float:
+    """Mean next-token loss over all loss tokens of ``examples`` (sharded over processes)."""
+    model.eval()
+    rank, world = accelerator.process_index, accelerator.num_processes
+    total = torch.zeros(2, dtype=torch.float64, device=accelerator.device)
+    mine = examples[rank::world]
+    with torch.no_grad():
+        for i in range(0, len(mine), batch_size):
+            batch = {k: v.to(accelerator.device) for k, v in collate(mine[i:i + batch_size], pad_id).items()}
+            with autocast():
+                out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
+            total[0] += _token_loss_sum(out.logits, batch["labels"]).double()
+            total[1] += _loss_tokens(batch)
+    total = accelerator.reduce(total, reduction="sum")
+    model.train()
+    return float(total[0] / total[1].clamp_min(1))
+
+
+def _eval_due(run: Run, step: int) -> bool:
+    if run.eval_set is None:
+        return False
+    return step == run.total or step % (run.cfg.eval_every or run.cfg.save_every) == 0
+
+
+def save_training_checkpoint(run: Run, step: int, state: dict[str, Any]) -> None:
+    """Refuse non-finite parameters, then write ``checkpoints/step-N`` (main process) and prune old ones."""
+    bad = [n for n, p in run.model.named_parameters() if p.requires_grad and not torch.isfinite(p).all()]
+    if bad:
+        raise TrainingError(f"parameters {bad[:3]} became non-finite at step {step}; not saving. "
+                            "Lower --learning-rate or enable --max-grad-norm.")
+    if run.precision.scaler is not None:
+        state = {**state, "grad_scaler": run.precision.scaler.state_dict()}
+    if run.main:
+        save_checkpoint(run.out, step, run.model, run.optimizer, state, run.cfg.keep_checkpoints)
+    run.accelerator.wait_for_everyone()
+
+
+def finish(run: Run, interrupted: bool) -> None:
+    """Write the final model and tokenizer to ``output_dir`` (not after an interruption: resume instead)."""
+    if run.main and not interrupted:
+        run.model.save_pretrained(run.out, bundle=run.cfg.bundle)
+        run.tokenizer.save_pretrained(str(run.out))
+    run.accelerator.wait_for_everyone()
 
 
 def lr_factor(step: int, warmup: int, total: int) -> float:
@@ -98,13 +234,13 @@ def scalings_regularizer(scalings: torch.Tensor, mask: torch.Tensor, kind: str) 
 
 
 def _token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Summed next-token cross-entropy over labels != -100."""
-    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100,
+    """Summed next-token cross-entropy over labels != IGNORE_INDEX."""
+    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=IGNORE_INDEX,
                            reduction="sum")
 
 
 def _loss_tokens(batch: dict[str, torch.Tensor]) -> int:
-    return int((batch["labels"][:, 1:] != -100).sum())
+    return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
 
 
 class _StopFlag:
@@ -130,213 +266,54 @@ class _StopFlag:
             signal.signal(sig, handler)
 
 
-def evaluate(model: Any, examples: list[TokenizedExample], batch_size: int, pad_id: int, accelerator: Any) -> float:
-    """Mean next-token loss over all loss tokens of ``examples`` (sharded over processes)."""
-    model.eval()
-    rank, world = accelerator.process_index, accelerator.num_processes
-    total = torch.zeros(2, dtype=torch.float64, device=accelerator.device)
-    mine = examples[rank::world]
-    with torch.no_grad():
-        for i in range(0, len(mine), batch_size):
-            batch = {k: v.to(accelerator.device) for k, v in collate(mine[i:i + batch_size], pad_id).items()}
-            out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
-            total[0] += _token_loss_sum(out.logits, batch["labels"]).double()
-            total[1] += _loss_tokens(batch)
-    total = accelerator.reduce(total, reduction="sum")
-    model.train()
-    return float(total[0] / total[1].clamp_min(1))
+class _Metrics:
+    """Progress bar, ``metrics.jsonl`` and TensorBoard (if installed), on the main process only."""
 
+    def __init__(self, run: Run) -> None:
+        self.run, self.bar, self.tb = run, None, None
+        self.t0, self.tokens = time.perf_counter(), 0
 
-def train(cfg: TrainConfig) -> TrainResult:
-    """Train the X-LoRA head on ``cfg.train_file``; writes the model, metrics and checkpoints to ``cfg.output_dir``.
+    def __enter__(self) -> _Metrics:
+        if self.run.main and self.run.cfg.progress:
+            from tqdm.auto import tqdm
 
-    Raises:
-        TrainingError: bad output directory, or a non-finite loss (the last good checkpoint is kept).
-        ValueError / FileNotFoundError: bad data or configuration (the message names the culprit).
-    """
-    from accelerate import Accelerator
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+            self.bar = tqdm(total=self.run.total, initial=self.run.start, desc="train", dynamic_ncols=True)
+        if self.run.main:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                pass
+            else:
+                self.tb = SummaryWriter(str(self.run.out / "tensorboard"))
+        return self
 
-    # Without a GPU/XPU, Accelerate only forms a multi-process (gloo) group when told it is on CPU.
-    has_accel = torch.accelerator.is_available() if hasattr(torch, "accelerator") else torch.cuda.is_available()
-    fix = "set base_model (--base-model) to a local model folder"
-    tokenizer = load_local(AutoTokenizer, cfg.base_model, "the base model's tokenizer", fix)
-    _forget_accelerator_settings()
-    accelerator = Accelerator(mixed_precision=cfg.mixed_precision, cpu=not has_accel)
-    out = Path(cfg.output_dir)
-    main = accelerator.is_main_process
-    if main:
-        prepare_output_dir(cfg)
-        out.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(out / MARKER, json.dumps(cfg.to_dict(), indent=2) + "\n")
-    accelerator.wait_for_everyone()
+    def step(self, step: int, result: StepResult) -> None:
+        self.tokens += result.tokens
+        if not self.run.main:
+            return
+        elapsed = time.perf_counter() - self.t0
+        tps = self.tokens * self.run.accelerator.num_processes / max(elapsed, 1e-9)
+        if self.bar is not None:
+            self.bar.update(1)
+            self.bar.set_postfix(loss=f"{result.loss:.4f}", lr=f"{result.lr:.2e}", tok_s=f"{tps:.0f}")
+        if step % self.run.cfg.log_every == 0 or step == self.run.total:
+            record = {"step": step, "loss": result.loss, "lr": result.lr, "tokens_per_s": tps, "elapsed_s": elapsed}
+            if result.grad_norm is not None:
+                record["grad_norm"] = result.grad_norm
+            self.log(record)
 
-    torch.manual_seed(cfg.seed)
-    pad_id = pad_token_id(tokenizer)
-    train_set, stats = build_dataset(cfg.train_file, tokenizer, cfg.max_length, packing=cfg.packing)
-    eval_set = build_dataset(cfg.eval_file, tokenizer, cfg.max_length)[0] if cfg.eval_file else None
+    def log(self, record: dict[str, Any]) -> None:
+        if not self.run.main:
+            return
+        with open(self.run.out / METRICS, "a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.tb is not None:
+            for k, v in record.items():
+                if k != "step":
+                    self.tb.add_scalar(k, v, record["step"])
 
-    base = load_local(AutoModelForCausalLM, cfg.base_model, "the base model", fix)
-    resume_from = newest_valid_checkpoint(out) if cfg.resume else None
-    if resume_from is not None:
-        model = XLoraModel.from_pretrained(resume_from[0], base_model=base)
-    else:
-        model = XLoraModel(base, cfg.xlora)
-    model.to(accelerator.device).train()
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
-                                  eps=cfg.adam_epsilon, weight_decay=cfg.weight_decay)
-    start = 0
-    if resume_from is not None:
-        path, state, optim_tensors = resume_from
-        optimizer_from_tensors(optimizer, optim_tensors, state["param_groups"])
-        start = state["step"]
-        if main:
-            print(f"resuming from {path} (step {start})")
-    ddp_model, optimizer = accelerator.prepare(model, optimizer)
-
-    world, rank = accelerator.num_processes, accelerator.process_index
-    micro = cfg.per_device_batch_size * world
-    lengths = [len(e.input_ids) for e in train_set]
-    micro_per_epoch = math.ceil(len(train_set) / micro)
-    steps_per_epoch = math.ceil(micro_per_epoch / cfg.gradient_accumulation_steps)
-    total = cfg.max_steps or max(1, math.ceil(cfg.num_epochs * steps_per_epoch))
-    if main:
-        print(f"{stats.num_examples} training examples ({stats.num_truncated} truncated to {cfg.max_length} tokens), "
-              f"{world} process(es), global batch {micro * cfg.gradient_accumulation_steps}, {total} steps")
-
-    def micro_batches(step: int) -> list[list[int]]:
-        epoch, k = divmod(step, steps_per_epoch)
-        order = batch_order(lengths, micro, cfg.seed, epoch, cfg.group_by_length)
-        return order[k * cfg.gradient_accumulation_steps:(k + 1) * cfg.gradient_accumulation_steps]
-
-    bar = None
-    if main and cfg.progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=total, initial=start, desc="train", dynamic_ncols=True)
-    tb = _tensorboard(out) if main else None
-    last_loss, eval_loss, interrupted = float("nan"), None, False
-    t0, tokens_seen = time.perf_counter(), 0
-    with _StopFlag() as stop:
-        step = start
-        while step < total:
-            torch.manual_seed(cfg.seed * 1_000_003 + step * 1009 + rank)
-            # every process runs every micro-batch (DDP all-reduces in each backward); a process whose
-            # slice of a short last batch is empty runs one example with weight 0
-            slices = [_rank_slice(idx, rank, world) for idx in micro_batches(step)]
-            batches = [{k: v.to(accelerator.device) for k, v in collate([train_set[i] for i in (g or [0])],
-                                                                         pad_id).items()} for g in slices]
-            weights = [1.0 if g else 0.0 for g in slices]
-            n_tokens = torch.tensor([sum(_loss_tokens(b) * w for b, w in zip(batches, weights))],
-                                    device=accelerator.device, dtype=torch.float64)
-            n_global = float(accelerator.reduce(n_tokens, reduction="sum").item())
-            loss_sum = torch.zeros((), device=accelerator.device)
-            for i, (batch, weight) in enumerate(zip(batches, weights)):
-                ctx = accelerator.no_sync(ddp_model) if i < len(batches) - 1 else nullcontext()
-                with ctx, accelerator.autocast():
-                    o = ddp_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                                  use_cache=False)
-                    ce = _token_loss_sum(o.logits, batch["labels"]) * weight
-                    loss = ce * world / max(n_global, 1.0)
-                    if cfg.regularizer != "none" and cfg.regularizer_weight > 0:
-                        reg = scalings_regularizer(o.scalings, batch["attention_mask"], cfg.regularizer)
-                        loss = loss + cfg.regularizer_weight * reg / len(batches)
-                    if not torch.isfinite(loss):
-                        ckpts = sorted((out / CHECKPOINTS).glob("step-*"))
-                        last = str(ckpts[-1]) if ckpts else "none yet"
-                        raise TrainingError(
-                            f"the loss became {loss.item()} at step {step + 1}; stopping. The last good checkpoint "
-                            f"is {last}. Lower --learning-rate, enable --max-grad-norm, or check the data."
-                        )
-                    accelerator.backward(loss)
-                loss_sum += ce.detach()
-                tokens_seen += int(batch["attention_mask"].sum()) * int(weight)
-            grad_norm = accelerator.clip_grad_norm_(params, cfg.max_grad_norm) if cfg.max_grad_norm > 0 else None
-            lr = cfg.learning_rate * lr_factor(step, cfg.warmup_steps, total)
-            for g in optimizer.param_groups:
-                g["lr"] = lr
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            last_loss = float(accelerator.reduce(loss_sum.reshape(1), reduction="sum").item()) / max(n_global, 1.0)
-            elapsed = time.perf_counter() - t0
-            if main:
-                tps = tokens_seen * world / max(elapsed, 1e-9)
-                if bar is not None:
-                    bar.update(1)
-                    bar.set_postfix(loss=f"{last_loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tps:.0f}")
-                if step % cfg.log_every == 0 or step == total:
-                    rec = {"step": step, "loss": last_loss, "lr": lr, "tokens_per_s": tps, "elapsed_s": elapsed}
-                    if grad_norm is not None:
-                        rec["grad_norm"] = float(grad_norm)
-                    _log(out, tb, rec)
-            do_save = step % cfg.save_every == 0 or step == total or stop.raised is not None
-            do_eval = eval_set is not None and (
-                step == total or (step % cfg.eval_every == 0 if cfg.eval_every else step % cfg.save_every == 0))
-            if do_eval:
-                eval_loss = evaluate(ddp_model, eval_set, cfg.per_device_batch_size, pad_id, accelerator)
-                if main:
-                    _log(out, tb, {"step": step, "eval_loss": eval_loss})
-            if do_save:
-                bad = [n for n, p in model.named_parameters() if p.requires_grad and not torch.isfinite(p).all()]
-                if bad:
-                    raise TrainingError(f"parameters {bad[:3]} became non-finite at step {step}; not saving. "
-                                        "Lower --learning-rate or enable --max-grad-norm.")
-                if main:
-                    save_checkpoint(out, step, model, optimizer, {"train_loss": last_loss, "eval_loss": eval_loss},
-                                    cfg.keep_checkpoints)
-                accelerator.wait_for_everyone()
-            if stop.raised is not None:
-                interrupted = True
-                if main:
-                    print(f"\nstopped by signal {stop.raised} at step {step}; checkpoint saved, "
-                          f"continue with --resume")
-                break
-    if bar is not None:
-        bar.close()
-    if main and not interrupted:
-        model.save_pretrained(out, bundle=cfg.bundle)
-        tokenizer.save_pretrained(str(out))
-    if tb is not None:
-        tb.close()
-    accelerator.wait_for_everyone()
-    return TrainResult(out, step, last_loss, eval_loss, interrupted)
-
-
-def _rank_slice(indices: list[int], rank: int, world: int) -> list[int]:
-    """This process's contiguous share of a global micro-batch (equal shares; a short batch is split evenly)."""
-    share = math.ceil(len(indices) / world)
-    return indices[rank * share:(rank + 1) * share]
-
-
-def _forget_accelerator_settings() -> None:
-    """Let a second ``train()`` in the same process use other settings (e.g. ``mixed_precision``).
-
-    Accelerate keeps its settings in a process-wide singleton and refuses a different
-    ``mixed_precision`` once set; the settings are dropped here, the process group (``PartialState``,
-    set up by ``torchrun``/``accelerate launch``) is kept.
-    """
-    from accelerate.state import AcceleratorState
-
-    reset = getattr(AcceleratorState, "_reset_state", None)
-    if reset is not None:
-        reset(reset_partial_state=False)
-
-
-def _tensorboard(out: Path) -> Any:
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError:
-        return None
-    return SummaryWriter(str(out / "tensorboard"))
-
-
-def _log(out: Path, tb: Any, record: dict[str, Any]) -> None:
-    with open(out / METRICS, "a", encoding="utf-8") as f:
-        f.write(json.dumps(record) + "\n")
-    if tb is not None:
-        for k, v in record.items():
-            if k != "step":
-                tb.add_scalar(k, v, record["step"])
-
+    def __exit__(self, *exc: Any) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        if self.tb is not None:
+            self.tb.close()
