@@ -11,6 +11,7 @@ import torch
 from conftest import tiny_tokenizer
 
 from xlora.train.data import (
+    CHARS_PER_TOKEN,
     DatasetStats,
     TokenizedExample,
     batch_order,
@@ -19,7 +20,7 @@ from xlora.train.data import (
     record_kind,
     tokenize_record,
 )
-from xlora.train.records import read_records
+from xlora.train.records import iter_records, read_records
 
 M = -100
 EOS = 2
@@ -158,6 +159,81 @@ def test_build_dataset_counts_truncated_records_and_loss_tokens(tok, tmp_path):
     assert [len(e.input_ids) for e in examples] == [6, 4, 6, 6]
 
 
+# ------------------------------------------------------------------------------- very long records
+class Spy:
+    """The tokenizer, recording the longest text it was asked to tokenize."""
+
+    def __init__(self, tok):
+        self.tok, self.longest = tok, 0
+
+    def __getattr__(self, name):
+        return getattr(self.tok, name)
+
+    def __call__(self, text, **kwargs):
+        self.longest = max(self.longest, len(text))
+        return self.tok(text, **kwargs)
+
+
+HUGE = 1_000_000
+
+
+@pytest.mark.parametrize("record, expected_ids, expected_labels", [
+    ({"text": "abcdefghij" * (HUGE // 10)}, "abcdefghij" * 4, "abcdefghij" * 4),
+    ({"prompt": "p" * HUGE, "completion": "c"}, "p" * 40, None),
+    ({"prompt": "Q:", "completion": "x" * HUGE}, "Q:" + "x" * 38, "  " + "x" * 38),
+], ids=["text", "prompt", "completion"])
+def test_a_huge_record_is_cut_before_tokenizing(tok, record, expected_ids, expected_labels):
+    spy = Spy(tok)
+    example, truncated = tokenize_record(record, spy, max_length=40)
+    assert spy.longest <= CHARS_PER_TOKEN * 41  # not 1,000,000 characters
+    assert truncated is True
+    assert example.input_ids == ids(tok, expected_ids)  # the first 40 tokens of the whole text, no EOS
+    labels = [M if c == " " else t for c, t in zip(expected_labels or "", ids(tok, expected_labels or ""))]
+    assert example.labels == (labels if expected_labels else [M] * 40)
+
+
+def test_a_huge_chat_turn_is_cut_before_rendering(tok):
+    record = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "y" * HUGE},
+                           {"role": "user", "content": "z" * HUGE}, {"role": "assistant", "content": "w"}]}
+    spy = Spy(tok)
+    example, truncated = tokenize_record(record, spy, max_length=40)
+    assert spy.longest < CHARS_PER_TOKEN * 41 + 100  # the budget plus the template's markup
+    header = ids(tok, "<user>hi") + [EOS] + ids(tok, "<assistant>")  # 20 tokens
+    assert truncated and example.input_ids == header + ids(tok, "y" * 20)
+    assert example.labels == [M] * 20 + ids(tok, "y" * 20)
+
+
+def word_tokenizer(word_length: int):
+    """Whitespace-split words of ``word_length`` letters, one token each (vocabulary: 26 words)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<unk>": 0, "</s>": 1, **{chr(97 + i) * word_length: i + 2 for i in range(26)}}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", eos_token="</s>")
+
+
+@pytest.mark.parametrize("word_length, exact, length", [(40, 16, 16), (63, 16, 16), (100, 10, 11)])
+def test_long_tokens_still_fill_max_length_up_to_the_budget(word_length, exact, length):
+    # The budget is 64 characters per token: tokens of up to 63 characters (+1 space) fill max_length
+    # exactly as the whole text would. Longer ones give a shorter, still valid example: 10 whole
+    # 100-character words fit in 64 * 17 characters, and the cut 11th word becomes another token.
+    wt = word_tokenizer(word_length)
+    text = " ".join(chr(97 + i % 26) * word_length for i in range(2000))
+    example, truncated = tokenize_record({"text": text}, wt, max_length=16)
+    whole = wt(text)["input_ids"]
+    assert truncated and example.input_ids[:exact] == whole[:exact] and example.labels == example.input_ids
+    assert len(example.input_ids) == length
+
+
+def test_build_dataset_counts_a_cut_record_as_truncated(tok, tmp_path):
+    path = write_jsonl(tmp_path / "d.jsonl", [{"text": "ab"}, {"text": "x" * HUGE}, {"text": "cd"}])
+    examples, stats = build_dataset(path, Spy(tok), max_length=8)
+    assert stats == DatasetStats(num_records=3, num_examples=3, num_truncated=1, num_loss_tokens=3 + 8 + 3)
+    assert examples[1].input_ids == ids(tok, "x" * 8)
+
+
 # ----------------------------------------------------------------------------------------- packing
 @pytest.mark.parametrize("max_length, chunks, truncated", [(64, [64, 18], 0), (10, [10, 10, 10], 2), (7, [7, 7, 7, 3], 2)])
 def test_packing_cuts_the_concatenation_into_max_length_chunks(tok, tmp_path, max_length, chunks, truncated):
@@ -251,6 +327,24 @@ def test_read_records_jsonl_skips_blank_lines(tmp_path):
     path = tmp_path / "d.jsonl"
     path.write_text('{"text": "a"}\n\n{"text": "b"}\n', encoding="utf-8")
     assert read_records(path) == [{"text": "a"}, {"text": "b"}]
+
+
+def test_records_are_streamed_one_line_at_a_time(tmp_path):
+    path = tmp_path / "d.jsonl"
+    path.write_text('{"text": "a"}\n{"text": \n', encoding="utf-8")
+    records = iter_records(path)
+    assert next(records) == {"text": "a"}  # read before the broken line 2 is reached
+    with pytest.raises(ValueError, match=r"line 2 is not valid JSON"):
+        next(records)
+
+
+def test_non_utf8_line_gives_its_line_number_and_a_bom_is_accepted(tmp_path):
+    path = tmp_path / "d.jsonl"
+    path.write_bytes('\ufeff{"text": "a"}\n'.encode() + b'{"text": "\xff"}\n')
+    with pytest.raises(ValueError, match=r"d\.jsonl: line 2 is not valid UTF-8 .*save the file as UTF-8"):
+        read_records(path)
+    path.write_bytes('\ufeff{"text": "a"}\n'.encode())
+    assert read_records(path) == [{"text": "a"}]
 
 
 def test_missing_file(tmp_path):
