@@ -13,11 +13,13 @@ import httpx
 import openai
 import pytest
 import torch
+from fastapi.routing import APIRoute
 from openai import OpenAI
 from serve_models import EXPERTS, build_model_dir
 
 from xlora.saving import load_model_and_tokenizer
 from xlora.serve.app import ServerConfig, build_server, create_app
+from xlora.serve.protocol import ENDPOINTS
 
 KEY = "sk-test-key"
 NAME = "tiny-xlora"
@@ -124,6 +126,8 @@ def ask(live: Live, prompt: str, n: int, chat: bool, stream: bool, **kw):
 
 
 def test_models_and_health(live):
+    routes = {(m, r.path) for r in live.app.routes if isinstance(r, APIRoute) for m in r.methods}
+    assert routes == {(e.method, e.path) for e in ENDPOINTS}  # the routes are the endpoint table
     assert [m.id for m in live.client.models.list().data] == [NAME]
     assert live.client.models.retrieve(NAME).model_extra["xlora"] == {"experts": EXPERTS}
     health = httpx.get(live.url + "/health").json()
@@ -256,6 +260,23 @@ def test_stop_strings_are_trimmed_and_seeds_reproduce(live, ref, stream):
     assert first.choices[0].text != first.choices[1].text  # each choice has its own generator (seed + index)
 
 
+def test_seeded_sampling_equals_generate_token_for_token(live, ref):
+    """The request's sampling fields are generate()'s: with the same seed, the same tokens (n=2: seeds 7 and 8)."""
+    model, tok = ref
+    ids = prompt_ids(tok, "Hello", chat=False)
+    sample = dict(temperature=0.8, top_p=0.9)
+    resp = live.client.completions.create(model=NAME, prompt="Hello", max_tokens=24, seed=7, n=2, **sample,
+                                          extra_body={"top_k": 40, "xlora": {"return_scalings": True,
+                                                                              "ignore_eos": True}})
+    for k, choice in enumerate(resp.choices):
+        torch.manual_seed(7 + k)
+        with torch.inference_mode():
+            out = model.generate(input_ids=torch.tensor([ids]), max_new_tokens=24, do_sample=True, top_k=40,
+                                 pad_token_id=0, eos_token_id=None, **sample)
+        assert choice.model_extra["xlora"]["token_ids"] == out[0, len(ids):].tolist()
+    assert resp.choices[0].text != resp.choices[1].text
+
+
 @pytest.mark.parametrize("stream", [True, False])
 def test_client_disconnect_frees_its_row(live, stream):
     cancelled = live.metric('xlora_finished_total{reason="cancelled"}')
@@ -381,56 +402,3 @@ def test_cli_serve_builds_the_config_from_flags_and_env(monkeypatch, tmp_path, c
     assert main(["serve", str(tmp_path), "--api-key", "sk-flag", "--max-batch", "0"]) == 2  # ValueError -> exit 2
     monkeypatch.delenv("XLORA_API_KEY")
     assert main(["serve", str(tmp_path)]) == 0 and seen["cfg"].api_key is None
-
-
-def _greedy_no_cache(model, ids: list[int], n: int) -> list[int]:
-    """Reference: recompute the whole sequence for every token (no cache, no padding, EOS ignored)."""
-    seq = list(ids)
-    with torch.inference_mode():
-        for _ in range(n):
-            seq.append(int(model(input_ids=torch.tensor([seq]), use_cache=False).logits[0, -1].argmax()))
-    return seq[len(ids):]
-
-
-def test_requests_arriving_mid_batch_join_it_and_equal_their_solo_runs(model_dir, ref):
-    from xlora.serve.batcher import Batcher, BatcherConfig, FinishEvent, SamplingParams, TokenEvent
-
-    model, tok = load_model_and_tokenizer(model_dir)
-    batcher = Batcher(model, tok, BatcherConfig(max_batch=4, batch_window_ms=0))
-    batcher.start()
-    prompts = ["Once upon a time", "x", "A much longer prompt, so the caches need padding", "mid"]
-    lengths = [40, 6, 12, 3]
-    got: dict[int, list[int]] = {i: [] for i in range(4)}
-    finished: list[int] = []
-    done = threading.Event()
-    started = threading.Event()
-
-    def sink(i: int):
-        def on(ev) -> None:
-            if isinstance(ev, TokenEvent):
-                got[i].append(ev.token_id)
-                if i == 0 and len(got[0]) == 3:
-                    started.set()
-            elif isinstance(ev, FinishEvent):
-                assert ev.reason == "length", ev
-                finished.append(i)
-                if len(finished) == 4:
-                    done.set()
-        return on
-
-    def submit(i: int) -> None:
-        batcher.submit(tok(prompts[i])["input_ids"], SamplingParams(max_tokens=lengths[i], temperature=0,
-                                                                     ignore_eos=True), sink(i))
-
-    try:
-        submit(0)
-        assert started.wait(30)
-        for i in (1, 2, 3):  # while request 0 is decoding
-            submit(i)
-        assert done.wait(60)
-    finally:
-        batcher.close()
-    for i in range(4):
-        assert got[i] == _greedy_no_cache(ref[0], tok(prompts[i])["input_ids"], lengths[i]), i
-    assert batcher.joined_rows == 3  # they joined the running batch ...
-    assert finished[-1] == 0  # ... and finished long before request 0, instead of waiting for it
