@@ -332,9 +332,22 @@ def test_module_that_is_not_linear(tmp_path, llama, base):
     with pytest.raises(ValueError) as info:
         load_expert("chem", path, base)
     assert str(info.value) == (
-        "expert 'chem': module 'model.layers.0.input_layernorm' is a LlamaRMSNorm; "
-        "only Linear and Conv1D modules can be experts' targets"
+        "expert 'chem': module 'model.layers.0.input_layernorm' is a LlamaRMSNorm, which X-LoRA cannot wrap; "
+        "experts may target Linear and Conv1D modules, plain or quantised by bitsandbytes (load_in_8bit / "
+        "load_in_4bit) or torchao: load the base unquantised or that way (GPTQ, AWQ and HQQ layers are not supported)"
     )
+
+
+def test_a_quantised_layer_of_another_library_is_refused_naming_its_type(llama):
+    class QuantLinear(torch.nn.Module):  # what GPTQ/AWQ kernels look like: not an nn.Linear
+        def forward(self, x):
+            return x
+
+    base = llama.base()
+    base.model.layers[1].mlp.down_proj = QuantLinear()
+    with pytest.raises(ValueError, match=r"expert 'alpha': module 'model.layers.1.mlp.down_proj' is a QuantLinear, "
+                                         r"which X-LoRA cannot wrap.*GPTQ, AWQ and HQQ"):
+        load_expert("alpha", llama.expert_dirs["alpha"], base)
 
 
 def test_half_a_pair_and_rank_mismatch(tmp_path, llama, base):

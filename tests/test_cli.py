@@ -43,10 +43,10 @@ def saved_model(llama, tmp_path_factory):
     return out
 
 
-def _expected(model_dir, prompt, chat=False, n=10):
-    from xlora.saving import load_model_and_tokenizer
+def _expected(model_dir, prompt, chat=False, n=10, **load):
+    from xlora.saving import base_load_kwargs, load_model_and_tokenizer
 
-    model, tok = load_model_and_tokenizer(model_dir)
+    model, tok = load_model_and_tokenizer(model_dir, **base_load_kwargs(**load))
     if chat:
         enc = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
                                       return_tensors="pt", return_dict=True)
@@ -66,6 +66,26 @@ def test_generate_streams_the_same_text_as_generate(saved_model, capsys, chat):
     assert main(argv) == 0
     text, _ = _expected(saved_model, "Hello", chat=chat)
     assert capsys.readouterr().out == text + "\n"
+
+
+@pytest.mark.parametrize("flags, load", [(["--dtype", "bfloat16"], {"dtype": "bfloat16"}),
+                                         (["--load-in-8bit"], {"load_in_8bit": True})])
+def test_generate_loads_half_precision_and_quantised_bases(saved_model, capsys, flags, load):
+    if "load_in_8bit" in load:
+        pytest.importorskip("bitsandbytes", reason="bitsandbytes is not installed (pip install xlora[quant])")
+    assert main(["generate", str(saved_model), "Hello", "--max-new-tokens", "10", *flags]) == 0
+    text, _ = _expected(saved_model, "Hello", **load)
+    assert capsys.readouterr().out == text + "\n" and len(text) > 0
+
+
+def test_base_flags_are_checked(capsys):
+    with pytest.raises(SystemExit):
+        main(["generate", "d", "p", "--load-in-8bit", "--load-in-4bit"])
+    assert "not allowed with argument" in capsys.readouterr().err
+    from xlora.saving import base_load_kwargs
+
+    with pytest.raises(ValueError, match="dtype must be one of .* got 'int8'"):
+        base_load_kwargs(dtype="int8")
 
 
 def test_generate_show_experts_names_the_dominant_expert(saved_model, capsys):

@@ -166,8 +166,10 @@ def load_expert(name: str, path: str | Path, base_model: nn.Module) -> LoraExper
         if module not in targets:
             if module in all_modules:
                 kind = type(all_modules[module]).__name__
-                raise ValueError(f"expert {name!r}: module {module!r} is a {kind}; only Linear and Conv1D "
-                                 "modules can be experts' targets")
+                raise ValueError(f"expert {name!r}: module {module!r} is a {kind}, which X-LoRA cannot wrap; "
+                                 "experts may target Linear and Conv1D modules, plain or quantised by bitsandbytes "
+                                 "(load_in_8bit / load_in_4bit) or torchao: load the base unquantised or that way "
+                                 "(GPTQ, AWQ and HQQ layers are not supported)")
             raise ValueError(
                 f"expert {name!r}: module {module!r} does not exist in the base model "
                 f"({type(base_model).__name__}): was the adapter trained on another base model?"

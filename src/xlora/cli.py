@@ -34,7 +34,7 @@ def _generate(args: argparse.Namespace) -> int:
         import torch
 
         torch.manual_seed(args.seed)
-    model, tokenizer = load_model_and_tokenizer(args.model_dir, base_model=args.base)
+    model, tokenizer = load_model_and_tokenizer(args.model_dir, base_model=args.base, **_base_kwargs(args))
     sampling = {"do_sample": args.temperature > 0}
     if args.temperature > 0:
         sampling.update(temperature=args.temperature, top_p=args.top_p)
@@ -53,6 +53,22 @@ def _generate(args: argparse.Namespace) -> int:
             piece = tokenizer.decode([tid])
             out.write(f"{i:>4}  {piece!r:<16} {names[e]:<16} {row[e].item():.3f}\n")
     return 0
+
+
+def _base_kwargs(args: argparse.Namespace) -> dict:
+    from xlora.saving import base_load_kwargs
+
+    return base_load_kwargs(args.dtype, args.load_in_8bit, args.load_in_4bit)
+
+
+def _add_base_flags(p: argparse.ArgumentParser) -> None:
+    """How to load the base model: its dtype and an optional bitsandbytes quantisation."""
+    p.add_argument("--base", default=None, help="base model path (default: the one recorded in the directory)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
+                   help="load the base in this dtype (default: the checkpoint's)")
+    quant = p.add_mutually_exclusive_group()
+    quant.add_argument("--load-in-8bit", action="store_true", help="quantise the base to 8 bits (bitsandbytes)")
+    quant.add_argument("--load-in-4bit", action="store_true", help="quantise the base to 4-bit nf4 (bitsandbytes)")
 
 
 def _inspect(args: argparse.Namespace) -> int:
@@ -96,6 +112,22 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _convert(args: argparse.Namespace) -> int:
+    from xlora.formats import convert
+
+    kind = convert(args.src, args.dst, base_model=args.base, to=args.to, ordering=args.ordering)
+    print(f"read {args.src} ({kind} format), wrote {args.dst} ({args.to} format)")
+    return 0
+
+
+def _export_mistralrs(args: argparse.Namespace) -> int:
+    from xlora.formats.mistralrs import export_dir
+
+    print(export_dir(args.model_dir, args.out, base_model=args.base, base_model_id=args.base_model_id,
+                     tgt_non_granular_index=args.tgt_non_granular_index))
+    return 0
+
+
 def _add_dataclass_flags(p: argparse.ArgumentParser, cls: type, skip: set[str]) -> None:
     """One flag per dataclass field (``--field-name``), defaults left to the dataclass (one source of truth)."""
     import dataclasses
@@ -136,6 +168,26 @@ _non_negative = _number(float, lambda v: v >= 0, "a number >= 0")
 _probability = _number(float, lambda v: 0 < v <= 1, "a number in (0, 1]")
 
 
+def _add_format_parsers(sub: argparse._SubParsersAction) -> None:
+    """``convert`` and ``export-mistralrs``: other X-LoRA formats (xlora.formats)."""
+    p = sub.add_parser("convert", help="convert an X-LoRA directory (ours, original xlora, PEFT, mistral.rs) to another format")
+    p.add_argument("src", help="the directory to read; its format is detected")
+    p.add_argument("dst", help="the directory to write (experts copied in)")
+    p.add_argument("--to", choices=["ours", "peft", "original", "mistralrs"], default="ours")
+    p.add_argument("--base", default=None, help="base model path (default: the one recorded in SRC)")
+    p.add_argument("--ordering", default=None, help="mistral.rs ordering file, when it is not inside SRC")
+    p.set_defaults(func=_convert)
+
+    p = sub.add_parser("export-mistralrs", help="write mistral.rs's X-LoRA layout and print the command that serves it")
+    p.add_argument("model_dir", help="an X-LoRA directory in any format xlora reads")
+    p.add_argument("out", help="a new folder for the export")
+    p.add_argument("--base", default=None, help="base model path (default: the one recorded in MODEL_DIR)")
+    p.add_argument("--base-model-id", default=None, help="what mistral.rs loads the base from (default: --base)")
+    p.add_argument("--tgt-non-granular-index", type=_positive, default=None,
+                   help="mistral.rs: fix the scalings after this many decoding steps (put on the printed command)")
+    p.set_defaults(func=_export_mistralrs)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="xlora", description="X-LoRA: a mixture of LoRA experts over a causal LM")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -160,7 +212,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("generate", help="stream text from an X-LoRA model directory")
     p.add_argument("model_dir", help="directory written by XLoraModel.save_pretrained")
     p.add_argument("prompt", help="the prompt text")
-    p.add_argument("--base", default=None, help="base model path (default: the one recorded in the directory)")
+    _add_base_flags(p)
     p.add_argument("--chat", action="store_true", help="apply the tokenizer's chat template to the prompt")
     p.add_argument("--show-experts", action="store_true", help="print the dominant expert of every generated token")
     p.add_argument("--max-new-tokens", type=_positive, default=64)
@@ -206,6 +258,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_dataclass_flags(p, TrainConfig, skip={"xlora"})
     _add_dataclass_flags(p, XLoraConfig, skip={"hidden_size", "num_adapted_modules", "base_model_name_or_path"})
     p.set_defaults(func=_train)
+    _add_format_parsers(sub)
     return parser
 
 

@@ -28,13 +28,18 @@ HEAD_FILE = "xlora_head.safetensors"
 EXPERTS_DIR = "experts"
 
 
-def save_model(model: XLoraModel, save_directory: str | os.PathLike, bundle: bool = False) -> None:
+def save_model(model: XLoraModel, save_directory: str | os.PathLike, bundle: bool = False, format: str = "ours") -> None:
     """Write ``xlora_config.json`` and ``xlora_head.safetensors`` (atomically).
 
     Experts are referenced by absolute path; with ``bundle=True`` (or trainable experts, whose
     weights changed) they are written under ``experts/<name>/`` in PEFT's format, so the
-    directory stands alone.
+    directory stands alone. ``format`` ``"peft"``, ``"original"`` or ``"mistralrs"`` writes that
+    format instead (see :mod:`xlora.formats`).
     """
+    if format != "ours":
+        from xlora import formats
+
+        return formats.save(model, save_directory, format, bundle=bundle)
     out = Path(save_directory)
     out.mkdir(parents=True, exist_ok=True)
     cfg = XLoraConfig.from_dict(model.xlora_config.to_dict())
@@ -68,6 +73,10 @@ def load_model(cls: type[XLoraModel], directory: str | os.PathLike,
     directory = Path(directory)
     if not directory.is_dir():
         raise FileNotFoundError(f"X-LoRA directory {str(directory)!r} does not exist")
+    from xlora import formats
+
+    if formats.detect(directory) != "ours":  # the original package's, PEFT's or mistral.rs's format
+        return formats.load(cls, directory, base_model, **model_kwargs)
     cfg = XLoraConfig.from_json_file(directory / CONFIG_FILE)
     if base_model is None:
         base_model = cfg.base_model_name_or_path
@@ -123,6 +132,40 @@ def load_local(loader: Any, name: str, what: str, fix: str, **kwargs: Any) -> An
     where = "a local directory that does not hold a model" if Path(name).is_dir() else \
         "not a local directory, nor a model in the Hugging Face cache"
     raise FileNotFoundError(f"cannot load {what} {name!r}: it is {where} ({reason}); {fix}") from None
+
+
+BASE_DTYPES = ("float32", "bfloat16", "float16")
+
+
+def base_load_kwargs(dtype: str | None = None, load_in_8bit: bool = False, load_in_4bit: bool = False,
+                     quant_type: str = "nf4") -> dict[str, Any]:
+    """``AutoModelForCausalLM.from_pretrained`` keyword arguments for a half-precision or quantised base.
+
+    Args:
+        dtype: ``"float32"``, ``"bfloat16"`` or ``"float16"`` (None: the checkpoint's own); with a
+            4-bit base, the compute dtype of its matmuls.
+        load_in_8bit / load_in_4bit: quantise the base with bitsandbytes while loading (``pip install
+            xlora[quant]``); at most one of them.
+        quant_type: the 4-bit data type, ``"nf4"`` or ``"fp4"``.
+    """
+    if dtype is not None and dtype not in BASE_DTYPES:
+        raise ValueError(f"dtype must be one of {BASE_DTYPES} or None (the checkpoint's), got {dtype!r}")
+    if load_in_8bit and load_in_4bit:
+        raise ValueError("load_in_8bit and load_in_4bit exclude each other: choose one quantisation")
+    if quant_type not in ("nf4", "fp4"):
+        raise ValueError(f"quant_type must be 'nf4' or 'fp4', got {quant_type!r}")
+    kwargs: dict[str, Any] = {"dtype": getattr(torch, dtype)} if dtype else {}
+    if load_in_8bit or load_in_4bit:
+        try:
+            import bitsandbytes  # noqa: F401
+        except ImportError:
+            raise ValueError("load_in_8bit / load_in_4bit need bitsandbytes: pip install 'xlora[quant]'") from None
+        from transformers import BitsAndBytesConfig
+
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_8bit=load_in_8bit, load_in_4bit=load_in_4bit, bnb_4bit_quant_type=quant_type,
+            bnb_4bit_compute_dtype=kwargs.get("dtype", torch.float32))
+    return kwargs
 
 
 def load_base(name: str, directory: Path, **model_kwargs: Any) -> PreTrainedModel:

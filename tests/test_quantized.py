@@ -1,0 +1,136 @@
+"""Real bases as people load them: bitsandbytes 8-bit / 4-bit (nf4, fp4) and torchao int8 / int4
+weight-only, and half precision. Built in-process, run on the CPU.
+
+Tolerances: the quantised base layer is the same object computing the same kernel in both models;
+only the LoRA path differs (fused across experts here, one adapter in PEFT), in float32 in both.
+So logits agree to float32 rounding: ``atol=1e-5``.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import LLAMA_TARGETS, make_expert
+from peft import PeftModel
+from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+
+from xlora import XLoraConfig, XLoraModel
+
+bnb = pytest.importorskip("bitsandbytes", reason="bitsandbytes is not installed (pip install xlora[quant])")
+torchao = pytest.importorskip("torchao", reason="torchao is not installed (pip install xlora[quant])")
+
+KINDS = ["bnb-int8", "bnb-nf4", "bnb-fp4", "torchao-int8", "torchao-int4"]
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """A Llama whose widths suit bitsandbytes' 4-bit CPU kernels (multiples of 64) and two PEFT experts."""
+    root = tmp_path_factory.mktemp("quant")
+    torch.manual_seed(0)
+    cfg = LlamaConfig(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, vocab_size=128, max_position_embeddings=128, pad_token_id=0,
+                      bos_token_id=1, eos_token_id=2)
+    base = LlamaForCausalLM(cfg).eval()
+    base.save_pretrained(root / "base")
+    experts = {"alpha": make_expert(base, root / "alpha", r=4, alpha=8, targets=LLAMA_TARGETS, seed=1),
+               "beta": make_expert(base, root / "beta", r=8, alpha=4, targets=LLAMA_TARGETS[:4], seed=2)}
+    return root / "base", {k: str(v) for k, v in experts.items()}
+
+
+def load(path, kind: str):
+    from transformers import BitsAndBytesConfig
+
+    if kind == "bnb-int8":
+        return AutoModelForCausalLM.from_pretrained(path, quantization_config=BitsAndBytesConfig(load_in_8bit=True))
+    if kind in ("bnb-nf4", "bnb-fp4"):
+        q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=kind[4:], bnb_4bit_compute_dtype=torch.float32)
+        return AutoModelForCausalLM.from_pretrained(path, quantization_config=q)
+    from torchao.quantization import Int8WeightOnlyConfig, IntxWeightOnlyConfig, quantize_
+    from torchao.quantization.granularity import PerGroup
+
+    model = AutoModelForCausalLM.from_pretrained(path)
+    quantize_(model, Int8WeightOnlyConfig() if kind == "torchao-int8"
+              else IntxWeightOnlyConfig(weight_dtype=torch.int4, granularity=PerGroup(32)))
+    return model
+
+
+def x_tokens(batch: int = 2, seq: int = 9) -> torch.Tensor:
+    return torch.randint(3, 128, (batch, seq), generator=torch.Generator().manual_seed(0))
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_quantised_base_matches_the_base_and_peft(world, kind):
+    path, experts = world
+    model = XLoraModel(load(path, kind), XLoraConfig(experts=experts, head_hidden_size=16)).eval()
+    layer = model.mixture_layers()[0]
+    assert layer.lora_A.dtype == torch.float32  # the experts keep a float dtype of their own
+    x = x_tokens()
+    with torch.no_grad():
+        zero = model(x, scalings="zero").logits
+        base = load(path, kind).eval()(x).logits
+        assert torch.equal(zero, base)  # scalings all zero: exactly the quantised base
+        for name in experts:
+            ours = model(x, scalings=name).logits
+            peft = PeftModel.from_pretrained(load(path, kind), experts[name]).eval()(x).logits
+            assert (peft - base).abs().max() > 1e-2  # the expert changes the output
+            torch.testing.assert_close(ours, peft, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["bnb-int8", "bnb-nf4", "torchao-int4"])
+def test_head_training_on_a_quantised_base_reduces_the_loss(world, kind):
+    path, experts = world
+    model = XLoraModel(load(path, kind), XLoraConfig(experts=experts, head_hidden_size=16, head_dropout=0.0))
+    model.train()
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == {n for n, _ in model.named_parameters()
+                                                                           if n.startswith("head.")}
+    opt = torch.optim.Adam(model.head.parameters(), lr=0.05)
+    x = x_tokens(4, 12)
+    losses = []
+    for _ in range(12):
+        loss = model(x, labels=x).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] - 1e-3, losses
+
+
+def test_a_bf16_base_runs_and_trains_an_fp32_head(world):
+    path, experts = world
+    base = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16)
+    model = XLoraModel(base, XLoraConfig(experts=experts, head_hidden_size=16, head_dropout=0.0))
+    assert model.mixture_layers()[0].lora_A.dtype == torch.bfloat16 and model.head.layers[0].weight.dtype == torch.bfloat16
+    model.head.float()  # what the trainer does for --dtype bf16: the optimiser sees float32 weights
+    x = x_tokens()
+    with torch.no_grad():
+        ref = XLoraModel(AutoModelForCausalLM.from_pretrained(path), XLoraConfig(experts=experts, head_hidden_size=16))
+        ref.head.load_state_dict(model.head.state_dict())
+        got, want = model.eval()(x), ref.eval()(x)
+    assert got.logits.dtype == torch.bfloat16
+    # bf16 keeps ~3 significant digits: the mixture and the logits follow the float32 model to that
+    torch.testing.assert_close(got.scalings.float(), want.scalings, rtol=0, atol=2e-2)
+    torch.testing.assert_close(got.logits.float(), want.logits, rtol=0, atol=5e-2)
+    model.train()
+    opt = torch.optim.Adam(model.head.parameters(), lr=0.05)
+    first = None
+    for _ in range(8):
+        loss = model(x, labels=x).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        first = first if first is not None else loss.item()
+    assert loss.item() < first and all(p.dtype == torch.float32 for p in model.head.parameters())
+
+
+def test_lora_dtype_can_be_chosen(world):
+    path, experts = world
+    model = XLoraModel(load(path, "bnb-int8"), XLoraConfig(experts=experts, head_hidden_size=16,
+                                                           lora_dtype="bfloat16")).eval()
+    assert model.mixture_layers()[0].lora_A.dtype == torch.bfloat16
+    with torch.no_grad():
+        out = model(x_tokens(), scalings="alpha").logits
+        ref = PeftModel.from_pretrained(load(path, "bnb-int8"), experts["alpha"]).eval()(x_tokens()).logits
+    assert out.dtype == torch.float32  # cast back to the base output's dtype
+    torch.testing.assert_close(out, ref, rtol=0, atol=2e-2)  # bf16 experts: bf16 rounding of the delta
+    with pytest.raises(ValueError, match="lora_dtype must be one of .* got 'int8'"):
+        XLoraConfig(experts=experts, lora_dtype="int8")
