@@ -7,6 +7,8 @@ import json
 import math
 import os
 import random
+import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -261,3 +263,120 @@ def test_a_base_model_that_is_not_there_is_named_before_anything_is_written(worl
     with pytest.raises(FileNotFoundError, match=r"cannot load the base model's tokenizer '.*nowhere'.*--base-model"):
         train(config(world, tmp_path / "run", base_model=str(tmp_path / "nowhere")))
     assert not (tmp_path / "run").exists()
+
+
+# ------------------------------------------------------------------ bad input, leftovers, memory
+def break_input(world, tmp_path: Path, broken: str) -> tuple[dict, callable]:
+    """Options with one broken input, and a function that repairs it in place (same paths, same command)."""
+    train_lines = world["files"]["train"].read_text().splitlines()
+    paths = {"train_file": tmp_path / "train.jsonl", "eval_file": tmp_path / "eval.jsonl",
+             "experts": tmp_path / "letters-expert"}
+    good_train = "\n".join(train_lines[:40]) + "\n"
+    paths["train_file"].write_text(good_train)
+    paths["eval_file"].write_text(world["files"]["eval"].read_text())
+    shutil.copytree(world["experts"]["letters"], paths["experts"])
+    opts = {"train_file": str(paths["train_file"]), "eval_file": str(paths["eval_file"]),
+            "experts": {"letters": str(paths["experts"]), "digits": world["experts"]["digits"]}}
+    if broken == "experts":
+        shutil.rmtree(paths["experts"])
+        return opts, lambda: shutil.copytree(world["experts"]["letters"], paths["experts"])
+    paths[broken].write_text(train_lines[0] + '\n{"text": "cut\n')
+    return opts, lambda: paths[broken].write_text(good_train)
+
+
+@pytest.mark.parametrize("broken, error", [("train_file", r"train\.jsonl: line 2 is not valid JSON"),
+                                           ("eval_file", r"eval\.jsonl: line 2 is not valid JSON"),
+                                           ("experts", r"letters-expert")])
+def test_bad_input_writes_nothing_and_the_same_command_runs_once_fixed(world, tmp_path, broken, error):
+    out = tmp_path / "run"
+    opts, repair = break_input(world, tmp_path, broken)
+    with pytest.raises((ValueError, FileNotFoundError), match=error):
+        train(config(world, out, max_steps=2, save_every=1, **opts))
+    assert not out.exists()
+    repair()
+    cfg = config(world, out, max_steps=2, save_every=1, **opts)  # the same command: no --overwrite
+    given = cfg.to_dict()
+    result = train(cfg)
+    assert result.steps == 2 and result.eval_loss is not None
+    assert json.loads((out / "train_config.json").read_text()) == given == cfg.to_dict()  # cfg left as given
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-00000001", "step-00000002"]
+
+
+def test_overwrite_with_bad_data_keeps_the_previous_run(world, tmp_path):
+    out = tmp_path / "run"
+    train(config(world, out, max_steps=2, save_every=1))
+    before = {str(p.relative_to(out)): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    opts, _ = break_input(world, tmp_path, "train_file")
+    with pytest.raises(ValueError, match="line 2 is not valid JSON"):
+        train(config(world, out, max_steps=2, overwrite=True, **opts))
+    after = {str(p.relative_to(out)): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    assert after == before and len(before) > 8
+
+
+def test_a_kill_during_the_final_save_is_tidied_by_the_next_start(world, tmp_path):
+    out = tmp_path / "run"
+    train(config(world, out, max_steps=4, save_every=2, log_every=1))
+    # what `kill -9` during the final save (and an earlier prune) leaves behind
+    (out / "xlora_head.safetensors").unlink()
+    (out / ".xlora_head.safetensors.k2j3h4.tmp").write_bytes(b"half a file")
+    (out / "checkpoints" / ".tmp-step-00000006").mkdir()
+    (out / "checkpoints" / ".trash-step-00000002-41-0").mkdir()
+    with open(out / "metrics.jsonl", "a") as f:
+        f.write('{"step": 9, "loss": 1.0}\n{"step": 10, "lo')  # steps beyond the checkpoint, a cut line
+    (out / ".notes.tmp").write_text("the user's")
+    result = train(config(world, out, max_steps=4, save_every=2, log_every=1, resume=True))
+    assert result.steps == 4
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith(".")) == [".notes.tmp"]
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-00000002", "step-00000004"]
+    assert (out / "xlora_head.safetensors").is_file()
+    steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4]
+
+
+def test_fp16_on_cpu_is_refused_before_anything_is_written(world, tmp_path):
+    with pytest.raises(TrainingError, match=r"mixed_precision='fp16' needs a GPU.*--mixed-precision bf16"):
+        train(config(world, tmp_path / "run", mixed_precision="fp16"))
+    assert not (tmp_path / "run").exists()
+
+
+def test_accelerate_configured_otherwise_in_the_process_is_refused_clearly(world, tmp_path):
+    code = ("import json, sys\n"
+            "from accelerate import Accelerator\n"
+            "Accelerator(mixed_precision='bf16', cpu=True)  # someone else's code, earlier in the process\n"
+            "from xlora.train import TrainConfig, TrainingError, train\n"
+            "try:\n"
+            "    train(TrainConfig.from_dict(json.loads(sys.argv[1])))\n"
+            "except TrainingError as err:\n"
+            "    print('refused:', err)\n")
+    opts = config(world, tmp_path / "run", max_steps=1).to_dict()
+    proc = subprocess.run([sys.executable, "-c", code, json.dumps(opts)], capture_output=True, text=True,
+                          timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert proc.returncode == 0, proc.stderr
+    assert re.search(r"refused: Accelerate refused the trainer's setup \(mixed_precision='no', cpu=True\).*"
+                     r"create it with mixed_precision='no'.*or run xlora train in its own process", proc.stdout)
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_50_mb_line_trains_in_bounded_memory(world, tmp_path):
+    data = tmp_path / "big.jsonl"
+    with open(data, "w") as f:
+        f.write(json.dumps({"text": LETTERS * 2_000_000}) + "\n")  # one 52 MB line
+        f.writelines(line + "\n" for line in world["files"]["train"].read_text().splitlines()[:15])
+    assert data.stat().st_size > 50_000_000
+    code = ("import resource, sys\n"
+            "from xlora.cli import main\n"
+            "rc = main(sys.argv[1:])\n"
+            "print('peak_rss_kb', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)\n"
+            "sys.exit(rc)\n")
+    cmd = [sys.executable, "-c", code, "train", "--base-model", world["base"], "--train-file", str(data),
+           "--output-dir", str(tmp_path / "run"), "--experts", *[f"{k}={v}" for k, v in world["experts"].items()],
+           "--max-length", "32", "--per-device-batch-size", "4", "--max-steps", "1", "--no-progress"]
+    start = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    elapsed = time.perf_counter() - start
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "16 training examples (1 truncated to 32 tokens)" in proc.stdout
+    peak = int(re.search(r"peak_rss_kb (\d+)", proc.stdout).group(1)) * 1024
+    assert peak < 1 << 30, f"peak RSS {peak / 2**20:.0f} MiB"
+    assert elapsed < 120
+    assert (tmp_path / "run" / "xlora_head.safetensors").is_file()
