@@ -151,8 +151,8 @@ class Batcher:
         self.begin_shutdown(timeout)
         self._queue.put(None)
         if self._thread is not None:
-            assert self._deadline is not None
-            self._thread.join(max(0.0, self._deadline - time.monotonic()) + 5.0)  # + one step's time
+            left = (self._deadline or 0.0) - time.monotonic()  # the deadline is set: begin_shutdown(timeout)
+            self._thread.join(max(0.0, left) + 5.0)  # + time for the step running at the deadline
         for job in self._drain():  # never started: finish them so no client waits forever
             self._finish(job, "cancelled", 0, NOT_STARTED)
 

@@ -134,7 +134,7 @@ class Sampler:
 
     def scores(self, logits: torch.Tensor) -> torch.Tensor:
         """The processed scores ``[1, vocab]`` of this row's raw logits ``[1, vocab]`` (as float32)."""
-        scores = logits.to(torch.float32)
+        scores = logits.to(dtype=torch.float32, copy=True)  # as generate(): processors never touch the batch's logits
         if not self.processors:
             return scores
         history = self._history[:, : self._length] if self._history is not None else _NO_HISTORY
