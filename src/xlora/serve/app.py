@@ -10,7 +10,8 @@ the adapted layers (``E`` floats) and the expert names; ``"ignore_eos": true`` d
 Shutdown (SIGTERM or Ctrl-C): new requests get 503 at once; running ones get ``shutdown_timeout_s``
 to finish, then the batcher ends them itself (a stream gets a final error event, a plain request a
 JSON 503); uvicorn's own grace period is :data:`SHUTDOWN_MARGIN_S` longer, so it never cuts a
-response first. A second Ctrl-C ends the running requests at once (still with their error).
+response first. A second SIGTERM ends the running requests at once (still with their error); a
+second Ctrl-C is uvicorn's force quit.
 """
 
 from __future__ import annotations
@@ -134,7 +135,8 @@ def build_server(app: FastAPI, host: str = "127.0.0.1", port: int = 8000, log_le
     """A ``uvicorn.Server`` for ``app`` whose exit signal starts the batcher's shutdown.
 
     The first signal stops new requests (503) and gives running ones ``shutdown_timeout_s`` (default:
-    the app's :class:`ServerConfig`); a second one ends them at once. uvicorn's own graceful timeout
+    the app's :class:`ServerConfig`); a second one ends them at once (a second SIGINT also makes
+    uvicorn force-quit, without waiting for the error responses to go out). uvicorn's own graceful timeout
     is :data:`SHUTDOWN_MARGIN_S` longer, so the batcher's error responses go out before uvicorn cancels.
     """
     import uvicorn
