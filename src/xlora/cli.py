@@ -89,7 +89,7 @@ def _serve(args: argparse.Namespace) -> int:
     given = {f.name: getattr(args, f.name) for f in dataclasses.fields(ServerConfig) if hasattr(args, f.name)}
     given.setdefault("model_name", Path(args.model_dir).resolve().name)
     given.setdefault("api_key", os.environ.get("XLORA_API_KEY") or None)
-    serve(args.model_dir, ServerConfig(**given), base_model=args.base, log_level=args.log_level)
+    serve(args.model_dir, ServerConfig(**given), base_model=args.base, log_level=args.log_level, **_base_kwargs(args))
     return 0
 
 
@@ -234,7 +234,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("serve", help="serve an X-LoRA model over an OpenAI-compatible HTTP API")
     p.add_argument("model_dir", help="directory written by XLoraModel.save_pretrained")
-    p.add_argument("--base", default=None, help="base model path (default: the one recorded in the directory)")
+    _add_base_flags(p)
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     keep = argparse.SUPPRESS  # defaults live in ServerConfig
     p.add_argument("--host", default=keep, help="(default: 127.0.0.1)")

@@ -383,8 +383,8 @@ def test_cli_serve_builds_the_config_from_flags_and_env(monkeypatch, tmp_path, c
     from xlora.cli import main
 
     seen = {}
-    monkeypatch.setattr(xlora.serve.app, "serve", lambda d, cfg, base_model=None, log_level="info": seen.update(
-        dir=d, cfg=cfg, base=base_model))
+    monkeypatch.setattr(xlora.serve.app, "serve", lambda d, cfg, base_model=None, log_level="info", **kw: seen.update(
+        dir=d, cfg=cfg, base=base_model, base_kwargs=kw))
     monkeypatch.setenv("XLORA_API_KEY", "sk-env")
     assert main(["serve", str(tmp_path / "my-model"), "--max-batch", "4", "--port", "9001",
                  "--shutdown-timeout", "2.5"]) == 0
@@ -402,3 +402,6 @@ def test_cli_serve_builds_the_config_from_flags_and_env(monkeypatch, tmp_path, c
     assert main(["serve", str(tmp_path), "--api-key", "sk-flag", "--max-batch", "0"]) == 2  # ValueError -> exit 2
     monkeypatch.delenv("XLORA_API_KEY")
     assert main(["serve", str(tmp_path)]) == 0 and seen["cfg"].api_key is None
+    assert seen["base_kwargs"] == {}
+    assert main(["serve", str(tmp_path), "--dtype", "bfloat16"]) == 0
+    assert seen["base_kwargs"] == {"dtype": torch.bfloat16}
