@@ -408,3 +408,13 @@ def test_the_fp16_loss_scaling_path_steps_checkpoints_and_resumes_its_scale(worl
     fresh = Precision("cpu", torch.float16, torch.amp.GradScaler("cpu"))
     make_optimizer(cfg, run.params, resumed, fresh)
     assert fresh.scaler.get_scale() == scale
+
+
+def test_a_launcher_mixed_precision_that_is_not_used_is_named(monkeypatch):
+    from xlora.train.setup import make_accelerator
+
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")  # accelerate launch --mixed_precision bf16
+    with pytest.warns(UserWarning, match=r"mixed precision 'bf16' from the launcher .* this run uses "
+                                         r"mixed_precision='no': pass --mixed-precision bf16"):
+        accelerator = make_accelerator("no")
+    assert accelerator.mixed_precision == "no"  # Accelerate itself always stays at 'no' (we autocast)

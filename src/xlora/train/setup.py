@@ -91,7 +91,7 @@ def setup(cfg: TrainConfig) -> Run:
 
     marker = json.dumps(cfg.to_dict(), indent=2) + "\n"  # the options as given, before any model exists
     check_output_dir(cfg)
-    accelerator = make_accelerator()
+    accelerator = make_accelerator(cfg.mixed_precision)
     precision = make_precision(cfg.mixed_precision, accelerator)
     tokenizer = load_local(AutoTokenizer, cfg.base_model, "the base model's tokenizer", _FIX_BASE)
     torch.manual_seed(cfg.seed)
@@ -162,7 +162,7 @@ def trim_metrics(path: Path, step: int) -> None:
     atomic_write_text(path, "".join(kept))
 
 
-def make_accelerator() -> Any:
+def make_accelerator(mixed_precision: str) -> Any:
     """An ``Accelerator`` that is the same for every run of the process (see :func:`make_precision`).
 
     Accelerate keeps one process-wide configuration that cannot change once set, so the trainer
@@ -174,9 +174,10 @@ def make_accelerator() -> Any:
     # Without a GPU/XPU, Accelerate only forms a multi-process (gloo) group when told it is on CPU.
     has_accel = torch.accelerator.is_available() if hasattr(torch, "accelerator") else torch.cuda.is_available()
     launcher = os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
-    if launcher != "no":
-        warnings.warn(f"the launcher's mixed precision {launcher!r} (accelerate launch --mixed_precision) is not used; "
-                      "xlora train uses its own mixed_precision option: pass --mixed-precision", stacklevel=3)
+    if launcher != mixed_precision:
+        warnings.warn(f"mixed precision {launcher!r} from the launcher (accelerate launch --mixed_precision) is not "
+                      f"used; this run uses mixed_precision={mixed_precision!r}: pass --mixed-precision {launcher} "
+                      "to xlora train to change it", stacklevel=3)
     try:
         return Accelerator(mixed_precision="no", cpu=not has_accel)
     except ValueError as err:
