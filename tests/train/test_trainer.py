@@ -193,6 +193,13 @@ def test_output_dir_protection(world, tmp_path):
     assert (foreign / "notes.txt").read_text() == "precious"  # overwrite never deletes the user's files
     with pytest.raises(TrainingError, match="holds a previous run; pass --resume to continue it or --overwrite"):
         train(config(world, foreign, max_steps=1))
+    (foreign / "tensorboard").mkdir(exist_ok=True)
+    (foreign / "tensorboard" / "events.old-run").write_text("")
+    (foreign / "checkpoints" / "step-00000009").mkdir()
+    train(config(world, foreign, max_steps=2, save_every=1, overwrite=True))  # a run of ours is replaced whole
+    assert not (foreign / "tensorboard" / "events.old-run").exists()
+    assert sorted(p.name for p in (foreign / "checkpoints").iterdir()) == ["step-00000001", "step-00000002"]
+    assert (foreign / "notes.txt").read_text() == "precious"
     with pytest.raises(TrainingError, match="holds no run to resume"):
         train(config(world, tmp_path / "empty", max_steps=1, resume=True))
 

@@ -34,6 +34,7 @@ from xlora.saving import CONFIG_FILE, EXPERTS_DIR, HEAD_FILE
 CHECKPOINTS = "checkpoints"
 MARKER = "train_config.json"  # the run's options; marks the output directory as a run of ours
 METRICS = "metrics.jsonl"
+TENSORBOARD = "tensorboard"
 STATE_FILE = "trainer_state.json"
 OPTIMIZER_FILE = "optimizer.safetensors"
 _NAME = re.compile(r"^step-(\d{8})$")

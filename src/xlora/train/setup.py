@@ -29,6 +29,7 @@ from xlora.train.checkpoints import (
     CHECKPOINTS,
     MARKER,
     METRICS,
+    TENSORBOARD,
     clean_stale,
     newest_valid_checkpoint,
     optimizer_from_tensors,
@@ -134,7 +135,7 @@ def start_output_dir(cfg: TrainConfig, marker: str, start: int) -> None:
     keep the metrics of the steps being resumed, and write the marker."""
     out = Path(cfg.output_dir)
     if cfg.overwrite:
-        for name in (CHECKPOINTS, METRICS, MARKER, CONFIG_FILE, HEAD_FILE, EXPERTS_DIR):
+        for name in (CHECKPOINTS, METRICS, TENSORBOARD, MARKER, CONFIG_FILE, HEAD_FILE, EXPERTS_DIR):
             target = out / name
             if target.is_dir():
                 shutil.rmtree(target)

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from xlora.train.checkpoints import METRICS, list_checkpoints, save_checkpoint
+from xlora.train.checkpoints import METRICS, TENSORBOARD, list_checkpoints, save_checkpoint
 from xlora.train.config import TrainConfig
 from xlora.train.data import IGNORE_INDEX, TokenizedExample, batch_order, collate
 from xlora.train.setup import Run, TrainingError, setup
@@ -284,7 +284,7 @@ class _Metrics:
             except ImportError:
                 pass
             else:
-                self.tb = SummaryWriter(str(self.run.out / "tensorboard"))
+                self.tb = SummaryWriter(str(self.run.out / TENSORBOARD))
         return self
 
     def step(self, step: int, result: StepResult) -> None:
