@@ -94,6 +94,9 @@ class XLoraConfig:
         scaling_pass_value: value of every scaling during the scaling pass (0 = exactly the base model).
         global_scaling_weight: ``g``, multiplies every expert's contribution.
         use_trainable_adapters: train the experts together with the head.
+        scaling_pass_layers: run only the first ``k`` decoder layers (and the final norm) in the scaling
+            pass; ``None``: all of them (the paper's X-LoRA). A cheaper, different model: a token costs
+            about ``1 + k / N`` base passes instead of 2, and the head must be trained for that ``k``.
         lora_dtype: dtype of the experts' weights and their matmuls (``"float32"``, ``"bfloat16"``,
             ``"float16"``, ``"float64"``); ``None``: the base model's floating dtype (its compute dtype
             when the base is quantised). Activations are cast to it and the result back.
@@ -117,6 +120,7 @@ class XLoraConfig:
     global_scaling_weight: float = 1.0
     use_trainable_adapters: bool = False
     lora_dtype: str | None = None
+    scaling_pass_layers: int | None = None
     base_model_name_or_path: str | None = None
     hidden_size: int | None = None
     num_adapted_modules: int | None = None
@@ -148,6 +152,8 @@ class XLoraConfig:
         if self.lora_dtype is not None and self.lora_dtype not in LORA_DTYPES:
             raise ValueError(f"lora_dtype must be one of {sorted(LORA_DTYPES)} or None (the base model's dtype), "
                              f"got {self.lora_dtype!r}")
+        if self.scaling_pass_layers is not None:
+            check_int("scaling_pass_layers", self.scaling_pass_layers, 1)
         if self.hidden_size is not None:
             check_int("hidden_size", self.hidden_size, 1)
         if self.num_adapted_modules is not None:

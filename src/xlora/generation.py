@@ -125,6 +125,8 @@ class XLoraCache(DynamicCache):
         t = max(t_self, t_other)
         for mine, theirs in ((self, other), (self.scaling_cache, other.scaling_cache)):
             for a, b in zip(mine.layers, theirs.layers):
+                if not (a.is_initialized or b.is_initialized):  # a scaling pass of k < N layers leaves the rest empty
+                    continue
                 a.keys = torch.cat([_left_pad(a.keys, t), _left_pad(b.keys, t)], dim=0)
                 a.values = torch.cat([_left_pad(a.values, t), _left_pad(b.values, t)], dim=0)
         if self.fixed_scalings is not None:

@@ -60,6 +60,7 @@ class XLoraModel(LifecycleMixin, XLoraGenerationMixin, nn.Module):
                 f"config.hidden_size={config.hidden_size} but the base model's hidden size is {hidden}: "
                 "this X-LoRA head was trained for another base model"
             )
+        _check_scaling_pass_layers(config.scaling_pass_layers, base_model)
         experts = load_experts(config.experts, base_model, Path(experts_root) if experts_root else None)
         self._base_requires_grad = {n: p.requires_grad for n, p in base_model.named_parameters()}
         self._base_was_checkpointing = bool(getattr(base_model, "is_gradient_checkpointing", False))
@@ -183,10 +184,14 @@ class XLoraModel(LifecycleMixin, XLoraGenerationMixin, nn.Module):
         return fixed.expand(b, t, *fixed.shape)
 
     def scaling_pass(self, **inputs: Any) -> torch.Tensor:
-        """Run the base model with every scaling at ``scaling_pass_value``; returns ``[b, t, hidden]``."""
+        """Run the base model with every scaling at ``scaling_pass_value``; returns ``[b, t, hidden]``.
+
+        With ``scaling_pass_layers = k`` only the first ``k`` decoder layers run, then the final norm.
+        """
         decoder = self.base_model.base_model
         inputs.setdefault("use_cache", False)  # a base whose config says use_cache=true would build a cache to discard
-        with torch.no_grad(), self.state.use(constant=self.xlora_config.scaling_pass_value):
+        with torch.no_grad(), self.state.use(constant=self.xlora_config.scaling_pass_value), \
+                first_layers(decoder, self.xlora_config.scaling_pass_layers):
             if decoder is self.base_model:
                 out = self.base_model(**inputs, output_hidden_states=True, return_dict=True)
                 return out.hidden_states[-1]
@@ -269,11 +274,11 @@ class XLoraModel(LifecycleMixin, XLoraGenerationMixin, nn.Module):
                 out[e][name] = ab
         return out
 
-    def save_pretrained(self, save_directory: str | os.PathLike, bundle: bool = False) -> None:
+    def save_pretrained(self, save_directory: str | os.PathLike, bundle: bool = False, format: str = "ours") -> None:
         """Write ``xlora_config.json`` and ``xlora_head.safetensors`` (atomically); see :func:`xlora.saving.save_model`."""
         from xlora.saving import save_model
 
-        save_model(self, save_directory, bundle=bundle)
+        save_model(self, save_directory, bundle=bundle, format=format)
 
     @classmethod
     def from_pretrained(
@@ -286,6 +291,47 @@ class XLoraModel(LifecycleMixin, XLoraGenerationMixin, nn.Module):
         from xlora.saving import load_model
 
         return load_model(cls, directory, base_model, **model_kwargs)
+
+
+def decoder_layers(decoder: nn.Module) -> tuple[str, nn.ModuleList] | None:
+    """``(attribute, layers)`` of a decoder's stack of blocks (``layers`` in Llama-likes, ``h`` in GPT-2)."""
+    for name in ("layers", "h"):
+        layers = getattr(decoder, name, None)
+        if isinstance(layers, nn.ModuleList):
+            return name, layers
+    return None
+
+
+@contextmanager
+def first_layers(decoder: nn.Module, k: int | None) -> Iterator[None]:
+    """Inside, ``decoder`` runs only its first ``k`` blocks (the same modules; ``None``: all of them).
+
+    The decoder's forward loops over its block list and then applies the final norm, so a shorter
+    list is a shallower model with the same weights. Not thread-safe: one forward at a time.
+    """
+    found = decoder_layers(decoder) if k is not None else None
+    if found is None or k >= len(found[1]):
+        yield
+        return
+    name, layers = found
+    setattr(decoder, name, nn.ModuleList(list(layers)[:k]))
+    try:
+        yield
+    finally:
+        setattr(decoder, name, layers)
+
+
+def _check_scaling_pass_layers(k: int | None, base_model: PreTrainedModel) -> None:
+    if k is None:
+        return
+    decoder = base_model.base_model
+    found = decoder_layers(decoder) if decoder is not base_model else None
+    if found is None:
+        raise ValueError(f"scaling_pass_layers={k} needs a decoder with a list of blocks (`layers` or `h`); "
+                         f"{type(base_model).__name__} has none: leave scaling_pass_layers=None")
+    if k > len(found[1]):
+        raise ValueError(f"scaling_pass_layers={k} exceeds the base model's {len(found[1])} decoder layers; "
+                         f"use 1..{len(found[1])}, or None for all of them")
 
 
 def _float_dtype(model: PreTrainedModel) -> torch.dtype:
