@@ -113,9 +113,34 @@ def test_bundled_export_moves_with_its_folder(llama, tmp_path):
     torch.testing.assert_close(back(x).logits, ref, rtol=0, atol=1e-6)
 
 
-def test_heads_peft_cannot_hold_are_refused(llama, tmp_path):
+def test_models_the_formats_cannot_hold_are_refused(llama, tmp_path):
     ours = build(llama, head_depth=2, head_relu_dropout=False)
     with pytest.raises(ValueError, match="PEFT's X-LoRA head always puts ReLU between its layers"):
         ours.save_pretrained(tmp_path / "peft", format="peft")
     with pytest.raises(ValueError, match=r"format='nope' is not one of"):
         ours.save_pretrained(tmp_path / "x", format="nope")
+    short = build(llama, scaling_pass_layers=1)  # a head trained on a shortened scaling pass: ours only
+    for fmt, who in (("peft", "PEFT"), ("original", "the original xlora package"), ("mistralrs", "mistral.rs")):
+        with pytest.raises(ValueError, match=f"{who}'s X-LoRA runs every decoder layer.*scaling_pass_layers=1 \\(of 2\\)"):
+            short.save_pretrained(tmp_path / fmt, format=fmt)
+        assert not (tmp_path / fmt).exists()
+
+
+def test_trained_experts_are_written_in_every_format(llama, tmp_path):
+    """With use_trainable_adapters the experts' weights changed: the exports carry the trained ones."""
+    ours = build(llama, use_trainable_adapters=True)
+    with torch.no_grad():
+        for layer in ours.mixture_layers():
+            layer.lora_B.add_(0.05)
+    x = tokens()
+    ref = ours(x).logits
+    ours.save_pretrained(tmp_path / "peft", format="peft")
+    assert sorted(p.name for p in (tmp_path / "peft").iterdir())[:3] == ["0", "1", "2"]  # trained copies, bundled
+    theirs = PeftModel.from_pretrained(peft_base(llama), str(tmp_path / "peft")).eval()
+    torch.testing.assert_close(theirs(input_ids=x).logits, ref, rtol=0, atol=1e-5)
+    ours.save_pretrained(tmp_path / "orig", format="original")
+    back = XLoraModel.from_pretrained(tmp_path / "orig", base_model=llama.base()).eval()
+    assert back.xlora_config.use_trainable_adapters
+    torch.testing.assert_close(back(x).logits, ref, rtol=0, atol=1e-6)
+    untrained = build(llama)
+    assert (untrained(x).logits - ref).abs().max() > 1e-3  # the training is what the exports kept

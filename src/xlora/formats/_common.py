@@ -193,6 +193,15 @@ def follow_ordering(model: nn.Module, layers: dict[str, int], linears: list[Line
     return [*linears[:-1], (name, w, b)]
 
 
+def check_full_scaling_pass(model: nn.Module, fmt: str) -> None:
+    """Refuse a head trained on a shortened scaling pass: the other formats run the whole base model there."""
+    k = getattr(model.xlora_config, "scaling_pass_layers", None)
+    n = getattr(model.config, "num_hidden_layers", None)
+    if k is not None and (n is None or k < n):
+        raise ValueError(f"{fmt}'s X-LoRA runs every decoder layer in the scaling pass, but this head was trained "
+                         f"with scaling_pass_layers={k} (of {n}): its scalings would differ there; keep it in our format")
+
+
 def clean_expert(name: str, config_file: Path, weights_file: Path, scratch: Path) -> Path:
     """A PEFT adapter folder for expert ``name``: its own folder when it is one and holds only LoRA
     weights, else a copy in ``scratch`` without the classifier keys and under PEFT's file names."""

@@ -31,7 +31,7 @@ import torch
 
 from xlora._io import atomic_save_safetensors, atomic_write_text
 from xlora.formats import original
-from xlora.formats._common import Foreign, head_linears, read_json
+from xlora.formats._common import Foreign, check_full_scaling_pass, head_linears, read_json
 
 ORDERING_FILE = "ordering.json"
 # model_type -> the module names mistral.rs's X-LoRA model of that architecture can adapt
@@ -87,6 +87,7 @@ def read(directory: Path, ordering: str | Path | None = None) -> Foreign:
 # ---------------------------------------------------------------- export
 def check_exportable(model: Any, out: Path) -> set[str]:
     """Refuse what mistral.rs cannot run; returns the adapted module names' last parts (target_modules)."""
+    check_full_scaling_pass(model, "mistral.rs")
     cfg = model.xlora_config
     kind = getattr(model.config, "model_type", None)
     if kind not in ADAPTABLE:

@@ -25,7 +25,15 @@ from typing import Any
 
 from xlora._io import atomic_save_safetensors, atomic_write_text
 from xlora.adapters import CONFIG_NAME, WEIGHTS_NAME, save_expert
-from xlora.formats._common import Foreign, head_linears, indexed_linears, make_config, read_json, read_tensors
+from xlora.formats._common import (
+    Foreign,
+    check_full_scaling_pass,
+    head_linears,
+    indexed_linears,
+    make_config,
+    read_json,
+    read_tensors,
+)
 
 CONFIG_FILE = "xlora_config.json"
 CLASSIFIER_FILE = "xlora_classifier.safetensors"
@@ -195,6 +203,7 @@ def write_experts(model: Any, folder_of: Callable[[str], Path]) -> None:
 
 def save(model: Any, directory: str | Path) -> None:
     """Write ``model`` in the original package's later layout, experts copied into ``<dir>/<name>/``."""
+    check_full_scaling_pass(model, "the original xlora package")
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)
     names = model.xlora_config.expert_names

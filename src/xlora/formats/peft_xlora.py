@@ -31,7 +31,15 @@ from torch import nn
 
 from xlora._io import atomic_save_safetensors, atomic_write_text
 from xlora.adapters import CONFIG_NAME, WEIGHTS_NAME
-from xlora.formats._common import Foreign, clean_expert, indexed_linears, make_config, read_json, read_tensors
+from xlora.formats._common import (
+    Foreign,
+    check_full_scaling_pass,
+    clean_expert,
+    indexed_linears,
+    make_config,
+    read_json,
+    read_tensors,
+)
 from xlora.formats.original import write_experts
 
 PEFT_CONFIG = CONFIG_NAME
@@ -162,6 +170,7 @@ def save(model: Any, directory: str | Path, bundle: bool = False) -> None:
     Experts are recorded by absolute path; with ``bundle`` (or trainable experts) they are copied
     to ``<dir>/<i>/`` first and those paths recorded.
     """
+    check_full_scaling_pass(model, "PEFT")
     cfg = model.xlora_config
     if cfg.head_depth > 1 and not cfg.head_relu_dropout:
         raise ValueError("PEFT's X-LoRA head always puts ReLU between its layers; this head (head_relu_dropout="
