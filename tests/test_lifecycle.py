@@ -70,6 +70,8 @@ def test_parameter_counts(llama, capsys):
     base = sum(p.numel() for p in llama.base().parameters())
     assert model.get_nb_trainable_parameters() == (head, head + experts + base)
     assert model.num_parameters() == head + experts + base and model.num_parameters(only_trainable=True) == head
+    embeddings = model.get_input_embeddings().weight.numel()  # the tiny Llama does not tie its LM head
+    assert model.num_parameters(exclude_embeddings=True) == head + experts + base - embeddings
     model.print_trainable_parameters()
     total = head + experts + base
     assert capsys.readouterr().out == (f"trainable params: {head:,d} || all params: {total:,d} || "

@@ -78,12 +78,13 @@ class ColumnTable(nn.Module):
         self.register_buffer("scale", scale.to(device, dtype), persistent=False)
         self.uniform_ranks = all(layer.uniform_rank for layer in layers)
 
-    def coefficients(self, s: torch.Tensor, global_weight: float) -> torch.Tensor | None:
+    def coefficients(self, s: torch.Tensor, global_weight: float) -> tuple[torch.Tensor, ...] | None:
         b, t, L, _ = s.shape
         if self.uniform_ranks and b * t * L * self.expert.shape[1] > self.MAX_TABLE:
             return None
         idx = self.expert.expand(b, t, L, self.expert.shape[1])  # [b, t, L, R_max]
-        return torch.gather(s.to(self.scale.dtype), -1, idx) * (self.scale * global_weight)
+        table = torch.gather(s.to(self.scale.dtype), -1, idx) * (self.scale * global_weight)
+        return table.unbind(2)  # L views [b, t, R_max], one per layer, made by one op
 
 
 class MixtureLoraLinear(nn.Module):
@@ -153,11 +154,13 @@ class MixtureLoraLinear(nn.Module):
                              persistent=False)
         # Distinct dropout probabilities -> boolean column masks (one matmul per distinct p in training).
         self._dropout_groups = [(float(p), col_drop == p) for p in torch.unique(col_drop).tolist()]
+        self._no_dropout = all(p == 0.0 for p, _ in self._dropout_groups)
 
     def _down(self, x: torch.Tensor) -> torch.Tensor:
         """``h = drop(x) · Aᵀ`` with each expert's own dropout probability, in the experts' dtype; ``[..., R]``."""
-        x = x.to(self.lora_A.dtype)
-        if not self.training or all(p == 0.0 for p, _ in self._dropout_groups):
+        if x.dtype != self.lora_A.dtype:
+            x = x.to(self.lora_A.dtype)
+        if self._no_dropout or not self.training:
             return F.linear(x, self.lora_A)
         if len(self._dropout_groups) == 1:
             return F.linear(F.dropout(x, self._dropout_groups[0][0], True), self.lora_A)
@@ -181,30 +184,38 @@ class MixtureLoraLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base_layer(x)
-        delta = self._experts(x)
-        return y if delta is None else y + delta.to(y.dtype)
+        h = self._weighted(x)  # [..., R]
+        if h is None:
+            return y
+        if h.dtype == y.dtype:  # y + h·Bᵀ as one fused multiply-add (fewer kernels per module when decoding)
+            out = torch.addmm(y.reshape(-1, y.shape[-1]), h.reshape(-1, h.shape[-1]), self.lora_B.t())
+            return out.view(y.shape)
+        return y + F.linear(h, self.lora_B).to(y.dtype)
 
-    def _experts(self, x: torch.Tensor) -> torch.Tensor | None:
-        """``g · Σ_e s_e · (α_e/r_e) · B_e A_e x`` in the experts' dtype, or ``None`` when every scaling is 0."""
+    def _weighted(self, x: torch.Tensor) -> torch.Tensor | None:
+        """``c ⊙ (drop(x) · Aᵀ)``, ``[..., R]`` in the experts' dtype (``c = g·s·α/r`` per column), or
+        ``None`` when every scaling is 0."""
         state = self.state
         if state.coefficients is not None:
-            coef = state.coefficients[..., self.layer_index, : self.lora_A.shape[0]]
-        elif state.scalings is not None and self.uniform_rank:
+            coef = state.coefficients[self.layer_index]  # [b, t, R_max]
+            if coef.shape[-1] != self.lora_A.shape[0]:
+                coef = coef[..., : self.lora_A.shape[0]]
+            return self._down(x) * coef
+        if state.scalings is not None and self.uniform_rank:
             # h viewed as [b, t, E_l, r]: each expert's r columns times g·s·α/r, no [b, t, R] coefficients
             s = state.scalings[..., self.layer_index, :]
             if not self.all_experts:
                 s = s[..., self.expert_ids]
             w = s.to(self.expert_scale.dtype) * (self.expert_scale * state.global_weight)  # [b, t, E_l]
             h = self._down(x)
-            h = (h.unflatten(-1, (len(self.expert_ids), self.expert_ranks[0])) * w.unsqueeze(-1)).flatten(-2)
-            return F.linear(h, self.lora_B)
-        elif state.scalings is not None:
+            return (h.unflatten(-1, (len(self.expert_ids), self.expert_ranks[0])) * w.unsqueeze(-1)).flatten(-2)
+        if state.scalings is not None:
             coef = self._column_coefficients(state.scalings)
         elif state.constant:
             coef = self.col_scale * (state.constant * state.global_weight)  # [R]
         else:
             return None  # scalings all zero: exactly the base layer, no expert matmuls
-        return F.linear(self._down(x) * coef.to(self.lora_A.dtype), self.lora_B)
+        return self._down(x) * coef.to(self.lora_A.dtype)
 
     def expert_weights(self) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
         """``{expert index: (A [r, in], B [out, r])}``, split back out of the fused matrices."""

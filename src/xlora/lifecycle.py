@@ -67,9 +67,11 @@ class LifecycleMixin:
         print(f"trainable params: {trainable:,d} || all params: {total:,d} || "
               f"trainable%: {100 * trainable / max(total, 1):.4f}")
 
-    def num_parameters(self, only_trainable: bool = False) -> int:
-        trainable, total = self.get_nb_trainable_parameters()
-        return trainable if only_trainable else total
+    def num_parameters(self, only_trainable: bool = False, exclude_embeddings: bool = False) -> int:
+        """Parameter count, as ``PreTrainedModel.num_parameters`` (which Hugging Face's Trainer calls)."""
+        skip = {id(m.weight) for m in self.modules() if isinstance(m, nn.Embedding)} if exclude_embeddings else set()
+        return sum(p.numel() * (2 if p.__class__.__name__ == "Params4bit" else 1) for p in self.parameters()
+                   if id(p) not in skip and (p.requires_grad or not only_trainable))
 
     def get_input_embeddings(self) -> nn.Module:
         return self.base_model.get_input_embeddings()
