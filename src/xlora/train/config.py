@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from xlora.config import XLoraConfig, check_bool, check_float, check_int
+from xlora.saving import base_load_kwargs
 
 _MIXED_PRECISION = ("no", "fp16", "bf16")
 _REGULARIZERS = ("none", "balance", "entropy")
@@ -35,6 +36,10 @@ class TrainConfig:
         warmup_steps: linear warm-up, then cosine decay to 0.
         max_grad_norm: gradient clipping (0 disables).
         mixed_precision: ``"no"``, ``"fp16"`` or ``"bf16"`` (Accelerate).
+        dtype: load the base in ``"float32"``, ``"bfloat16"`` or ``"float16"`` (None: the checkpoint's);
+            the head (and trainable experts) stay float32 for the optimiser, as PEFT keeps adapters.
+        load_in_8bit / load_in_4bit: quantise the frozen base with bitsandbytes while loading.
+        gradient_checkpointing: recompute the base's decoder layers in the backward pass (exact).
         save_every / keep_checkpoints: checkpoint period in steps and how many to keep.
         eval_every: evaluation period in steps (``None``: at checkpoints and at the end).
         regularizer / regularizer_weight: optional loss on the scalings: ``"balance"`` (``E·Σ_e p̄_e²``,
@@ -65,6 +70,10 @@ class TrainConfig:
     max_grad_norm: float = 1.0
     seed: int = 0
     mixed_precision: str = "no"
+    dtype: str | None = None
+    load_in_8bit: bool = False
+    load_in_4bit: bool = False
+    gradient_checkpointing: bool = False
     log_every: int = 10
     eval_every: int | None = None
     save_every: int = 100
@@ -104,6 +113,7 @@ class TrainConfig:
         for name in ("adam_beta1", "adam_beta2"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")
+        base_load_kwargs(self.dtype, self.load_in_8bit, self.load_in_4bit)  # checks dtype and the quantisation
         if self.mixed_precision not in _MIXED_PRECISION:
             raise ValueError(f"mixed_precision must be one of {_MIXED_PRECISION}, got {self.mixed_precision!r}")
         if self.regularizer not in _REGULARIZERS:

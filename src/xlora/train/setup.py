@@ -24,7 +24,7 @@ import torch
 from xlora import XLoraConfig, XLoraModel
 from xlora._io import atomic_write_text
 from xlora.generation import pad_token_id
-from xlora.saving import CONFIG_FILE, EXPERTS_DIR, HEAD_FILE, load_local
+from xlora.saving import CONFIG_FILE, EXPERTS_DIR, HEAD_FILE, base_load_kwargs, load_local
 from xlora.train.checkpoints import (
     CHECKPOINTS,
     MARKER,
@@ -211,10 +211,16 @@ def build_model(cfg: TrainConfig, resumed: Resumed | None) -> XLoraModel:
     """The base model with the experts injected and a fresh head, or the head of the checkpoint to resume."""
     from transformers import AutoModelForCausalLM
 
-    base = load_local(AutoModelForCausalLM, cfg.base_model, "the base model", _FIX_BASE)
-    if resumed is not None:
-        return XLoraModel.from_pretrained(resumed[0], base_model=base)
-    return XLoraModel(base, XLoraConfig.from_dict(cfg.xlora.to_dict()))  # a copy: cfg stays as given
+    base = load_local(AutoModelForCausalLM, cfg.base_model, "the base model", _FIX_BASE,
+                      **base_load_kwargs(cfg.dtype, cfg.load_in_8bit, cfg.load_in_4bit))
+    xcfg = XLoraConfig.from_dict(cfg.xlora.to_dict())  # a copy: cfg stays as given
+    if xcfg.use_trainable_adapters and xcfg.lora_dtype is None:
+        xcfg.lora_dtype = "float32"  # trained experts keep float32 weights for the optimiser, whatever the base
+    model = XLoraModel.from_pretrained(resumed[0], base_model=base) if resumed is not None else XLoraModel(base, xcfg)
+    model.head.float()  # the optimiser sees float32 weights even over a half-precision base (as PEFT's adapters)
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+    return model
 
 
 def make_optimizer(cfg: TrainConfig, params: list[torch.nn.Parameter], resumed: Resumed | None,
