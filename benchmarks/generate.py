@@ -6,6 +6,7 @@ taken from a streamer's timestamps; "early" = tokens 1-64, "late" = the last 64 
 
     python benchmarks/generate.py                 # full run (batch 1 and 4, 256 new tokens)
     python benchmarks/generate.py --quick         # smoke run
+    python benchmarks/generate.py --smollm2       # the real model: benchmarks/generate_smollm2.py
 """
 
 from __future__ import annotations
@@ -97,6 +98,10 @@ def window_ms(times: list[float], lo: int, hi: int) -> float:
 
 
 def main() -> int:
+    if "--smollm2" in sys.argv:  # the real-model rows live in their own script
+        from generate_smollm2 import main as smollm2_main
+
+        return smollm2_main([a for a in sys.argv[1:] if a != "--smollm2"])
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--hidden", type=int, default=512)
     ap.add_argument("--layers", type=int, default=8)

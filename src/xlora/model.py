@@ -17,6 +17,7 @@ from transformers.cache_utils import Cache
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from xlora.adapters import LoraExpert, adaptable_modules, load_experts
+from xlora.bases import check_scaling_pass_layers, first_layers, float_dtype, hidden_size
 from xlora.config import XLoraConfig
 from xlora.generation import ScalingsObserver, XLoraGenerationMixin
 from xlora.head import ScalingHead
@@ -54,13 +55,13 @@ class XLoraModel(LifecycleMixin, XLoraGenerationMixin, nn.Module):
         if not isinstance(base_model, PreTrainedModel):
             raise TypeError(f"base_model must be a transformers PreTrainedModel, got {type(base_model).__name__}")
         config = XLoraConfig.from_dict(config.to_dict())  # ours to fill in; the caller's object is left as it is
-        hidden = _hidden_size(base_model)
+        hidden = hidden_size(base_model)
         if config.hidden_size is not None and config.hidden_size != hidden:
             raise ValueError(
                 f"config.hidden_size={config.hidden_size} but the base model's hidden size is {hidden}: "
                 "this X-LoRA head was trained for another base model"
             )
-        _check_scaling_pass_layers(config.scaling_pass_layers, base_model)
+        check_scaling_pass_layers(config.scaling_pass_layers, base_model)
         experts = load_experts(config.experts, base_model, Path(experts_root) if experts_root else None)
         self._base_requires_grad = {n: p.requires_grad for n, p in base_model.named_parameters()}
         self._base_was_checkpointing = bool(getattr(base_model, "is_gradient_checkpointing", False))
@@ -85,7 +86,7 @@ class XLoraModel(LifecycleMixin, XLoraGenerationMixin, nn.Module):
         if config.base_model_name_or_path is None:
             config.base_model_name_or_path = getattr(base_model.config, "_name_or_path", None) or None
         w = base_model.get_input_embeddings().weight
-        self.head = ScalingHead(config, hidden, L, config.num_experts).to(w.device, _float_dtype(base_model))
+        self.head = ScalingHead(config, hidden, L, config.num_experts).to(w.device, float_dtype(base_model))
         self._fixed_scalings: torch.Tensor | None = None  # set only inside `with fixed_scalings(...)`
         self.train(base_model.training)
 
@@ -95,7 +96,7 @@ class XLoraModel(LifecycleMixin, XLoraGenerationMixin, nn.Module):
         targets = adaptable_modules(self.base_model)
         names = [n for n in targets if any(n in e.modules for e in experts)]
         cfg = self.xlora_config.lora_dtype
-        lora_dtype = getattr(torch, cfg) if cfg else _float_dtype(self.base_model)
+        lora_dtype = getattr(torch, cfg) if cfg else float_dtype(self.base_model)
         for l, name in enumerate(names):
             parent_name, _, child = name.rpartition(".")
             parent = self.base_model.get_submodule(parent_name) if parent_name else self.base_model
@@ -237,16 +238,11 @@ class XLoraModel(LifecycleMixin, XLoraGenerationMixin, nn.Module):
         inputs = {"input_ids": input_ids, "attention_mask": attention_mask, "inputs_embeds": inputs_embeds,
                   "position_ids": position_ids}
         inputs = {k: v for k, v in inputs.items() if v is not None}
-        if use_cache is None:
-            use_cache = cache is not None
-        elif cache is not None and not use_cache:
-            raise ValueError("forward(cache=..., use_cache=False) would leave the cache behind its tokens: "
-                             "pass use_cache=True with a cache, or no cache to recompute without one")
-        if use_cache and cache is None:
-            cache = self.new_cache()
+        cache, use_cache = self._cache_for(cache, use_cache)
+        main = dict(inputs, labels=labels, cache=cache, use_cache=use_cache, logits_to_keep=logits_to_keep,
+                    return_dict=True, **kwargs)
         if self._adapters_disabled:  # exactly the base model: one pass, no head, no experts
-            out = self.base_model(**inputs, labels=labels, cache=cache, use_cache=use_cache,
-                                  logits_to_keep=logits_to_keep, return_dict=True, **kwargs)
+            out = self.base_model(**main)
             return XLoraOutput(loss=out.loss, logits=out.logits, cache=out.cache, hidden_states=out.hidden_states,
                                attentions=out.attentions)
         fixed = self.resolve_scalings(scalings) if scalings is not None else self._fixed_scalings
@@ -258,12 +254,18 @@ class XLoraModel(LifecycleMixin, XLoraGenerationMixin, nn.Module):
             observer.record(s, input_ids, attention_mask)
         g = self.xlora_config.global_scaling_weight
         with self.state.use(scalings=s, global_weight=g, coefficients=self.columns.coefficients(s, g)):
-            out = self.base_model(**inputs, labels=labels, cache=cache, use_cache=use_cache,
-                                  logits_to_keep=logits_to_keep, return_dict=True, **kwargs)
-        return XLoraOutput(
-            loss=out.loss, logits=out.logits, cache=out.cache,
-            hidden_states=out.hidden_states, attentions=out.attentions, scalings=s,
-        )
+            out = self.base_model(**main)
+        return XLoraOutput(loss=out.loss, logits=out.logits, cache=out.cache, hidden_states=out.hidden_states,
+                           attentions=out.attentions, scalings=s)
+
+    def _cache_for(self, cache: Cache | None, use_cache: bool | None) -> tuple[Cache | None, bool]:
+        """The cache a forward uses: the caller's, a new one for ``use_cache=True``, or none."""
+        if use_cache is None:
+            use_cache = cache is not None
+        elif cache is not None and not use_cache:
+            raise ValueError("forward(cache=..., use_cache=False) would leave the cache behind its tokens: "
+                             "pass use_cache=True with a cache, or no cache to recompute without one")
+        return (self.new_cache() if use_cache and cache is None else cache), use_cache
 
     # ------------------------------------------------------------------ save / load
     def trainable_expert_weights(self) -> list[dict[str, tuple[torch.Tensor, torch.Tensor]]]:
@@ -291,60 +293,3 @@ class XLoraModel(LifecycleMixin, XLoraGenerationMixin, nn.Module):
         from xlora.saving import load_model
 
         return load_model(cls, directory, base_model, **model_kwargs)
-
-
-def decoder_layers(decoder: nn.Module) -> tuple[str, nn.ModuleList] | None:
-    """``(attribute, layers)`` of a decoder's stack of blocks (``layers`` in Llama-likes, ``h`` in GPT-2)."""
-    for name in ("layers", "h"):
-        layers = getattr(decoder, name, None)
-        if isinstance(layers, nn.ModuleList):
-            return name, layers
-    return None
-
-
-@contextmanager
-def first_layers(decoder: nn.Module, k: int | None) -> Iterator[None]:
-    """Inside, ``decoder`` runs only its first ``k`` blocks (the same modules; ``None``: all of them).
-
-    The decoder's forward loops over its block list and then applies the final norm, so a shorter
-    list is a shallower model with the same weights. Not thread-safe: one forward at a time.
-    """
-    found = decoder_layers(decoder) if k is not None else None
-    if found is None or k >= len(found[1]):
-        yield
-        return
-    name, layers = found
-    setattr(decoder, name, nn.ModuleList(list(layers)[:k]))
-    try:
-        yield
-    finally:
-        setattr(decoder, name, layers)
-
-
-def _check_scaling_pass_layers(k: int | None, base_model: PreTrainedModel) -> None:
-    if k is None:
-        return
-    decoder = base_model.base_model
-    found = decoder_layers(decoder) if decoder is not base_model else None
-    if found is None:
-        raise ValueError(f"scaling_pass_layers={k} needs a decoder with a list of blocks (`layers` or `h`); "
-                         f"{type(base_model).__name__} has none: leave scaling_pass_layers=None")
-    if k > len(found[1]):
-        raise ValueError(f"scaling_pass_layers={k} exceeds the base model's {len(found[1])} decoder layers; "
-                         f"use 1..{len(found[1])}, or None for all of them")
-
-
-def _float_dtype(model: PreTrainedModel) -> torch.dtype:
-    """The base's activation dtype: its floating parameters' (a quantised base keeps norms and
-    embeddings in it), float32 when it has none."""
-    return next((p.dtype for p in model.parameters() if p.dtype.is_floating_point), torch.float32)
-
-
-def _hidden_size(model: PreTrainedModel) -> int:
-    cfg = model.config
-    text_cfg = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
-    for attr in ("hidden_size", "n_embd", "d_model"):
-        value = getattr(text_cfg, attr, None)
-        if isinstance(value, int):
-            return value
-    raise ValueError(f"cannot find the hidden size in {type(cfg).__name__}; X-LoRA needs a decoder with hidden_size")
