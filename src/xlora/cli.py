@@ -23,7 +23,21 @@ def _demo(args: argparse.Namespace) -> int:
 def _eval(args: argparse.Namespace) -> int:
     from xlora.demo.run import run_eval
 
-    return run_eval(args.out, n_per_domain=args.n, n_generate=args.n_generate)
+    return run_eval(args.out, n_per_domain=args.n, n_generate=args.n_generate, splits=tuple(args.splits),
+                    assets=args.assets, graph_n=args.graph_n)
+
+
+def _graph(args: argparse.Namespace) -> int:
+    from xlora.demo.graph import run_graph
+
+    return run_graph(args.text_file, args.out, args.assets, args.base, args.chunk_chars, args.max_new_tokens)
+
+
+def _dialogue(args: argparse.Namespace) -> int:
+    from xlora.demo.dialogue import run_dialogue
+
+    return run_dialogue(args.topic, args.out, args.turns, args.agent_a, args.agent_b, args.assets, args.assets_b,
+                        args.base, args.max_new_tokens, args.max_context)
 
 
 def _generate(args: argparse.Namespace) -> int:
@@ -188,6 +202,31 @@ def _add_format_parsers(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_export_mistralrs)
 
 
+def _add_app_parsers(sub: argparse._SubParsersAction) -> None:
+    """``graph`` and ``dialogue``: the demo's applications (xlora.demo.graph, xlora.demo.dialogue)."""
+    p = sub.add_parser("graph", help="a knowledge graph from a text file: triples coloured by the expert that wrote them")
+    p.add_argument("text_file", help="a UTF-8 text file")
+    p.add_argument("--out", required=True, help="folder for graph.graphml, graph.json, graph.png and graph.html")
+    p.add_argument("--chunk-chars", type=_positive, default=600, help="characters per chunk (whole sentences)")
+    p.add_argument("--max-new-tokens", type=_positive, default=128, help="tokens per chunk's answer")
+    p.add_argument("--assets", default=None, help="an X-LoRA directory (default: the demo's)")
+    p.add_argument("--base", default=None, help="base model directory (default: the demo's SmolLM2)")
+    p.set_defaults(func=_graph)
+
+    p = sub.add_parser("dialogue", help="two agents on the X-LoRA model take turns; the experts are traced per turn")
+    p.add_argument("--topic", required=True, help="what the agents discuss")
+    p.add_argument("--turns", type=_positive, default=6)
+    p.add_argument("--agent-a", default=None, help="agent A's system prompt (default: a questioning scientist)")
+    p.add_argument("--agent-b", default=None, help="agent B's system prompt (default: a critical reviewer)")
+    p.add_argument("--out", default="xlora-dialogue", help="folder for transcript.md, dialogue.json and the plot")
+    p.add_argument("--max-new-tokens", type=_positive, default=64, help="tokens per turn")
+    p.add_argument("--max-context", type=_positive, default=512, help="prompt + answer tokens per turn; older turns dropped")
+    p.add_argument("--assets", default=None, help="an X-LoRA directory (default: the demo's)")
+    p.add_argument("--assets-b", default=None, help="agent B's own X-LoRA directory (default: agent A's model)")
+    p.add_argument("--base", default=None, help="base model directory (default: the demo's SmolLM2)")
+    p.set_defaults(func=_dialogue)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="xlora", description="X-LoRA: a mixture of LoRA experts over a causal LM")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -207,7 +246,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="xlora-eval", help="folder for eval.md and eval.json (default: xlora-eval)")
     p.add_argument("-n", type=_positive, default=64, help="test records per domain for the losses (default: 64)")
     p.add_argument("--n-generate", type=_positive, default=16, help="records per domain answered and scored (default: 16)")
+    p.add_argument("--splits", nargs="+", choices=["test", "test_unseen", "validation"], default=["test", "test_unseen"],
+                   help="test: seen phrasings; test_unseen: held-out phrasings (default: both)")
+    p.add_argument("--graph-n", type=_count, default=32, help="held-out passages for the triple F1 table (0: skip)")
+    p.add_argument("--assets", default=None, help="an X-LoRA directory over the demo base (default: the shipped one)")
     p.set_defaults(func=_eval)
+    _add_app_parsers(sub)
 
     p = sub.add_parser("generate", help="stream text from an X-LoRA model directory")
     p.add_argument("model_dir", help="directory written by XLoraModel.save_pretrained")

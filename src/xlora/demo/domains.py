@@ -1,48 +1,58 @@
-"""Seeded scientific task generators and their checkers: the demo's four expert domains in miniature.
+"""Seeded scientific task generators and their checkers: the demo's five expert domains in miniature.
 
 Domains (the X-LoRA paper's case studies, scaled down to a 135M model and minutes of CPU):
 
-- ``protein``: random amino-acid sequences; *forward* tasks ask for a property computed with
-  Biopython's ``ProteinAnalysis`` (molecular weight, isoelectric point, GRAVY, instability index);
-  *inverse* tasks ask for a sequence of a given length whose property lies in ``[a, b]``.
-- ``chemistry``: small real molecules plus deterministic enumerations (chains, substituted benzenes,
-  pyridines, rings); *forward*: RDKit's MolWt, Crippen logP, ring count, H-bond donors/acceptors;
-  *inverse*: "propose a valid molecule with ...", checked with RDKit.
+- ``protein``: random sequences; *forward*: a Biopython ``ProteinAnalysis`` property (weight, pI, GRAVY,
+  instability); *inverse*: a sequence of a given length whose property lies in ``[a, b]``.
+- ``chemistry``: real molecules and enumerations; *forward*: RDKit's MolWt, Crippen logP, rings, H-bond
+  donors/acceptors; *inverse*: "propose a valid molecule with ...", checked with RDKit.
 - ``mathematics``: arithmetic, modulo, fractions and linear equations with exact answers.
-- ``general``: short instruction following with deterministic answers (capitals, antonyms, case,
-  sorting, counting, dates, numbers in words) so the mixture keeps its manners.
+- ``general``: short instructions with deterministic answers (capitals, antonyms, case, sorting,
+  counting, dates, numbers in words) so the mixture keeps its manners.
+- ``graph``: passages about materials, proteins and mechanics (:mod:`xlora.demo.ontology`) -> their
+  ``subject | relation | object`` triples (:mod:`xlora.demo.triples`), scored by F1.
 
-A record is ``{"id", "domain", "task", "split", "prompt", "completion", "meta"}``; ``meta`` holds what
-:func:`check` needs. Records of different splits never share an *item*: every record has a key (the
-molecule, the sequence or the prompt) and ``sha256(domain:key)`` assigns it to one split, so test
-molecules are unseen in training. Everything is a pure function of ``(domain, split, n, seed)``.
+A record is ``{"id", "domain", "task", "split", "item", "template", "prompt", "completion", "meta"}``;
+``meta`` holds what :func:`check` needs. Records of different splits never share an *item*: every item has a key
+(the molecule, the sequence, or the item in its original wording) and ``sha256(domain:key)`` assigns it
+to one split, so test molecules are unseen in training; graph test passages use held-out entities and
+sentence shapes. The prompt's wording is one of the item kind's phrasings (:mod:`xlora.demo.phrasings`):
+``train``, ``validation`` and ``test`` use the seen ones, ``test_unseen`` asks the test items with
+phrasings that no other split uses. Everything is a pure function of ``(domain, split, n, seed)``.
 
 Scores are in ``[0, 1]``: forward numeric tasks give ``max(0, 1 - |pred - true| / tol)`` (1 for the
 exact rounded value), count/exact tasks 1 or 0. Inverse tasks give 0 for an answer that is not a
 sequence / molecule, 0.25 for an amino-acid sequence of the wrong length, 0.5 for a valid answer
-whose property misses the range and 1 for a hit.
+whose property misses the range and 1 for a hit; graph answers their triple F1.
 """
 
 from __future__ import annotations
 
 import hashlib
+import itertools
 import random
 import re
 from collections.abc import Callable
 from fractions import Fraction
 from typing import Any
 
+from xlora.demo import phrasings
 from xlora.demo._domain_data import ANTONYMS, CAPITALS, DAYS, MONTHS, WORDS, number_words
+from xlora.demo.ontology import passage
+from xlora.demo.phrasings import Item
 from xlora.demo.science import chem_property, mol_from_smiles, molecule_pool, protein_property
+from xlora.demo.triples import format_triples, parse_triples, prf
 
-DOMAINS = ("protein", "chemistry", "mathematics", "general")
-SPLITS = ("train", "validation", "test")
+DOMAINS = ("protein", "chemistry", "mathematics", "general", "graph")
+SPLITS = ("train", "validation", "test", "test_unseen")
 _SPLIT_BUCKETS = {"train": range(0, 16), "validation": range(16, 18), "test": range(18, 20)}  # of 20
 AMINO_ACIDS = "ACDEFGHIKLMNPQRSTVWY"
 _LEADING_NUMBER = re.compile(r"(?:x\s*=\s*)?([-+]?\d+(?:\.\d+)?(?:/\d+)?)(?![\w.]*\d)")
 
 Record = dict[str, Any]
-Task = Callable[[random.Random], tuple[str, str, str, dict[str, Any]]]  # -> key, prompt, completion, meta
+
+
+Task = Callable[[random.Random, bool], Item]  # (rng, held_out) -> item
 
 
 def split_of(domain: str, key: str) -> str:
@@ -63,11 +73,11 @@ def _numeric(value: float, decimals: int, tol: float) -> tuple[str, dict[str, An
 
 
 # ------------------------------------------------------------------------------------------ protein
-_PROTEIN_PROPS = {  # name in prompts, decimals, tolerance (absolute; mw relative)
-    "mw": ("molecular weight in Da", 1, 0.05),
-    "pi": ("isoelectric point (pI)", 2, 1.0),
-    "gravy": ("GRAVY (grand average of hydropathy)", 3, 0.5),
-    "instability": ("instability index", 2, 20.0),
+_PROTEIN_PROPS = {  # long name (the original wording), short name, decimals, tolerance (absolute; mw relative)
+    "mw": ("molecular weight in Da", "molecular weight", 1, 0.05),
+    "pi": ("isoelectric point (pI)", "isoelectric point", 2, 1.0),
+    "gravy": ("GRAVY (grand average of hydropathy)", "GRAVY score", 3, 0.5),
+    "instability": ("instability index", "instability index", 2, 20.0),
 }
 
 
@@ -75,26 +85,26 @@ def _random_sequence(rng: random.Random, lo: int = 8, hi: int = 24) -> str:
     return "".join(rng.choice(AMINO_ACIDS) for _ in range(rng.randint(lo, hi)))
 
 
-def _protein_forward(rng: random.Random) -> tuple[str, str, str, dict[str, Any]]:
+def _protein_forward(rng: random.Random, held_out: bool) -> Item:
     seq, prop = _random_sequence(rng), rng.choice(list(_PROTEIN_PROPS))
-    name, decimals, tol = _PROTEIN_PROPS[prop]
+    long, short, decimals, tol = _PROTEIN_PROPS[prop]
     value = protein_property(seq, prop)
     text, meta = _numeric(value, decimals, tol * value if prop == "mw" else tol)
-    return seq, f"What is the {name} of the protein sequence {seq}? Give {decimals} decimals.", text, meta
+    return Item(seq, "protein_forward", {"seq": seq, "long": long, "short": short, "decimals": decimals}, text, meta)
 
 
 _INVERSE_WIDTH = {"mw": 200.0, "pi": 1.0, "gravy": 0.6}
 
 
-def _protein_inverse(rng: random.Random) -> tuple[str, str, str, dict[str, Any]]:
+def _protein_inverse(rng: random.Random, held_out: bool) -> Item:
     seq, prop = _random_sequence(rng), rng.choice(list(_INVERSE_WIDTH))
     value, width = protein_property(seq, prop), _INVERSE_WIDTH[prop]
     lo = round(value - rng.uniform(0.1, 0.9) * width, 1)
     hi = round(lo + width, 1)
-    name = _PROTEIN_PROPS[prop][0]
-    prompt = f"Write a protein sequence of exactly {len(seq)} residues with {name} between {lo:g} and {hi:g}."
+    long, short = _PROTEIN_PROPS[prop][:2]
+    slots = {"n": len(seq), "long": long, "short": short, "lo": f"{lo:g}", "hi": f"{hi:g}"}
     meta = {"kind": "protein_inverse", "property": prop, "lo": lo, "hi": hi, "length": len(seq)}
-    return prompt, prompt, seq, meta
+    return Item(phrasings.templates("protein_inverse")[0].format(**slots), "protein_inverse", slots, seq, meta)
 
 
 def _check_protein_inverse(meta: dict[str, Any], answer: str) -> float:
@@ -107,27 +117,27 @@ def _check_protein_inverse(meta: dict[str, Any], answer: str) -> float:
 
 
 # ---------------------------------------------------------------------------------------- chemistry
-_CHEM_FORWARD = {  # prompt wording, decimals (None = integer count), tolerance
-    "mw": ("What is the molecular weight in g/mol of the molecule {s}? Give 2 decimals.", 2, 0.05),
-    "logp": ("What is the Crippen logP of the molecule {s}? Give 2 decimals.", 2, 1.0),
-    "rings": ("How many rings does the molecule {s} have?", None, 0),
-    "hbd": ("How many hydrogen-bond donors does the molecule {s} have?", None, 0),
-    "hba": ("How many hydrogen-bond acceptors does the molecule {s} have?", None, 0),
+_CHEM_FORWARD = {  # long name, short name (values) or noun (counts), decimals (None = count), tolerance
+    "mw": ("molecular weight in g/mol", "molecular weight", 2, 0.05),
+    "logp": ("Crippen logP", "logP", 2, 1.0),
+    "rings": ("", "rings", None, 0),
+    "hbd": ("", "hydrogen-bond donors", None, 0),
+    "hba": ("", "hydrogen-bond acceptors", None, 0),
 }
 
 
-def _chem_forward(rng: random.Random) -> tuple[str, str, str, dict[str, Any]]:
+def _chem_forward(rng: random.Random, held_out: bool) -> Item:
     smiles, prop = rng.choice(molecule_pool()), rng.choice(list(_CHEM_FORWARD))
-    template, decimals, tol = _CHEM_FORWARD[prop]
+    long, short, decimals, tol = _CHEM_FORWARD[prop]
     value = chem_property(mol_from_smiles(smiles), prop)
     if decimals is None:
         text, meta = str(int(value)), {"kind": "exact_int", "value": int(value)}
-    else:
-        text, meta = _numeric(value, decimals, tol * value if prop == "mw" else tol)
-    return smiles, template.format(s=smiles), text, meta
+        return Item(smiles, "chem_count", {"s": smiles, "noun": short}, text, meta)
+    text, meta = _numeric(value, decimals, tol * value if prop == "mw" else tol)
+    return Item(smiles, "chem_value", {"s": smiles, "long": long, "short": short}, text, meta)
 
 
-def _chem_inverse(rng: random.Random) -> tuple[str, str, str, dict[str, Any]]:
+def _chem_inverse(rng: random.Random, held_out: bool) -> Item:
     smiles, prop = rng.choice(molecule_pool()), rng.choice(["mw", "logp", "rings", "hbd"])
     value = chem_property(mol_from_smiles(smiles), prop)
     if prop in ("rings", "hbd"):
@@ -140,8 +150,8 @@ def _chem_inverse(rng: random.Random) -> tuple[str, str, str, dict[str, Any]]:
         hi = round(lo + width, 1)
         what = f"{'molecular weight' if prop == 'mw' else 'logP'} between {lo:g} and {hi:g}"
         what += " g/mol" if prop == "mw" else ""
-    prompt = f"Propose a valid molecule, as SMILES, with {what}."
-    return prompt, prompt, smiles, {"kind": "chem_inverse", "property": prop, "lo": lo, "hi": hi}
+    key = phrasings.templates("chem_inverse")[0].format(what=what)
+    return Item(key, "chem_inverse", {"what": what}, smiles, {"kind": "chem_inverse", "property": prop, "lo": lo, "hi": hi})
 
 
 def _check_chem_inverse(meta: dict[str, Any], answer: str) -> float:
@@ -152,67 +162,76 @@ def _check_chem_inverse(meta: dict[str, Any], answer: str) -> float:
 
 
 # -------------------------------------------------------------------------------------- mathematics
-def _math_task(rng: random.Random) -> tuple[str, str, str, dict[str, Any]]:
+def _math_task(rng: random.Random, held_out: bool) -> Item:
     kind = rng.choice(["add", "sub", "mul", "expr", "mod", "frac", "linear"])
-    if kind in ("add", "sub"):
-        a, b = rng.randint(10, 999), rng.randint(10, 999)
-        op, value = ("+", a + b) if kind == "add" else ("-", a - b)
-        prompt = f"What is {a} {op} {b}?"
-    elif kind == "mul":
-        a, b = rng.randint(2, 99), rng.randint(2, 30)
-        prompt, value = f"What is {a} * {b}?", a * b
-    elif kind == "expr":
-        a, b, c, d = (rng.randint(1, 20) for _ in range(4))
-        prompt, value = f"Compute ({a} + {b}) * {c} - {d}.", (a + b) * c - d
-    elif kind == "mod":
+    if kind in ("add", "sub", "mul", "expr"):
+        if kind == "mul":
+            a, b = rng.randint(2, 99), rng.randint(2, 30)
+            e, value = f"{a} * {b}", a * b
+        elif kind == "expr":
+            a, b, c, d = (rng.randint(1, 20) for _ in range(4))
+            e, value = f"({a} + {b}) * {c} - {d}", (a + b) * c - d
+        else:
+            a, b = rng.randint(10, 999), rng.randint(10, 999)
+            e, value = (f"{a} + {b}", a + b) if kind == "add" else (f"{a} - {b}", a - b)
+        key = f"Compute {e}." if kind == "expr" else f"What is {e}?"  # the original wording: the item's key
+        return Item(key, "arith", {"e": e}, str(value), {"kind": "exact_number", "value": str(value)})
+    if kind == "mod":
         a, b = rng.randint(20, 500), rng.randint(3, 15)
-        prompt, value = f"What is the remainder of {a} divided by {b}?", a % b
-    elif kind == "frac":
+        return _math_item("mod", {"a": a, "b": b}, str(a % b), str(a % b))
+    if kind == "frac":
         den = rng.randint(2, 12)
         num, k = rng.randint(1, 3 * den), rng.randint(2, 9)
         frac = Fraction(num, den)
-        prompt = f"Simplify the fraction {num * k}/{den * k}."
         text = str(frac.numerator) if frac.denominator == 1 else f"{frac.numerator}/{frac.denominator}"
-        return prompt, prompt, text, {"kind": "exact_number", "value": str(frac)}
-    else:
-        x, a, b = rng.randint(-12, 12), rng.randint(2, 9), rng.randint(-30, 30)
-        c = a * x + b
-        sign = "+" if b >= 0 else "-"
-        prompt = f"Solve for x: {a}x {sign} {abs(b)} = {c}."
-        return prompt, prompt, f"x = {x}", {"kind": "exact_number", "value": str(x)}
-    return prompt, prompt, str(value), {"kind": "exact_number", "value": str(value)}
+        return _math_item("frac", {"f": f"{num * k}/{den * k}"}, text, str(frac))
+    x, a, b = rng.randint(-12, 12), rng.randint(2, 9), rng.randint(-30, 30)
+    eq = f"{a}x {'+' if b >= 0 else '-'} {abs(b)} = {a * x + b}"
+    return _math_item("linear", {"eq": eq}, f"x = {x}", str(x))
+
+
+def _math_item(kind: str, slots: dict[str, Any], completion: str, value: str) -> Item:
+    return Item(phrasings.templates(kind)[0].format(**slots), kind, slots, completion,
+                {"kind": "exact_number", "value": value})
 
 
 # ------------------------------------------------------------------------------------------ general
-def _general_task(rng: random.Random) -> tuple[str, str, str, dict[str, Any]]:
+def _general_task(rng: random.Random, held_out: bool) -> Item:
     kind = rng.choice(["capital", "antonym", "upper", "sort", "count", "next", "date", "words"])
     exact = "exact_text"
     if kind == "capital":
         country = rng.choice(sorted(CAPITALS))
-        prompt, answer = f"What is the capital of {country}? Answer with the city name only.", CAPITALS[country]
+        slots, answer = {"c": country}, CAPITALS[country]
     elif kind == "antonym":
         word = rng.choice(sorted(ANTONYMS))
-        prompt, answer = f"Give the opposite of the word '{word}'. One word.", ANTONYMS[word]
+        slots, answer = {"w": word}, ANTONYMS[word]
     elif kind == "upper":
         word = rng.choice(WORDS)
-        prompt, answer, exact = f"Write the word '{word}' in capital letters.", word.upper(), "exact_case"
+        slots, answer, exact = {"w": word}, word.upper(), "exact_case"
     elif kind == "sort":
         words = rng.sample(WORDS, rng.randint(3, 5))
-        prompt, answer = f"Sort these words alphabetically: {', '.join(words)}.", ", ".join(sorted(words))
+        slots, answer = {"ws": ", ".join(words)}, ", ".join(sorted(words))
     elif kind == "count":
         words = [rng.choice(WORDS) for _ in range(rng.randint(3, 9))]
-        prompt, answer = f"How many words are in this text: \"{' '.join(words)}\"?", str(len(words))
+        slots, answer = {"t": " ".join(words)}, str(len(words))
     elif kind == "next":
         seq = rng.choice([DAYS, MONTHS])
         i = rng.randrange(len(seq))
-        prompt, answer = f"Which {'day' if seq is DAYS else 'month'} comes after {seq[i]}?", seq[(i + 1) % len(seq)]
+        slots, answer = {"u": "day" if seq is DAYS else "month", "x": seq[i]}, seq[(i + 1) % len(seq)]
     elif kind == "date":
         y, m, d = rng.randint(1950, 2049), rng.randint(1, 12), rng.randint(1, 28)
-        prompt, answer = f"Rewrite the date {y}-{m:02d}-{d:02d} in DD/MM/YYYY format.", f"{d:02d}/{m:02d}/{y}"
+        slots, answer = {"d": f"{y}-{m:02d}-{d:02d}"}, f"{d:02d}/{m:02d}/{y}"
     else:
         n = rng.randint(1, 999)
-        prompt, answer = f"Write the number {n} in English words.", number_words(n)
-    return prompt, prompt, answer, {"kind": exact, "value": answer}
+        slots, answer = {"n": n}, number_words(n)
+    key = phrasings.templates(kind)[0].format(**slots)
+    return Item(key, kind, slots, answer, {"kind": exact, "value": answer})
+
+
+# -------------------------------------------------------------------------------------------- graph
+def _graph_task(rng: random.Random, held_out: bool) -> Item:
+    text, triples = passage(rng, held_out)
+    return Item(text, "graph", {"p": text}, format_triples(triples), {"kind": "triples", "value": triples})
 
 
 TASKS: dict[str, list[tuple[str, Task, float]]] = {  # domain -> (task name, generator, weight)
@@ -220,11 +239,24 @@ TASKS: dict[str, list[tuple[str, Task, float]]] = {  # domain -> (task name, gen
     "chemistry": [("chem_forward", _chem_forward, 0.7), ("chem_inverse", _chem_inverse, 0.3)],
     "mathematics": [("math", _math_task, 1.0)],
     "general": [("general", _general_task, 1.0)],
+    "graph": [("graph", _graph_task, 1.0)],
 }
+
+
+def _item_split(domain: str, key: str, held_out: bool) -> str:
+    """Graph passages are held out by their entities (test) or split train/validation by hash; the rest by hash."""
+    if domain == "graph" and held_out:
+        return "test"
+    split = split_of(domain, key)
+    return "train" if domain == "graph" and split == "test" else split
 
 
 def generate(domain: str, split: str, n: int, seed: int = 0) -> list[Record]:
     """``n`` distinct records of ``domain`` in ``split``; a pure function of the arguments.
+
+    ``test_unseen`` holds the ``test`` items asked with the unseen phrasings of
+    :mod:`xlora.demo.phrasings`; every other split uses the seen phrasings. Each record carries its
+    ``template`` id.
 
     Raises:
         ValueError: unknown domain or split, or fewer than ``n`` distinct records exist in the split.
@@ -237,21 +269,25 @@ def generate(domain: str, split: str, n: int, seed: int = 0) -> list[Record]:
         raise ValueError(f"n must be >= 0, got {n}")
     rng = random.Random(f"xlora-domains:{seed}:{domain}:{split}")
     names, funcs, weights = zip(*TASKS[domain])
-    records: list[Record] = []
-    seen: set[str] = set()
-    attempts = 0
-    while len(records) < n:
-        attempts += 1
+    item_split = "test" if split == "test_unseen" else split
+    held_out, records, seen = item_split == "test", [], set()
+    for attempts in itertools.count(1):
+        if len(records) == n:
+            break
         if attempts > 100 * n + 10_000:
             raise ValueError(f"only {len(records)} distinct {domain!r} records exist in split {split!r} "
                              f"(asked for n={n}); ask for fewer")
         i = rng.choices(range(len(names)), weights)[0]
-        key, prompt, completion, meta = funcs[i](rng)
-        if prompt in seen or split_of(domain, key) != split:
+        item = funcs[i](rng, held_out)
+        if _item_split(domain, item.key, held_out) != item_split:
+            continue
+        prompt, template = phrasings.phrase(item.kind, split, rng, **item.slots)
+        if prompt in seen:
             continue
         seen.add(prompt)
         records.append({"id": f"{domain}-{split}-{seed}-{len(records)}", "domain": domain, "task": names[i],
-                        "split": split, "prompt": prompt, "completion": completion, "meta": meta})
+                        "split": split, "item": item.key, "template": template, "prompt": prompt,
+                        "completion": item.completion, "meta": item.meta})
     return records
 
 
@@ -302,5 +338,7 @@ def check(record: Record, answer: str) -> float:
         return _check_protein_inverse(meta, answer)
     if kind == "chem_inverse":
         return _check_chem_inverse(meta, answer)
+    if kind == "triples":
+        return prf(parse_triples(answer).triples, [tuple(t) for t in meta["value"]])[2]
     raise ValueError(f"record {record.get('id')!r} has meta kind {kind!r}, which no checker handles")
 

@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 
+from xlora._io import atomic_write_text
 from xlora.demo import domains
 from xlora.demo.base_model import base_model_dir, cache_root, load_base
 from xlora.demo.evaluate import chat_messages, completion_loss, left_padded, tokenize
@@ -30,7 +31,7 @@ from xlora.saving import CONFIG_FILE, HEAD_FILE
 
 EXPERT_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj"]
 EXPERT_STEPS, EXPERT_BATCH, EXPERT_LR, EXPERT_RANK = 160, 8, 1e-3, 8
-HEAD_STEPS, HEAD_BATCH, HEAD_LR = 150, 8, 2e-3
+HEAD_STEPS, HEAD_BATCH, HEAD_LR, HEAD_MAX_LENGTH = 150, 8, 2e-3, 192
 SEED = 0
 DEMO_BASE_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 
@@ -43,7 +44,7 @@ def chat_record(record: dict[str, Any]) -> dict[str, Any]:
 def train_expert(base_dir: str | os.PathLike, records: list[dict[str, Any]], out_dir: str | os.PathLike, *,
                  steps: int = EXPERT_STEPS, batch_size: int = EXPERT_BATCH, lr: float = EXPERT_LR,
                  rank: int = EXPERT_RANK, targets: list[str] | None = None, seed: int = SEED,
-                 log_every: int = 20) -> dict[str, Any]:
+                 log_every: int = 20, max_length: int = 256) -> dict[str, Any]:
     """Train one PEFT LoRA expert on ``records`` and save it (PEFT format, safetensors) to ``out_dir``.
 
     AdamW, linear warm-up over 10 % of the steps then cosine decay; batches drawn without
@@ -58,7 +59,7 @@ def train_expert(base_dir: str | os.PathLike, records: list[dict[str, Any]], out
                      task_type="CAUSAL_LM")
     model = get_peft_model(model, cfg)
     model.train()
-    examples = tokenize(records, tokenizer)
+    examples = tokenize(records, tokenizer, max_length)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     rng = random.Random(seed)
@@ -106,7 +107,8 @@ def _to_bf16(adapter_dir: Path) -> None:
 
 
 def train_experts(out_dir: str | os.PathLike, base_dir: str | os.PathLike | None = None,
-                  domain_names: tuple[str, ...] = domains.DOMAINS, steps: int = EXPERT_STEPS) -> dict[str, Any]:
+                  domain_names: tuple[str, ...] = domains.DOMAINS, steps: int = EXPERT_STEPS,
+                  max_length: int = 256) -> dict[str, Any]:
     """One expert per domain under ``out_dir/experts/<domain>``; returns per-domain timings and losses."""
     portable = base_dir is None  # the demo's own base: record its public id, not this machine's cache path
     base_dir = Path(base_dir) if base_dir is not None else base_model_dir()
@@ -115,7 +117,7 @@ def train_experts(out_dir: str | os.PathLike, base_dir: str | os.PathLike | None
         records = domains.generate(domain, "train", steps * EXPERT_BATCH, seed=SEED)
         print(f"expert {domain!r}: {len(records)} records, {steps} steps", flush=True)
         target = Path(out_dir) / "experts" / domain
-        stats[domain] = train_expert(base_dir, records, target, steps=steps)
+        stats[domain] = train_expert(base_dir, records, target, steps=steps, max_length=max_length)
         _to_bf16(target)
         if portable:
             cfg_path = target / "adapter_config.json"
@@ -134,10 +136,22 @@ def write_jsonl(path: Path, records: list[dict[str, Any]]) -> Path:
     return path
 
 
+HEAD_OPTIONS: dict[str, Any] = {  # the shipped head's X-LoRA options (see xlora_config.json)
+    "head_depth": 2, "head_hidden_size": 256, "layerwise_scalings": True, "head_dropout": 0.1,
+}
+
+
 def train_head(out_dir: str | os.PathLike, base_dir: str | os.PathLike | None = None, steps: int = HEAD_STEPS,
-               work_dir: str | os.PathLike | None = None) -> dict[str, Any]:
-    """Train the X-LoRA head over ``out_dir/experts/*`` with :func:`xlora.train.trainer.train`; the head and
-    its config land in ``out_dir`` (experts referenced relatively, ``experts/<domain>``)."""
+               work_dir: str | os.PathLike | None = None, *, lr: float = HEAD_LR, max_length: int = HEAD_MAX_LENGTH,
+               options: dict[str, Any] | None = None, domain_names: tuple[str, ...] = domains.DOMAINS
+               ) -> dict[str, Any]:
+    """Train the X-LoRA head over ``out_dir/experts/<domain>`` with :func:`xlora.train.trainer.train`; the head
+    and its config land in ``out_dir`` (experts referenced relatively, ``experts/<domain>``).
+
+    The data mixes the training split of every domain, each record in one of its seen phrasings
+    (:mod:`xlora.demo.phrasings`); ``options`` override :data:`HEAD_OPTIONS` (any ``XLoraConfig`` or
+    ``TrainConfig`` key, e.g. ``layerwise_scalings``, ``softmax_temperature``, ``top_k``, ``regularizer``).
+    """
     from xlora import XLoraConfig
     from xlora.train.config import TrainConfig
     from xlora.train.trainer import train
@@ -145,20 +159,22 @@ def train_head(out_dir: str | os.PathLike, base_dir: str | os.PathLike | None = 
     out = Path(out_dir)
     base_dir = Path(base_dir) if base_dir is not None else base_model_dir()
     work = Path(work_dir) if work_dir is not None else cache_root() / "demo_head_run"
-    n = steps * HEAD_BATCH // len(domains.DOMAINS) + 1
-    train_file = write_jsonl(work / "data" / "train.jsonl", domains.generate_mixture("train", n, seed=SEED + 1))
-    eval_file = write_jsonl(work / "data" / "eval.jsonl", domains.generate_mixture("validation", 8, seed=SEED))
+    n = steps * HEAD_BATCH // len(domain_names) + 1
+    mix = domains.generate_mixture("train", n, seed=SEED + 1, domains=domain_names)
+    train_file = write_jsonl(work / "data" / "train.jsonl", mix)
+    eval_file = write_jsonl(work / "data" / "eval.jsonl", domains.generate_mixture("validation", 8, seed=SEED,
+                                                                                   domains=domain_names))
     run = work / "run"
-    cfg = TrainConfig.from_dict({
+    settings = {
         "base_model": str(base_dir), "train_file": str(train_file), "eval_file": str(eval_file),
-        "output_dir": str(run), "overwrite": True, "bundle": False, "max_length": 128,
-        "per_device_batch_size": HEAD_BATCH, "max_steps": steps, "learning_rate": HEAD_LR, "warmup_steps": 10,
+        "output_dir": str(run), "overwrite": True, "bundle": False, "max_length": max_length,
+        "per_device_batch_size": HEAD_BATCH, "max_steps": steps, "learning_rate": lr, "warmup_steps": 10,
         "save_every": 50, "log_every": 10, "seed": SEED, "progress": False,
-        "experts": {d: str((out / "experts" / d).resolve()) for d in domains.DOMAINS},
-        "head_depth": 2, "head_hidden_size": 256, "layerwise_scalings": True, "head_dropout": 0.1,
-    })
+        "experts": {d: str((out / "experts" / d).resolve()) for d in domain_names},
+        **HEAD_OPTIONS, **(options or {}),
+    }
     t0 = time.perf_counter()
-    result = train(cfg)
+    result = train(TrainConfig.from_dict(settings))
     seconds = time.perf_counter() - t0
     shutil.copyfile(run / HEAD_FILE, out / HEAD_FILE)
     xcfg = XLoraConfig.from_json_file(run / CONFIG_FILE)
@@ -167,23 +183,34 @@ def train_head(out_dir: str | os.PathLike, base_dir: str | os.PathLike | None = 
     xcfg.to_json_file(out / CONFIG_FILE)
     shutil.copyfile(run / "metrics.jsonl", out / "head_metrics.jsonl")
     return {"steps": result.steps, "seconds": round(seconds, 1), "train_loss": result.train_loss,
-            "eval_loss": result.eval_loss}
+            "eval_loss": result.eval_loss, "lr": lr, "max_length": max_length, "batch_size": HEAD_BATCH,
+            "options": {**HEAD_OPTIONS, **(options or {})}, "torch_threads": torch.get_num_threads()}
 
 
-def retrain(out_dir: str | os.PathLike, phases: tuple[str, ...] = ("experts", "head")) -> dict[str, Any]:
-    """Retrain the demo assets into ``out_dir`` (experts, then the head); writes ``out_dir/training.json``."""
+def retrain(out_dir: str | os.PathLike, phases: tuple[str, ...] = ("experts", "head"), *,
+            expert_steps: int = EXPERT_STEPS, head_steps: int = HEAD_STEPS,
+            head_options: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Retrain the demo assets into ``out_dir``; writes ``out_dir/training.json``.
+
+    ``phases`` run in order: ``"experts"`` (one expert per domain), ``"expert:<domain>[,<domain>...]"``
+    (only those experts; the others in ``out_dir/experts`` stay), ``"head"`` (over every domain's expert).
+    """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     log_path = out / "training.json"
     log = json.loads(log_path.read_text()) if log_path.is_file() else {}
-    if "experts" in phases:
-        log["experts"] = train_experts(out)
-        log["experts_config"] = {"rank": EXPERT_RANK, "alpha": 2 * EXPERT_RANK, "targets": EXPERT_TARGETS,
-                                 "batch_size": EXPERT_BATCH, "lr": EXPERT_LR, "torch_threads": torch.get_num_threads()}
-        log_path.write_text(json.dumps(log, indent=2) + "\n")
-    if "head" in phases:
-        log["head"] = train_head(out)
-        log_path.write_text(json.dumps(log, indent=2) + "\n")
+    for phase in phases:
+        if phase == "experts" or phase.startswith("expert:"):
+            names = domains.DOMAINS if phase == "experts" else tuple(phase.split(":", 1)[1].split(","))
+            log.setdefault("experts", {}).update(train_experts(out, domain_names=names, steps=expert_steps))
+            log["experts_config"] = {"rank": EXPERT_RANK, "alpha": 2 * EXPERT_RANK, "targets": EXPERT_TARGETS,
+                                     "batch_size": EXPERT_BATCH, "lr": EXPERT_LR,
+                                     "torch_threads": torch.get_num_threads()}
+        elif phase == "head":
+            log["head"] = train_head(out, steps=head_steps, options=head_options)
+        else:
+            raise ValueError(f"unknown retraining phase {phase!r}; use 'experts', 'expert:<domain>' or 'head'")
+        atomic_write_text(log_path, json.dumps(log, indent=2) + "\n")
     return log
 
 

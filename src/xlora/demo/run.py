@@ -9,6 +9,7 @@ shows a few answers with every token coloured by its dominant expert, and writes
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import time
@@ -17,6 +18,7 @@ from typing import Any
 
 import torch
 
+from xlora._io import atomic_write_text
 from xlora.demo import domains
 from xlora.demo.base_model import base_model_dir, cache_root, load_base
 from xlora.demo.evaluate import XLORA, EvalTable, evaluate, generate_answers
@@ -184,17 +186,40 @@ def _progress(t0: float) -> Any:
     return lambda msg: print(f"  [{time.perf_counter() - t0:5.0f} s] {msg} ...", flush=True)
 
 
-def run_eval(out_dir: str | os.PathLike, n_per_domain: int = 64, n_generate: int = 16) -> int:
-    """The ``xlora eval`` command: the full evaluation of the shipped demo, written to ``out_dir``."""
+def run_eval(out_dir: str | os.PathLike, n_per_domain: int = 64, n_generate: int = 16,
+             splits: tuple[str, ...] = ("test", "test_unseen"), assets: str | os.PathLike | None = None,
+             graph_n: int = 32) -> int:
+    """The ``xlora eval`` command: the full evaluation of the shipped demo on ``test`` (seen phrasings) and
+    ``test_unseen`` (held-out phrasings), written to ``out_dir/eval.md`` and ``eval.json`` (one entry per split);
+    with ``graph_n`` > 0 (and a ``graph`` expert) also the triple F1 table on that many held-out passages
+    (``graph_eval.md`` / ``.json``)."""
     t0 = time.perf_counter()
     try:
-        model, tokenizer = load_demo(ASSETS, base_model_dir())
+        model, tokenizer = load_demo(assets, base_model_dir())
     except (FileNotFoundError, ImportError) as err:
         print(f"xlora eval: {err}")
         return 1
-    table = evaluate_demo(model, "test", n_per_domain, out_dir, tokenizer=tokenizer, n_generate=n_generate,
-                          progress=_progress(t0))
-    print(table.to_markdown())
+    tables = {}
+    for split in splits:
+        tables[split] = evaluate_demo(model, split, n_per_domain, None, tokenizer=tokenizer, n_generate=n_generate,
+                                      progress=_progress(t0))
+        print(tables[split].to_markdown())
+    write_tables(out_dir, tables)
+    if graph_n > 0 and "graph" in model.xlora_config.expert_names:
+        from xlora.demo import graph_eval
+
+        result = graph_eval.evaluate_triples(model, tokenizer, graph_n, progress=_progress(t0))
+        graph_eval.write(result, out_dir)
+        print(graph_eval.to_markdown(result))
     print(f"written to {Path(out_dir) / 'eval.md'} and {Path(out_dir) / 'eval.json'} "
           f"in {time.perf_counter() - t0:.0f} s")
     return 0
+
+
+def write_tables(out_dir: str | os.PathLike, tables: dict[str, EvalTable]) -> tuple[Path, Path]:
+    """``eval.md`` (every split's tables, one after the other) and ``eval.json`` (``{split: table}``)."""
+    out = Path(out_dir)
+    md, js = out / "eval.md", out / "eval.json"
+    atomic_write_text(md, "\n".join(t.to_markdown() for t in tables.values()))
+    atomic_write_text(js, json.dumps({s: t.to_dict() for s, t in tables.items()}, indent=2) + "\n")
+    return md, js
