@@ -128,6 +128,14 @@ def llama(setups) -> Setup:
     return setups["llama"]
 
 
+def randomize_head(model, seed: int = 7, std: float = 0.5) -> None:
+    """Give the scaling head random weights (a fresh head routes almost uniformly: tests need a router)."""
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for p in model.head.parameters():
+            p.normal_(0, std)
+
+
 def tokens(batch: int = 2, seq: int = 7, seed: int = 0) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     return torch.randint(3, VOCAB, (batch, seq), generator=g)

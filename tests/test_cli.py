@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import randomize_head
 
 from xlora.cli import main
 from xlora.demo.tiny import run_example
@@ -34,10 +35,7 @@ def saved_model(llama, tmp_path_factory):
 
     model = XLoraModel(llama.base(), XLoraConfig(experts={k: str(v) for k, v in llama.expert_dirs.items()},
                                                  head_hidden_size=16)).eval()
-    torch.manual_seed(0)
-    with torch.no_grad():
-        for p in model.head.parameters():
-            p.normal_(0, 0.7)
+    randomize_head(model, 0, 0.7)
     out = tmp_path_factory.mktemp("cli") / "xlora"
     model.save_pretrained(out)
     return out

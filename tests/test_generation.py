@@ -6,7 +6,7 @@ import threading
 
 import pytest
 import torch
-from conftest import VOCAB, tiny_tokenizer
+from conftest import VOCAB, randomize_head, tiny_tokenizer
 from transformers import DynamicCache, StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
 
 from xlora import XLoraConfig, XLoraModel
@@ -17,10 +17,7 @@ def build(setup, seed: int = 3, **cfg) -> XLoraModel:
     config = XLoraConfig(experts={k: str(v) for k, v in setup.expert_dirs.items()}, head_depth=2,
                          head_hidden_size=16, **cfg)
     model = XLoraModel(setup.base(), config).eval()
-    torch.manual_seed(seed)
-    with torch.no_grad():
-        for p in model.head.parameters():
-            p.normal_(0, 0.7)
+    randomize_head(model, seed, 0.7)
     return model
 
 
@@ -287,10 +284,7 @@ def no_cache_base(setup):
 def test_a_use_cache_false_base_still_decodes_exactly_with_the_dual_cache(llama):
     config = XLoraConfig(experts={k: str(v) for k, v in llama.expert_dirs.items()}, head_depth=2, head_hidden_size=16)
     model = ShapeSpy(no_cache_base(llama), config).eval()
-    torch.manual_seed(3)
-    with torch.no_grad():
-        for p in model.head.parameters():
-            p.normal_(0, 0.7)
+    randomize_head(model, 3, 0.7)
     model.seen = []
     ids, mask = left_padded_batch()
     out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=10, do_sample=False, pad_token_id=0,

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import make_expert, targets_of, tokens
+from conftest import make_expert, randomize_head, targets_of, tokens
 
 from xlora import XLoraConfig, XLoraModel
 from xlora.layers import MixtureLoraLinear
@@ -15,10 +15,7 @@ def build(setup, **cfg) -> XLoraModel:
     cfg.setdefault("head_hidden_size", 16)
     cfg.setdefault("head_depth", 2)
     model = XLoraModel(setup.base(), XLoraConfig(experts={k: str(v) for k, v in setup.expert_dirs.items()}, **cfg))
-    torch.manual_seed(7)
-    with torch.no_grad():
-        for p in model.head.parameters():
-            p.normal_(0, 0.5)
+    randomize_head(model, 7, 0.5)
     return model.eval()
 
 
@@ -90,10 +87,7 @@ def dropout_setup(llama, tmp_path_factory):
 def head_grads(llama, experts, checkpointing: bool) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     model = XLoraModel(llama.base(), XLoraConfig(experts=experts, head_depth=2, head_hidden_size=16,
                                                  head_dropout=0.1))
-    torch.manual_seed(7)
-    with torch.no_grad():
-        for p in model.head.parameters():
-            p.normal_(0, 0.5)
+    randomize_head(model, 7, 0.5)
     if checkpointing:
         model.gradient_checkpointing_enable()
         assert model.is_gradient_checkpointing

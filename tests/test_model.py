@@ -9,7 +9,7 @@ import peft
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import tokens
+from conftest import randomize_head, tokens
 from peft import PeftModel
 
 from xlora import XLoraConfig, XLoraModel
@@ -21,13 +21,6 @@ def build(setup, **cfg) -> XLoraModel:
     cfg.setdefault("head_hidden_size", 16)
     config = XLoraConfig(experts={k: str(v) for k, v in setup.expert_dirs.items()}, **cfg)
     return XLoraModel(setup.base(), config).eval()
-
-
-def randomize_head(model: XLoraModel, seed: int = 7, std: float = 0.5) -> None:
-    torch.manual_seed(seed)
-    with torch.no_grad():
-        for p in model.head.parameters():
-            p.normal_(0, std)
 
 
 @pytest.mark.parametrize("arch", ARCHS)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import tokens
+from conftest import randomize_head, tokens
 from test_generation import left_padded_batch, reference_greedy
 
 from xlora import XLoraConfig, XLoraModel
@@ -14,10 +14,7 @@ def build(setup, k=None, seed=3, **cfg) -> XLoraModel:
     config = XLoraConfig(experts={n: str(p) for n, p in setup.expert_dirs.items()}, head_depth=2, head_hidden_size=16,
                          scaling_pass_layers=k, **cfg)
     model = XLoraModel(setup.base(), config).eval()
-    torch.manual_seed(seed)
-    with torch.no_grad():
-        for p in model.head.parameters():
-            p.normal_(0, 0.7)
+    randomize_head(model, seed, 0.7)
     return model
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_tokenizer
+from conftest import randomize_head, tiny_tokenizer
 
 from xlora import XLoraConfig, XLoraModel
 from xlora.analysis import (
@@ -133,10 +133,7 @@ def test_log_saves_and_reloads_bit_exactly(tmp_path):
 def build(setup, seed: int = 3) -> XLoraModel:
     config = XLoraConfig(experts={k: str(v) for k, v in setup.expert_dirs.items()}, head_hidden_size=16)
     model = XLoraModel(setup.base(), config).eval()
-    torch.manual_seed(seed)
-    with torch.no_grad():
-        for p in model.head.parameters():
-            p.normal_(0, 0.7)
+    randomize_head(model, seed, 0.7)
     return model
 
 
