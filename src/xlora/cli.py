@@ -103,8 +103,35 @@ def _serve(args: argparse.Namespace) -> int:
     given = {f.name: getattr(args, f.name) for f in dataclasses.fields(ServerConfig) if hasattr(args, f.name)}
     given.setdefault("model_name", Path(args.model_dir).resolve().name)
     given.setdefault("api_key", os.environ.get("XLORA_API_KEY") or None)
+    from xlora.serve.cluster import ClusterConfig, serve_cluster  # imports Ray only when it runs
+
+    cluster = {f.name: getattr(args, f.name) for f in dataclasses.fields(ClusterConfig) if hasattr(args, f.name)}
+    if cluster:  # --replicas and friends: Ray Serve replicas (the cluster extra)
+        serve_cluster(args.model_dir, ServerConfig(**given), ClusterConfig(**cluster), base_model=args.base,
+                      log_level=args.log_level, **_base_kwargs(args))
+        return 0
     serve(args.model_dir, ServerConfig(**given), base_model=args.base, log_level=args.log_level, **_base_kwargs(args))
     return 0
+
+
+def _add_cluster_flags(p: argparse.ArgumentParser) -> None:
+    """``xlora serve --replicas N ...``: Ray Serve replicas of the same app (xlora.serve.cluster)."""
+    keep = argparse.SUPPRESS  # defaults live in ClusterConfig
+    g = p.add_argument_group("Ray Serve replicas (pip install 'xlora[cluster]')")
+    g.add_argument("--replicas", type=_positive, default=keep, metavar="N",
+                   help="serve N model copies, each with its own batcher, behind Ray Serve's HTTP proxy")
+    g.add_argument("--ray-address", default=keep, metavar="ADDR",
+                   help="join a running Ray cluster ('auto' after `ray start`; default: a fresh local instance)")
+    g.add_argument("--cpus-per-replica", type=_non_negative, default=keep, metavar="C",
+                   help="Ray CPUs (and torch threads) per replica (default: 1)")
+    g.add_argument("--gpus-per-replica", type=_non_negative, default=keep, metavar="G",
+                   help="Ray GPUs per replica; fractions share a GPU (default: 0)")
+    g.add_argument("--min-replicas", type=_count, default=keep, help="autoscaling: the fewest replicas (default 1)")
+    g.add_argument("--max-replicas", type=_positive, default=keep, help="autoscaling: the most (default: --replicas)")
+    g.add_argument("--target-ongoing-requests", type=_non_negative, default=keep,
+                   help="autoscaling: the ongoing requests per replica Ray Serve aims for")
+    g.add_argument("--object-store-mb", type=_positive, default=keep,
+                   help="the local Ray instance's object store (default: Ray's)")
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -292,6 +319,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-prompt-tokens", type=int, default=keep, help="(default: the model's context length)")
     p.add_argument("--shutdown-timeout", dest="shutdown_timeout_s", type=_non_negative, default=keep, metavar="SECONDS",
                    help="on SIGTERM/Ctrl-C, running requests get this long, then end with an OpenAI error (default: 30)")
+    _add_cluster_flags(p)
     p.set_defaults(func=_serve)
 
     from xlora import XLoraConfig
