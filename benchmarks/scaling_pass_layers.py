@@ -33,7 +33,7 @@ warnings.filterwarnings("ignore")
 sys.path.insert(0, str(Path(__file__).parent))
 
 RECIPE = {"head_depth": 2, "head_hidden_size": 256, "layerwise_scalings": True, "head_dropout": 0.1,
-          "per_device_batch_size": 8, "learning_rate": 2e-3, "warmup_steps": 10, "max_length": 192, "seed": 0}
+          "per_device_batch_size": 8, "learning_rate": 2e-3, "warmup_steps": 5, "max_length": 192, "seed": 0}
 
 
 def snapshot_experts(assets: Path, work: Path) -> dict[str, str]:

@@ -1,12 +1,10 @@
-"""Seeing the mixture: a log of the scalings a model applied, and statistics over scalings.
+"""The scalings log: what a model applied, call by call, as an observer passed to forward/generate.
 
 Shapes: ``b`` batch, ``t`` tokens, ``L`` adapted modules (``model.adapted_modules``), ``E`` experts.
 A log entry is one forward call: the scalings ``[b, t, L, E]`` it applied to its input tokens
 ``[b, t]``. Row ``t`` of a sequence is therefore "the mixture used while reading token ``t``",
 which is the mixture that predicted token ``t + 1``.
-
-The statistics are pure functions of a scalings tensor ``[b, t, L, E]`` (or ``[t, L, E]``) and an
-optional padding mask ``[b, t]`` (1 = real token); they return plain dataclasses of floats.
+The statistics over a log's rows live in :mod:`xlora.analysis.stats`.
 """
 
 from __future__ import annotations
