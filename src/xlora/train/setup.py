@@ -36,6 +36,7 @@ from xlora.train.checkpoints import (
 )
 from xlora.train.config import TrainConfig
 from xlora.train.data import DatasetStats, TokenizedExample, build_dataset
+from xlora.train.fsdp import fsdp_requested, shard
 
 _FIX_BASE = "set base_model (--base-model) to a local model folder"
 Resumed = tuple[Path, dict[str, Any], dict[str, torch.Tensor]]  # (checkpoint, trainer state, optimizer tensors)
@@ -76,6 +77,7 @@ class Run:
     start: int  # the first step to run: 0, or the resumed checkpoint's step
     total: int
     steps_per_epoch: int
+    sharded: bool = False  # FSDP: the trainable parameters' gradients are averaged by xlora.train.fsdp
 
     @property
     def out(self) -> Path:
@@ -102,7 +104,11 @@ def setup(cfg: TrainConfig) -> Run:
     model = build_model(cfg, resumed).to(accelerator.device).train()
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = make_optimizer(cfg, params, resumed, precision)
-    ddp_model, optimizer = accelerator.prepare(model, optimizer)
+    sharded = fsdp_requested(accelerator)
+    if sharded:  # FSDP: the frozen weights in shards, the trainable ones whole (xlora.train.fsdp)
+        ddp_model = shard(model, cfg.bundle)
+    else:
+        ddp_model, optimizer = accelerator.prepare(model, optimizer)
     accelerator.wait_for_everyone()  # every process has checked its inputs: now write
     start = resumed[1]["step"] if resumed else 0
     if accelerator.is_main_process:
@@ -112,7 +118,7 @@ def setup(cfg: TrainConfig) -> Run:
     accelerator.wait_for_everyone()
     steps_per_epoch, total = schedule(cfg, len(train_set), accelerator.num_processes)
     return Run(cfg, accelerator, precision, model, ddp_model, optimizer, params, tokenizer, train_set, eval_set,
-               stats, pad_token_id(tokenizer), start, total, steps_per_epoch)
+               stats, pad_token_id(tokenizer), start, total, steps_per_epoch, sharded)
 
 
 def check_output_dir(cfg: TrainConfig) -> None:

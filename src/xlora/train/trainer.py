@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from xlora.train.checkpoints import METRICS, TENSORBOARD, list_checkpoints, save_checkpoint
 from xlora.train.config import TrainConfig
 from xlora.train.data import IGNORE_INDEX, TokenizedExample, batch_order, collate
+from xlora.train.fsdp import sync_gradients
 from xlora.train.setup import Run, TrainingError, setup
 
 __all__ = ["TrainResult", "TrainingError", "evaluate", "finish", "lr_factor", "save_training_checkpoint",
@@ -151,6 +152,8 @@ def micro_batches(run: Run, step: int) -> list[tuple[dict[str, torch.Tensor], fl
 def _update(run: Run, step: int) -> tuple[float | None, float]:
     """Clip, set the learning rate of ``step`` and take the optimizer step; ``(grad_norm, lr)``."""
     cfg, scaler, optimizer = run.cfg, run.precision.scaler, run.optimizer
+    if run.sharded:  # FSDP leaves the gradients of the whole (trainable) parameters to us
+        sync_gradients(run.params, run.accelerator.num_processes)
     if scaler is not None:
         scaler.unscale_(optimizer)  # clip the true gradients
     grad_norm = None
