@@ -9,14 +9,21 @@ wall time from release to the last byte gives tokens/s (tokens counted from the 
 chunks). Each server setting (``--max-batch`` values, 1 = one at a time) is measured ``--repeats``
 times, interleaved, and medians are reported. The greedy texts of every setting must be identical.
 
+``--replicas 1 2`` adds rows served by ``xlora serve --replicas N --cpus-per-replica 1`` on a fresh
+local Ray instance (Ray Serve's proxy in front; each replica one torch thread and the largest
+``--max-batch``), next to one process on one thread: on 2 cores, 2 replicas can at most double the
+tokens/s of 1, less what the proxy, Ray and the clients take from the same cores.
+
     python benchmarks/serve.py                    # full run (a few minutes on 2 cores)
     python benchmarks/serve.py --threads 1        # the server on one torch thread (better on a busy machine)
+    python benchmarks/serve.py --max-batch 16 --replicas 1 2 --threads 1   # Ray Serve replicas (cluster extra)
     python benchmarks/serve.py --quick            # smoke run
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import os
 import socket
@@ -26,6 +33,7 @@ import sys
 import tempfile
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -90,8 +98,9 @@ def metric(url: str, name: str) -> float:
 
 
 def measure(model_dir: Path, max_batch: int, window_ms: float, texts: list[str], tokens: int,
-            threads: int | None) -> dict:
-    """Start ``xlora serve`` (its own process), fire every request at once; wall time, tokens, latencies."""
+            threads: int | None, replicas: int | None = None) -> dict:
+    """Start ``xlora serve`` (its own process; ``replicas``: on Ray Serve), fire every request at once;
+    wall time, tokens, latencies."""
     import httpx
     from openai import OpenAI
 
@@ -99,23 +108,26 @@ def measure(model_dir: Path, max_batch: int, window_ms: float, texts: list[str],
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
     sock.close()
-    env = {**os.environ, **({"OMP_NUM_THREADS": str(threads)} if threads else {})}
+    env = {**os.environ, **({"OMP_NUM_THREADS": str(threads)} if threads else {}), "RAY_USAGE_STATS_ENABLED": "0"}
     cmd = [sys.executable, "-m", "xlora", "serve", str(model_dir), "--port", str(port), "--model-name", "bench",
            "--max-batch", str(max_batch), "--batch-window-ms", str(window_ms), "--log-level", "warning"]
+    if replicas:
+        cmd += ["--replicas", str(replicas), "--cpus-per-replica", "1", "--object-store-mb", "100"]
     proc = subprocess.Popen(cmd, env=env, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
     try:
         while True:
-            try:
+            assert proc.poll() is None, "the server failed to start"
+            with contextlib.suppress(httpx.TransportError):
                 if httpx.get(url + "/health").status_code == 200:
                     break
-            except httpx.TransportError:
-                assert proc.poll() is None, "the server failed to start"
-                time.sleep(0.1)
+            time.sleep(0.1)
         client = OpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=600)
         ask = dict(model="bench", max_tokens=tokens, temperature=0, stream=True,
                    stream_options={"include_usage": True}, extra_body={"xlora": {"ignore_eos": True}})
-        list(client.completions.create(prompt="warm up", **{**ask, "max_tokens": 4}))
+        with ThreadPoolExecutor(4) as pool:  # warm every replica up (the proxy spreads concurrent requests)
+            list(pool.map(lambda _: list(client.completions.create(prompt="warm up", **{**ask, "max_tokens": 4})),
+                          range(4 * (replicas or 1))))
         batches0 = metric(url, "xlora_batch_size_count")
         out: dict[int, str] = {}
         ttft: dict[int, float] = {}
@@ -164,6 +176,8 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=8)
     ap.add_argument("--experts", type=int, default=4)
     ap.add_argument("--threads", type=int, default=None, help="the server's OMP_NUM_THREADS (default: torch's)")
+    ap.add_argument("--replicas", type=int, nargs="*", default=[],
+                    help="also serve on Ray Serve with these replica counts (one thread each)")
     ap.add_argument("--quick", action="store_true", help="hidden 128, 2 layers, 8 clients, 16 tokens, 1 repeat")
     args = ap.parse_args()
     if args.quick:
@@ -177,25 +191,31 @@ def main() -> None:
               f"{args.experts} rank-16 experts on 7 projections; {args.clients} streaming clients x {args.tokens} "
               f"tokens, greedy, ignore_eos; batch window {args.window_ms} ms")
         texts = prompts(args.clients)
-        runs: dict[int, list[dict]] = {b: [] for b in args.max_batch}
+        settings = [(str(b), b, None) for b in args.max_batch]
+        settings += [(f"{n} replica{'s' * (n > 1)}", max(args.max_batch), n) for n in args.replicas]
+        runs: dict[str, list[dict]] = {label: [] for label, _, _ in settings}
         for _ in range(args.repeats):
-            for b in args.max_batch:
-                runs[b].append(measure(model_dir, b, args.window_ms, texts, args.tokens, args.threads))
-    print(f"\n{'max_batch':>9} {'wall s':>8} {'tokens':>7} {'tok/s':>8} {'TTFT s':>8} {'latency s':>10} {'batches':>8}")
+            for label, b, n in settings:
+                runs[label].append(measure(model_dir, b, args.window_ms, texts, args.tokens, args.threads, n))
+    print(f"\n{'setting':>10} {'wall s':>8} {'tokens':>7} {'tok/s':>8} {'TTFT s':>8} {'latency s':>10} {'batches':>8}")
     med = {}
-    for b, rs in runs.items():
-        med[b] = statistics.median(r["tok_s"] for r in rs)
+    for label, rs in runs.items():
+        med[label] = statistics.median(r["tok_s"] for r in rs)
         r = rs[0]
-        print(f"{b:>9} {statistics.median(x['wall'] for x in rs):>8.2f} {r['tokens']:>7} {med[b]:>8.1f} "
+        print(f"{label:>10} {statistics.median(x['wall'] for x in rs):>8.2f} {r['tokens']:>7} {med[label]:>8.1f} "
               f"{statistics.median(x['ttft'] for x in rs):>8.2f} {statistics.median(x['latency'] for x in rs):>10.2f}"
               f" {r['batches']:>8}")
-    same = all(r["texts"] == runs[args.max_batch[0]][0]["texts"] for rs in runs.values() for r in rs)
+    first = settings[0][0]
+    same = all(r["texts"] == runs[first][0]["texts"] for rs in runs.values() for r in rs)
     print(f"\ngreedy texts identical across settings and repeats: {same}")
-    if 1 in med:
-        for b in med:
-            if b != 1:
-                print(f"throughput ratio, max_batch {b} vs 1: {med[b] / med[1]:.2f}x")
-
+    if "1" in med:
+        for label in med:
+            if label != "1" and "replica" not in label:
+                print(f"throughput ratio, max_batch {label} vs 1: {med[label] / med['1']:.2f}x")
+    if "1 replica" in med:
+        for label in med:
+            if "replicas" in label:
+                print(f"throughput ratio, {label} vs 1 replica: {med[label] / med['1 replica']:.2f}x")
 
 if __name__ == "__main__":
     main()
