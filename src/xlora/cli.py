@@ -6,73 +6,7 @@ import argparse
 import sys
 from collections.abc import Callable
 
-
-def _example(args: argparse.Namespace) -> int:
-    from xlora.demo.tiny import run_example
-
-    run_example(seq_len=args.seq_len)
-    return 0
-
-
-def _demo(args: argparse.Namespace) -> int:
-    from xlora.demo.run import run_demo
-
-    return run_demo(retrain=args.retrain, out_dir=args.out, n_per_domain=args.n, n_generate=args.n_generate)
-
-
-def _eval(args: argparse.Namespace) -> int:
-    from xlora.demo.run import run_eval
-
-    return run_eval(args.out, n_per_domain=args.n, n_generate=args.n_generate, splits=tuple(args.splits),
-                    assets=args.assets, graph_n=args.graph_n)
-
-
-def _graph(args: argparse.Namespace) -> int:
-    from xlora.demo.graph import run_graph
-
-    return run_graph(args.text_file, args.out, args.assets, args.base, args.chunk_chars, args.max_new_tokens)
-
-
-def _dialogue(args: argparse.Namespace) -> int:
-    from xlora.demo.dialogue import run_dialogue
-
-    return run_dialogue(args.topic, args.out, args.turns, args.agent_a, args.agent_b, args.assets, args.assets_b,
-                        args.base, args.max_new_tokens, args.max_context)
-
-
-def _generate(args: argparse.Namespace) -> int:
-    from xlora.generation import generate_text
-    from xlora.saving import load_model_and_tokenizer
-
-    if args.seed is not None:
-        import torch
-
-        torch.manual_seed(args.seed)
-    model, tokenizer = load_model_and_tokenizer(args.model_dir, base_model=args.base, **_base_kwargs(args))
-    sampling = {"do_sample": args.temperature > 0}
-    if args.temperature > 0:
-        sampling.update(temperature=args.temperature, top_p=args.top_p)
-    out = sys.stdout
-    text, ids, scalings = generate_text(
-        model, tokenizer, args.prompt, chat=args.chat, max_new_tokens=args.max_new_tokens,
-        stream=lambda piece: (out.write(piece), out.flush()), granularity=args.granularity, **sampling,
-    )
-    out.write("\n")
-    if args.show_experts:
-        names = model.xlora_config.expert_names
-        per_token = scalings.float().mean(dim=1)  # [n, E], layers averaged
-        out.write(f"{'#':>4}  {'token':<16} {'expert':<16} weight\n")
-        for i, (tid, row) in enumerate(zip(ids, per_token)):
-            e = int(row.argmax())
-            piece = tokenizer.decode([tid])
-            out.write(f"{i:>4}  {piece!r:<16} {names[e]:<16} {row[e].item():.3f}\n")
-    return 0
-
-
-def _base_kwargs(args: argparse.Namespace) -> dict:
-    from xlora.saving import base_load_kwargs
-
-    return base_load_kwargs(args.dtype, args.load_in_8bit, args.load_in_4bit)
+from xlora import commands
 
 
 def _add_base_flags(p: argparse.ArgumentParser) -> None:
@@ -83,35 +17,6 @@ def _add_base_flags(p: argparse.ArgumentParser) -> None:
     quant = p.add_mutually_exclusive_group()
     quant.add_argument("--load-in-8bit", action="store_true", help="quantise the base to 8 bits (bitsandbytes)")
     quant.add_argument("--load-in-4bit", action="store_true", help="quantise the base to 4-bit nf4 (bitsandbytes)")
-
-
-def _inspect(args: argparse.Namespace) -> int:
-    from xlora.analysis.inspect import run_inspect
-
-    run_inspect(args.model_dir, args.prompt, generate=args.generate, out_dir=args.out, chat=args.chat,
-                base_model=args.base, per_page=args.per_page)
-    return 0
-
-
-def _serve(args: argparse.Namespace) -> int:
-    import dataclasses
-    import os
-    from pathlib import Path
-
-    from xlora.serve.app import ServerConfig, serve
-
-    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(ServerConfig) if hasattr(args, f.name)}
-    given.setdefault("model_name", Path(args.model_dir).resolve().name)
-    given.setdefault("api_key", os.environ.get("XLORA_API_KEY") or None)
-    from xlora.serve.cluster import ClusterConfig, serve_cluster  # imports Ray only when it runs
-
-    cluster = {f.name: getattr(args, f.name) for f in dataclasses.fields(ClusterConfig) if hasattr(args, f.name)}
-    if cluster:  # --replicas and friends: Ray Serve replicas (the cluster extra)
-        serve_cluster(args.model_dir, ServerConfig(**given), ClusterConfig(**cluster), base_model=args.base,
-                      log_level=args.log_level, **_base_kwargs(args))
-        return 0
-    serve(args.model_dir, ServerConfig(**given), base_model=args.base, log_level=args.log_level, **_base_kwargs(args))
-    return 0
 
 
 def _add_cluster_flags(p: argparse.ArgumentParser) -> None:
@@ -132,41 +37,6 @@ def _add_cluster_flags(p: argparse.ArgumentParser) -> None:
                    help="autoscaling: the ongoing requests per replica Ray Serve aims for")
     g.add_argument("--object-store-mb", type=_positive, default=keep,
                    help="the local Ray instance's object store (default: Ray's)")
-
-
-def _train(args: argparse.Namespace) -> int:
-    from xlora.train.config import TrainConfig
-    from xlora.train.trainer import TrainingError, train
-
-    given = {k: v for k, v in vars(args).items() if k not in ("command", "func", "config")}
-    data = TrainConfig.from_file(args.config).to_dict() if getattr(args, "config", None) else {}
-    data.update(given)
-    try:
-        result = train(TrainConfig.from_dict(data))
-    except TrainingError as err:
-        print(f"xlora train: error: {err}", file=sys.stderr)
-        return 1
-    if result.interrupted:
-        return 130
-    ev = f", eval loss {result.eval_loss:.4f}" if result.eval_loss is not None else ""
-    print(f"trained {result.steps} steps: train loss {result.train_loss:.4f}{ev}; model in {result.output_dir}")
-    return 0
-
-
-def _convert(args: argparse.Namespace) -> int:
-    from xlora.formats import convert
-
-    kind = convert(args.src, args.dst, base_model=args.base, to=args.to, ordering=args.ordering)
-    print(f"read {args.src} ({kind} format), wrote {args.dst} ({args.to} format)")
-    return 0
-
-
-def _export_mistralrs(args: argparse.Namespace) -> int:
-    from xlora.formats.mistralrs import export_dir
-
-    print(export_dir(args.model_dir, args.out, base_model=args.base, base_model_id=args.base_model_id,
-                     tgt_non_granular_index=args.tgt_non_granular_index))
-    return 0
 
 
 def _add_dataclass_flags(p: argparse.ArgumentParser, cls: type, skip: set[str]) -> None:
@@ -217,7 +87,7 @@ def _add_format_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--to", choices=["ours", "peft", "original", "mistralrs"], default="ours")
     p.add_argument("--base", default=None, help="base model path (default: the one recorded in SRC)")
     p.add_argument("--ordering", default=None, help="mistral.rs ordering file, when it is not inside SRC")
-    p.set_defaults(func=_convert)
+    p.set_defaults(func=commands.convert)
 
     p = sub.add_parser("export-mistralrs", help="write mistral.rs's X-LoRA layout and print the command that serves it")
     p.add_argument("model_dir", help="an X-LoRA directory in any format xlora reads")
@@ -226,7 +96,7 @@ def _add_format_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--base-model-id", default=None, help="what mistral.rs loads the base from (default: --base)")
     p.add_argument("--tgt-non-granular-index", type=_positive, default=None,
                    help="mistral.rs: fix the scalings after this many decoding steps (put on the printed command)")
-    p.set_defaults(func=_export_mistralrs)
+    p.set_defaults(func=commands.export_mistralrs)
 
 
 def _add_app_parsers(sub: argparse._SubParsersAction) -> None:
@@ -238,7 +108,7 @@ def _add_app_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-new-tokens", type=_positive, default=128, help="tokens per chunk's answer")
     p.add_argument("--assets", default=None, help="an X-LoRA directory (default: the demo's)")
     p.add_argument("--base", default=None, help="base model directory (default: the demo's SmolLM2)")
-    p.set_defaults(func=_graph)
+    p.set_defaults(func=commands.graph)
 
     p = sub.add_parser("dialogue", help="two agents on the X-LoRA model take turns; the experts are traced per turn")
     p.add_argument("--topic", required=True, help="what the agents discuss")
@@ -251,15 +121,23 @@ def _add_app_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--assets", default=None, help="an X-LoRA directory (default: the demo's)")
     p.add_argument("--assets-b", default=None, help="agent B's own X-LoRA directory (default: agent A's model)")
     p.add_argument("--base", default=None, help="base model directory (default: the demo's SmolLM2)")
-    p.set_defaults(func=_dialogue)
+    p.set_defaults(func=commands.dialogue)
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="xlora", description="X-LoRA: a mixture of LoRA experts over a causal LM")
     sub = parser.add_subparsers(dest="command", required=True)
+    for add in (_add_demo_parsers, _add_app_parsers, _add_model_parsers, _add_serve_parser, _add_train_parser,
+                _add_format_parsers):
+        add(sub)
+    return parser
+
+
+def _add_demo_parsers(sub: argparse._SubParsersAction) -> None:
+    """``example``, ``demo`` and ``eval``: the in-process example and the embedded demo (xlora.demo)."""
     p = sub.add_parser("example", help="build a tiny model and two experts in-process and print the X-LoRA scalings")
     p.add_argument("--seq-len", type=int, default=8, help="number of tokens in the example sequence")
-    p.set_defaults(func=_example)
+    p.set_defaults(func=commands.example)
 
     p = sub.add_parser("demo", help="the embedded demo: SmolLM2-135M with protein/chemistry/maths/general experts")
     p.add_argument("--retrain", action="store_true",
@@ -267,7 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="folder for the table and heatmaps (default: $XLORA_CACHE/demo)")
     p.add_argument("-n", type=_positive, default=8, help="test records per domain for the losses (default: 8)")
     p.add_argument("--n-generate", type=_positive, default=2, help="records per domain answered and scored (default: 2)")
-    p.set_defaults(func=_demo)
+    p.set_defaults(func=commands.demo)
 
     p = sub.add_parser("eval", help="full evaluation of the embedded demo, written as Markdown and JSON")
     p.add_argument("--out", default="xlora-eval", help="folder for eval.md and eval.json (default: xlora-eval)")
@@ -277,9 +155,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="test: seen phrasings; test_unseen: held-out phrasings (default: both)")
     p.add_argument("--graph-n", type=_count, default=32, help="held-out passages for the triple F1 table (0: skip)")
     p.add_argument("--assets", default=None, help="an X-LoRA directory over the demo base (default: the shipped one)")
-    p.set_defaults(func=_eval)
-    _add_app_parsers(sub)
+    p.set_defaults(func=commands.evaluate)
 
+
+def _add_model_parsers(sub: argparse._SubParsersAction) -> None:
+    """``generate`` and ``inspect``: one X-LoRA directory, one prompt."""
     p = sub.add_parser("generate", help="stream text from an X-LoRA model directory")
     p.add_argument("model_dir", help="directory written by XLoraModel.save_pretrained")
     p.add_argument("prompt", help="the prompt text")
@@ -291,7 +171,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-p", type=_probability, default=1.0, help="nucleus sampling mass in (0, 1]")
     p.add_argument("--granularity", choices=["token", "prompt"], default="token")
     p.add_argument("--seed", type=int, default=None)
-    p.set_defaults(func=_generate)
+    p.set_defaults(func=commands.generate)
 
     p = sub.add_parser("inspect", help="show which experts a prompt (and its answer) uses: table, colours, plots")
     p.add_argument("model_dir", help="directory written by XLoraModel.save_pretrained")
@@ -301,8 +181,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--chat", action="store_true", help="apply the tokenizer's chat template to the prompt")
     p.add_argument("--base", default=None, help="base model path (default: the one recorded in the directory)")
     p.add_argument("--per-page", type=_positive, default=None, help="rows per plot file (default 64)")
-    p.set_defaults(func=_inspect)
+    p.set_defaults(func=commands.inspect)
 
+
+def _add_serve_parser(sub: argparse._SubParsersAction) -> None:
+    """``serve``: flags left unset keep ServerConfig's defaults (one source of truth)."""
     p = sub.add_parser("serve", help="serve an X-LoRA model over an OpenAI-compatible HTTP API")
     p.add_argument("model_dir", help="directory written by XLoraModel.save_pretrained")
     _add_base_flags(p)
@@ -320,8 +203,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shutdown-timeout", dest="shutdown_timeout_s", type=_non_negative, default=keep, metavar="SECONDS",
                    help="on SIGTERM/Ctrl-C, running requests get this long, then end with an OpenAI error (default: 30)")
     _add_cluster_flags(p)
-    p.set_defaults(func=_serve)
+    p.set_defaults(func=commands.serve)
 
+
+def _add_train_parser(sub: argparse._SubParsersAction) -> None:
+    """``train``: one flag per TrainConfig and XLoraConfig field."""
     from xlora import XLoraConfig
     from xlora.train.config import TrainConfig
 
@@ -329,9 +215,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", default=argparse.SUPPRESS, help="JSON or YAML file of options; flags override it")
     _add_dataclass_flags(p, TrainConfig, skip={"xlora"})
     _add_dataclass_flags(p, XLoraConfig, skip={"hidden_size", "num_adapted_modules", "base_model_name_or_path"})
-    p.set_defaults(func=_train)
-    _add_format_parsers(sub)
-    return parser
+    p.set_defaults(func=commands.train)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,138 @@
+"""What each ``xlora`` subcommand does with its parsed flags: one library call each (see :mod:`xlora.cli`)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def example(args: argparse.Namespace) -> int:
+    from xlora.demo.tiny import run_example
+
+    run_example(seq_len=args.seq_len)
+    return 0
+
+
+def demo(args: argparse.Namespace) -> int:
+    from xlora.demo.run import run_demo
+
+    return run_demo(retrain=args.retrain, out_dir=args.out, n_per_domain=args.n, n_generate=args.n_generate)
+
+
+def evaluate(args: argparse.Namespace) -> int:
+    from xlora.demo.run import run_eval
+
+    return run_eval(args.out, n_per_domain=args.n, n_generate=args.n_generate, splits=tuple(args.splits),
+                    assets=args.assets, graph_n=args.graph_n)
+
+
+def graph(args: argparse.Namespace) -> int:
+    from xlora.demo.graph import run_graph
+
+    return run_graph(args.text_file, args.out, args.assets, args.base, args.chunk_chars, args.max_new_tokens)
+
+
+def dialogue(args: argparse.Namespace) -> int:
+    from xlora.demo.dialogue import run_dialogue
+
+    return run_dialogue(args.topic, args.out, args.turns, args.agent_a, args.agent_b, args.assets, args.assets_b,
+                        args.base, args.max_new_tokens, args.max_context)
+
+
+def generate(args: argparse.Namespace) -> int:
+    from xlora.generation import generate_text
+    from xlora.saving import load_model_and_tokenizer
+
+    if args.seed is not None:
+        import torch
+
+        torch.manual_seed(args.seed)
+    model, tokenizer = load_model_and_tokenizer(args.model_dir, base_model=args.base, **base_kwargs(args))
+    sampling = {"do_sample": args.temperature > 0}
+    if args.temperature > 0:
+        sampling.update(temperature=args.temperature, top_p=args.top_p)
+    out = sys.stdout
+    text, ids, scalings = generate_text(
+        model, tokenizer, args.prompt, chat=args.chat, max_new_tokens=args.max_new_tokens,
+        stream=lambda piece: (out.write(piece), out.flush()), granularity=args.granularity, **sampling,
+    )
+    out.write("\n")
+    if args.show_experts:
+        names = model.xlora_config.expert_names
+        per_token = scalings.float().mean(dim=1)  # [n, E], layers averaged
+        out.write(f"{'#':>4}  {'token':<16} {'expert':<16} weight\n")
+        for i, (tid, row) in enumerate(zip(ids, per_token)):
+            e = int(row.argmax())
+            piece = tokenizer.decode([tid])
+            out.write(f"{i:>4}  {piece!r:<16} {names[e]:<16} {row[e].item():.3f}\n")
+    return 0
+
+
+def base_kwargs(args: argparse.Namespace) -> dict:
+    from xlora.saving import base_load_kwargs
+
+    return base_load_kwargs(args.dtype, args.load_in_8bit, args.load_in_4bit)
+
+
+def inspect(args: argparse.Namespace) -> int:
+    from xlora.analysis.inspect import run_inspect
+
+    run_inspect(args.model_dir, args.prompt, generate=args.generate, out_dir=args.out, chat=args.chat,
+                base_model=args.base, per_page=args.per_page)
+    return 0
+
+
+def serve(args: argparse.Namespace) -> int:
+    import dataclasses
+    import os
+    from pathlib import Path
+
+    from xlora.serve.app import ServerConfig, serve
+
+    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(ServerConfig) if hasattr(args, f.name)}
+    given.setdefault("model_name", Path(args.model_dir).resolve().name)
+    given.setdefault("api_key", os.environ.get("XLORA_API_KEY") or None)
+    from xlora.serve.cluster import ClusterConfig, serve_cluster  # imports Ray only when it runs
+
+    cluster = {f.name: getattr(args, f.name) for f in dataclasses.fields(ClusterConfig) if hasattr(args, f.name)}
+    if cluster:  # --replicas and friends: Ray Serve replicas (the cluster extra)
+        serve_cluster(args.model_dir, ServerConfig(**given), ClusterConfig(**cluster), base_model=args.base,
+                      log_level=args.log_level, **base_kwargs(args))
+        return 0
+    serve(args.model_dir, ServerConfig(**given), base_model=args.base, log_level=args.log_level, **base_kwargs(args))
+    return 0
+
+
+def train(args: argparse.Namespace) -> int:
+    from xlora.train.config import TrainConfig
+    from xlora.train.trainer import TrainingError, train
+
+    given = {k: v for k, v in vars(args).items() if k not in ("command", "func", "config")}
+    data = TrainConfig.from_file(args.config).to_dict() if getattr(args, "config", None) else {}
+    data.update(given)
+    try:
+        result = train(TrainConfig.from_dict(data))
+    except TrainingError as err:
+        print(f"xlora train: error: {err}", file=sys.stderr)
+        return 1
+    if result.interrupted:
+        return 130
+    ev = f", eval loss {result.eval_loss:.4f}" if result.eval_loss is not None else ""
+    print(f"trained {result.steps} steps: train loss {result.train_loss:.4f}{ev}; model in {result.output_dir}")
+    return 0
+
+
+def convert(args: argparse.Namespace) -> int:
+    from xlora.formats import convert
+
+    kind = convert(args.src, args.dst, base_model=args.base, to=args.to, ordering=args.ordering)
+    print(f"read {args.src} ({kind} format), wrote {args.dst} ({args.to} format)")
+    return 0
+
+
+def export_mistralrs(args: argparse.Namespace) -> int:
+    from xlora.formats.mistralrs import export_dir
+
+    print(export_dir(args.model_dir, args.out, base_model=args.base, base_model_id=args.base_model_id,
+                     tgt_non_granular_index=args.tgt_non_granular_index))
+    return 0
