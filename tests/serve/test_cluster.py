@@ -214,9 +214,15 @@ def test_sigterm_ends_long_requests_with_openai_errors_and_leaves_no_ray_process
     assert session and any("raylet" in " ".join(_cmdline(p)) for p in procs), [p.name() for p in procs]
     sent = time.monotonic()
     proc.send_signal(signal.SIGTERM)
-    while (after := httpx.get(url + "/health", timeout=5)).status_code == 200 and time.monotonic() < sent + 1.5:
+    after, dropped = None, []
+    while (after is None or after.status_code == 200) and time.monotonic() < sent + 1.5:
+        try:
+            after = httpx.get(url + "/health", timeout=5)
+        except httpx.TransportError as err:  # (seen once in ten runs on a loaded machine: Ray's proxy closed
+            dropped.append(repr(err))  # a new connection unanswered; the streams below still end as they must)
         time.sleep(0.05)
-    assert after.status_code == 503 and after.json()["status"] == "shutting_down"  # new requests: refused
+    assert after is not None and after.status_code == 503, dropped
+    assert after.json()["status"] == "shutting_down"  # new requests: refused
     rc = proc.wait(timeout=TIMEOUT_S + 30)
     exited = time.monotonic() - sent
     for t in threads:
