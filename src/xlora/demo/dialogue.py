@@ -184,7 +184,7 @@ def plot_turns(dialogue: Dialogue, path: Path) -> Path:
     ax.set_ylabel("mean scaling (tokens and layers)")
     ax.set_xticks(x)
     ax.set_title(f"Experts over the dialogue: {dialogue.topic[:60]}")
-    ax.legend(fontsize=8, loc="upper right")
+    ax.legend(fontsize=8, loc="best")
     fig.tight_layout()
     atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"))
     plt.close(fig)
