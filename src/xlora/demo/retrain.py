@@ -4,8 +4,8 @@ Run ``python -m xlora.demo.retrain OUT_DIR [experts | expert:<domain>] [head]`` 
 committed assets in ``xlora/demo/assets/`` were made this way. Experts are ordinary PEFT adapters
 (``LoraConfig`` + ``get_peft_model``, r=8 on q/k/v/o/up/down, batches of 8, stored in bfloat16), trained
 on completion tokens only: 160 steps each, 64 for ``graph`` (longer examples; its loss is flat by then).
-The head (2 layers, layerwise scalings) is trained by :func:`xlora.train.trainer.train` on a JSONL mix
-of all domains in their seen phrasings. The shipped protein, chemistry, mathematics and general
+The head (2 layers, global scalings: one mixture for all layers) is trained by
+:func:`xlora.train.trainer.train` on a JSONL mix of all domains in their seen phrasings. The shipped protein, chemistry, mathematics and general
 experts predate the phrasings (issue 15) and saw only each task's first wording; ``graph`` and the
 head were trained on the seen phrasings (see ``training.json``). On 2 idle CPU cores an expert takes
 6-12 minutes, the head about 10.
@@ -35,7 +35,7 @@ from xlora.saving import CONFIG_FILE, HEAD_FILE
 EXPERT_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj"]
 EXPERT_STEPS, EXPERT_BATCH, EXPERT_LR, EXPERT_RANK = 160, 8, 1e-3, 8
 EXPERT_STEPS_BY_DOMAIN = {"graph": 64}
-HEAD_STEPS, HEAD_BATCH, HEAD_LR, HEAD_MAX_LENGTH = 120, 8, 2e-3, 192
+HEAD_STEPS, HEAD_BATCH, HEAD_LR, HEAD_MAX_LENGTH = 150, 8, 2e-3, 192
 SEED = 0
 DEMO_BASE_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 
@@ -144,7 +144,7 @@ def write_jsonl(path: Path, records: list[dict[str, Any]]) -> Path:
 
 
 HEAD_OPTIONS: dict[str, Any] = {  # the shipped head's X-LoRA options (see xlora_config.json)
-    "head_depth": 2, "head_hidden_size": 256, "layerwise_scalings": True, "head_dropout": 0.1,
+    "head_depth": 2, "head_hidden_size": 256, "layerwise_scalings": False, "head_dropout": 0.1,
 }
 
 
