@@ -139,7 +139,7 @@ def _add_demo_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seq-len", type=int, default=8, help="number of tokens in the example sequence")
     p.set_defaults(func=commands.example)
 
-    p = sub.add_parser("demo", help="the embedded demo: SmolLM2-135M with protein/chemistry/maths/general experts")
+    p = sub.add_parser("demo", help="the embedded demo: SmolLM2-135M with protein/chemistry/maths/general/graph experts")
     p.add_argument("--retrain", action="store_true",
                    help="retrain the four experts and the head from scratch first (1-2 hours on 2 CPU cores)")
     p.add_argument("--out", default=None, help="folder for the table and heatmaps (default: $XLORA_CACHE/demo)")
