@@ -370,10 +370,12 @@ def test_a_50_mb_line_trains_in_bounded_memory(world, tmp_path):
         f.write(json.dumps({"text": LETTERS * 2_000_000}) + "\n")  # one 52 MB line
         f.writelines(line + "\n" for line in world["files"]["train"].read_text().splitlines()[:15])
     assert data.stat().st_size > 50_000_000
-    code = ("import resource, sys\n"
+    # VmHWM is this process's own peak; ru_maxrss would carry the parent's peak across fork + exec
+    code = ("import re, sys\n"
             "from xlora.cli import main\n"
             "rc = main(sys.argv[1:])\n"
-            "print('peak_rss_kb', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)\n"
+            "status = open('/proc/self/status').read()\n"
+            "print('peak_rss_kb', re.search(r'VmHWM:\\s+(\\d+) kB', status).group(1))\n"
             "sys.exit(rc)\n")
     cmd = [sys.executable, "-c", code, "train", "--base-model", world["base"], "--train-file", str(data),
            "--output-dir", str(tmp_path / "run"), "--experts", *[f"{k}={v}" for k, v in world["experts"].items()],
