@@ -1,5 +1,5 @@
 """Decoding on a real model: SmolLM2-135M-Instruct (30 layers, 180 adapted modules) with the demo's
-four rank-8 experts and head. Run through ``benchmarks/generate.py --smollm2`` or directly.
+five rank-8 experts and head. Run through ``benchmarks/generate.py --smollm2`` or directly.
 
 Rows, side by side in one run with interleaved repetitions (rotating order), medians and spread:
 
@@ -156,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
     ours, tok = load()
     base = load_base(None)[0]
     n_layers = ours.base_model.config.num_hidden_layers
-    print(f"# SmolLM2-135M-Instruct + 4 demo experts; {platform.platform()}, {os.cpu_count()} cpus, threads "
+    print(f"# SmolLM2-135M-Instruct + 5 demo experts; {platform.platform()}, {os.cpu_count()} cpus, threads "
           f"{args.threads}, torch {torch.__version__}, load {os.getloadavg()[0]:.2f}")
     print(f"# exact: cached greedy tokens equal full recomputation: {exact(ours, tok)}")
     cheap = {k: load(k)[0] for k in (n_layers // 4, n_layers // 2)}

@@ -1,17 +1,19 @@
 """The speed/quality curve of ``scaling_pass_layers``: one head per ``k`` on the demo's SmolLM2-135M.
 
-For each ``k`` (default N/4, N/2, N of the 30 layers) a head is trained with the same recipe (the
-shipped head's options, ``--steps`` AdamW steps of 8 records, the demo's training split over the four
-shipped experts, seed 0), then measured on the same test records:
+For each ``k`` (default N/4, N/2, N of the 30 layers) a head is trained with the shipped head's recipe
+(:func:`xlora.demo.retrain.train_head`: global scalings, 150 AdamW steps of 8 records on the seen
+phrasings of all five domains, seed 0) over the shipped experts, ``scaling_pass_layers=k``; for
+``k = N`` that recipe *is* the shipped head, which is used as it is (``--retrain-full`` trains it
+again). Then, on the same records of the ``test_unseen`` split (phrasings no head or expert saw):
 
 - mixed completion loss of X-LoRA (the answer tokens), and of the uniform mixture for reference;
-- routing: per domain, the share of the own expert in the mean scalings over answer tokens, and
-  whether it is the top-1 expert;
+- routing: per domain, the fraction of records whose top-1 expert (mean scalings over the answer
+  tokens, layers averaged) is the own expert;
 - decode speed: per-token time at batch 1 (16-token prompt, ``--new`` greedy tokens) relative to the
   base model, the k heads and the base interleaved in one loop (medians of ``--repeats``).
 
-    .venv/bin/python benchmarks/scaling_pass_layers.py               # ~30 min on 2 idle cores
-    .venv/bin/python benchmarks/scaling_pass_layers.py --steps 20 --n 4 --ks 8 30   # smoke run
+    .venv/bin/python benchmarks/scaling_pass_layers.py               # ~25 min on 2 idle cores
+    .venv/bin/python benchmarks/scaling_pass_layers.py --steps 20 --n 4 --ks 8 30 --retrain-full  # smoke
 
 Heads are written to ``--work`` (default ``$XLORA_CACHE/scaling_pass_layers``) and reused when present.
 """
@@ -30,51 +32,28 @@ from pathlib import Path
 import torch
 
 warnings.filterwarnings("ignore")
+N_LAYERS = 30  # SmolLM2-135M
 sys.path.insert(0, str(Path(__file__).parent))
 
-RECIPE = {"head_depth": 2, "head_hidden_size": 256, "layerwise_scalings": True, "head_dropout": 0.1,
-          "per_device_batch_size": 8, "learning_rate": 2e-3, "warmup_steps": 5, "max_length": 192, "seed": 0}
-
-
-def snapshot_experts(assets: Path, work: Path) -> dict[str, str]:
-    """The shipped experts, copied once so that the curve is measured over one fixed set."""
+def train_head(k: int, steps: int, work: Path, retrain_full: bool) -> Path:
+    """A directory holding the head for ``k`` (config, head, ``experts/`` copied from the assets)."""
     import shutil
 
-    from xlora import XLoraConfig
-
-    names = list(XLoraConfig.from_json_file(assets / "xlora_config.json").experts)
-    out = {}
-    for name in names:
-        dst = work / "experts" / name
-        if not dst.is_dir():
-            shutil.copytree(assets / "experts" / name, dst)
-        out[name] = str(dst.resolve())
-    return out
-
-
-def train_head(k: int, steps: int, work: Path) -> Path:
-    from xlora.demo import domains
-    from xlora.demo.base_model import base_model_dir
+    from xlora.demo.retrain import train_head as demo_train_head
     from xlora.demo.run import ASSETS
-    from xlora.train.config import TrainConfig
-    from xlora.train.trainer import train
+    from xlora.saving import HEAD_FILE
 
-    run = work / f"k{k}"
-    if (run / "xlora_head.safetensors").is_file():
+    if k == N_LAYERS and not retrain_full:
+        return ASSETS
+    run = work / f"k{k}-steps{steps}"
+    if (run / HEAD_FILE).is_file():
         return run
-    data = work / "data"
-    data.mkdir(parents=True, exist_ok=True)
-    experts = snapshot_experts(ASSETS, work)
-    records = domains.generate_mixture("train", steps * 8 // len(experts) + 1, seed=1, domains=list(experts))
-    (data / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
-    cfg = TrainConfig.from_dict({**RECIPE, "base_model": str(base_model_dir()), "train_file": str(data / "train.jsonl"),
-                                 "output_dir": str(run), "experts": experts, "max_steps": steps, "save_every": 1000,
-                                 "log_every": 10, "progress": False, "overwrite": True,
-                                 "scaling_pass_layers": k})
+    if not (run / "experts").is_dir():
+        shutil.copytree(ASSETS / "experts", run / "experts")
     t0 = time.perf_counter()
-    result = train(cfg)
-    print(f"# k={k}: trained {result.steps} steps in {time.perf_counter() - t0:.0f}s, "
-          f"train loss {result.train_loss:.4f}", flush=True)
+    stats = demo_train_head(run, steps=steps, work_dir=work / f"train-k{k}", options={"scaling_pass_layers": k})
+    print(f"# k={k}: trained {stats['steps']} steps in {time.perf_counter() - t0:.0f}s, "
+          f"eval loss {stats['eval_loss']:.4f}", flush=True)
     return run
 
 
@@ -82,15 +61,13 @@ def quality(run: Path, n: int) -> dict:
     from xlora import XLoraModel
     from xlora.demo import domains
     from xlora.demo.base_model import load_base
-    from xlora.demo.evaluate import UNIFORM, XLORA, losses
+    from xlora.demo.evaluate import UNIFORM, XLORA, loss_pass
 
     base, tok = load_base(None)
     model = XLoraModel.from_pretrained(run, base_model=base).eval()
-    records = domains.generate_mixture("test", n, seed=0, domains=list(model.xlora_config.expert_names))
-    loss, routing, _ = losses(model, tok, records, [XLORA, UNIFORM])
-    own = {d: routing[d][d] for d in routing}
-    top1 = {d: max(routing[d], key=routing[d].get) == d for d in routing}
-    return {"loss": loss[XLORA]["mixed"], "uniform": loss[UNIFORM]["mixed"], "own_share": own, "top1": top1}
+    records = domains.generate_mixture("test_unseen", n, seed=0, domains=list(model.xlora_config.expert_names))
+    loss, _, _, top1 = loss_pass(model, tok, records, [XLORA, UNIFORM])
+    return {"loss": loss[XLORA]["mixed"], "uniform": loss[UNIFORM]["mixed"], "top1": top1}
 
 
 def speed(runs: dict[int, Path], new: int, repeats: int) -> dict[str, float]:
@@ -122,8 +99,9 @@ def main() -> int:
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--ks", type=int, nargs="+", default=[7, 15, 30])
-    ap.add_argument("--steps", type=int, default=100)
-    ap.add_argument("--n", type=int, default=16, help="test records per domain")
+    ap.add_argument("--steps", type=int, default=150, help="head steps (the shipped head's: 150)")
+    ap.add_argument("--retrain-full", action="store_true", help=f"train k={N_LAYERS} too instead of using the shipped head")
+    ap.add_argument("--n", type=int, default=24, help="test_unseen records per domain")
     ap.add_argument("--new", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--work", default=None)
@@ -131,13 +109,13 @@ def main() -> int:
     work = Path(args.work) if args.work else cache_root() / "scaling_pass_layers"
     print(f"# scaling_pass_layers curve on SmolLM2-135M (30 layers), {os.cpu_count()} cpus, "
           f"torch {torch.__version__}, load {os.getloadavg()[0]:.2f}, {time.strftime('%Y-%m-%d')}", flush=True)
-    runs = {k: train_head(k, args.steps, work) for k in args.ks}
+    runs = {k: train_head(k, args.steps, work, args.retrain_full) for k in args.ks}
     rows = {k: quality(r, args.n) for k, r in runs.items()}
     ratio = speed(runs, args.new, args.repeats)
-    print(f"\n{'k':>4}{'passes/token':>14}{'x base':>9}{'loss':>9}{'uniform':>9}  own-expert share (top-1)")
+    print(f"\n{'k':>4}{'passes/token':>14}{'x base':>9}{'loss':>9}{'uniform':>9}  top-1 own-expert routing")
     for k, row in rows.items():
-        share = ", ".join(f"{d[:4]} {v:.2f}{'*' if row['top1'][d] else ''}" for d, v in row["own_share"].items())
-        print(f"{k:>4}{1 + k / 30:>14.2f}{ratio[f'k={k}']:>9.2f}{row['loss']:>9.4f}{row['uniform']:>9.4f}  {share}")
+        share = ", ".join(f"{d[:4]} {v:.2f}" for d, v in row["top1"].items())
+        print(f"{k:>4}{1 + k / N_LAYERS:>14.2f}{ratio[f'k={k}']:>9.2f}{row['loss']:>9.4f}{row['uniform']:>9.4f}  {share}")
     print("JSON " + json.dumps({"args": vars(args), "rows": {str(k): v for k, v in rows.items()}, "speed": ratio}))
     return 0
 
