@@ -10,6 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
+pytest_plugins = ["serve_models"]  # the server tests' shared fixtures (model_dir, ref)
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 

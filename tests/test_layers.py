@@ -275,7 +275,8 @@ def test_dropout_in_training_differs_but_eval_equals_reference():
 
 
 def fake_dropout_masks():
-    """A deterministic stand-in for F.dropout: a fixed keep-mask per probability, scaled by 1/(1-p)."""
+    """A deterministic stand-in for F.dropout: a fixed keep-mask per probability, scaled by 1/(1-p); the
+    same mask, element for element, whether ``x`` comes as ``[b, t, in]`` or flattened to ``[b·t, in]``."""
     masks: dict[float, torch.Tensor] = {}
 
     def drop(x, p=0.5, training=True, inplace=False):
@@ -283,8 +284,8 @@ def fake_dropout_masks():
             return x
         if p not in masks:
             g = torch.Generator().manual_seed(int(p * 1e6))
-            masks[p] = (torch.rand(x.shape, generator=g) >= p).to(x.dtype)
-        return x * masks[p] / (1 - p)
+            masks[p] = (torch.rand(x.numel(), generator=g) >= p).to(x.dtype)
+        return x * masks[p].view(x.shape) / (1 - p)
 
     return drop
 

@@ -21,7 +21,7 @@ from safetensors.torch import load_file
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from xlora._io import atomic_save_safetensors, atomic_write, atomic_write_text, check_finite
+from xlora.files import atomic_save_safetensors, atomic_write, atomic_write_text, check_finite
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"

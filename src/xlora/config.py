@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from xlora._io import atomic_write_text
+from xlora.files import atomic_write_text
 
 LORA_DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16", "float64": "float64"}
 _EXPERT_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_\-]*$")

@@ -16,9 +16,9 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
-from xlora._io import atomic_save_safetensors, check_finite
 from xlora.adapters import save_expert
 from xlora.config import XLoraConfig
+from xlora.files import atomic_save_safetensors, check_finite
 
 if TYPE_CHECKING:
     from xlora.model import XLoraModel

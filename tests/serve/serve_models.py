@@ -1,4 +1,6 @@
-"""The tiny X-LoRA model the server tests share, built once per session and saved to a temporary folder.
+"""The tiny X-LoRA model the server tests share, built once per session and saved to a temporary folder,
+and its fixtures ``model_dir`` and ``ref`` (a pytest plugin, registered by the root conftest's
+``pytest_plugins``; a module may override either with a fixture of its own).
 
 (A helper module rather than ``tests/serve/conftest.py``: the suite imports the root conftest as
 ``conftest``, and a second non-package conftest would replace it in ``sys.modules``.)
@@ -8,11 +10,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import torch
 from conftest import LLAMA_TARGETS, make_expert, tiny_model, tiny_tokenizer
 from transformers import AutoModelForCausalLM
 
 from xlora import XLoraConfig, XLoraModel
+from xlora.saving import load_model_and_tokenizer
 
 EXPERTS = ["alpha", "beta", "gamma"]
 _BUILT: dict[str, Path] = {}
@@ -41,6 +45,17 @@ def build_model_dir(tmp_path_factory) -> Path:
     model.save_pretrained(root / "xlora")
     _BUILT["dir"] = root / "xlora"
     return _BUILT["dir"]
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> Path:
+    return build_model_dir(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def ref(model_dir):
+    """A separate copy of the model for the expected outputs (a server's or batcher's copy belongs to its worker)."""
+    return load_model_and_tokenizer(model_dir)
 
 
 def long_context_base(model_dir: Path, dest: Path, context: int = 1 << 15) -> Path:

@@ -15,7 +15,7 @@ import pytest
 import torch
 from fastapi.routing import APIRoute
 from openai import OpenAI
-from serve_models import EXPERTS, build_model_dir
+from serve_models import EXPERTS
 
 from xlora.saving import load_model_and_tokenizer
 from xlora.serve.app import ServerConfig, build_server, create_app
@@ -27,17 +27,6 @@ PROMPTS = ["Hello", "The quick brown fox", "a", "What is 2+2?", "xyz", "Once upo
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    return build_model_dir(tmp_path_factory)
-
-
-@pytest.fixture(scope="module")
-def ref(model_dir):
-    """A separate copy of the model for the expected outputs (the server's copy belongs to its worker)."""
-    return load_model_and_tokenizer(model_dir)
 
 
 class Live:

@@ -8,7 +8,6 @@ import time
 
 import pytest
 import torch
-from serve_models import build_model_dir
 
 from xlora.saving import load_model_and_tokenizer
 from xlora.serve.batcher import (
@@ -23,16 +22,6 @@ from xlora.serve.batcher import (
 )
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    return build_model_dir(tmp_path_factory)
-
-
-@pytest.fixture(scope="module")
-def ref(model_dir):
-    return load_model_and_tokenizer(model_dir)
 
 
 @pytest.fixture

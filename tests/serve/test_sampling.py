@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from serve_models import build_model_dir
 from transformers.generation.logits_process import (
     MinPLogitsWarper,
     RepetitionPenaltyLogitsProcessor,
@@ -13,7 +12,6 @@ from transformers.generation.logits_process import (
     TopPLogitsWarper,
 )
 
-from xlora.saving import load_model_and_tokenizer
 from xlora.serve.sampling import Sampler, SamplingParams
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -24,11 +22,6 @@ CASES = [
     SamplingParams(max_tokens=24, temperature=1.0, repetition_penalty=1.3, seed=5),
     SamplingParams(max_tokens=24, temperature=0, repetition_penalty=1.5),
 ]
-
-
-@pytest.fixture(scope="module")
-def ref(tmp_path_factory):
-    return load_model_and_tokenizer(build_model_dir(tmp_path_factory))
 
 
 def generate_reference(model, ids: list[int], params: SamplingParams):

@@ -19,7 +19,7 @@ import pytest
 import torch
 from conftest import make_expert, tiny_model
 
-import xlora._io
+import xlora.files
 from xlora import XLoraConfig, XLoraModel
 from xlora.train.checkpoints import (
     CHECKPOINTS,
@@ -60,12 +60,12 @@ def killed_at(at: int | None):
         return op
 
     targets = [(os, n) for n in ("replace", "rename", "unlink", "remove", "rmdir", "mkdir", "chmod", "fsync")]
-    saved = {(mod, n): getattr(mod, n) for mod, n in [*targets, (os, "open"), (xlora._io, "save_file")]}
+    saved = {(mod, n): getattr(mod, n) for mod, n in [*targets, (os, "open"), (xlora.files, "save_file")]}
     try:
         for mod, n in targets:
             setattr(mod, n, wrap(n, saved[mod, n]))
         os.open = wrap("create", saved[os, "open"], lambda path, flags, *a, **k: bool(flags & os.O_CREAT))
-        xlora._io.save_file = wrap("save_file", saved[xlora._io, "save_file"])
+        xlora.files.save_file = wrap("save_file", saved[xlora.files, "save_file"])
         yield ops
     finally:
         for (mod, n), real in saved.items():

@@ -17,9 +17,9 @@ from typing import Any, TextIO
 
 import torch
 
-from xlora._io import atomic_write_text
 from xlora.analysis.log import ScalingsLog
 from xlora.analysis.stats import ExpertStats, MixtureSummary, expert_stats, mixture_summary
+from xlora.files import atomic_write_text
 from xlora.generation import encode_prompt, pad_token_id
 
 LOG_FILE = "scalings.safetensors"

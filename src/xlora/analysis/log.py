@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from safetensors import SafetensorError, safe_open
 
-from xlora._io import atomic_save_safetensors
+from xlora.files import atomic_save_safetensors
 
 LOG_FORMAT = "xlora-scalings-log/1"
 _META_KEY = "xlora_scalings_log"

@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from xlora._io import atomic_write
+from xlora.files import atomic_write
 
 DPI = 100
 ROW_PX = 20            # heatmap row height

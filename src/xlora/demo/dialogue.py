@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from xlora._io import atomic_write, atomic_write_text
+from xlora.files import atomic_write, atomic_write_text
 from xlora.generation import StepRecorder, encode_prompt, pad_token_id
 
 AGENT_A = ("You are a materials scientist who asks one short, specific question about the topic, "

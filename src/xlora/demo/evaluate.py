@@ -18,8 +18,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from xlora._io import atomic_write_text
 from xlora.demo import domains
+from xlora.files import atomic_write_text
 from xlora.generation import StepRecorder, pad_token_id
 from xlora.train.data import IGNORE_INDEX, TokenizedExample, collate, tokenize_record
 

@@ -20,10 +20,10 @@ from typing import Any
 
 import torch
 
-from xlora._io import atomic_write, atomic_write_text
 from xlora.demo.evaluate import generate_answers
 from xlora.demo.phrasings import templates
 from xlora.demo.triples import key_of, normalise, parse_line
+from xlora.files import atomic_write, atomic_write_text
 
 _CDN_TAG = re.compile(r"<link[^>]*bootstrap[^>]*>|<script[^>]*bootstrap[^>]*>\s*</script>", re.DOTALL)
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+|\n\s*\n")

@@ -15,10 +15,10 @@ import os
 from pathlib import Path
 from typing import Any
 
-from xlora._io import atomic_write_text
 from xlora.demo import domains
 from xlora.demo.evaluate import BASE, GRAPH_NEW_TOKENS, UNIFORM, XLORA, generate_answers
 from xlora.demo.triples import key_of, parse_triples
+from xlora.files import atomic_write_text
 
 
 def score_answers(answers: list[str], gold: list[list[tuple[str, str, str]]]) -> dict[str, float]:

@@ -25,10 +25,10 @@ from typing import Any
 
 import torch
 
-from xlora._io import atomic_write_text
 from xlora.demo import domains
 from xlora.demo.base_model import base_model_dir, cache_root, load_base
 from xlora.demo.evaluate import chat_messages, completion_loss, left_padded, tokenize
+from xlora.files import atomic_write_text
 from xlora.generation import pad_token_id
 from xlora.saving import CONFIG_FILE, HEAD_FILE
 
@@ -103,7 +103,7 @@ def _to_bf16(adapter_dir: Path) -> None:
     """Store an adapter's weights in bfloat16 (half the size; the fused layers cast to the model's dtype)."""
     from safetensors.torch import load_file
 
-    from xlora._io import atomic_save_safetensors
+    from xlora.files import atomic_save_safetensors
 
     path = adapter_dir / "adapter_model.safetensors"
     tensors = {k: v.to(torch.bfloat16) for k, v in load_file(str(path)).items()}

@@ -18,10 +18,10 @@ from typing import Any
 
 import torch
 
-from xlora._io import atomic_write_text
 from xlora.demo import domains
 from xlora.demo.base_model import base_model_dir, cache_root, load_base
 from xlora.demo.evaluate import XLORA, EvalTable, evaluate, generate_answers
+from xlora.files import atomic_write_text
 from xlora.saving import CONFIG_FILE
 
 ASSETS = Path(__file__).parent / "assets"

@@ -29,7 +29,7 @@ from typing import Any
 
 import torch
 
-from xlora._io import atomic_save_safetensors, atomic_write_text
+from xlora.files import atomic_save_safetensors, atomic_write_text
 from xlora.formats import original
 from xlora.formats._common import Foreign, check_full_scaling_pass, head_linears, read_json
 

@@ -23,8 +23,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from xlora._io import atomic_save_safetensors, atomic_write_text
 from xlora.adapters import CONFIG_NAME, WEIGHTS_NAME, save_expert
+from xlora.files import atomic_save_safetensors, atomic_write_text
 from xlora.formats._common import (
     Foreign,
     check_full_scaling_pass,

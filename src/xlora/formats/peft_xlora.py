@@ -29,8 +29,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from xlora._io import atomic_save_safetensors, atomic_write_text
 from xlora.adapters import CONFIG_NAME, WEIGHTS_NAME
+from xlora.files import atomic_save_safetensors, atomic_write_text
 from xlora.formats._common import (
     Foreign,
     check_full_scaling_pass,

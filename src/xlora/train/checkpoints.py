@@ -28,7 +28,7 @@ import torch
 from safetensors.torch import load_file
 
 from xlora import XLoraConfig
-from xlora._io import atomic_save_safetensors, atomic_write_text
+from xlora.files import atomic_save_safetensors, atomic_write_text
 from xlora.saving import CONFIG_FILE, EXPERTS_DIR, HEAD_FILE
 
 CHECKPOINTS = "checkpoints"

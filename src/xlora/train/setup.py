@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from xlora import XLoraConfig, XLoraModel
-from xlora._io import atomic_write_text
+from xlora.files import atomic_write_text
 from xlora.generation import pad_token_id
 from xlora.saving import CONFIG_FILE, EXPERTS_DIR, HEAD_FILE, base_load_kwargs, load_local
 from xlora.train.checkpoints import (

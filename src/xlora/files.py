@@ -1,4 +1,5 @@
-"""Atomic file writes: write to a temporary file in the same folder, then rename over the target."""
+"""Files written safely (public to the wings): atomic writes (to a temporary file in the same folder, then
+renamed over the target) and the finite-value check used before anything is saved."""
 
 from __future__ import annotations
 
