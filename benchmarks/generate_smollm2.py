@@ -12,7 +12,7 @@ Rows, side by side in one run with interleaved repetitions (rotating order), med
   layer alone vs mixture layer), and an exactness check: cached greedy tokens equal a full
   recomputation.
 
-    .venv/bin/python benchmarks/generate.py --smollm2            # ~5-10 min on 2 idle cores
+    .venv/bin/python benchmarks/generate.py --smollm2            # ~13 min on 2 idle cores
     .venv/bin/python benchmarks/generate.py --smollm2 --quick
 """
 
@@ -98,13 +98,22 @@ def decode_rows(models: dict, tok, batch: int, new: int, repeats: int) -> dict[s
 
 
 def prefill_rows(base, ours, repeats: int) -> dict[str, list[float]]:
+    """Time to first token for a 512-token prompt, and ours taken apart: the scaling pass alone (the
+    base without its LM head) and the main pass alone (the scalings given: experts applied, no head)."""
     ids = torch.randint(100, 20000, (1, 512), generator=torch.Generator().manual_seed(0))
-    out: dict[str, list[float]] = {"base": [], "ours": []}
+    with torch.inference_mode():
+        s = ours.compute_scalings(input_ids=ids)
+    runs = {"base": lambda: base(input_ids=ids, use_cache=True, logits_to_keep=1),
+            "ours": lambda: ours(input_ids=ids, use_cache=True, logits_to_keep=1),
+            "  scaling pass alone": lambda: ours.scaling_pass(input_ids=ids),
+            "  main pass alone": lambda: ours(input_ids=ids, use_cache=True, logits_to_keep=1, scalings=s)}
+    out: dict[str, list[float]] = {name: [] for name in runs}
+    names = list(runs)
     with torch.inference_mode():
         for r in range(repeats):
-            for name in (("base", "ours") if r % 2 == 0 else ("ours", "base")):
+            for name in names[r % len(names):] + names[: r % len(names)]:
                 t0 = time.perf_counter()
-                (base if name == "base" else ours)(input_ids=ids, use_cache=True, logits_to_keep=1)
+                runs[name]()
                 out[name].append(1000 * (time.perf_counter() - t0))
     return out
 
@@ -177,11 +186,17 @@ def main(argv: list[str] | None = None) -> int:
     pre = prefill_rows(base, ours, args.repeats)
     ref = statistics.median(pre["base"])
     print(f"\n## prefill, 512-token prompt (time to first token), median of {args.repeats}")
+    print(f"{'model':<22}{'ms':>10}{'x base':>9}{'spread':>9}")
     for name, xs in pre.items():
         print(summary(name, xs, ref))
     base_us, mix_us = module_overhead(ours, args.repeats)
+    n_mod = len(ours.mixture_layers())
     print(f"\n## per module, batch 1: base layer {base_us:.1f} us, mixture layer {mix_us:.1f} us "
-          f"(+{mix_us - base_us:.1f} us x 180 modules = +{(mix_us - base_us) * 0.18:.2f} ms per pass)")
+          f"(+{mix_us - base_us:.1f} us x {n_mod} modules = +{(mix_us - base_us) * n_mod / 1000:.2f} ms per pass)")
+    expert_mb = sum(t.numel() * t.element_size() for m in ours.mixture_layers() for t in (m.lora_A, m.lora_B)) / 2**20
+    base_mb = sum(p.numel() * p.element_size() for p in base.parameters()) / 2**20
+    print(f"# bytes read per decode step: base weights {base_mb:.0f} MiB, the experts' A and B {expert_mb:.1f} MiB "
+          f"({expert_mb / base_mb:.1%} of the base: the memory floor of prompt granularity at batch 1)")
     result["prefill"] = {n: statistics.median(x) for n, x in pre.items()}
     result["module_us"] = {"base": base_us, "mixture": mix_us}
     print("JSON " + json.dumps(result))

@@ -115,7 +115,7 @@ def main() -> int:
     from xlora.demo.base_model import base_model_dir
 
     tokenizer = transformers.AutoTokenizer.from_pretrained(str(base_model_dir()))
-    print(f"# quantised bases under X-LoRA, SmolLM2-135M-Instruct + 4 demo experts; {platform.platform()}, "
+    print(f"# quantised bases under X-LoRA, SmolLM2-135M-Instruct + the 5 demo experts; {platform.platform()}, "
           f"{os.cpu_count()} cpus, torch {torch.__version__}, transformers {transformers.__version__}, "
           f"threads {torch.get_num_threads()}, load {os.getloadavg()[0]:.2f}, {_dt.date.today()}")
     models = {k: build(k) for k in KINDS}

@@ -12,7 +12,7 @@ again). Then, on the same records of the ``test_unseen`` split (phrasings no hea
 - decode speed: per-token time at batch 1 (16-token prompt, ``--new`` greedy tokens) relative to the
   base model, the k heads and the base interleaved in one loop (medians of ``--repeats``).
 
-    .venv/bin/python benchmarks/scaling_pass_layers.py               # ~25 min on 2 idle cores
+    .venv/bin/python benchmarks/scaling_pass_layers.py               # ~17 min on 2 idle cores
     .venv/bin/python benchmarks/scaling_pass_layers.py --steps 20 --n 4 --ks 8 30 --retrain-full  # smoke
 
 Heads are written to ``--work`` (default ``$XLORA_CACHE/scaling_pass_layers``) and reused when present.
