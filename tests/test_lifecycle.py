@@ -55,9 +55,27 @@ def test_unload_returns_the_untouched_base(llama):
     after = base.state_dict()
     assert set(after) == set(before) and all(torch.equal(after[k], before[k]) for k in before)
     assert {n: p.requires_grad for n, p in base.named_parameters()} == flags
-    assert not base.is_gradient_checkpointing  # switched on through the X-LoRA model: switched off again
+    assert not base.is_activation_checkpointing  # switched on through the X-LoRA model: switched off again
     with pytest.raises(RuntimeError, match="was unload\\(\\)-ed"):
         model(tokens())
+
+
+def test_wrapping_and_unloading_read_no_deprecated_transformers_api(llama):
+    """transformers 5 deprecates ``is_gradient_checkpointing`` (a FutureWarning at every read): building,
+    checkpointing and unloading go through ``is_activation_checkpointing``, the PEFT-style alias still works."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        model = XLoraModel(llama.base(), XLoraConfig(experts={k: str(v) for k, v in llama.expert_dirs.items()}))
+        model.gradient_checkpointing_enable()
+        assert model.is_activation_checkpointing and model.is_gradient_checkpointing
+        model.activation_checkpointing_disable()  # transformers 5's names work as well
+        assert not model.is_activation_checkpointing
+        model.activation_checkpointing_enable()
+        assert model.is_activation_checkpointing
+        base = model.unload()
+        assert not base.is_activation_checkpointing
 
 
 def test_parameter_counts(llama, capsys):

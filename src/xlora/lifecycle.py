@@ -13,6 +13,8 @@ from typing import Any
 
 from torch import nn
 
+from xlora.bases import checkpointing_active, set_checkpointing
+
 
 class LifecycleMixin:
     """Mixed into :class:`~xlora.model.XLoraModel`; uses its ``base_model``, ``state``,
@@ -42,8 +44,8 @@ class LifecycleMixin:
             setattr(parent, child, layer.base_layer)
         for name, p in base.named_parameters():
             p.requires_grad_(self._base_requires_grad.get(name, p.requires_grad))
-        if getattr(base, "is_gradient_checkpointing", False) and not self._base_was_checkpointing:
-            base.gradient_checkpointing_disable()
+        if checkpointing_active(base) and not self._base_was_checkpointing:
+            set_checkpointing(base, False)
         self._unloaded = True
         return base
 
@@ -91,14 +93,25 @@ class LifecycleMixin:
         if "context_fn" in kwargs:
             raise ValueError("gradient_checkpointing_kwargs may not set context_fn: X-LoRA supplies its own")
         kwargs.update(use_reentrant=False, context_fn=self.state.checkpoint_contexts)
-        self.base_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+        set_checkpointing(self.base_model, True, kwargs)
 
     def gradient_checkpointing_disable(self) -> None:
-        self.base_model.gradient_checkpointing_disable()
+        set_checkpointing(self.base_model, False)
+
+    def activation_checkpointing_enable(self, activation_checkpointing_kwargs: dict[str, Any] | None = None) -> None:
+        """transformers 5's name for :meth:`gradient_checkpointing_enable` (the same, exact recomputation)."""
+        self.gradient_checkpointing_enable(activation_checkpointing_kwargs)
+
+    def activation_checkpointing_disable(self) -> None:
+        self.gradient_checkpointing_disable()
 
     @property
-    def is_gradient_checkpointing(self) -> bool:
-        return bool(getattr(self.base_model, "is_gradient_checkpointing", False))
+    def is_activation_checkpointing(self) -> bool:
+        return checkpointing_active(self.base_model)
+
+    @property
+    def is_gradient_checkpointing(self) -> bool:  # the older name, as PEFT and transformers < 5 have it
+        return checkpointing_active(self.base_model)
 
     def to(self, *args: Any, **kwargs: Any) -> Any:
         """Move/cast base, experts and head together. The base goes first, through transformers' own
