@@ -118,6 +118,27 @@ def prefill_rows(base, ours, repeats: int) -> dict[str, list[float]]:
     return out
 
 
+def step_parts(base, ours, repeats: int) -> dict[str, list[float]]:
+    """One token-granularity decode step at batch 1 (48-token context) taken apart: the base, the base's
+    decoder alone (no LM head), our scaling pass alone, and our whole step (scaling pass, head, main pass)."""
+    from transformers import DynamicCache
+
+    ids = torch.randint(100, 20000, (1, 48), generator=torch.Generator().manual_seed(0))
+    nxt, pos = torch.tensor([[1234]]), torch.tensor([[48]])
+    out: dict[str, list[float]] = {"base": [], "base decoder alone": [], "our scaling pass": [], "our step": []}
+    parts = [base, base.model, ours.scaling_pass, ours]  # each called as part(input_ids=..., cache=..., ...)
+    with torch.inference_mode():
+        for _ in range(repeats):
+            caches = [DynamicCache(config=base.config) for _ in range(3)] + [ours.new_cache()]
+            for part, cache in zip(parts, caches):
+                part(input_ids=ids, cache=cache, use_cache=True)
+            for name, part, cache in zip(out, parts, caches):
+                t0 = time.perf_counter()
+                part(input_ids=nxt, cache=cache, use_cache=True, position_ids=pos)
+                out[name].append(1000 * (time.perf_counter() - t0))
+    return out
+
+
 def module_overhead(ours, repeats: int) -> tuple[float, float]:
     """Per-module time (µs) of the base layers alone vs the mixture layers, batch 1, one token."""
     layers = ours.mixture_layers()
@@ -156,6 +177,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 8])
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--parts-only", action="store_true", help="only the prefill, step and per-module rows")
     args = ap.parse_args(argv)
     if args.quick:
         args.new, args.peft_new, args.repeats, args.batches = 16, 8, 2, [1]
@@ -170,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"# exact: cached greedy tokens equal full recomputation: {exact(ours, tok)}")
     cheap = {k: load(k)[0] for k in (n_layers // 4, n_layers // 2)}
     result: dict = {}
-    for b in args.batches:
+    for b in ([] if args.parts_only else args.batches):
         models = {"base": (base, {}, None), "ours token": (ours, {}, None),
                   "ours prompt": (ours, {"granularity": "prompt"}, None)}
         models.update({f"ours k={k}": (m, {}, None) for k, m in cheap.items()})
@@ -189,6 +211,13 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{'model':<22}{'ms':>10}{'x base':>9}{'spread':>9}")
     for name, xs in pre.items():
         print(summary(name, xs, ref))
+    parts = step_parts(base, ours, 3 * args.repeats)
+    ref = statistics.median(parts["base"])
+    print(f"\n## one token-granularity decode step at batch 1, taken apart, median of {3 * args.repeats}")
+    print(f"{'part':<22}{'ms':>10}{'x base':>9}{'spread':>9}")
+    for name, xs in parts.items():
+        print(summary(name, xs, ref))
+    result["step_parts"] = {n: statistics.median(x) for n, x in parts.items()}
     base_us, mix_us = module_overhead(ours, args.repeats)
     n_mod = len(ours.mixture_layers())
     print(f"\n## per module, batch 1: base layer {base_us:.1f} us, mixture layer {mix_us:.1f} us "
