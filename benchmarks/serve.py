@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import copy
 import os
 import socket
 import statistics
@@ -55,7 +54,7 @@ def char_tokenizer():
 
 
 def build_model(root: Path, hidden: int, layers: int, experts: int, rank: int) -> tuple[Path, int]:
-    from peft import LoraConfig, get_peft_model
+    from generate import make_experts
     from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
     from xlora import XLoraConfig, XLoraModel
@@ -67,18 +66,7 @@ def build_model(root: Path, hidden: int, layers: int, experts: int, rank: int) -
     base = LlamaForCausalLM(cfg).eval()
     base.save_pretrained(str(root / "base"))
     char_tokenizer().save_pretrained(str(root / "base"))
-    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-    paths = {}
-    for i in range(experts):
-        torch.manual_seed(100 + i)
-        pm = get_peft_model(copy.deepcopy(base), LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=targets,
-                                                            init_lora_weights=False))
-        with torch.no_grad():
-            for name, p in pm.named_parameters():
-                if "lora_B" in name:
-                    p.mul_(0.05)
-        pm.save_pretrained(str(root / f"e{i}"))
-        paths[f"e{i}"] = str(root / f"e{i}")
+    paths = make_experts(base, root, experts, rank)  # the same experts as benchmarks/generate.py
     base = AutoModelForCausalLM.from_pretrained(str(root / "base")).eval()
     n_params = sum(p.numel() for p in base.parameters())
     XLoraModel(base, XLoraConfig(experts=paths)).save_pretrained(root / "xlora")
