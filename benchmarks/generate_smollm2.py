@@ -97,7 +97,7 @@ def decode_rows(models: dict, tok, batch: int, new: int, repeats: int) -> dict[s
     return times
 
 
-def prefill_rows(base, ours, repeats: int) -> dict[str, list[float]]:
+def prefill_rows(base, ours, repeats: int, cheap: dict | None = None) -> dict[str, list[float]]:
     """Time to first token for a 512-token prompt, and ours taken apart: the scaling pass alone (the
     base without its LM head) and the main pass alone (the scalings given: experts applied, no head)."""
     ids = torch.randint(100, 20000, (1, 512), generator=torch.Generator().manual_seed(0))
@@ -107,6 +107,8 @@ def prefill_rows(base, ours, repeats: int) -> dict[str, list[float]]:
             "ours": lambda: ours(input_ids=ids, use_cache=True, logits_to_keep=1),
             "  scaling pass alone": lambda: ours.scaling_pass(input_ids=ids),
             "  main pass alone": lambda: ours(input_ids=ids, use_cache=True, logits_to_keep=1, scalings=s)}
+    for k, m in (cheap or {}).items():  # a cheaper scaling pass: k of the layers
+        runs[f"ours k={k}"] = lambda m=m: m(input_ids=ids, use_cache=True, logits_to_keep=1)
     out: dict[str, list[float]] = {name: [] for name in runs}
     names = list(runs)
     with torch.inference_mode():
@@ -205,7 +207,7 @@ def main(argv: list[str] | None = None) -> int:
         for name, xs in times.items():
             print(summary(name, xs, ref))
         result[f"batch{b}"] = {n: statistics.median(x) for n, x in times.items()}
-    pre = prefill_rows(base, ours, args.repeats)
+    pre = prefill_rows(base, ours, args.repeats, cheap)
     ref = statistics.median(pre["base"])
     print(f"\n## prefill, 512-token prompt (time to first token), median of {args.repeats}")
     print(f"{'model':<22}{'ms':>10}{'x base':>9}{'spread':>9}")
