@@ -189,7 +189,8 @@ class ReplicaApp:
                 seen = (self.scrape, grace)
                 await self.report(idle=self.idle())
         except Exception as err:  # noqa: BLE001 - the driver is gone: serve on, alone
-            log.warning("replica %s lost the coordinator (%s); its /metrics are its own now", self.name, err)
+            if seen[1] is None:  # unexpected; after a shutdown order the driver going away is the plan
+                log.warning("replica %s lost the coordinator (%s); its /metrics are its own now", self.name, err)
             self.coordinator = None
 
     async def report_when_idle(self) -> None:
