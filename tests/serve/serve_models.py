@@ -8,7 +8,10 @@ and its fixtures ``model_dir`` and ``ref`` (a pytest plugin, registered by the r
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -56,6 +59,30 @@ def model_dir(tmp_path_factory) -> Path:
 def ref(model_dir):
     """A separate copy of the model for the expected outputs (a server's or batcher's copy belongs to its worker)."""
     return load_model_and_tokenizer(model_dir)
+
+
+def at_once(calls: list[Callable[[], Any]], timeout_s: float) -> list[Any]:
+    """Run each call on a thread of its own, all released together by a barrier (concurrent clients);
+    their results in order. Fails with every error any of them raised."""
+    results: dict[int, Any] = {}
+    errors: list[BaseException] = []
+    barrier = threading.Barrier(len(calls))
+
+    def run(i: int) -> None:
+        try:
+            barrier.wait()
+            results[i] = calls[i]()
+        except BaseException as err:  # noqa: BLE001 - reported below, in the test's thread
+            errors.append(err)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(calls))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout_s)
+    assert not errors, errors
+    assert len(results) == len(calls), f"{len(calls) - len(results)} of the calls still running after {timeout_s} s"
+    return [results[i] for i in range(len(calls))]
 
 
 def long_context_base(model_dir: Path, dest: Path, context: int = 1 << 15) -> Path:

@@ -15,7 +15,7 @@ import pytest
 import torch
 from fastapi.routing import APIRoute
 from openai import OpenAI
-from serve_models import EXPERTS
+from serve_models import EXPERTS, at_once
 
 from xlora.saving import load_model_and_tokenizer
 from xlora.serve.app import ServerConfig, build_server, create_app
@@ -140,24 +140,8 @@ def test_sixteen_concurrent_streams_each_equal_their_solo_run(live, ref):
     jobs = [(PROMPTS[i % len(PROMPTS)], 6 + i, i % 2 == 1) for i in range(16)]
     want = [expected(ref, p, n, chat)[1] for p, n, chat in jobs]
     batches_before = live.metric("xlora_batch_size_count")
-    results: dict[int, str] = {}
-    errors: list[BaseException] = []
-    barrier = threading.Barrier(len(jobs))
-
-    def client(i: int) -> None:
-        try:
-            barrier.wait()
-            results[i] = ask(live, jobs[i][0], jobs[i][1], jobs[i][2], stream=True)[0]
-        except BaseException as err:  # noqa: BLE001
-            errors.append(err)
-
-    threads = [threading.Thread(target=client, args=(i,)) for i in range(len(jobs))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(60)
-    assert not errors, errors
-    assert [results[i] for i in range(len(jobs))] == want
+    got = at_once([lambda job=job: ask(live, *job, stream=True)[0] for job in jobs], 60)
+    assert got == want
     batches = live.metric("xlora_batch_size_count") - batches_before
     assert batches < len(jobs)  # requests really were decoded together (max_batch 8: at least 2 batches)
     live.wait_idle()

@@ -21,7 +21,7 @@ import psutil  # a dependency of peft and accelerate
 import pytest
 import torch
 from openai import OpenAI
-from serve_models import EXPERTS, build_model_dir, long_context_base
+from serve_models import EXPERTS, at_once, build_model_dir, long_context_base
 
 from xlora.cli import build_parser
 from xlora.saving import load_model_and_tokenizer
@@ -147,22 +147,7 @@ def test_two_replicas_serve_sixteen_clients_exactly_as_generate(cluster, ref):
     client = OpenAI(base_url=url + "/v1", api_key=KEY, max_retries=0, timeout=120)
     jobs = [(("plain", "chat", "stream")[i % 3], PROMPTS[i % len(PROMPTS)], 6 + i) for i in range(16)]
     want = [expected(ref, p, n, kind == "chat") for kind, p, n in jobs]
-    results, errors = {}, []
-    barrier = threading.Barrier(len(jobs))
-
-    def run(i: int) -> None:
-        try:
-            barrier.wait()
-            results[i] = ask(client, *jobs[i])
-        except BaseException as err:  # noqa: BLE001
-            errors.append(err)
-
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(jobs))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(120)
-    assert not errors, errors
+    results = at_once([lambda job=job: ask(client, *job) for job in jobs], 120)
     assert [results[i][0] for i in range(len(jobs))] == want
     replicas = {results[i][1] for i in range(len(jobs))}
     assert len(replicas) == 2, replicas  # both replicas served requests
@@ -245,7 +230,7 @@ def test_sigterm_ends_long_requests_with_openai_errors_and_leaves_no_ray_process
 
 
 
-def test_without_ray_replicas_are_a_one_line_error_and_one_process_serving_still_works(tmp_path):
+def test_without_ray_replicas_are_a_one_line_error(tmp_path):
     """A Python where ``import ray`` fails (as without the cluster extra)."""
     hide = "import sys; sys.modules['ray'] = None; from xlora.cli import main; sys.exit(main(sys.argv[1:]))"
     run = subprocess.run([sys.executable, "-c", hide, "serve", str(tmp_path), "--replicas", "2"],

@@ -54,25 +54,6 @@ def test_a_scrape_waits_for_every_live_replica_and_orders_reach_all():
     asyncio.run(main())
 
 
-def test_drained_waits_for_every_replica_to_hear_the_order_and_report_after_it():
-    async def main():
-        coord = Coordinator()
-        poll = asyncio.create_task(coord.poll("r1", (0, None)))
-        await asyncio.sleep(0.01)
-        await coord.report("r1", 0, "", idle=True)  # idle, but before any shutdown order
-        assert not await coord.drained()  # no order yet
-        await coord.begin_shutdown(5.0)
-        assert not await coord.drained()  # ordered, but r1's idle report predates the order
-        assert await poll == (0, 5.0)  # r1 hears the order ...
-        assert not await coord.drained()
-        await coord.report("r1", 0, "", idle=False)  # ... still finishing a request
-        assert not await coord.drained()
-        await coord.report("r1", 0, "", idle=True)
-        assert await coord.drained()
-
-    asyncio.run(main())
-
-
 def test_a_silent_replica_delays_a_scrape_by_the_timeout_only():
     async def main():
         coord = Coordinator()

@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import math
 import os
 import signal
 import time
@@ -21,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from xlora.config import check_float, check_int
 from xlora.serve.app import SHUTDOWN_MARGIN_S, ServerConfig
 from xlora.serve.coordinator import Coordinator, merge_metrics
 
@@ -50,12 +50,11 @@ class ClusterConfig:
 
     def __post_init__(self) -> None:
         for name in ("replicas", "min_replicas", "max_replicas", "object_store_mb"):
-            value = getattr(self, name)
-            if value is not None and (not isinstance(value, int) or value < (name != "min_replicas")):
-                raise ValueError(f"{name} must be an integer >= {int(name != 'min_replicas')}, got {value!r}")
+            if getattr(self, name) is not None:
+                check_int(name, getattr(self, name), 0 if name == "min_replicas" else 1)
         for name in ("cpus_per_replica", "gpus_per_replica", "target_ongoing_requests"):
             value = getattr(self, name)
-            if value is not None and not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
+            if value is not None and check_float(name, value) < 0:
                 raise ValueError(f"{name} must be a number >= 0, got {value!r}")
         low, high = self.scale_range
         if not low <= self.replicas <= high:
@@ -107,6 +106,7 @@ class ReplicaApp:
         self.app: Any = None
         self.coordinator: Any = None
         self.name, self.inflight, self.scrape = "", 0, 0
+        self.idle_watch: asyncio.Task | None = None  # reports idle once a shutdown order has been carried out
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         if scope["type"] == "lifespan":
@@ -122,7 +122,7 @@ class ReplicaApp:
     def tagged(self, send: Any) -> Any:
         async def send_tagged(message: dict) -> None:
             if message["type"] == "http.response.start":
-                message = {**message, "headers": [*message.get("headers", []), (b"x-xlora-replica", self.name.encode())]}
+                message = {**message, "headers": [*message.get("headers", []), (REPLICA_HEADER.encode(), self.name.encode())]}
             await send(message)
         return send_tagged
 
@@ -185,7 +185,8 @@ class ReplicaApp:
                 self.scrape, grace = await self.coordinator.poll.remote(self.name, seen)
                 if grace is not None and grace != seen[1]:
                     self.app.state.batcher.begin_shutdown(grace)
-                    asyncio.get_running_loop().create_task(self.report_when_idle())
+                    if self.idle_watch is None:  # (a reference kept: the loop holds tasks only weakly)
+                        self.idle_watch = asyncio.get_running_loop().create_task(self.report_when_idle())
                 seen = (self.scrape, grace)
                 await self.report(idle=self.idle())
         except Exception as err:  # noqa: BLE001 - the driver is gone: serve on, alone

@@ -22,19 +22,15 @@ class Coordinator:
         self.texts: dict[str, str] = {}
         self.seen: dict[str, int] = {}
         self.idle: dict[str, bool] = {}
-        self.told: dict[str, float | None] = {}  # the grace each replica was last handed by poll
-        self.acked: dict[str, float | None] = {}  # ... and the grace its latest report came after
 
     async def poll(self, replica: str, seen: tuple[int, float | None]) -> tuple[int, float | None]:
         self.live.add(replica)
         async with self.cond:
             await self.cond.wait_for(lambda: (self.scrape, self.grace) != tuple(seen))
-            self.told[replica] = self.grace
             return self.scrape, self.grace
 
     async def report(self, replica: str, scrape: int, text: str, idle: bool, leaving: bool = False) -> None:
         self.texts[replica], self.seen[replica], self.idle[replica] = text, scrape, idle
-        self.acked[replica] = self.told.get(replica)
         if leaving:
             self.live.discard(replica)
         async with self.cond:
@@ -57,10 +53,10 @@ class Coordinator:
             self.cond.notify_all()
 
     async def drained(self) -> bool:
-        """Whether every live replica has heard the shutdown order and reported idle since: an idle
-        report from before the order says nothing (a request may have arrived after it)."""
-        return self.grace is not None and all(self.idle.get(r, False) and self.acked.get(r) is not None
-                                              for r in self.live)
+        """Whether every live replica reports idle. A replica is idle only once it has stopped accepting
+        requests (``ReplicaApp.idle``), i.e. after it heard the shutdown order: an idle report is never
+        one from before the order."""
+        return all(self.idle.get(r, False) for r in self.live)
 
 
 def merge_metrics(texts: list[str]) -> str:
