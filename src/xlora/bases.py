@@ -66,27 +66,3 @@ def hidden_size(model: PreTrainedModel) -> int:
             return value
     raise ValueError(f"cannot find the hidden size in {type(cfg).__name__}; X-LoRA needs a decoder with hidden_size")
 
-
-def checkpointing_active(model: nn.Module) -> bool:
-    """Whether activation (gradient) checkpointing is on in ``model``: transformers 5 calls it
-    ``is_activation_checkpointing`` (``is_gradient_checkpointing``, read only as a fallback, is its
-    deprecated alias and warns)."""
-    for attr in ("is_activation_checkpointing", "is_gradient_checkpointing"):
-        if hasattr(model, attr):
-            return bool(getattr(model, attr))
-    return False
-
-
-def set_checkpointing(model: nn.Module, on: bool, kwargs: dict | None = None) -> None:
-    """Switch activation checkpointing of a transformers model on (with ``kwargs`` for
-    ``torch.utils.checkpoint``) or off, through ``activation_checkpointing_enable/disable`` where the
-    installed transformers has them, else the older ``gradient_checkpointing_*`` names."""
-    if on:
-        if hasattr(model, "activation_checkpointing_enable"):
-            model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
-        else:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
-    elif hasattr(model, "activation_checkpointing_disable"):
-        model.activation_checkpointing_disable()
-    else:
-        model.gradient_checkpointing_disable()

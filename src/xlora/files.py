@@ -1,5 +1,5 @@
-"""Files written safely (public to the wings): atomic writes (to a temporary file in the same folder, then
-renamed over the target) and the finite-value check used before anything is saved."""
+"""Safe file handling for the core and every wing: atomic writes (to a temporary file in the same folder,
+then renamed over the target), and the check that tensors read from a file are finite."""
 
 from __future__ import annotations
 

@@ -13,8 +13,6 @@ from typing import Any
 
 from torch import nn
 
-from xlora.bases import checkpointing_active, set_checkpointing
-
 
 class LifecycleMixin:
     """Mixed into :class:`~xlora.model.XLoraModel`; uses its ``base_model``, ``state``,
@@ -44,8 +42,8 @@ class LifecycleMixin:
             setattr(parent, child, layer.base_layer)
         for name, p in base.named_parameters():
             p.requires_grad_(self._base_requires_grad.get(name, p.requires_grad))
-        if checkpointing_active(base) and not self._base_was_checkpointing:
-            set_checkpointing(base, False)
+        if base.is_activation_checkpointing and not self._base_was_checkpointing:
+            base.activation_checkpointing_disable()
         self._unloaded = True
         return base
 
@@ -93,10 +91,10 @@ class LifecycleMixin:
         if "context_fn" in kwargs:
             raise ValueError("gradient_checkpointing_kwargs may not set context_fn: X-LoRA supplies its own")
         kwargs.update(use_reentrant=False, context_fn=self.state.checkpoint_contexts)
-        set_checkpointing(self.base_model, True, kwargs)
+        self.base_model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
 
     def gradient_checkpointing_disable(self) -> None:
-        set_checkpointing(self.base_model, False)
+        self.base_model.activation_checkpointing_disable()
 
     def activation_checkpointing_enable(self, activation_checkpointing_kwargs: dict[str, Any] | None = None) -> None:
         """transformers 5's name for :meth:`gradient_checkpointing_enable` (the same, exact recomputation)."""
@@ -107,11 +105,9 @@ class LifecycleMixin:
 
     @property
     def is_activation_checkpointing(self) -> bool:
-        return checkpointing_active(self.base_model)
+        return self.base_model.is_activation_checkpointing
 
-    @property
-    def is_gradient_checkpointing(self) -> bool:  # the older name, as PEFT and transformers < 5 have it
-        return checkpointing_active(self.base_model)
+    is_gradient_checkpointing = is_activation_checkpointing  # the older name, as PEFT has it
 
     def to(self, *args: Any, **kwargs: Any) -> Any:
         """Move/cast base, experts and head together. The base goes first, through transformers' own

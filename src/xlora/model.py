@@ -17,7 +17,7 @@ from transformers.cache_utils import Cache
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from xlora.adapters import LoraExpert, adaptable_modules, load_experts
-from xlora.bases import check_scaling_pass_layers, checkpointing_active, first_layers, float_dtype, hidden_size
+from xlora.bases import check_scaling_pass_layers, first_layers, float_dtype, hidden_size
 from xlora.config import XLoraConfig
 from xlora.generation import ScalingsObserver, XLoraGenerationMixin
 from xlora.head import ScalingHead
@@ -64,7 +64,7 @@ class XLoraModel(LifecycleMixin, XLoraGenerationMixin, nn.Module):
         check_scaling_pass_layers(config.scaling_pass_layers, base_model)
         experts = load_experts(config.experts, base_model, Path(experts_root) if experts_root else None)
         self._base_requires_grad = {n: p.requires_grad for n, p in base_model.named_parameters()}
-        self._base_was_checkpointing = checkpointing_active(base_model)
+        self._base_was_checkpointing = base_model.is_activation_checkpointing
         for p in base_model.parameters():
             p.requires_grad_(False)
         self.base_model = base_model

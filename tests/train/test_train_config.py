@@ -53,6 +53,8 @@ def test_unknown_keys_are_listed_with_the_valid_ones():
     ("mixed_precision", "fp32", r"mixed_precision must be one of \('no', 'fp16', 'bf16'\), got 'fp32'"),
     ("regularizer", "l2", r"regularizer must be one of \('none', 'balance', 'entropy'\), got 'l2'"),
     ("packing", "yes", r"packing must be true or false, got 'yes' \(str\)"),
+    ("gradient_checkpointing", "no", r"gradient_checkpointing must be true or false, got 'no' \(str\)"),
+    ("load_in_8bit", 0, r"load_in_8bit must be true or false, got 0 \(int\)"),
 ])
 def test_bad_values_name_the_field_and_the_value(field, value, message):
     with pytest.raises(ValueError, match=message):

@@ -47,3 +47,16 @@ def test_bad_base_options_are_refused(world, tmp_path):  # noqa: F811
     with pytest.raises(ValueError, match="dtype must be one of .* got 'fp8'"):
         config(world, tmp_path / "x", dtype="fp8")
     assert not (tmp_path / "x").exists()
+
+
+def test_the_trainer_builds_its_model_with_the_base_options(world, tmp_path):  # noqa: F811
+    """What the runs above cannot tell apart from a plain run: the options reach the model."""
+    from xlora.train.setup import build_model
+
+    model = build_model(config(world, tmp_path / "p", dtype="bfloat16", gradient_checkpointing=True), None)
+    assert {p.dtype for p in model.base_model.parameters()} == {torch.bfloat16}
+    assert model.is_activation_checkpointing and all(p.dtype == torch.float32 for p in model.head.parameters())
+    assert not build_model(config(world, tmp_path / "q"), None).is_activation_checkpointing
+    bnb = pytest.importorskip("bitsandbytes", reason="bitsandbytes is not installed (pip install xlora[quant])")
+    int8 = build_model(config(world, tmp_path / "r", load_in_8bit=True), None)
+    assert any(isinstance(m, bnb.nn.Linear8bitLt) for m in int8.base_model.modules())

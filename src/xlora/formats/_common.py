@@ -26,6 +26,7 @@ from transformers import PreTrainedModel
 
 from xlora.adapters import CONFIG_NAME, WEIGHTS_NAME
 from xlora.config import XLoraConfig
+from xlora.files import check_finite
 
 # Keys that PEFT's and the original package's save_pretrained write into every expert's file
 # (the classifier's biases and more): they belong to the X-LoRA head, not to the expert.
@@ -140,8 +141,6 @@ def build(cls: type, foreign: Foreign, directory: Path, base_model: Any, **model
 
 def load_head(model: nn.Module, linears: list[Linear], source: Path) -> None:
     """Copy ``linears`` into the head, refusing a missing layer, a wrong shape or a non-finite value."""
-    from xlora.saving import check_finite
-
     mods = head_linears(model)
     cfg = model.xlora_config
     desc = (f"head_depth={cfg.head_depth}, head_hidden_size={cfg.head_hidden_size}, hidden size "

@@ -118,7 +118,8 @@ class TrainConfig:
             raise ValueError(f"mixed_precision must be one of {_MIXED_PRECISION}, got {self.mixed_precision!r}")
         if self.regularizer not in _REGULARIZERS:
             raise ValueError(f"regularizer must be one of {_REGULARIZERS}, got {self.regularizer!r}")
-        for name in ("packing", "group_by_length", "resume", "overwrite", "bundle", "progress"):
+        for name in ("packing", "group_by_length", "resume", "overwrite", "bundle", "progress", "load_in_8bit",
+                     "load_in_4bit", "gradient_checkpointing"):
             check_bool(name, getattr(self, name))
         if self.resume and self.overwrite:
             raise ValueError("resume and overwrite exclude each other: resume continues a run, overwrite starts afresh")
