@@ -1,5 +1,6 @@
 """Phrasings: at least six seen templates per task kind, unseen templates only in ``test_unseen``, and the
-same items behind ``test`` and ``test_unseen`` (so the split measures wording, not new items)."""
+``test_unseen`` drawing from the ``test`` items only (items never trained on; its own draw of them, not
+the very records of ``test``)."""
 
 from __future__ import annotations
 

@@ -254,8 +254,9 @@ def _item_split(domain: str, key: str, held_out: bool) -> str:
 def generate(domain: str, split: str, n: int, seed: int = 0) -> list[Record]:
     """``n`` distinct records of ``domain`` in ``split``; a pure function of the arguments.
 
-    ``test_unseen`` holds the ``test`` items asked with the unseen phrasings of
-    :mod:`xlora.demo.phrasings`; every other split uses the seen phrasings. Each record carries its
+    ``test_unseen`` draws from the ``test`` items (never trained on) and asks them with the unseen
+    phrasings of :mod:`xlora.demo.phrasings`; its draw is its own, so its records are not ``test``'s
+    records reworded. Every other split uses the seen phrasings. Each record carries its
     ``template`` id.
 
     Raises:

@@ -41,7 +41,7 @@ def evaluate_triples(model: Any, tokenizer: Any, n: int = 32, split: str = "test
                      progress: Any = None) -> dict[str, Any]:
     """``{"split", "n", "scores": {config: {precision, recall, f1, ...}}, "routing": {...}}`` on ``n`` graph
     records of ``split`` (``test``: held-out entities and sentence shapes, seen phrasings; ``test_unseen``:
-    the same passages asked in unseen phrasings)."""
+    passages drawn from the same held-out pool, asked in unseen phrasings)."""
     names = model.xlora_config.expert_names
     configs = configs or [BASE, *names, UNIFORM, XLORA]
     records = domains.generate("graph", split, n, seed=seed)

@@ -29,8 +29,7 @@ def format_triples(triples: list[Triple]) -> str:
 
 def normalise(text: str) -> str:
     """The merge key of an entity or relation: NFKC, case-folded, whitespace collapsed, outer punctuation off."""
-    text = _CONTROL.sub("", unicodedata.normalize("NFKC", text))
-    return " ".join(text.split()).strip(_OUTER).casefold()
+    return _clean_field(text).casefold()
 
 
 @dataclass
@@ -47,6 +46,7 @@ class ParseResult:
 
 
 def _clean_field(text: str) -> str:
+    """The display form: NFKC, control characters out, whitespace collapsed, outer punctuation off."""
     return " ".join(_CONTROL.sub("", unicodedata.normalize("NFKC", text)).split()).strip(_OUTER)
 
 
