@@ -7,7 +7,7 @@ import random
 import pytest
 
 from xlora.demo import domains, ontology
-from xlora.demo.triples import MAX_FIELD, format_triples, normalise, parse_line, parse_triples, prf
+from xlora.demo.triples import MAX_FIELD, format_triples, is_filler, normalise, parse_line, parse_triples, prf
 
 
 def test_well_formed_lines_and_what_a_small_model_wraps_around_them():
@@ -116,3 +116,11 @@ def test_graph_eval_micro_scores_and_table():
     md = to_markdown({"split": "test", "n": 2, "scores": {"base": score_answers(["", ""], gold), "xlora": s},
                       "routing": {"mean_scalings": {"graph": 0.7, "general": 0.3}, "top1_graph": 1.0}})
     assert "| xlora | 0.667 | 0.667 | **0.667** | 3 / 3 gold | 1 |" in md and "graph expert top-1 on 1.000" in md
+
+
+def test_rules_and_blank_lines_are_filler_for_every_reader():
+    """parse_triples and graph.extract skip the same lines (both ask is_filler)."""
+    assert all(is_filler(x) for x in ("", "   ", "---", "***", "```", "## "))
+    assert not any(is_filler(x) for x in ("silk | is | strong", "not a triple", "-- x"))
+    result = parse_triples("---\nsilk | is | strong\n\n```\nnot a triple")
+    assert result.triples == [("silk", "is", "strong")] and result.malformed == ["not a triple"]

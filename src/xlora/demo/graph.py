@@ -22,7 +22,7 @@ import torch
 
 from xlora.demo.evaluate import generate_answers
 from xlora.demo.phrasings import templates
-from xlora.demo.triples import key_of, normalise, parse_line
+from xlora.demo.triples import is_filler, key_of, normalise, parse_line
 from xlora.files import atomic_write, atomic_write_text
 
 _CDN_TAG = re.compile(r"<link[^>]*bootstrap[^>]*>|<script[^>]*bootstrap[^>]*>\s*</script>", re.DOTALL)
@@ -114,7 +114,7 @@ def extract(model: Any, tokenizer: Any, chunks: list[str], max_new_tokens: int =
     for i, (text, new, s) in enumerate(zip(texts, ids, scalings)):
         result.outputs.append(text)
         for line, mix in line_experts(tokenizer, new, s, names):
-            if not line.strip():
+            if is_filler(line):
                 continue
             triple = parse_line(line)
             if triple is None:

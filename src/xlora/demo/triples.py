@@ -64,6 +64,11 @@ def parse_line(line: str) -> Triple | None:
     return fields  # type: ignore[return-value]
 
 
+def is_filler(line: str) -> bool:
+    """Blank lines and rules (``---``, ``***``, code fences): neither a triple nor a malformed line."""
+    return not line.strip() or set(line.strip()) <= set("-=_*`#")
+
+
 def parse_triples(text: str | None) -> ParseResult:
     """Every triple line of a model's output; malformed lines counted, duplicates (by :func:`normalise`) dropped.
 
@@ -72,7 +77,7 @@ def parse_triples(text: str | None) -> ParseResult:
     result = ParseResult()
     seen: set[Triple] = set()
     for raw in (text or "").splitlines():
-        if not raw.strip() or set(raw.strip()) <= set("-=_*`#"):  # blank lines and rules are not triples
+        if is_filler(raw):
             continue
         triple = parse_line(raw)
         if triple is None:
