@@ -202,23 +202,36 @@ def retrain(out_dir: str | os.PathLike, phases: tuple[str, ...] = ("experts", "h
     ``phases`` run in order: ``"experts"`` (one expert per domain), ``"expert:<domain>[,<domain>...]"``
     (only those experts; the others in ``out_dir/experts`` stay), ``"head"`` (over every domain's expert).
     """
+    plan = [_phase_domains(phase) for phase in phases]  # every phase checked before an hour of training
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     log_path = out / "training.json"
     log = json.loads(log_path.read_text()) if log_path.is_file() else {}
-    for phase in phases:
-        if phase == "experts" or phase.startswith("expert:"):
-            names = domains.DOMAINS if phase == "experts" else tuple(phase.split(":", 1)[1].split(","))
+    for names in plan:
+        if names is not None:
             log.setdefault("experts", {}).update(train_experts(out, domain_names=names, steps=expert_steps))
             log["experts_config"] = {"rank": EXPERT_RANK, "alpha": 2 * EXPERT_RANK, "targets": EXPERT_TARGETS,
                                      "batch_size": EXPERT_BATCH, "lr": EXPERT_LR,
                                      "torch_threads": torch.get_num_threads()}
-        elif phase == "head":
-            log["head"] = train_head(out, steps=head_steps, options=head_options)
         else:
-            raise ValueError(f"unknown retraining phase {phase!r}; use 'experts', 'expert:<domain>' or 'head'")
+            log["head"] = train_head(out, steps=head_steps, options=head_options)
         atomic_write_text(log_path, json.dumps(log, indent=2) + "\n")
     return log
+
+
+def _phase_domains(phase: str) -> tuple[str, ...] | None:
+    """The domains whose experts ``phase`` trains (``None`` for ``"head"``); a bad phase or domain raises."""
+    if phase == "head":
+        return None
+    if phase == "experts":
+        return domains.DOMAINS
+    names = tuple(n for n in phase.split(":", 1)[1].split(",") if n) if phase.startswith("expert:") else ()
+    if not names:
+        raise ValueError(f"unknown retraining phase {phase!r}; use 'experts', 'expert:<domain>[,<domain>...]' or 'head'")
+    unknown = [n for n in names if n not in domains.DOMAINS]
+    if unknown:
+        raise ValueError(f"retraining phase {phase!r} names unknown domains {unknown}; choose from {list(domains.DOMAINS)}")
+    return names
 
 
 if __name__ == "__main__":
