@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import os
+import socket
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -128,6 +129,13 @@ def setups(tmp_path_factory) -> dict[str, Setup]:
 @pytest.fixture(scope="session")
 def llama(setups) -> Setup:
     return setups["llama"]
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now (for servers and process groups)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def randomize_head(model, seed: int = 7, std: float = 0.5) -> None:

@@ -20,6 +20,7 @@ import openai
 import psutil  # a dependency of peft and accelerate
 import pytest
 import torch
+from conftest import free_port
 from openai import OpenAI
 from serve_models import EXPERTS, at_once, build_model_dir, long_context_base
 
@@ -42,13 +43,6 @@ KEY, NAME, TIMEOUT_S = "sk-cluster", "tiny-xlora", 2.0
 PROMPTS = ["Hello", "The quick brown fox", "a", "What is 2+2?", "xyz", "Once upon a time", "!", "Lorem ipsum"]
 RAY_ENV = {"RAY_USAGE_STATS_ENABLED": "0", "RAY_DEDUP_LOGS": "0", "OMP_NUM_THREADS": "1"}
 
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def ray_processes(root: int) -> tuple[list, str]:

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -15,6 +14,7 @@ import time
 import httpx
 import openai
 import pytest
+from conftest import free_port
 from openai import OpenAI
 from serve_models import build_model_dir, long_context_base
 
@@ -22,11 +22,6 @@ NAME = "tiny-xlora"
 TIMEOUT_S = 2.0
 LONG = {"model": NAME, "prompt": "Hi", "max_tokens": 30000, "temperature": 0, "xlora": {"ignore_eos": True}}
 
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture

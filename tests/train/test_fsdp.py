@@ -8,14 +8,13 @@ import json
 import os
 import random
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import LLAMA_TARGETS, make_expert, tiny_model, tiny_tokenizer
+from conftest import LLAMA_TARGETS, free_port, make_expert, tiny_model, tiny_tokenizer
 from safetensors.torch import load_file
 
 from xlora.train.config import TrainConfig
@@ -43,11 +42,6 @@ def world(tmp_path_factory):
     return {"base": str(root / "base"), "experts": {k: str(v) for k, v in experts.items()},
             "train": str(root / "train.jsonl")}
 
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def launch(world, out: Path, *extra: str) -> subprocess.CompletedProcess:
