@@ -29,14 +29,16 @@ def evaluate(args: argparse.Namespace) -> int:
 def graph(args: argparse.Namespace) -> int:
     from xlora.demo.graph import run_graph
 
-    return run_graph(args.text_file, args.out, args.assets, args.base, args.chunk_chars, args.max_new_tokens)
+    return run_graph(args.text_file, args.out, assets=args.assets, base_dir=args.base, chunk_chars=args.chunk_chars,
+                     max_new_tokens=args.max_new_tokens)
 
 
 def dialogue(args: argparse.Namespace) -> int:
     from xlora.demo.dialogue import run_dialogue
 
-    return run_dialogue(args.topic, args.out, args.turns, args.agent_a, args.agent_b, args.assets, args.assets_b,
-                        args.base, args.max_new_tokens, args.max_context)
+    return run_dialogue(args.topic, args.out, turns=args.turns, agent_a=args.agent_a, agent_b=args.agent_b,
+                        assets=args.assets, assets_b=args.assets_b, base_dir=args.base,
+                        max_new_tokens=args.max_new_tokens, max_context=args.max_context)
 
 
 def generate(args: argparse.Namespace) -> int:
@@ -87,7 +89,8 @@ def serve(args: argparse.Namespace) -> int:
     import os
     from pathlib import Path
 
-    from xlora.serve.app import ServerConfig, serve
+    from xlora.serve.app import ServerConfig
+    from xlora.serve.app import serve as serve_one
 
     given = {f.name: getattr(args, f.name) for f in dataclasses.fields(ServerConfig) if hasattr(args, f.name)}
     given.setdefault("model_name", Path(args.model_dir).resolve().name)
@@ -95,23 +98,24 @@ def serve(args: argparse.Namespace) -> int:
     from xlora.serve.cluster import ClusterConfig, serve_cluster  # imports Ray only when it runs
 
     cluster = {f.name: getattr(args, f.name) for f in dataclasses.fields(ClusterConfig) if hasattr(args, f.name)}
+    config, load = ServerConfig(**given), {"base_model": args.base, "log_level": args.log_level, **base_kwargs(args)}
     if cluster:  # --replicas and friends: Ray Serve replicas (the cluster extra)
-        serve_cluster(args.model_dir, ServerConfig(**given), ClusterConfig(**cluster), base_model=args.base,
-                      log_level=args.log_level, **base_kwargs(args))
-        return 0
-    serve(args.model_dir, ServerConfig(**given), base_model=args.base, log_level=args.log_level, **base_kwargs(args))
+        serve_cluster(args.model_dir, config, ClusterConfig(**cluster), **load)
+    else:
+        serve_one(args.model_dir, config, **load)
     return 0
 
 
 def train(args: argparse.Namespace) -> int:
     from xlora.train.config import TrainConfig
-    from xlora.train.trainer import TrainingError, train
+    from xlora.train.trainer import TrainingError
+    from xlora.train.trainer import train as train_head
 
     given = {k: v for k, v in vars(args).items() if k not in ("command", "func", "config")}
     data = TrainConfig.from_file(args.config).to_dict() if getattr(args, "config", None) else {}
     data.update(given)
     try:
-        result = train(TrainConfig.from_dict(data))
+        result = train_head(TrainConfig.from_dict(data))
     except TrainingError as err:
         print(f"xlora train: error: {err}", file=sys.stderr)
         return 1
@@ -123,9 +127,9 @@ def train(args: argparse.Namespace) -> int:
 
 
 def convert(args: argparse.Namespace) -> int:
-    from xlora.formats import convert
+    from xlora.formats import convert as convert_dir
 
-    kind = convert(args.src, args.dst, base_model=args.base, to=args.to, ordering=args.ordering)
+    kind = convert_dir(args.src, args.dst, base_model=args.base, to=args.to, ordering=args.ordering)
     print(f"read {args.src} ({kind} format), wrote {args.dst} ({args.to} format)")
     return 0
 
