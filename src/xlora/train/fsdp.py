@@ -26,15 +26,16 @@ def fsdp_requested(accelerator: Any) -> bool:
     return accelerator.num_processes > 1 and (env or accelerator.distributed_type == DistributedType.FSDP)
 
 
-def shard(model: Any, bundle: bool) -> Any:
+BUNDLE_REFUSED = ("bundle=True writes the experts, which FSDP holds in shards: train without --bundle, "
+                  "then copy the experts in with `xlora convert OUTPUT_DIR BUNDLED_DIR`")
+
+
+def shard(model: Any) -> Any:
     """``fully_shard`` the frozen parameters of ``model`` (an XLoraModel, in place); the trainable ones stay whole."""
     from torch.distributed.fsdp import fully_shard
 
     from xlora.train.setup import TrainingError
 
-    if bundle:
-        raise TrainingError("bundle=True writes the experts, which FSDP holds in shards: train without --bundle, "
-                            "then copy the experts in with `xlora convert OUTPUT_DIR BUNDLED_DIR`")
     base = model.base_model
     blocks = set(getattr(base, "_no_split_modules", None) or [])
     if not blocks:

@@ -36,7 +36,7 @@ from xlora.train.checkpoints import (
 )
 from xlora.train.config import TrainConfig
 from xlora.train.data import DatasetStats, TokenizedExample, build_dataset
-from xlora.train.fsdp import fsdp_requested, shard
+from xlora.train.fsdp import BUNDLE_REFUSED, fsdp_requested, shard
 
 _FIX_BASE = "set base_model (--base-model) to a local model folder"
 Resumed = tuple[Path, dict[str, Any], dict[str, torch.Tensor]]  # (checkpoint, trainer state, optimizer tensors)
@@ -95,6 +95,9 @@ def setup(cfg: TrainConfig) -> Run:
     marker = json.dumps(cfg.to_dict(), indent=2) + "\n"  # the options as given, before any model exists
     check_output_dir(cfg)
     accelerator = make_accelerator(cfg.mixed_precision)
+    sharded = fsdp_requested(accelerator)
+    if sharded and cfg.bundle:  # refused before any model is loaded
+        raise TrainingError(BUNDLE_REFUSED)
     precision = make_precision(cfg.mixed_precision, accelerator)
     tokenizer = load_local(AutoTokenizer, cfg.base_model, "the base model's tokenizer", _FIX_BASE)
     torch.manual_seed(cfg.seed)
@@ -104,9 +107,8 @@ def setup(cfg: TrainConfig) -> Run:
     model = build_model(cfg, resumed).to(accelerator.device).train()
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = make_optimizer(cfg, params, resumed, precision)
-    sharded = fsdp_requested(accelerator)
     if sharded:  # FSDP: the frozen weights in shards, the trainable ones whole (xlora.train.fsdp)
-        ddp_model = shard(model, cfg.bundle)
+        ddp_model = shard(model)
     else:
         ddp_model, optimizer = accelerator.prepare(model, optimizer)
     accelerator.wait_for_everyone()  # every process has checked its inputs: now write
