@@ -196,14 +196,15 @@ def main() -> None:
     first = settings[0][0]
     same = all(r["texts"] == runs[first][0]["texts"] for rs in runs.values() for r in rs)
     print(f"\ngreedy texts identical across settings and repeats: {same}")
-    if "1" in med:
-        for label in med:
-            if label != "1" and "replica" not in label:
-                print(f"throughput ratio, max_batch {label} vs 1: {med[label] / med['1']:.2f}x")
-    if "1 replica" in med:
-        for label in med:
-            if "replicas" in label:
-                print(f"throughput ratio, {label} vs 1 replica: {med[label] / med['1 replica']:.2f}x")
+    # baselines by setting, not by label: one process serving one request at a time, and one replica
+    serial = next((label for label, b, n in settings if n is None and b == 1), None)
+    single = next((label for label, _, n in settings if n == 1), None)
+    for label, b, n in settings:
+        if serial is not None and n is None and label != serial:
+            print(f"throughput ratio, max_batch {b} vs 1: {med[label] / med[serial]:.2f}x")
+        if single is not None and n is not None and n > 1:
+            print(f"throughput ratio, {label} vs 1 replica: {med[label] / med[single]:.2f}x")
+
 
 if __name__ == "__main__":
     main()
