@@ -8,7 +8,9 @@ and its fixtures ``model_dir`` and ``ref`` (a pytest plugin, registered by the r
 
 from __future__ import annotations
 
+import subprocess
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -83,6 +85,23 @@ def at_once(calls: list[Callable[[], Any]], timeout_s: float) -> list[Any]:
     assert not errors, errors
     assert len(results) == len(calls), f"{len(calls) - len(results)} of the calls still running after {timeout_s} s"
     return [results[i] for i in range(len(calls))]
+
+
+def wait_healthy(proc: subprocess.Popen, url: str, timeout_s: float) -> None:
+    """Poll ``url/health`` until it answers 200; fail with the server's stderr if it exits, or after ``timeout_s``."""
+    import httpx
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        if proc.poll() is not None:
+            raise AssertionError(f"the server exited with {proc.returncode}: {proc.communicate()[1][-4000:]}")
+        assert time.monotonic() < deadline, f"the server did not answer /health within {timeout_s:g} s"
+        try:
+            if httpx.get(url + "/health", timeout=2).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.2)
 
 
 def long_context_base(model_dir: Path, dest: Path, context: int = 1 << 15) -> Path:

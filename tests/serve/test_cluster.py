@@ -22,7 +22,7 @@ import pytest
 import torch
 from conftest import free_port
 from openai import OpenAI
-from serve_models import EXPERTS, at_once, build_model_dir, long_context_base
+from serve_models import EXPERTS, at_once, build_model_dir, long_context_base, wait_healthy
 
 from xlora.cli import build_parser
 from xlora.saving import load_model_and_tokenizer
@@ -79,14 +79,8 @@ def cluster(tmp_path_factory):
            "--log-level", "warning"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env={**os.environ, **RAY_ENV}, start_new_session=True)
-    url, deadline = f"http://127.0.0.1:{port}", time.monotonic() + 150
-    while True:
-        assert proc.poll() is None, proc.communicate()[1][-4000:]
-        assert time.monotonic() < deadline, "the replicas did not come up within 150 s"
-        with __import__("contextlib").suppress(httpx.TransportError):
-            if httpx.get(url + "/health", timeout=2).status_code == 200:
-                break
-        time.sleep(0.3)
+    url = f"http://127.0.0.1:{port}"
+    wait_healthy(proc, url, 150)
     yield proc, url, model_dir, base
     if proc.poll() is None:  # a failed test: end the whole session (its own process group)
         os.killpg(proc.pid, signal.SIGKILL)

@@ -16,7 +16,7 @@ import openai
 import pytest
 from conftest import free_port
 from openai import OpenAI
-from serve_models import build_model_dir, long_context_base
+from serve_models import build_model_dir, long_context_base, wait_healthy
 
 NAME = "tiny-xlora"
 TIMEOUT_S = 2.0
@@ -35,14 +35,7 @@ def server(tmp_path_factory, tmp_path):
          "--max-tokens-limit", "30000"],
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 90
-    while True:
-        assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read() if proc.poll() else "timeout"
-        try:
-            if httpx.get(url + "/health", timeout=1).status_code == 200:
-                break
-        except httpx.TransportError:
-            time.sleep(0.1)
+    wait_healthy(proc, url, 90)
     yield proc, url
     if proc.poll() is None:
         proc.kill()
