@@ -137,7 +137,9 @@ def test_eval_writes_the_table_of_the_real_demo(tmp_path):
         assert sum(shares.values()) == pytest.approx(1.0, abs=1e-4), (domain, shares)
     assert (tmp_path / "eval.md").read_text().count("| xlora |") == 2  # loss and score tables of the one split
     graph = json.loads((tmp_path / "graph_eval.json").read_text())
-    assert (tmp_path / "graph_eval.md").is_file() and graph
+    assert (graph["split"], graph["n"], list(graph["scores"])) == ("test", 1, table["configs"])
+    assert all(0.0 <= row["f1"] <= 1.0 for row in graph["scores"].values())
+    assert "| xlora |" in (tmp_path / "graph_eval.md").read_text()
 
 
 @pytest.mark.parametrize("argv, message", [
