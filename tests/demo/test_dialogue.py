@@ -8,7 +8,7 @@ import json
 
 import pytest
 import torch
-from conftest import LLAMA_TARGETS, make_expert, tiny_model, tiny_tokenizer
+from conftest import LLAMA_TARGETS, make_expert, randomize_head, tiny_model, tiny_tokenizer
 
 from xlora import XLoraConfig, XLoraModel
 from xlora.demo.dialogue import OPENING, converse, fit_context, view, write_dialogue
@@ -25,10 +25,7 @@ def model_tok(tmp_path_factory):
     experts = {n: str(make_expert(base, root / n, r=4, alpha=8, targets=LLAMA_TARGETS, seed=i + 1))
                for i, n in enumerate(NAMES)}
     model = XLoraModel(base, XLoraConfig(experts=experts, head_depth=1)).eval()
-    torch.manual_seed(0)
-    with torch.no_grad():
-        for p in model.head.parameters():
-            p.normal_(0, 0.5)  # a router that moves with the context
+    randomize_head(model, 0, 0.5)  # a router that moves with the context
     return model, tiny_tokenizer()
 
 

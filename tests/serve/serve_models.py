@@ -16,8 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import torch
-from conftest import LLAMA_TARGETS, make_expert, tiny_model, tiny_tokenizer
+from conftest import LLAMA_TARGETS, make_expert, randomize_head, tiny_model, tiny_tokenizer
 from transformers import AutoModelForCausalLM
 
 from xlora import XLoraConfig, XLoraModel
@@ -43,10 +42,7 @@ def build_model_dir(tmp_path_factory) -> Path:
     }
     base = AutoModelForCausalLM.from_pretrained(str(root / "base")).eval()  # records its path for reloading
     model = XLoraModel(base, XLoraConfig(experts={k: str(v) for k, v in experts.items()}, head_hidden_size=16))
-    torch.manual_seed(0)
-    with torch.no_grad():
-        for p in model.head.parameters():
-            p.normal_(0, 0.7)
+    randomize_head(model, 0, 0.7)
     model.save_pretrained(root / "xlora")
     _BUILT["dir"] = root / "xlora"
     return _BUILT["dir"]
