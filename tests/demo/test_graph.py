@@ -1,4 +1,4 @@
-"""``xlora graph`` on a tiny Llama taught (by overfitting, in seconds) to answer two chunks with fixed lines:
+"""``xlora graph`` on a tiny model scripted (by construction, :mod:`scripted`) to answer two chunks with fixed lines:
 extraction with per-line experts from the recorded scalings, entity merging, and all four output files."""
 
 from __future__ import annotations
@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import LLAMA_TARGETS, make_expert, tiny_model
+from conftest import GPT2_TARGETS, make_expert
+from scripted import script_answers, scripted_model
 
 from xlora import XLoraConfig, XLoraModel
 from xlora.demo.evaluate import chat_messages
@@ -28,7 +29,9 @@ pytest.importorskip("pyvis")
 pytest.importorskip("matplotlib")
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-TEXT = "Silk is strong. Bone is hard."
+# Two chunks whose prompts differ in length by more than the first answer: the script answers both.
+TEXT = "Silk is strong. Bone is hard, and bone is much harder than silk is."
+CHUNK_CHARS = 60
 ANSWERS = ["silk | is | strong\nnot a triple", "Bone | is | hard\nSILK | is |  Strong"]  # what the model learns
 
 
@@ -51,25 +54,18 @@ def newline_tokenizer():
 
 @pytest.fixture(scope="module")
 def taught(tmp_path_factory, one_thread):
-    """A tiny Llama overfitted to answer the two chunks of TEXT with ANSWERS, under two random experts."""
+    """A tiny GPT-2 scripted to answer the two chunks of TEXT with ANSWERS by a wide logit margin (on any CPU),
+    under two random experts and X-LoRA's random router."""
     tok = newline_tokenizer()
-    base = tiny_model("llama").train()
-    examples = []
-    for chunk, answer in zip(chunk_text(TEXT, 20), ANSWERS):
+    prompts, answers = [], []
+    for chunk, answer in zip(chunk_text(TEXT, CHUNK_CHARS), ANSWERS):
         prompt = tok.apply_chat_template(chat_messages({"prompt": graph_prompt(chunk)}, answer=False), tokenize=False,
                                          add_generation_prompt=True)
-        p, a = tok(prompt, add_special_tokens=False)["input_ids"], tok(answer)["input_ids"] + [tok.eos_token_id]
-        examples.append((torch.tensor([p + a]), torch.tensor([[-100] * len(p) + a])))
-    opt = torch.optim.Adam(base.parameters(), lr=2e-2)
-    torch.manual_seed(0)
-    for _ in range(90):
-        loss = sum(base(input_ids=ids, labels=labels).loss for ids, labels in examples)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    base.eval()
+        prompts.append(tok(prompt, add_special_tokens=False)["input_ids"])
+        answers.append(tok(answer, add_special_tokens=False)["input_ids"] + [tok.eos_token_id])
+    base = scripted_model(script_answers(prompts, answers), len(tok), max(map(len, prompts)) + 48)
     root = tmp_path_factory.mktemp("graph")
-    experts = {n: str(make_expert(base, root / n, r=4, alpha=8, targets=LLAMA_TARGETS, seed=i + 1))
+    experts = {n: str(make_expert(base, root / n, r=4, alpha=8, targets=GPT2_TARGETS, seed=i + 1))
                for i, n in enumerate(["graph", "general"])}
     model = XLoraModel(base, XLoraConfig(experts=experts, head_depth=1, global_scaling_weight=0.2)).eval()
     return model, tok
@@ -86,7 +82,7 @@ def test_chunks_are_whole_sentences_within_the_limit():
 
 def test_extraction_parses_lines_counts_malformed_and_merges_duplicates(taught):
     model, tok = taught
-    result = extract(model, tok, chunk_text(TEXT, 20), max_new_tokens=40)
+    result = extract(model, tok, chunk_text(TEXT, CHUNK_CHARS), max_new_tokens=40)
     assert result.outputs == ANSWERS  # the greedy answers (under X-LoRA's random router) are the taught ones
     assert [(e.subject, e.relation, e.object, e.chunk) for e in result.edges] == [("silk", "is", "strong", 0),
                                                                                   ("Bone", "is", "hard", 1)]
@@ -110,7 +106,7 @@ def test_line_experts_average_the_tokens_of_each_line():
 def test_all_output_files_on_the_tiny_model(taught, tmp_path):
     model, tok = taught
     (tmp_path / "text.txt").write_text(TEXT)
-    g, extraction, paths = make_graph(model, tok, TEXT, tmp_path / "out", chunk_chars=20, max_new_tokens=40)
+    g, extraction, paths = make_graph(model, tok, TEXT, tmp_path / "out", chunk_chars=CHUNK_CHARS, max_new_tokens=40)
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["graph.graphml", "graph.html", "graph.json",
                                                                    "graph.png"]
     # entities merged by case and whitespace: "silk" / "SILK", "strong" / " Strong"
@@ -119,7 +115,7 @@ def test_all_output_files_on_the_tiny_model(taught, tmp_path):
     assert sorted(back.nodes) == sorted(g.nodes) and back.number_of_edges() == 2
     assert {d["relation"] for *_, d in back.edges(data=True)} == {"is"}
     doc = json.loads(paths["json"].read_text())
-    assert doc["n_malformed"] == 1 and doc["duplicates"] == 1 and doc["chunks"] == ["Silk is strong.", "Bone is hard."]
+    assert doc["n_malformed"] == 1 and doc["duplicates"] == 1 and doc["chunks"] == chunk_text(TEXT, CHUNK_CHARS)
     assert sum(doc["edges_per_expert"].values()) == 2 and doc["experts"] == ["graph", "general"]
     assert {(e["source"], e["target"]) for e in doc["edges"]} == {("silk", "strong"), ("bone", "hard")}
     assert paths["png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and paths["png"].stat().st_size > 5000
