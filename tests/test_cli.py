@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+import warnings
+
 import pytest
 import torch
 from conftest import randomize_head
@@ -20,6 +24,35 @@ def test_example_prints_the_scalings_it_computes(capsys):
     assert printed.shape == (5, 2)
     torch.testing.assert_close(printed, expected, rtol=0, atol=5e-4)
     torch.testing.assert_close(expected.sum(-1), torch.ones(5), rtol=0, atol=1e-6)
+
+
+def test_example_shows_no_peft_future_warning():
+    """PEFT reads transformers' deprecated ``is_gradient_checkpointing``; we silence it around our PEFT call only."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        run_example(seq_len=3)
+    assert [str(w.message) for w in caught if "is_gradient_checkpointing" in str(w.message)] == []
+    assert not any(f[0] == "ignore" and f[2] is FutureWarning and f[1] is not None and "gradient" in f[1].pattern
+                   for f in warnings.filters)  # not filtered globally
+
+
+_PARSE_ONLY = ("import sys\n"
+               "from xlora.cli import main\n"
+               "try:\n"
+               "    main(sys.argv[1:])\n"
+               "except SystemExit as exit:\n"
+               "    code = exit.code\n"
+               "heavy = sorted(m for m in ('torch', 'transformers', 'peft', 'accelerate', 'safetensors', 'numpy')"
+               " if m in sys.modules)\n"
+               "print('EXIT', code, 'HEAVY', heavy, file=sys.stderr)\n")
+
+
+@pytest.mark.parametrize("argv, code", [(["--help"], 0), (["train", "--help"], 0), (["generate", "--help"], 0),
+                                        (["train", "--max-steps", "x"], 2), (["generate"], 2), (["nonsense"], 2)])
+def test_help_and_argument_errors_import_no_torch(argv, code):
+    """``xlora --help`` and argument errors answer without importing torch/transformers (measured ~0.1 s)."""
+    proc = subprocess.run([sys.executable, "-c", _PARSE_ONLY, *argv], capture_output=True, text=True, timeout=60)
+    assert proc.stderr.splitlines()[-1] == f"EXIT {code} HEAVY []", proc.stderr
 
 
 def test_unknown_subcommand_is_an_argparse_error(capsys):

@@ -15,8 +15,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from xlora.files import atomic_write_text
-
 LORA_DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16", "float64": "float64"}
 _EXPERT_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_\-]*$")
 
@@ -181,6 +179,8 @@ class XLoraConfig:
         return cls(**data)
 
     def to_json_file(self, path: str | os.PathLike) -> None:
+        from xlora.files import atomic_write_text  # here, not at the top: `xlora --help` imports no torch
+
         atomic_write_text(Path(path), json.dumps(self.to_dict(), indent=2) + "\n")
 
     @classmethod

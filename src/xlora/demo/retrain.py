@@ -20,6 +20,7 @@ import random
 import shutil
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -61,7 +62,9 @@ def train_expert(base_dir: str | os.PathLike, records: list[dict[str, Any]], out
     pad = pad_token_id(tokenizer)
     cfg = LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0, target_modules=targets or EXPERT_TARGETS,
                      task_type="CAUSAL_LM")
-    model = get_peft_model(model, cfg)
+    with warnings.catch_warnings():  # PEFT reads transformers' deprecated is_gradient_checkpointing
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing", category=FutureWarning)
+        model = get_peft_model(model, cfg)
     model.train()
     examples = tokenize(records, tokenizer, max_length)
     params = [p for p in model.parameters() if p.requires_grad]

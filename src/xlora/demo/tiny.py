@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import tempfile
+import warnings
 from pathlib import Path
 
 import torch
@@ -24,8 +25,10 @@ def build_tiny_xlora(workdir: Path, seed: int = 0) -> XLoraModel:
     for i, (name, targets) in enumerate({"attention": ["q_proj", "k_proj", "v_proj", "o_proj"],
                                          "mlp": ["gate_proj", "up_proj", "down_proj"]}.items()):
         torch.manual_seed(seed + 1 + i)
-        peft_model = get_peft_model(copy.deepcopy(base), LoraConfig(r=4, lora_alpha=8, target_modules=targets,
-                                                                    init_lora_weights=False))
+        with warnings.catch_warnings():  # PEFT reads transformers' deprecated is_gradient_checkpointing
+            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing", category=FutureWarning)
+            peft_model = get_peft_model(copy.deepcopy(base), LoraConfig(r=4, lora_alpha=8, target_modules=targets,
+                                                                        init_lora_weights=False))
         peft_model.save_pretrained(str(workdir / name))
         experts[name] = str(workdir / name)
     model = XLoraModel(base, XLoraConfig(experts=experts, head_depth=2, head_hidden_size=32)).eval()

@@ -7,7 +7,24 @@ and ``checkpoints`` (atomic, crash-safe save and prune, resume). Needs the ``tra
 (``pip install xlora[train]``).
 """
 
-from xlora.train.config import TrainConfig
-from xlora.train.trainer import TrainingError, TrainResult, train
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from xlora.train.config import TrainConfig
+    from xlora.train.trainer import TrainingError, TrainResult, train
 
 __all__ = ["TrainConfig", "TrainResult", "TrainingError", "train"]
+_HOME = {"TrainConfig": "xlora.train.config", "TrainResult": "xlora.train.trainer",
+         "TrainingError": "xlora.train.trainer", "train": "xlora.train.trainer"}
+
+
+def __getattr__(name: str) -> Any:
+    """The public names on first use (PEP 562): ``xlora train --help`` reads TrainConfig without torch."""
+    if name not in _HOME:
+        raise AttributeError(f"module 'xlora.train' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_HOME[name]), name)
+    globals()[name] = value
+    return value

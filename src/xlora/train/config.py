@@ -10,7 +10,6 @@ from pathlib import Path
 from typing import Any
 
 from xlora.config import XLoraConfig, check_bool, check_float, check_int
-from xlora.saving import base_load_kwargs
 
 _MIXED_PRECISION = ("no", "fp16", "bf16")
 _REGULARIZERS = ("none", "balance", "entropy")
@@ -113,7 +112,6 @@ class TrainConfig:
         for name in ("adam_beta1", "adam_beta2"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")
-        base_load_kwargs(self.dtype, self.load_in_8bit, self.load_in_4bit)  # checks dtype and the quantisation
         if self.mixed_precision not in _MIXED_PRECISION:
             raise ValueError(f"mixed_precision must be one of {_MIXED_PRECISION}, got {self.mixed_precision!r}")
         if self.regularizer not in _REGULARIZERS:
@@ -123,6 +121,9 @@ class TrainConfig:
             check_bool(name, getattr(self, name))
         if self.resume and self.overwrite:
             raise ValueError("resume and overwrite exclude each other: resume continues a run, overwrite starts afresh")
+        from xlora.saving import base_load_kwargs  # last and here: a config error answers without torch
+
+        base_load_kwargs(self.dtype, self.load_in_8bit, self.load_in_4bit)  # checks dtype and the quantisation
 
     def to_dict(self) -> dict[str, Any]:
         """Flat dict: the training fields and the X-LoRA fields side by side."""
