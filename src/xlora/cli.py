@@ -147,8 +147,11 @@ def _add_demo_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--n-generate", type=_positive, default=2, help="records per domain answered and scored (default: 2)")
     p.set_defaults(func=commands.demo)
 
-    p = sub.add_parser("eval", help="full evaluation of the embedded demo, written as Markdown and JSON")
-    p.add_argument("--out", default="xlora-eval", help="folder for eval.md and eval.json (default: xlora-eval)")
+    p = sub.add_parser("eval", help="does the mixture help on my data? X-LoRA against the base, every expert, the "
+                                    "uniform mix, PEFT's Arrow and the oracle (no MODEL_DIR: the embedded demo)")
+    p.add_argument("model_dir", nargs="?", default=None, help="an X-LoRA directory in any format xlora reads")
+    p.add_argument("--out", default="xlora-eval", help="folder for eval.md, eval.json, eval.png (default: xlora-eval)")
+    _add_eval_data_flags(p)
     p.add_argument("-n", type=_positive, default=64, help="test records per domain for the losses (default: 64)")
     p.add_argument("--n-generate", type=_positive, default=16, help="records per domain answered and scored (default: 16)")
     p.add_argument("--splits", nargs="+", choices=["test", "test_unseen", "validation"], default=["test", "test_unseen"],
@@ -156,6 +159,22 @@ def _add_demo_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--graph-n", type=_count, default=32, help="held-out passages for the triple F1 table (0: skip)")
     p.add_argument("--assets", default=None, help="an X-LoRA directory over the demo base (default: the shipped one)")
     p.set_defaults(func=commands.evaluate)
+
+
+def _add_eval_data_flags(p: argparse.ArgumentParser) -> None:
+    """``xlora eval MODEL_DIR --data FILE ...``: the evaluation engine (xlora.analysis.evaluate)."""
+    g = p.add_argument_group("your model on your data (with MODEL_DIR)")
+    g.add_argument("--data", nargs="+", metavar="FILE", default=None,
+                   help="held-out records: messages, prompt/completion or text, with optional domain and check")
+    g.add_argument("--base", default=None, help="base model path (default: the one recorded in MODEL_DIR)")
+    g.add_argument("--chat", action=argparse.BooleanOptionalAction, default=None,
+                   help="render prompt/completion records as a chat (default: when the tokenizer has a template)")
+    g.add_argument("--arrow-top-k", type=_positive, default=3, metavar="K", help="experts PEFT's Arrow mixes (default 3)")
+    g.add_argument("--generate", type=_count, default=0, metavar="N", help="greedy answers per domain, scored")
+    g.add_argument("--max-new-tokens", type=_positive, default=64, help="tokens per generated answer (default 64)")
+    g.add_argument("--max-records", type=_positive, default=None, metavar="N", help="read at most N records")
+    g.add_argument("--batch-size", type=_positive, default=8, help="records per forward (default 8)")
+    g.add_argument("--skip-bad", action="store_true", help="skip and count bad records instead of stopping")
 
 
 def _add_model_parsers(sub: argparse._SubParsersAction) -> None:

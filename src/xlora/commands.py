@@ -20,10 +20,25 @@ def demo(args: argparse.Namespace) -> int:
 
 
 def evaluate(args: argparse.Namespace) -> int:
+    if args.model_dir is not None or args.data is not None:
+        return eval_model(args)
     from xlora.demo.run import run_eval
 
     return run_eval(args.out, n_per_domain=args.n, n_generate=args.n_generate, splits=tuple(args.splits),
                     assets=args.assets, graph_n=args.graph_n)
+
+
+def eval_model(args: argparse.Namespace) -> int:
+    from xlora.analysis.evaluate import EvalConfig, run_eval
+
+    if args.model_dir is None or not args.data:
+        raise ValueError("xlora eval MODEL_DIR needs --data FILE [FILE ...] (held-out records), and --data needs "
+                         "MODEL_DIR; run `xlora eval` with neither for the embedded demo")
+    config = EvalConfig(chat=args.chat, arrow_top_k=args.arrow_top_k, generate=args.generate,
+                        max_new_tokens=args.max_new_tokens, max_records=args.max_records,
+                        batch_size=args.batch_size, skip_bad=args.skip_bad)
+    run_eval(args.model_dir, args.data, base_model=args.base, out_dir=args.out, config=config)
+    return 0
 
 
 def graph(args: argparse.Namespace) -> int:

@@ -1,0 +1,302 @@
+"""The evaluation engine on a tiny Llama with three PEFT experts: every row against an independent
+computation, PEFT's own Arrow model, padding, routing, the JSON schema, answers and bad input."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import make_expert, randomize_head, tiny_model, tiny_tokenizer
+from peft import ArrowConfig, PeftModel, create_arrow_model
+from transformers import AutoModelForCausalLM
+
+from xlora import XLoraConfig, XLoraModel
+from xlora.analysis.eval_data import BadRecord, iter_eval_records
+from xlora.analysis.evaluate import EvalConfig, check_answer, evaluate_files, greedy_answers
+from xlora.analysis.stats import token_entropy
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+NAMES = ["alpha", "beta", "gamma"]
+TARGETS = ["q_proj", "v_proj", "down_proj"]
+RECORDS = [
+    {"messages": [{"role": "user", "content": "2+3?"}, {"role": "assistant", "content": "5"}], "domain": "alpha",
+     "check": {"exact": True}},
+    {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"},
+                  {"role": "assistant", "content": "hello"}, {"role": "user", "content": "pi?"},
+                  {"role": "assistant", "content": "3.14159"}], "domain": "beta", "check": {"rel_tol": 0.01}},
+    {"prompt": "Name a colour: ", "completion": "blue", "domain": "gamma"},
+    {"prompt": "1.5 + 1 = ", "completion": "2.5", "domain": "alpha", "check": {"abs_tol": 0.1}},
+    {"messages": [{"role": "user", "content": "What is a cell made of?"},
+                  {"role": "assistant", "content": "molecules"}], "domain": "beta"},
+    {"prompt": "x", "completion": "a longer completion here", "domain": "gamma"},
+    {"text": "plain text is scored on every token", "domain": "delta"},
+]
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("eval")
+    base = tiny_model("llama")
+    base.save_pretrained(root / "base")
+    tok = tiny_tokenizer()
+    tok.save_pretrained(root / "base")
+    experts = {n: str(make_expert(base, root / n, r=4, alpha=8, targets=TARGETS, seed=i + 1))
+               for i, n in enumerate(NAMES)}
+    model = XLoraModel(AutoModelForCausalLM.from_pretrained(root / "base"), XLoraConfig(experts=experts,
+                                                                                        head_depth=1)).eval()
+    randomize_head(model, std=1.0)
+    model.save_pretrained(root / "xlora")
+    data = root / "data.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in RECORDS))
+    return model, tok, root, experts, data
+
+
+def fresh_base(root):
+    return lambda: AutoModelForCausalLM.from_pretrained(root / "base").eval()
+
+
+def scored(tok, record, chat=True):
+    """Independent of eval_data: ids and labels of one record, built from the chat template by hand."""
+    if "text" in record:
+        ids = tok(record["text"])["input_ids"] + [tok.eos_token_id]
+        return ids, list(ids)
+    if "prompt" in record and not chat:
+        p = tok(record["prompt"])["input_ids"]
+        c = tok(record["completion"], add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+        return p + c, [-100] * len(p) + c
+    msgs = record.get("messages") or [{"role": "user", "content": record["prompt"]},
+                                      {"role": "assistant", "content": record["completion"]}]
+    prompt = tok.apply_chat_template(msgs[:-1], tokenize=False, add_generation_prompt=True)
+    full = tok.apply_chat_template(msgs, tokenize=False)
+    ids = tok(full, add_special_tokens=False)["input_ids"]
+    n = len(tok(prompt, add_special_tokens=False)["input_ids"])  # character-level: prefixes tokenize alike
+    return ids, [-100] * n + ids[n:]
+
+
+def direct(model, tok, records, run, chat=True):
+    """Summed NLL and scored tokens per domain, one unpadded record at a time, with HF's own loss."""
+    sums, counts = {}, {}
+    for r in records:
+        ids, labels = scored(tok, r, chat)
+        n = sum(t != -100 for t in labels[1:])
+        with torch.no_grad():
+            loss = run(r, torch.tensor([ids]), torch.tensor([labels])).loss.item()
+        sums[r["domain"]] = sums.get(r["domain"], 0.0) + loss * n
+        counts[r["domain"]] = counts.get(r["domain"], 0) + n
+    return sums, counts
+
+
+@pytest.fixture(scope="module")
+def result(setup):
+    model, tok, root, _, data = setup
+    return evaluate_files(model, tok, [data], EvalConfig(batch_size=3, arrow_top_k=2), arrow_base=fresh_base(root),
+                          model_name="tiny", progress=False)
+
+
+def test_every_row_equals_model_with_those_scalings(setup, result):
+    model, tok, *_ = setup
+    specs = {"base": "zero", "alpha": "alpha", "beta": "beta", "gamma": "gamma", "uniform": "uniform", "xlora": None}
+    assert list(result.configs) == ["base", *NAMES, "uniform", "oracle", "arrow", "xlora"]
+    for row, spec in specs.items():
+        sums, counts = direct(model, tok, RECORDS, lambda r, i, lab, s=spec: model(input_ids=i, labels=lab, scalings=s))
+        assert result.configs[row]["tokens"] == counts
+        for d in counts:
+            assert result.configs[row]["loss"][d] == pytest.approx(sums[d] / counts[d], abs=1e-5), (row, d)
+        assert result.configs[row]["loss"]["mixed"] == pytest.approx(sum(sums.values()) / sum(counts.values()),
+                                                                     abs=1e-5)
+    # the oracle scores each record with its own domain's expert; 'delta' names no expert and is left out
+    own = [r for r in RECORDS if r["domain"] in NAMES]
+    sums, counts = direct(model, tok, own, lambda r, i, lab: model(input_ids=i, labels=lab, scalings=r["domain"]))
+    oracle = result.configs["oracle"]
+    assert oracle["tokens"] == counts and "delta" not in oracle["loss"]
+    assert oracle["loss"]["mixed"] == pytest.approx(sum(sums.values()) / sum(counts.values()), abs=1e-5)
+    for d in NAMES:
+        assert oracle["loss"][d] == pytest.approx(result.configs[d]["loss"][d], abs=1e-6)
+    assert result.notes == ["oracle: domains ['delta'] name no expert; their records are not in the oracle row"]
+
+
+def test_arrow_row_equals_pefts_own_arrow_model(setup, result):
+    model, tok, root, experts, _ = setup
+    arrow = create_arrow_model(fresh_base(root)(), list(experts.values()), ArrowConfig(top_k=2, rng_seed=0)).eval()
+    sums, counts = direct(model, tok, RECORDS, lambda r, i, lab: arrow(input_ids=i, labels=lab))
+    for d in counts:
+        assert result.configs["arrow"]["loss"][d] == pytest.approx(sums[d] / counts[d], abs=1e-5), d
+    # Arrow routes: it is none of the single experts, nor uniform
+    for other in (*NAMES, "uniform"):
+        assert abs(result.configs["arrow"]["loss"]["mixed"] - result.configs[other]["loss"]["mixed"]) > 1e-4
+
+
+def test_left_padded_batches_equal_one_record_at_a_time(setup, result):
+    model, tok, root, _, data = setup
+    one = evaluate_files(model, tok, [data], EvalConfig(batch_size=1, arrow_top_k=2), arrow_base=fresh_base(root),
+                         progress=False)
+    for row, c in result.configs.items():
+        for d, v in c["loss"].items():
+            assert v == pytest.approx(one.configs[row]["loss"][d], abs=1e-5), (row, d)
+    assert result.routing["mean"]["beta"] == pytest.approx(one.routing["mean"]["beta"], abs=1e-5)
+
+
+def test_routing_and_collapse_equal_the_heads_scalings(setup, result):
+    model, tok, *_ = setup
+    acc, n, hits, counts = {}, {}, {}, {}
+    weight, ent, total = torch.zeros(3, dtype=torch.float64), 0.0, 0
+    for r in RECORDS:
+        ids, labels = scored(tok, r)
+        with torch.no_grad():
+            s = model(input_ids=torch.tensor([ids])).scalings[0, :-1].double()  # [t-1, L, E]
+        m = torch.tensor(labels[1:]) != -100
+        per = s.mean(1)[m]  # [n, E]
+        d = r["domain"]
+        acc[d], n[d] = acc.get(d, 0) + per.sum(0), n.get(d, 0) + len(per)
+        counts[d] = counts.get(d, 0) + 1
+        hits[d] = hits.get(d, 0) + (NAMES[int(per.mean(0).argmax())] == d)
+        weight, ent, total = weight + per.sum(0), ent + float(token_entropy(s[m]).sum()), total + len(per)
+    assert list(result.routing["mean"]) == ["alpha", "beta", "gamma", "delta"]  # routing even without an expert
+    for d in acc:
+        assert list(result.routing["mean"][d].values()) == pytest.approx((acc[d] / n[d]).tolist(), abs=1e-6)
+    assert result.routing["top1_own"] == {d: hits[d] / counts[d] for d in NAMES}
+    c = result.collapse
+    assert c["max_expert_share"] == pytest.approx(float(weight.max() / weight.sum()), abs=1e-6)
+    assert c["mean_entropy"] == pytest.approx(ent / total, abs=1e-6)
+    assert c["mean_entropy_normalized"] == pytest.approx(ent / total / torch.log(torch.tensor(3.0)).item(), abs=1e-6)
+
+
+def test_json_schema_and_files(result, tmp_path):
+    paths = result.write(tmp_path)
+    assert [p.name for p in paths] == ["eval.md", "eval.json", "eval.png"]
+    js = json.loads((tmp_path / "eval.json").read_text())
+    assert list(js) == ["format", "model", "records", "domains", "configs", "routing", "collapse", "skipped"]
+    assert js["format"] == "xlora-eval/1" and js["model"] == "tiny" and js["records"] == 7
+    assert js["domains"] == ["alpha", "beta", "gamma", "delta"] and js["skipped"] == {}
+    for row in js["configs"].values():
+        assert list(row) == ["loss", "tokens", "task_score"] and row["task_score"] is None
+        assert all(isinstance(v, float) for v in row["loss"].values()) and "mixed" in row["loss"]
+        assert all(isinstance(v, int) for v in row["tokens"].values())
+    assert list(js["routing"]) == ["mean", "top1_own"]
+    assert list(js["collapse"]) == ["max_expert_share", "mean_entropy", "mean_entropy_normalized"]
+    md = (tmp_path / "eval.md").read_text()
+    assert md.count("\n| ") == (1 + 8) + (1 + 4) and "| oracle |" in md and "| arrow |" in md and "top-1 own" in md
+    assert (tmp_path / "eval.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_prompt_completion_without_chat_is_joined_as_the_trainer_joins(setup):
+    model, tok, _, _, data = setup
+    plain = evaluate_files(model, tok, [data], EvalConfig(chat=False), rows=["base"], progress=False)
+    pc = [r for r in RECORDS if "prompt" in r]
+    sums, counts = direct(model, tok, pc, lambda r, i, lab: model(input_ids=i, labels=lab, scalings="zero"),
+                          chat=False)
+    assert plain.configs["base"]["loss"]["gamma"] == pytest.approx(sums["gamma"] / counts["gamma"], abs=1e-5)
+    assert list(plain.configs) == ["base"] and plain.routing is None and plain.collapse is None
+
+
+def test_answers_are_greedy_and_scored_by_the_checks(setup):
+    model, tok, root, _, data = setup
+    res = evaluate_files(model, tok, [data], EvalConfig(generate=1, max_new_tokens=4, arrow_top_k=2),
+                         arrow_base=fresh_base(root), progress=False)
+    samples = [RECORDS[0], RECORDS[1], RECORDS[2]]  # the first record with a reference answer per domain
+    for row in ("base", "alpha", "xlora"):
+        answers = res.answers[row]
+        for r, a in zip(samples, answers):  # batched answers equal one prompt at a time
+            ids = scored(tok, r)[1]
+            first = next(i for i, t in enumerate(ids) if t != -100)
+            prompt = scored(tok, r)[0][:first]
+            assert a == greedy_answers(model, tok, [prompt], 4, 1, {"base": "zero", "xlora": None}.get(row, row))[0]
+        assert res.configs[row]["task_score"]["mixed"] == sum(check_answer(r, a) for r, a in zip(samples, answers)) / 3
+    assert res.answers["oracle"] == [res.answers["alpha"][0], res.answers["beta"][1], res.answers["gamma"][2]]
+    # a custom checker sees the raw record and the answer
+    seen = []
+    evaluate_files(model, tok, [data], EvalConfig(generate=1, max_new_tokens=2), rows=["base"], progress=False,
+                   checker=lambda rec, ans: seen.append(rec["domain"]) or 0.5)
+    assert seen == ["alpha", "beta", "gamma"]
+
+
+@pytest.mark.parametrize("check, answer, score", [
+    ({"exact": True}, " 5 ", 1.0), ({"exact": True}, "5.0", 0.0), ({"rel_tol": 0.01}, "about 5.04", 1.0),
+    ({"rel_tol": 0.001}, "5.04", 0.0), ({"abs_tol": 0.1}, "4.95 units", 1.0), ({"abs_tol": 0.01}, "no number", 0.0),
+])
+def test_check_answer(check, answer, score):
+    assert check_answer({"prompt": "?", "completion": "5", "check": check}, answer) == score
+
+
+def test_arrow_is_skipped_with_a_reason_for_experts_of_other_ranks(setup, tmp_path):
+    model, tok, root, experts, data = setup
+    odd = make_expert(tiny_model("llama"), tmp_path / "odd", r=2, alpha=4, targets=TARGETS, seed=9)
+    mixed = XLoraModel(fresh_base(root)(), XLoraConfig(experts={"alpha": experts["alpha"], "odd": str(odd)}))
+    res = evaluate_files(mixed, tok, [data], EvalConfig(max_records=2), arrow_base=fresh_base(root), progress=False)
+    assert "arrow" not in res.configs and res.records == 2
+    assert res.skipped == {"arrow": "Arrow needs experts of one rank; these have {'alpha': 4, 'odd': 2} "
+                                    "(or a rank_pattern)"}
+
+
+def write(tmp_path, lines):
+    path = tmp_path / "bad.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+GOOD = json.dumps({"prompt": "a", "completion": "b", "domain": "alpha"})
+
+
+@pytest.mark.parametrize("line, message", [
+    ("{not json", r"bad.jsonl: line 3 is not valid JSON"),
+    ("[1, 2]", r"bad.jsonl: line 3 is a JSON list, not an object"),
+    (json.dumps({"text": ""}), r"bad.jsonl: line 3: the record has no token to score"),  # EOS alone: nothing after it
+    (json.dumps({"messages": [{"role": "user", "content": "hi"}]}), r"line 3: its last message is not the assistant"),
+    (json.dumps({"text": "x" * 300}), r"line 3: the record is longer than the model's context of 256 tokens"),
+    (json.dumps({"question": "?"}), r"line 3: has keys \['question'\], which match none"),
+    (json.dumps({"prompt": "a", "completion": "b", "check": {"fuzzy": 1}}), r"line 3: 'check' must be one of"),
+])
+def test_bad_records_name_file_and_line_or_are_skipped(setup, tmp_path, line, message):
+    model, tok, *_ = setup
+    path = write(tmp_path, [GOOD, "", line, GOOD])
+    with pytest.raises(BadRecord, match=message):
+        list(iter_eval_records([path], tok, chat=True, max_length=256))
+    bad = []
+    kept = list(iter_eval_records([path], tok, chat=True, max_length=256, skip_bad=True, skipped=bad))
+    assert len(kept) == 2 and [k.where for k in kept] == [f"{path}: line 1", f"{path}: line 4"]
+    assert len(bad) == 1 and bad[0].startswith(f"{path}: line 3")
+
+
+def test_missing_and_empty_files(setup, tmp_path):
+    model, tok, *_ = setup
+    with pytest.raises(FileNotFoundError, match="nope.jsonl' does not exist"):
+        list(iter_eval_records([tmp_path / "nope.jsonl"], tok, chat=True, max_length=256))
+    (tmp_path / "empty.jsonl").write_text("\n\n")
+    with pytest.raises(ValueError, match="empty.jsonl' is empty"):
+        list(iter_eval_records([tmp_path / "empty.jsonl"], tok, chat=True, max_length=256))
+
+
+def test_eval_config_errors_name_the_field():
+    with pytest.raises(ValueError, match=r"EvalConfig.batch_size must be an integer >= 1, got 0"):
+        EvalConfig(batch_size=0)
+    with pytest.raises(ValueError, match=r"EvalConfig.max_records must be a positive integer or None"):
+        EvalConfig(max_records=0)
+
+
+def test_cli_eval_writes_the_three_files(setup, tmp_path, capsys):
+    from xlora.cli import main
+
+    model, tok, root, _, data = setup
+    out = tmp_path / "out"
+    assert main(["eval", str(root / "xlora"), "--data", str(data), "--base", str(root / "base"), "--out", str(out),
+                 "--arrow-top-k", "2", "--batch-size", "4"]) == 0
+    js = json.loads((out / "eval.json").read_text())
+    assert js["model"] == str(root / "xlora") and list(js["configs"]) == ["base", *NAMES, "uniform", "oracle",
+                                                                         "arrow", "xlora"]
+    printed = capsys.readouterr().out
+    assert "| xlora |" in printed and (out / "eval.png").is_file()
+    # the same numbers as the library call (the head was saved and reloaded)
+    res = evaluate_files(model, tok, [data], EvalConfig(arrow_top_k=2), arrow_base=fresh_base(root), progress=False)
+    assert js["configs"]["xlora"]["loss"] == pytest.approx(res.configs["xlora"]["loss"], abs=1e-6)
+    assert main(["eval", str(root / "xlora"), "--data", str(tmp_path / "missing.jsonl"), "--base",
+                 str(root / "base"), "--out", str(out)]) == 2
+    assert "missing.jsonl' does not exist" in capsys.readouterr().err
+
+
+def test_peft_single_expert_equals_the_expert_row(setup, result):
+    """An independent check of one expert row: PEFT's own model with only that adapter."""
+    model, tok, root, experts, _ = setup
+    peft = PeftModel.from_pretrained(fresh_base(root)(), experts["gamma"]).eval()
+    sums, counts = direct(model, tok, RECORDS, lambda r, i, lab: peft(input_ids=i, labels=lab))
+    assert result.configs["gamma"]["loss"]["gamma"] == pytest.approx(sums["gamma"] / counts["gamma"], abs=1e-5)
