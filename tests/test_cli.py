@@ -75,7 +75,8 @@ def saved_model(llama, tmp_path_factory):
 
 
 def _expected(model_dir, prompt, chat=False, n=10, **load):
-    from xlora.saving import base_load_kwargs, load_model_and_tokenizer
+    from xlora.pretrained import load_model_and_tokenizer
+    from xlora.saving import base_load_kwargs
 
     model, tok = load_model_and_tokenizer(model_dir, **base_load_kwargs(**load))
     if chat:

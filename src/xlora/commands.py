@@ -58,7 +58,7 @@ def dialogue(args: argparse.Namespace) -> int:
 
 def generate(args: argparse.Namespace) -> int:
     from xlora.generation import generate_text
-    from xlora.saving import load_model_and_tokenizer
+    from xlora.pretrained import load_model_and_tokenizer
 
     if args.seed is not None:
         import torch
@@ -142,7 +142,7 @@ def train(args: argparse.Namespace) -> int:
 
 
 def convert(args: argparse.Namespace) -> int:
-    from xlora.formats import convert as convert_dir
+    from xlora.pretrained import convert as convert_dir
 
     kind = convert_dir(args.src, args.dst, base_model=args.base, to=args.to, ordering=args.ordering)
     print(f"read {args.src} ({kind} format), wrote {args.dst} ({args.to} format)")
@@ -150,7 +150,7 @@ def convert(args: argparse.Namespace) -> int:
 
 
 def export_mistralrs(args: argparse.Namespace) -> int:
-    from xlora.formats.mistralrs import export_dir
+    from xlora.pretrained import export_mistralrs as export_dir
 
     print(export_dir(args.model_dir, args.out, base_model=args.base, base_model_id=args.base_model_id,
                      tgt_non_granular_index=args.tgt_non_granular_index))

@@ -23,6 +23,7 @@ from xlora.generation import ScalingsObserver, XLoraGenerationMixin
 from xlora.head import ScalingHead
 from xlora.layers import ColumnTable, MixtureLoraLinear, ScalingState
 from xlora.lifecycle import LifecycleMixin
+from xlora.saving import load_model, save_model
 
 ScalingsSpec = str | int | torch.Tensor | None
 
@@ -246,14 +247,17 @@ class XLoraModel(LifecycleMixin, XLoraGenerationMixin, nn.Module):
             return XLoraOutput(loss=out.loss, logits=out.logits, cache=out.cache, hidden_states=out.hidden_states,
                                attentions=out.attentions)
         fixed = self.resolve_scalings(scalings) if scalings is not None else self._fixed_scalings
+        folded = None  # prompt granularity's decoding steps: the fixed coefficients folded into A
         if fixed is not None:
             s = self._expand_fixed(fixed, b, t)  # no scaling pass: its cache falls behind (checked on reuse)
         else:
-            s = self.step_scalings(inputs, cache)
+            s, folded = self.step_experts(inputs, cache)
         if observer is not None:
             observer.record(s, input_ids, attention_mask)
         g = self.xlora_config.global_scaling_weight
-        with self.state.use(scalings=s, global_weight=g, coefficients=self.columns.coefficients(s, g)):
+        top_k = self.xlora_config.top_k if fixed is None else None  # the head's scalings: k nonzero at most
+        with self.state.use(scalings=s, global_weight=g, top_k=top_k, folded=folded,
+                            coefficients=None if folded else self.columns.coefficients(s, g)):
             out = self.base_model(**main)
         return XLoraOutput(loss=out.loss, logits=out.logits, cache=out.cache, hidden_states=out.hidden_states,
                            attentions=out.attentions, scalings=s)
@@ -278,8 +282,6 @@ class XLoraModel(LifecycleMixin, XLoraGenerationMixin, nn.Module):
 
     def save_pretrained(self, save_directory: str | os.PathLike, bundle: bool = False, format: str = "ours") -> None:
         """Write ``xlora_config.json`` and ``xlora_head.safetensors`` (atomically); see :func:`xlora.saving.save_model`."""
-        from xlora.saving import save_model
-
         save_model(self, save_directory, bundle=bundle, format=format)
 
     @classmethod
@@ -287,9 +289,9 @@ class XLoraModel(LifecycleMixin, XLoraGenerationMixin, nn.Module):
         cls,
         directory: str | os.PathLike,
         base_model: PreTrainedModel | str | os.PathLike | None = None,
+        ordering: str | os.PathLike | None = None,
         **model_kwargs: Any,
     ) -> XLoraModel:
-        """Load a directory written by :meth:`save_pretrained`; see :func:`xlora.saving.load_model`."""
-        from xlora.saving import load_model
-
-        return load_model(cls, directory, base_model, **model_kwargs)
+        """Load a directory written by :meth:`save_pretrained` or in another format (``ordering``: a
+        mistral.rs ordering file kept elsewhere); see :func:`xlora.saving.load_model`."""
+        return load_model(cls, directory, base_model, ordering=ordering, **model_kwargs)

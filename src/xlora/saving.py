@@ -2,33 +2,35 @@
 
 Our format: ``xlora_config.json`` (:class:`~xlora.config.XLoraConfig`) and
 ``xlora_head.safetensors`` (the scaling head's state dict); experts by absolute path, or copied
-under ``experts/<name>/`` in PEFT's format when bundled.
+under ``experts/<name>/`` in PEFT's format when bundled. Other formats are read by
+:mod:`xlora.formats` as plain data (a config and the head's tensors); :func:`load_model` builds the
+model from either. Nothing here imports the model class: it is passed in (``cls``), so the
+imports run one way, ``model`` -> ``saving`` -> ``formats``.
 """
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
+from torch import nn
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
+from xlora import formats
 from xlora.adapters import save_expert
 from xlora.config import XLoraConfig
 from xlora.files import atomic_save_safetensors, check_finite
-
-if TYPE_CHECKING:
-    from xlora.model import XLoraModel
 
 CONFIG_FILE = "xlora_config.json"
 HEAD_FILE = "xlora_head.safetensors"
 EXPERTS_DIR = "experts"
 
 
-def save_model(model: XLoraModel, save_directory: str | os.PathLike, bundle: bool = False, format: str = "ours") -> None:
+def save_model(model: nn.Module, save_directory: str | os.PathLike, bundle: bool = False, format: str = "ours") -> None:
     """Write ``xlora_config.json`` and ``xlora_head.safetensors`` (atomically).
 
     Experts are referenced by absolute path; with ``bundle=True`` (or trainable experts, whose
@@ -37,8 +39,6 @@ def save_model(model: XLoraModel, save_directory: str | os.PathLike, bundle: boo
     format instead (see :mod:`xlora.formats`).
     """
     if format != "ours":
-        from xlora import formats
-
         return formats.save(model, save_directory, format, bundle=bundle)
     out = Path(save_directory)
     out.mkdir(parents=True, exist_ok=True)
@@ -58,37 +58,46 @@ def save_model(model: XLoraModel, save_directory: str | os.PathLike, bundle: boo
     cfg.to_json_file(out / CONFIG_FILE)
 
 
-def load_model(cls: type[XLoraModel], directory: str | os.PathLike,
-               base_model: PreTrainedModel | str | os.PathLike | None = None, **model_kwargs: Any) -> XLoraModel:
-    """Load a directory written by :func:`save_model`.
+def load_model(cls: type[nn.Module], directory: str | os.PathLike,
+               base_model: PreTrainedModel | str | os.PathLike | None = None,
+               ordering: str | os.PathLike | None = None, **model_kwargs: Any) -> Any:
+    """Build a ``cls`` (:class:`~xlora.model.XLoraModel` or a subclass) from a directory in any format.
 
     Args:
-        cls: the model class (:class:`~xlora.model.XLoraModel` or a subclass).
-        directory: the X-LoRA directory.
+        cls: the model class, called as ``cls(base_model, config, experts_root=...)``.
+        directory: the X-LoRA directory (ours, the original package's, PEFT's or mistral.rs's).
         base_model: a loaded model, or a local path / cached model id for ``AutoModelForCausalLM``
             (``local_files_only=True`` unless ``model_kwargs`` say otherwise); defaults to the
             config's ``base_model_name_or_path``.
+        ordering: mistral.rs's ordering file, when it is not inside ``directory``.
         model_kwargs: passed to ``AutoModelForCausalLM.from_pretrained`` (e.g. ``dtype``).
     """
     directory = Path(directory)
     if not directory.is_dir():
         raise FileNotFoundError(f"X-LoRA directory {str(directory)!r} does not exist")
-    from xlora import formats
-
-    if formats.detect(directory) != "ours":  # the original package's, PEFT's or mistral.rs's format
-        return formats.load(cls, directory, base_model, **model_kwargs)
+    kind = "mistralrs" if ordering is not None else formats.detect(directory)
+    if kind != "ours":  # the original package's, PEFT's or mistral.rs's format: plain data, then the model
+        foreign = formats.read(directory, kind, ordering)
+        model = cls(resolve_base(base_model, foreign.config, directory, **model_kwargs), foreign.config)
+        formats.attach_head(model, foreign, directory)
+        return model
     cfg = XLoraConfig.from_json_file(directory / CONFIG_FILE)
+    model = cls(resolve_base(base_model, cfg, directory, **model_kwargs), cfg, experts_root=directory)
+    model.head.load_state_dict(read_head_state(directory / HEAD_FILE, model.head.state_dict()))
+    return model
+
+
+def resolve_base(base_model: PreTrainedModel | str | os.PathLike | None, cfg: XLoraConfig, directory: Path,
+                 **model_kwargs: Any) -> PreTrainedModel:
+    """``base_model`` as a loaded model: as given, loaded from the path given, or from the config's record."""
     if base_model is None:
         base_model = cfg.base_model_name_or_path
         if not base_model:
-            raise ValueError(
-                f"{str(directory / CONFIG_FILE)!r} names no base_model_name_or_path; pass base_model=... explicitly"
-            )
-    if not isinstance(base_model, PreTrainedModel):
-        base_model = load_base(str(base_model), directory, **model_kwargs)
-    model = cls(base_model, cfg, experts_root=directory)
-    model.head.load_state_dict(read_head_state(directory / HEAD_FILE, model.head.state_dict()))
-    return model
+            raise ValueError(f"{str(directory)!r} names no base model (base_model_name_or_path); pass "
+                             "base_model=... (CLI: --base PATH)")
+    if isinstance(base_model, PreTrainedModel):
+        return base_model
+    return load_base(str(base_model), directory, **model_kwargs)
 
 
 def read_head_state(head_file: Path, expected: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -173,23 +182,3 @@ def load_base(name: str, directory: Path, **model_kwargs: Any) -> PreTrainedMode
     fix = (f"{str(directory)!r} names it as its base; pass the local base model folder with base_model=... "
            "(CLI: --base PATH)")
     return load_local(AutoModelForCausalLM, name, "the base model", fix, **model_kwargs).eval()
-
-
-def load_model_and_tokenizer(directory: str | os.PathLike, base_model: str | None = None,
-                             **model_kwargs: Any) -> tuple[XLoraModel, Any]:
-    """Load an X-LoRA directory for inference, with the tokenizer saved in it or the base model's."""
-    from transformers import AutoTokenizer
-
-    from xlora.model import XLoraModel
-
-    model = XLoraModel.from_pretrained(directory, base_model=base_model, **model_kwargs).eval()
-    candidates = [Path(directory), base_model or model.xlora_config.base_model_name_or_path]
-    for cand in candidates:
-        if cand and Path(cand).is_dir() and any(
-            (Path(cand) / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
-        ):
-            return model, AutoTokenizer.from_pretrained(str(cand))
-    raise FileNotFoundError(
-        f"no tokenizer in {str(directory)!r} nor in the base model folder {str(candidates[1])!r}; "
-        "save one next to the model with tokenizer.save_pretrained(dir)"
-    )

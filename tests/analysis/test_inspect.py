@@ -37,7 +37,7 @@ def test_inspect_cli_prints_the_statistics_and_writes_the_files(saved_model, tmp
     printed = capsys.readouterr().out.splitlines()
     rows = {m[1]: (float(m[2]), float(m[3])) for line in printed if (m := TABLE_ROW.match(line))}
 
-    from xlora.saving import load_model_and_tokenizer
+    from xlora.pretrained import load_model_and_tokenizer
 
     model, tok = load_model_and_tokenizer(saved_model)
     enc = tok("Hello there", return_tensors="pt")
@@ -71,7 +71,7 @@ def test_inspect_cli_prints_the_statistics_and_writes_the_files(saved_model, tmp
 
 def test_inspect_chat_without_generation_and_rich_output(saved_model, tmp_path, capsys):
     from xlora.analysis.inspect import inspect_prompt, print_inspection
-    from xlora.saving import load_model_and_tokenizer
+    from xlora.pretrained import load_model_and_tokenizer
 
     assert main(["inspect", str(saved_model), "Hi", "--chat", "--out", str(tmp_path)]) == 0
     assert "answer:" not in capsys.readouterr().out

@@ -81,7 +81,7 @@ def test_hub_layout_and_a_reordered_ordering_file_import_exactly(llama, tmp_path
     order_file.write_text(json.dumps({"order": list(names), "layers": layers, "base_model_id": str(llama.base_dir)}))
     assert formats.detect(src) == "original"  # without its ordering file it is the original package's layout
     with pytest.warns(UserWarning, match="temporary folder"):
-        loaded = formats.load(XLoraModel, src, llama.base(), ordering=order_file).eval()
+        loaded = XLoraModel.from_pretrained(src, llama.base(), ordering=order_file).eval()
     x = tokens()
     torch.testing.assert_close(loaded(x).logits, direct(x).logits, rtol=0, atol=1e-5)
     assert not torch.equal(perm, torch.arange(L))
@@ -91,7 +91,7 @@ def test_hub_layout_and_a_reordered_ordering_file_import_exactly(llama, tmp_path
     order_file.write_text(json.dumps({"order": list(names), "layers": layers, "base_model_id": str(llama.base_dir)}))
     with pytest.raises(ValueError, match=r"paper-ordering.json.*its layers do not match the base model .*"
                                          r"1 name modules not adapted here \['model.layers.7.mlp.down_proj'\]"):
-        formats.load(XLoraModel, src, llama.base(), ordering=order_file)
+        XLoraModel.from_pretrained(src, llama.base(), ordering=order_file)
 
 
 def test_export_refuses_what_mistralrs_cannot_run(llama, setups, tmp_path):

@@ -20,7 +20,7 @@ from conftest import LLAMA_TARGETS, make_expert, randomize_head, tiny_model, tin
 from transformers import AutoModelForCausalLM
 
 from xlora import XLoraConfig, XLoraModel
-from xlora.saving import load_model_and_tokenizer
+from xlora.pretrained import load_model_and_tokenizer
 
 EXPERTS = ["alpha", "beta", "gamma"]
 _BUILT: dict[str, Path] = {}

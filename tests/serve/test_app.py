@@ -17,7 +17,7 @@ from fastapi.routing import APIRoute
 from openai import OpenAI
 from serve_models import EXPERTS, at_once
 
-from xlora.saving import load_model_and_tokenizer
+from xlora.pretrained import load_model_and_tokenizer
 from xlora.serve.app import ServerConfig, build_server, create_app
 from xlora.serve.protocol import ENDPOINTS
 

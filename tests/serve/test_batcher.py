@@ -9,7 +9,7 @@ import time
 import pytest
 import torch
 
-from xlora.saving import load_model_and_tokenizer
+from xlora.pretrained import load_model_and_tokenizer
 from xlora.serve.batcher import (
     NOT_STARTED,
     Batcher,

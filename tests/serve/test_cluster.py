@@ -25,7 +25,7 @@ from openai import OpenAI
 from serve_models import EXPERTS, at_once, build_model_dir, long_context_base, wait_healthy
 
 from xlora.cli import build_parser
-from xlora.saving import load_model_and_tokenizer
+from xlora.pretrained import load_model_and_tokenizer
 from xlora.serve.app import ServerConfig
 from xlora.serve.cluster import ClusterConfig
 

@@ -166,7 +166,7 @@ def run_inspect(model_dir: str | Path, prompt: str, *, generate: int = 0, out_di
                 chat: bool = False, base_model: str | None = None, per_page: int | None = None,
                 file: TextIO | None = None) -> list[Path]:
     """Load ``model_dir``, inspect ``prompt``, print the summary to ``file`` and write the outputs."""
-    from xlora.saving import load_model_and_tokenizer
+    from xlora.pretrained import load_model_and_tokenizer
 
     model, tokenizer = load_model_and_tokenizer(model_dir, base_model=base_model)
     result = inspect_prompt(model, tokenizer, prompt, generate=generate, chat=chat,

@@ -9,7 +9,9 @@
 
 ``XLoraModel.from_pretrained(dir)`` detects the format; ``save_pretrained(dir, format=...)`` and
 ``xlora convert SRC DST`` write one; ``xlora export-mistralrs DIR OUT`` writes mistral.rs's layout
-and prints the command that serves it.
+and prints the command that serves it. Readers return plain data (:class:`Foreign`: a config and
+the head's tensors) and writers take a built model: nothing here imports the model class
+(:func:`xlora.saving.load_model` builds it; conversions live in :mod:`xlora.pretrained`).
 """
 
 from __future__ import annotations
@@ -19,10 +21,10 @@ from pathlib import Path
 from typing import Any
 
 from xlora.formats import mistralrs, original, peft_xlora
-from xlora.formats._common import Foreign, build, read_json
+from xlora.formats._common import Foreign, attach_head, read_json
 
 FORMATS = ("ours", "original", "peft", "mistralrs")
-__all__ = ["FORMATS", "convert", "detect", "load", "read", "save"]
+__all__ = ["FORMATS", "Foreign", "attach_head", "detect", "read", "save"]
 
 
 def detect(directory: str | os.PathLike) -> str:
@@ -59,17 +61,6 @@ def read(directory: str | os.PathLike, kind: str | None = None, ordering: str | 
     raise ValueError(f"format {kind!r} is not a foreign format; choose one of {list(FORMATS[1:])}")
 
 
-def load(cls: type, directory: str | os.PathLike, base_model: Any = None, ordering: str | os.PathLike | None = None,
-         **model_kwargs: Any) -> Any:
-    """An ``cls`` (XLoraModel) from a directory in the original, PEFT or mistral.rs format.
-
-    ``base_model`` is a loaded model or a local path (default: the one the directory records);
-    ``ordering`` is mistral.rs's ordering file when it is not inside ``directory``.
-    """
-    kind = "mistralrs" if ordering is not None else detect(directory)
-    return build(cls, read(directory, kind, ordering), Path(directory), base_model, **model_kwargs)
-
-
 def save(model: Any, directory: str | os.PathLike, format: str, bundle: bool = False) -> None:
     """Write ``model`` in a foreign ``format`` (``"original"``, ``"peft"`` or ``"mistralrs"``)."""
     if format == "original":
@@ -80,17 +71,3 @@ def save(model: Any, directory: str | os.PathLike, format: str, bundle: bool = F
         mistralrs.export(model, directory)
     else:
         raise ValueError(f"format={format!r} is not one of {list(FORMATS)}")
-
-
-def convert(src: str | os.PathLike, dst: str | os.PathLike, base_model: Any = None, to: str = "ours",
-            ordering: str | os.PathLike | None = None) -> str:
-    """Read ``src`` (any format) and write it to ``dst`` in format ``to`` (ours: bundled); returns ``src``'s format."""
-    from xlora.model import XLoraModel
-
-    kind = "mistralrs" if ordering is not None else detect(src)
-    if kind == "ours":
-        model = XLoraModel.from_pretrained(src, base_model=base_model)
-    else:
-        model = load(XLoraModel, src, base_model, ordering)
-    model.save_pretrained(dst, bundle=True, format=to)
-    return kind

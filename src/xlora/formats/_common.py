@@ -1,9 +1,9 @@
-"""What the format modules share: a foreign model as read, building an XLoraModel from it, and the
+"""What the format modules share: a foreign model as read, loading its head into a model, and the
 head and experts moved between layouts.
 
-A foreign reader returns a :class:`Foreign` (our config, the head's linear layers in order, and
-where they came from); :func:`build` attaches the base model, checks every tensor against the
-head the config describes and loads it. Nothing half-fits: a missing or misshapen tensor is an
+A foreign reader returns a :class:`Foreign`, plain data (our config, the head's linear layers in
+order, and where they came from); :func:`xlora.saving.load_model` builds the model from its config
+and :func:`attach_head` checks every tensor against the head the config describes and loads it. Nothing half-fits: a missing or misshapen tensor is an
 error naming the file, the tensor and both shapes.
 """
 
@@ -22,7 +22,6 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 from torch import nn
-from transformers import PreTrainedModel
 
 from xlora.adapters import CONFIG_NAME, WEIGHTS_NAME
 from xlora.config import XLoraConfig
@@ -114,18 +113,11 @@ def head_linears(model: nn.Module) -> list[nn.Linear]:
     return [m for m in model.head.layers if isinstance(m, nn.Linear)]
 
 
-def build(cls: type, foreign: Foreign, directory: Path, base_model: Any, **model_kwargs: Any) -> Any:
-    """An ``cls`` (XLoraModel) over ``base_model`` with the experts and head of ``foreign``."""
-    from xlora.saving import load_base
+def attach_head(model: nn.Module, foreign: Foreign, directory: Path) -> None:
+    """Load ``foreign``'s head into ``model`` (an XLoraModel built from ``foreign.config``), in our order.
 
-    cfg = foreign.config
-    if base_model is None:
-        base_model = cfg.base_model_name_or_path
-        if not base_model:
-            raise ValueError(f"{str(directory)!r} names no base model; pass base_model=... (CLI: --base PATH)")
-    if not isinstance(base_model, PreTrainedModel):
-        base_model = load_base(str(base_model), directory, **model_kwargs)
-    model = cls(base_model, cfg)
+    A temporary folder of cleaned expert copies is kept as long as ``model`` lives (with a warning).
+    """
     linears = foreign.linears
     if foreign.layers is not None:
         linears = follow_ordering(model, foreign.layers, linears, foreign.ordering or foreign.source)
@@ -134,9 +126,8 @@ def build(cls: type, foreign: Foreign, directory: Path, base_model: Any, **model
         weakref.finalize(model, foreign.scratch.cleanup)
         warnings.warn(
             f"the experts of {str(directory)!r} were cleaned into a temporary folder that lives as long as the model; "
-            "keep the model with save_pretrained(dir, bundle=True) or `xlora convert SRC DST`", stacklevel=3,
+            "keep the model with save_pretrained(dir, bundle=True) or `xlora convert SRC DST`", stacklevel=4,
         )
-    return model
 
 
 def load_head(model: nn.Module, linears: list[Linear], source: Path) -> None:

@@ -215,13 +215,3 @@ def warn_base_config(base_id: str) -> None:
         if "rope_theta" not in cfg and theta is not None:
             warnings.warn(f"{str(cfg_file)!r} has rope_theta only under rope_parameters (transformers 5); mistral.rs "
                           f"0.9.5 needs it at the top level: add \"rope_theta\": {theta}", stacklevel=2)
-
-
-def export_dir(directory: str | Path, out: str | Path, base_model: str | None = None, **kwargs: Any) -> str:
-    """Load an X-LoRA directory (any format) and :func:`export` it; returns the command line."""
-    from xlora.model import XLoraModel
-
-    model = XLoraModel.from_pretrained(directory, base_model=base_model).eval()
-    if kwargs.get("base_model_id") is None and base_model is not None:
-        kwargs["base_model_id"] = str(base_model)
-    return export(model, out, **kwargs)

@@ -155,9 +155,9 @@ def build_server(app: FastAPI, host: str = "127.0.0.1", port: int = 8000, log_le
 
 def serve(model_dir: str | os.PathLike, config: ServerConfig | None = None, base_model: str | None = None,
           log_level: str = "info", **base_kwargs: Any) -> None:
-    """Load ``model_dir`` (see :func:`~xlora.saving.load_model_and_tokenizer`; ``base_kwargs`` such as
+    """Load ``model_dir`` (see :func:`~xlora.pretrained.load_model_and_tokenizer`; ``base_kwargs`` such as
     :func:`~xlora.saving.base_load_kwargs` gives go to the base's ``from_pretrained``) and serve it until interrupted."""
-    from xlora.saving import load_model_and_tokenizer
+    from xlora.pretrained import load_model_and_tokenizer
 
     cfg = config or ServerConfig()
     model, tokenizer = load_model_and_tokenizer(model_dir, base_model=base_model, **base_kwargs)

@@ -132,7 +132,7 @@ class ReplicaApp:
         import torch
         from ray import serve
 
-        from xlora.saving import load_model_and_tokenizer
+        from xlora.pretrained import load_model_and_tokenizer
         from xlora.serve.app import create_app
 
         torch.set_num_threads(self.threads)
