@@ -17,6 +17,8 @@ from typing import Any
 
 import torch
 
+from xlora.train.errors import TrainingError
+
 
 def fsdp_requested(accelerator: Any) -> bool:
     """Whether the launcher asked for FSDP (``accelerate launch`` with ``distributed_type: FSDP``)."""
@@ -33,8 +35,6 @@ BUNDLE_REFUSED = ("bundle=True writes the experts, which FSDP holds in shards: t
 def shard(model: Any) -> Any:
     """``fully_shard`` the frozen parameters of ``model`` (an XLoraModel, in place); the trainable ones stay whole."""
     from torch.distributed.fsdp import fully_shard
-
-    from xlora.train.setup import TrainingError
 
     base = model.base_model
     blocks = set(getattr(base, "_no_split_modules", None) or [])

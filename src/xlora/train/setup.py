@@ -36,14 +36,11 @@ from xlora.train.checkpoints import (
 )
 from xlora.train.config import TrainConfig
 from xlora.train.data import DatasetStats, TokenizedExample, build_dataset
+from xlora.train.errors import TrainingError
 from xlora.train.fsdp import BUNDLE_REFUSED, fsdp_requested, shard
 
 _FIX_BASE = "set base_model (--base-model) to a local model folder"
 Resumed = tuple[Path, dict[str, Any], dict[str, torch.Tensor]]  # (checkpoint, trainer state, optimizer tensors)
-
-
-class TrainingError(RuntimeError):
-    """Training stopped for a reason the user must act on (the message says what to do)."""
 
 
 @dataclass
