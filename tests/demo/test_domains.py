@@ -3,6 +3,8 @@ answers (recomputed here with Biopython / RDKit) and reject bad ones."""
 
 from __future__ import annotations
 
+import random
+
 import pytest
 
 from xlora.demo import domains
@@ -44,6 +46,25 @@ def test_the_reference_completion_scores_one(domain):
     assert {r["task"] for r in records} == {name for name, _, _ in domains.TASKS[domain]}
 
 
+def test_items_carry_the_slots_the_composer_needs():
+    pytest.importorskip("rdkit")
+    pytest.importorskip("Bio")
+    rng = random.Random(0)
+    item = domains._protein_forward(rng, False)
+    assert item.slots["x"] == item.key and item.slots["prop"] in domains._PROTEIN_PROPS
+    assert item.slots["unit"] == ("Da" if item.slots["prop"] == "mw" else "")
+    for _ in range(40):
+        item = domains._math_task(rng, False)
+        if item.kind == "linear":
+            s = item.slots
+            assert item.key == f"Solve for x: {s['a']}x {s['pm']} {s['babs']} = {s['c']}."
+            x = int(item.completion.removeprefix("x = "))
+            assert s["a"] * x + (s["babs"] if s["pm"] == "+" else -s["babs"]) == s["c"]
+        item = domains._chem_inverse(rng, False)
+        assert item.slots["exact"] == (item.meta["property"] in ("rings", "hbd"))
+        assert item.slots["lo"] == f"{item.meta['lo']:g}"
+
+
 def test_mixture_interleaves_domains():
     mix = domains.generate_mixture("test", 3, domains=["mathematics", "general"])
     assert [r["domain"] for r in mix] == ["mathematics", "general"] * 3
@@ -69,6 +90,7 @@ def test_arithmetic_checker():
     eq = _rec("math", {"kind": "exact_number", "value": "-6"})
     assert domains.check(eq, "x = -6") == domains.check(eq, "-6") == 1.0
     assert domains.check(eq, "x = 6") == 0.0
+    assert domains.check(eq, "y = -6") == domains.check(eq, "n=-6") == 1.0  # the composed wording renames x
     frac = _rec("math", {"kind": "exact_number", "value": "3/4"})
     assert domains.check(frac, "3/4") == domains.check(frac, "6/8") == 1.0
     assert domains.check(frac, "4/3") == 0.0

@@ -47,7 +47,7 @@ DOMAINS = ("protein", "chemistry", "mathematics", "general", "graph")
 SPLITS = ("train", "validation", "test", "test_unseen")
 _SPLIT_BUCKETS = {"train": range(0, 16), "validation": range(16, 18), "test": range(18, 20)}  # of 20
 AMINO_ACIDS = "ACDEFGHIKLMNPQRSTVWY"
-_LEADING_NUMBER = re.compile(r"(?:x\s*=\s*)?([-+]?\d+(?:\.\d+)?(?:/\d+)?)(?![\w.]*\d)")
+_LEADING_NUMBER = re.compile(r"(?:[a-z]\s*=\s*)?([-+]?\d+(?:\.\d+)?(?:/\d+)?)(?![\w.]*\d)")
 
 Record = dict[str, Any]
 
@@ -90,7 +90,9 @@ def _protein_forward(rng: random.Random, held_out: bool) -> Item:
     long, short, decimals, tol = _PROTEIN_PROPS[prop]
     value = protein_property(seq, prop)
     text, meta = _numeric(value, decimals, tol * value if prop == "mw" else tol)
-    return Item(seq, "protein_forward", {"seq": seq, "long": long, "short": short, "decimals": decimals}, text, meta)
+    slots = {"seq": seq, "long": long, "short": short, "decimals": decimals, "x": seq, "prop": prop,
+             "unit": "Da" if prop == "mw" else ""}
+    return Item(seq, "protein_forward", slots, text, meta)
 
 
 _INVERSE_WIDTH = {"mw": 200.0, "pi": 1.0, "gravy": 0.6}
@@ -102,7 +104,8 @@ def _protein_inverse(rng: random.Random, held_out: bool) -> Item:
     lo = round(value - rng.uniform(0.1, 0.9) * width, 1)
     hi = round(lo + width, 1)
     long, short = _PROTEIN_PROPS[prop][:2]
-    slots = {"n": len(seq), "long": long, "short": short, "lo": f"{lo:g}", "hi": f"{hi:g}"}
+    slots = {"n": len(seq), "long": long, "short": short, "lo": f"{lo:g}", "hi": f"{hi:g}", "prop": prop,
+             "unit": "Da" if prop == "mw" else ""}
     meta = {"kind": "protein_inverse", "property": prop, "lo": lo, "hi": hi, "length": len(seq)}
     return Item(phrasings.templates("protein_inverse")[0].format(**slots), "protein_inverse", slots, seq, meta)
 
@@ -132,9 +135,11 @@ def _chem_forward(rng: random.Random, held_out: bool) -> Item:
     value = chem_property(mol_from_smiles(smiles), prop)
     if decimals is None:
         text, meta = str(int(value)), {"kind": "exact_int", "value": int(value)}
-        return Item(smiles, "chem_count", {"s": smiles, "noun": short}, text, meta)
+        return Item(smiles, "chem_count", {"s": smiles, "noun": short, "x": smiles, "prop": prop}, text, meta)
     text, meta = _numeric(value, decimals, tol * value if prop == "mw" else tol)
-    return Item(smiles, "chem_value", {"s": smiles, "long": long, "short": short}, text, meta)
+    slots = {"s": smiles, "long": long, "short": short, "x": smiles, "prop": prop, "decimals": decimals,
+             "unit": "g/mol" if prop == "mw" else ""}
+    return Item(smiles, "chem_value", slots, text, meta)
 
 
 def _chem_inverse(rng: random.Random, held_out: bool) -> Item:
@@ -151,7 +156,9 @@ def _chem_inverse(rng: random.Random, held_out: bool) -> Item:
         what = f"{'molecular weight' if prop == 'mw' else 'logP'} between {lo:g} and {hi:g}"
         what += " g/mol" if prop == "mw" else ""
     key = phrasings.templates("chem_inverse")[0].format(what=what)
-    return Item(key, "chem_inverse", {"what": what}, smiles, {"kind": "chem_inverse", "property": prop, "lo": lo, "hi": hi})
+    slots = {"what": what, "prop": prop, "lo": f"{lo:g}", "hi": f"{hi:g}", "exact": prop in ("rings", "hbd"),
+             "unit": "g/mol" if prop == "mw" else ""}
+    return Item(key, "chem_inverse", slots, smiles, {"kind": "chem_inverse", "property": prop, "lo": lo, "hi": hi})
 
 
 def _check_chem_inverse(meta: dict[str, Any], answer: str) -> float:
@@ -187,7 +194,8 @@ def _math_task(rng: random.Random, held_out: bool) -> Item:
         return _math_item("frac", {"f": f"{num * k}/{den * k}"}, text, str(frac))
     x, a, b = rng.randint(-12, 12), rng.randint(2, 9), rng.randint(-30, 30)
     eq = f"{a}x {'+' if b >= 0 else '-'} {abs(b)} = {a * x + b}"
-    return _math_item("linear", {"eq": eq}, f"x = {x}", str(x))
+    slots = {"eq": eq, "a": a, "pm": "+" if b >= 0 else "-", "babs": abs(b), "c": a * x + b}
+    return _math_item("linear", slots, f"x = {x}", str(x))
 
 
 def _math_item(kind: str, slots: dict[str, Any], completion: str, value: str) -> Item:
