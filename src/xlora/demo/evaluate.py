@@ -1,14 +1,18 @@
 """Evaluating X-LoRA against its parts on the demo domains: completion losses, task scores, routing.
 
-Every configuration is the same :class:`~xlora.model.XLoraModel` with other scalings: ``"zero"`` is
-the base model, an expert's name is that expert alone, ``"uniform"`` is ``1/E`` each, and ``None`` is
-X-LoRA (the trained head). Records are formatted as chat turns (a short system prompt, the user's
-prompt, the assistant's completion) exactly as the training data is; the loss is the mean
-cross-entropy over the completion tokens (the assistant turn and its end-of-turn markup).
+The numbers come from the library's evaluation engine (:mod:`xlora.analysis.evaluate`); the demo adds
+only its data (records of :mod:`xlora.demo.domains` as chat turns: a short system prompt, the user's
+prompt, the assistant's completion, exactly as the training data is), its answer checker
+(:func:`xlora.demo.domains.check`) and its answer budgets (graph triples get more tokens). Every
+configuration is the same :class:`~xlora.model.XLoraModel` with other scalings: ``"zero"`` is the base
+model, an expert's name is that expert alone, ``"uniform"`` is ``1/E`` each, and ``None`` is X-LoRA;
+the engine adds ``oracle`` and PEFT's ``arrow`` when asked. The loss is the mean cross-entropy over the
+completion tokens (the assistant turn and its end-of-turn markup).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from dataclasses import asdict, dataclass, field
@@ -16,15 +20,21 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
+from xlora.analysis.eval_data import EvalRecord, completion_loss, left_padded, make_record
+from xlora.analysis.eval_report import ORACLE
+from xlora.analysis.evaluate import ARROW, EvalConfig, EvalResult, context_length
+from xlora.analysis.evaluate import evaluate as evaluate_records
 from xlora.demo import domains
 from xlora.files import atomic_write_text
 from xlora.generation import StepRecorder, pad_token_id
-from xlora.train.data import IGNORE_INDEX, TokenizedExample, collate, tokenize_record
+from xlora.train.data import TokenizedExample, tokenize_record
 
+__all__ = ["BASE", "UNIFORM", "XLORA", "EvalTable", "chat_messages", "completion_loss", "demo_records", "evaluate",
+           "generate_answers", "left_padded", "loss_pass", "losses", "tokenize", "write_records"]
 SYSTEM = "Answer with the result only."
 BASE, UNIFORM, XLORA = "base", "uniform", "xlora"
+NOT_SINGLE = (BASE, UNIFORM, XLORA, ORACLE, ARROW)  # the rows that are not one expert alone
 
 
 def chat_messages(record: dict[str, Any], system: str | None = SYSTEM, answer: bool = True) -> list[dict[str, str]]:
@@ -39,42 +49,6 @@ def chat_messages(record: dict[str, Any], system: str | None = SYSTEM, answer: b
 def tokenize(records: list[dict[str, Any]], tokenizer: Any, max_length: int = 256) -> list[TokenizedExample]:
     """Chat-formatted examples with loss on the assistant turn only (as :mod:`xlora.train.data` trains)."""
     return [tokenize_record({"messages": chat_messages(r)}, tokenizer, max_length, i)[0] for i, r in enumerate(records)]
-
-
-def left_padded(examples: list[TokenizedExample], pad_id: int) -> dict[str, Any]:
-    """Left-pad a batch so that every sequence ends at the last column.
-
-    Returns ``input_ids``, ``attention_mask``, ``position_ids`` (counting real tokens only) and
-    ``labels``, all ``[b, T]``, and ``keep``: the trailing positions whose logits are needed (from
-    just before the earliest loss token to the end), so that the LM head runs on those only.
-    """
-    batch = collate(examples, pad_id, side="left")
-    ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
-    T = ids.shape[1]
-    has_loss = (labels != IGNORE_INDEX).any(1)
-    first = int((labels != IGNORE_INDEX).float().argmax(1)[has_loss].min()) if has_loss.any() else T - 1
-    positions = (mask.cumsum(1) - 1).clamp_min(0)
-    return {"input_ids": ids, "attention_mask": mask, "position_ids": positions, "labels": labels,
-            "keep": T - max(first, 1) + 1}
-
-
-def completion_loss(model: Any, batch: dict[str, Any], reduction: str = "mean",
-                    **kwargs: Any) -> tuple[torch.Tensor, Any]:
-    """Cross-entropy of the loss tokens of a :func:`left_padded` batch, and the model output.
-
-    ``reduction``: ``"mean"`` over all loss tokens, ``"sum"``, or ``"none"`` (per-sequence sums ``[b]``).
-    """
-    keep = batch["keep"]
-    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                position_ids=batch["position_ids"], logits_to_keep=keep, **kwargs)
-    logits = out.logits[:, :-1].float()  # [b, keep-1, V]: predictions of the last keep-1 tokens
-    labels = batch["labels"][:, -(keep - 1):]  # [b, keep-1]
-    ce = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX, reduction="none")
-    ce = ce.view(labels.shape)
-    if reduction == "none":
-        return ce.sum(1), out
-    total = ce.sum()
-    return (total if reduction == "sum" else total / (labels != IGNORE_INDEX).sum().clamp_min(1)), out
 
 
 @dataclass
@@ -105,7 +79,7 @@ class EvalTable:
         if XLORA in self.loss and UNIFORM in self.loss:
             x, u = self.loss[XLORA]["mixed"], self.loss[UNIFORM]["mixed"]
             rows.append(("mixed loss / uniform's", x / u, 0.9, x / u <= 0.9))
-            singles = [c for c in self.configs if c not in (BASE, UNIFORM, XLORA) and c in self.loss]
+            singles = [c for c in self.configs if c not in NOT_SINGLE and c in self.loss]
             if singles:
                 best = min(self.loss[c]["mixed"] for c in singles)
                 rows.append(("mixed loss - best single expert's", x - best, 0.0, x < best))
@@ -140,7 +114,7 @@ class EvalTable:
             out += [f"\nTask score of greedy answers ({self.n_generate} per domain; 0..1, higher is better):\n",
                     table(self.score, max)]
         if self.routing:
-            experts = [c for c in self.configs if c not in (BASE, UNIFORM, XLORA)]
+            experts = list(next(iter(self.routing.values())))
             out += ["\nX-LoRA routing (mean scalings over completion positions, layers averaged):\n",
                     "| domain | " + " | ".join(experts) + " |\n|---|" + "---:|" * len(experts) + "\n"]
             out += [f"| {d} | " + " | ".join(f"{self.routing[d][e]:.3f}" for e in experts) + " |\n"
@@ -166,7 +140,31 @@ def _spec(config: str) -> str | None:
     return None if config == XLORA else ("zero" if config == BASE else config)
 
 
-@torch.no_grad()
+def demo_records(records: list[dict[str, Any]], tokenizer: Any, max_length: int) -> list[EvalRecord]:
+    """The engine's records for demo records: the chat turns scored on the assistant turn; ``raw`` stays the
+    demo record (its checker reads ``meta``)."""
+    out = []
+    for r in records:
+        chat = {"messages": chat_messages(r), "domain": r["domain"]}
+        rec = make_record(chat, f"{r['domain']} record {r.get('id', '?')}", tokenizer, chat=True, max_length=max_length)
+        out.append(dataclasses.replace(rec, raw=r))
+    return out
+
+
+def _answer_budget(max_new_tokens: int) -> Any:
+    return lambda rec: max(max_new_tokens, GRAPH_NEW_TOKENS) if rec.domain == "graph" else max_new_tokens
+
+
+def run_engine(model: Any, tokenizer: Any, records: list[dict[str, Any]], configs: list[str], batch_size: int = 8,
+               n_generate: int = 0, max_new_tokens: int = 32, arrow_base: Any = None) -> EvalResult:
+    """The engine's :func:`~xlora.analysis.evaluate.evaluate` on demo records, scored by the demo's checker
+    (``arrow_base``: a loader of a fresh base model, for an ``"arrow"`` row)."""
+    config = EvalConfig(chat=True, batch_size=batch_size, generate=n_generate, max_new_tokens=max_new_tokens)
+    return evaluate_records(model, tokenizer, demo_records(records, tokenizer, context_length(model)), config,
+                            rows=configs, checker=domains.check, max_new_tokens=_answer_budget(max_new_tokens),
+                            arrow_base=arrow_base, progress=False)
+
+
 def losses(model: Any, tokenizer: Any, records: list[dict[str, Any]], configs: list[str], batch_size: int = 8
            ) -> tuple[dict[str, dict[str, float]], dict[str, dict[str, float]], dict[str, int]]:
     """``(loss[config][domain], routing[domain][expert], tokens[domain])`` over ``records``."""
@@ -174,45 +172,21 @@ def losses(model: Any, tokenizer: Any, records: list[dict[str, Any]], configs: l
     return loss, routing, tokens
 
 
-def _domains_in_order(records: list[dict[str, Any]]) -> list[str]:
-    return list(dict.fromkeys(r["domain"] for r in records))
+def _from_result(result: EvalResult, configs: list[str]
+                 ) -> tuple[dict[str, dict[str, float]], dict[str, dict[str, float]], dict[str, int], dict[str, float]]:
+    loss = {c: result.configs[c]["loss"] for c in configs if c in result.configs}
+    tokens = next(iter(result.configs.values()))["tokens"]
+    if result.routing is None:
+        return loss, {}, tokens, {}
+    return loss, result.routing["mean"], tokens, result.routing["top1_own"]
 
 
-@torch.no_grad()
 def loss_pass(model: Any, tokenizer: Any, records: list[dict[str, Any]], configs: list[str], batch_size: int = 8
               ) -> tuple[dict[str, dict[str, float]], dict[str, dict[str, float]], dict[str, int], dict[str, float]]:
     """:func:`losses` plus ``top1[domain]``: the fraction of the domain's records whose expert of largest
     mean scaling (over the positions predicting completion tokens, layers averaged) is the expert named
-    like the domain (with X-LoRA among ``configs``; else empty)."""
-    pad = pad_token_id(tokenizer)
-    doms = _domains_in_order(records)
-    names = model.xlora_config.expert_names
-    sums = {c: {d: 0.0 for d in doms} for c in configs}
-    tokens = {d: 0 for d in doms}
-    route = {d: torch.zeros(len(names), dtype=torch.float64) for d in doms}
-    hits = {d: 0 for d in doms}
-    for d in doms:
-        examples = tokenize([r for r in records if r["domain"] == d], tokenizer)
-        for i in range(0, len(examples), batch_size):
-            batch = left_padded(examples[i:i + batch_size], pad)
-            target = batch["labels"][:, 1:] != IGNORE_INDEX  # [b, T-1]: position t predicts token t+1
-            tokens[d] += int(target.sum())
-            for c in configs:
-                loss, out = completion_loss(model, batch, "sum", scalings=_spec(c))
-                sums[c][d] += float(loss)
-                if c == XLORA:
-                    s = out.scalings[:, :-1].double().mean(2)  # [b, T-1, E], layers averaged
-                    route[d] += s[target].sum(0)
-                    per_record = (s * target[..., None]).sum(1) / target.sum(1, keepdim=True).clamp_min(1)  # [b, E]
-                    hits[d] += sum(names[int(j)] == d for j in per_record.argmax(1))
-    loss = {c: {d: sums[c][d] / max(tokens[d], 1) for d in doms} for c in configs}
-    for c in configs:
-        loss[c]["mixed"] = sum(sums[c].values()) / max(sum(tokens.values()), 1)
-    if XLORA not in configs:
-        return loss, {}, tokens, {}
-    counts = {d: sum(r["domain"] == d for r in records) for d in doms}
-    routing = {d: dict(zip(names, (route[d] / max(tokens[d], 1)).tolist())) for d in doms}
-    return loss, routing, tokens, {d: hits[d] / max(counts[d], 1) for d in doms}
+    like the domain (with X-LoRA among ``configs``; else empty). Computed by the evaluation engine."""
+    return _from_result(run_engine(model, tokenizer, records, configs, batch_size), configs)
 
 
 @torch.no_grad()
@@ -252,40 +226,38 @@ def generate_answers(model: Any, tokenizer: Any, records: list[dict[str, Any]], 
 GRAPH_NEW_TOKENS = 96  # a passage's triples run to ~40 tokens, some to 80
 
 
-def _answers(model: Any, tokenizer: Any, records: list[dict[str, Any]], config: str, max_new_tokens: int) -> list[str]:
-    """Greedy answers in the records' order; graph records get :data:`GRAPH_NEW_TOKENS` tokens at least."""
-    texts: dict[int, str] = {}
-    for is_graph in (False, True):
-        idx = [i for i, r in enumerate(records) if (r["domain"] == "graph") == is_graph]
-        budget = max(max_new_tokens, GRAPH_NEW_TOKENS) if is_graph else max_new_tokens
-        if idx:
-            texts.update(zip(idx, generate_answers(model, tokenizer, [records[i] for i in idx], config, budget)[0]))
-    return [texts[i] for i in range(len(records))]
-
-
 def evaluate(model: Any, tokenizer: Any, split: str = "test", n_per_domain: int = 32, n_generate: int = 8,
              seed: int = 0, domain_names: list[str] | None = None, configs: list[str] | None = None,
-             max_new_tokens: int = 32, batch_size: int = 8, progress: Any = None) -> EvalTable:
+             max_new_tokens: int = 32, batch_size: int = 8, progress: Any = None, arrow_base: Any = None) -> EvalTable:
     """Losses of every configuration on ``n_per_domain`` records per domain, task scores of greedy
-    answers on the first ``n_generate`` of them, and X-LoRA's routing (see :class:`EvalTable`)."""
+    answers on the first ``n_generate`` of them, and X-LoRA's routing (see :class:`EvalTable`), all from
+    the evaluation engine. ``configs`` may add the engine's ``"oracle"`` and ``"arrow"`` rows (the latter
+    needs ``arrow_base``, a loader of a fresh base model; without it the row is left out)."""
     doms = list(domain_names or domains.DOMAINS)
     experts = model.xlora_config.expert_names
     configs = configs or [BASE, *experts, UNIFORM, XLORA]
     records = domains.generate_mixture(split, n_per_domain, seed=seed, domains=doms)
     table = EvalTable(split, n_per_domain, n_generate, doms, configs)
     say = progress or (lambda msg: None)
-    say(f"losses of {len(configs)} configurations on {len(records)} records")
-    table.loss, table.routing, table.tokens, table.routing_top1 = loss_pass(model, tokenizer, records, configs,
-                                                                             batch_size)
-    if n_generate > 0:
-        sample = [r for d in doms for r in [x for x in records if x["domain"] == d][:n_generate]]
-        for c in configs:
-            say(f"greedy answers of {c} on {len(sample)} prompts")
-            answers = _answers(model, tokenizer, sample, c, max_new_tokens)
-            scores = [domains.check(r, a) for r, a in zip(sample, answers)]
-            table.score[c] = {d: sum(s for r, s in zip(sample, scores) if r["domain"] == d) /
-                                 max(1, sum(r["domain"] == d for r in sample)) for d in doms}
-            table.score[c]["mixed"] = sum(scores) / len(scores)
-            table.samples += [{"config": c, "id": r["id"], "prompt": r["prompt"], "expected": r["completion"],
-                               "answer": a, "score": s} for r, a, s in zip(sample, answers, scores)]
+    say(f"losses of {len(configs)} configurations on {len(records)} records"
+        + (f", greedy answers to {n_generate} per domain" if n_generate else ""))
+    result = run_engine(model, tokenizer, records, configs, batch_size, n_generate, max_new_tokens, arrow_base)
+    table.configs = [c for c in configs if c in result.configs]
+    table.loss, table.routing, table.tokens, table.routing_top1 = _from_result(result, configs)
+    for c in configs if n_generate > 0 else []:
+        if result.configs.get(c, {}).get("task_score"):
+            table.score[c] = result.configs[c]["task_score"]
+        table.samples += [{"config": c, "id": r["id"], "prompt": r["prompt"], "expected": r["completion"],
+                           "answer": a, "score": domains.check(r, a)}
+                          for r, a in zip(result.samples, result.answers.get(c, [])) if a is not None]
     return table
+
+
+def write_records(path: str | os.PathLike, split: str = "test_unseen", n_per_domain: int = 32, seed: int = 0,
+                  domain_names: list[str] | None = None) -> Path:
+    """The demo's held-out records as a JSONL file for ``xlora eval MODEL_DIR --data FILE``: each a
+    ``messages`` record (the demo's system prompt, prompt, completion) with its ``domain``."""
+    records = domains.generate_mixture(split, n_per_domain, seed=seed, domains=list(domain_names or domains.DOMAINS))
+    lines = [json.dumps({"messages": chat_messages(r), "domain": r["domain"]}) for r in records]
+    atomic_write_text(Path(path), "\n".join(lines) + "\n")
+    return Path(path)

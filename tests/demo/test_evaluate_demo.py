@@ -1,0 +1,74 @@
+"""The demo's evaluation is a caller of the engine: its table equals ``xlora eval MODEL_DIR --data FILE`` on
+the same records, and it can show the engine's oracle and Arrow rows (tiny Llama, PEFT experts)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import LLAMA_TARGETS, make_expert, randomize_head, tiny_model, tiny_tokenizer
+from transformers import AutoModelForCausalLM
+
+from xlora import XLoraConfig, XLoraModel
+from xlora.analysis.evaluate import EvalConfig, evaluate_files
+from xlora.demo import domains
+from xlora.demo.evaluate import chat_messages, evaluate, write_records
+
+DOMS = ["mathematics", "general"]  # need neither RDKit nor Biopython
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    root = tmp_path_factory.mktemp("demo_eval")
+    base = tiny_model("llama")
+    base.save_pretrained(root / "base")
+    experts = {d: str(make_expert(base, root / d, r=4, alpha=8, targets=LLAMA_TARGETS, seed=i + 1))
+               for i, d in enumerate(DOMS)}
+    model = XLoraModel(AutoModelForCausalLM.from_pretrained(root / "base"), XLoraConfig(experts=experts)).eval()
+    randomize_head(model)
+    return model, tiny_tokenizer(), root
+
+
+def fresh_base(root):
+    return lambda: AutoModelForCausalLM.from_pretrained(root / "base").eval()
+
+
+def test_demo_table_equals_the_engine_on_the_exported_records(demo, tmp_path):
+    model, tok, root = demo
+    configs = ["base", *DOMS, "uniform", "oracle", "arrow", "xlora"]
+    table = evaluate(model, tok, "test_unseen", 3, n_generate=0, domain_names=DOMS, configs=configs,
+                     arrow_base=fresh_base(root))
+    path = write_records(tmp_path / "heldout.jsonl", "test_unseen", 3, domain_names=DOMS)
+    lines = [json.loads(line) for line in path.read_text().splitlines()]
+    records = domains.generate_mixture("test_unseen", 3, domains=DOMS)
+    assert lines == [{"messages": chat_messages(r), "domain": r["domain"]} for r in records]
+    result = evaluate_files(model, tok, [path], EvalConfig(arrow_top_k=2), arrow_base=fresh_base(root),
+                            progress=False)
+    assert table.configs == configs == list(result.configs)
+    for c in configs:
+        assert table.loss[c] == pytest.approx(result.configs[c]["loss"], abs=1e-6), c
+    assert table.tokens == result.configs["xlora"]["tokens"]
+    for d in DOMS:
+        assert table.routing[d] == pytest.approx(result.routing["mean"][d], abs=1e-6)
+    assert table.routing_top1 == result.routing["top1_own"]
+    # the oracle row is each domain's own expert; the targets ignore oracle and arrow (not single experts)
+    assert table.loss["oracle"]["general"] == table.loss["general"]["general"]
+    single = min(table.loss[c]["mixed"] for c in DOMS)
+    assert table.targets()[-1][1] == pytest.approx(table.loss["xlora"]["mixed"] - single)
+    md = table.to_markdown()
+    assert "| oracle |" in md and "| arrow |" in md
+    assert f"| mathematics | {table.routing['mathematics']['mathematics']:.3f} |" in md
+
+
+def test_demo_answers_are_scored_by_the_demo_checker(demo):
+    model, tok, _ = demo
+    table = evaluate(model, tok, "test", 2, n_generate=1, domain_names=DOMS, max_new_tokens=3)
+    assert [s["config"] for s in table.samples] == [c for c in table.configs for _ in DOMS]
+    for c in table.configs:
+        mine = [s for s in table.samples if s["config"] == c]
+        assert table.score[c]["mixed"] == pytest.approx(sum(s["score"] for s in mine) / 2)
+        by_id = {r["id"]: r for r in domains.generate_mixture("test", 2, domains=DOMS)}
+        assert all(s["score"] == domains.check(by_id[s["id"]], s["answer"]) for s in mine)
+    assert torch.get_num_threads() == 1
