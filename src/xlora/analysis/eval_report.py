@@ -103,8 +103,8 @@ class EvalResult:
     """What :func:`xlora.analysis.evaluate.evaluate` found; :meth:`to_json` is the ``xlora-eval/1`` schema.
 
     ``configs[row]``: ``loss`` (nats per scored token, per domain and ``mixed``), ``tokens`` (scored tokens
-    per domain) and ``task_score`` (None, or the mean check score per domain and ``mixed``). ``answers``
-    (not in the JSON) holds each row's generated answers in sample order.
+    per domain) and ``task_score`` (None, or the mean check score per domain and ``mixed``). Not in the
+    JSON: ``answers`` (each row's generated answers, in the order of ``samples``, the raw records answered).
     """
 
     model: str
@@ -118,6 +118,7 @@ class EvalResult:
     notes: list[str] = field(default_factory=list)
     bad_records: list[str] = field(default_factory=list)
     answers: dict[str, list[str | None]] = field(default_factory=dict)
+    samples: list[dict[str, Any]] = field(default_factory=list)
     seconds: float = 0.0
 
     def to_json(self) -> dict[str, Any]:

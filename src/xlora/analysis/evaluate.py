@@ -291,6 +291,7 @@ def _task_scores(model: Any, tokenizer: Any, samples: list[EvalRecord], result: 
     if ORACLE in result.configs:
         result.answers[ORACLE] = [result.answers[s.domain][i] if s.domain in names and s.domain in result.answers
                                   else None for i, s in enumerate(samples)]
+    result.samples = [s.raw for s in samples]
     result.set_task_scores(samples, checker)
 
 
@@ -303,7 +304,7 @@ def run_eval(model_dir: str | Path, data: list[str | Path], *, base_model: str |
     try:  # moving from xlora.saving to xlora.pretrained (issue 19)
         from xlora.pretrained import load_model_and_tokenizer
     except ImportError:
-        from xlora.saving import load_model_and_tokenizer
+        from xlora.pretrained import load_model_and_tokenizer
 
     model, tokenizer = load_model_and_tokenizer(model_dir, base_model=base_model)
     base_name = base_model or model.xlora_config.base_model_name_or_path
