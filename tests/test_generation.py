@@ -141,6 +141,38 @@ def test_prompt_granularity(llama, how):
         torch.testing.assert_close(got, want, rtol=0, atol=1e-4)
 
 
+def test_prompt_granularity_folds_the_fixed_coefficients_into_A_once(llama):
+    """Decoding steps use A' = diag(c)·A per sequence (no scaling op), as exact as the fixed-scalings path."""
+    model = build(llama)
+    ids, mask = left_padded_batch(seed=3)
+    cache = model.new_cache(granularity="prompt")
+    out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=6, do_sample=False, cache=cache,
+                         output_logits=True, return_dict_in_generate=True, pad_token_id=0, eos_token_id=None)
+    layers = model.mixture_layers()
+    assert len(cache.folded) == model.num_layers == len(layers)
+    assert [f.A.shape for f in cache.folded] == [(3, *layer.lora_A.shape) for layer in layers]
+    assert all(f.B is layer.lora_B for f, layer in zip(cache.folded, layers))  # softmax scalings: every column
+    fixed = cache.fixed_scalings  # [3, 1, L, E]
+    g = model.xlora_config.global_scaling_weight
+    torch.testing.assert_close(cache.folded[0].A[1], layers[0]._column_coefficients(fixed[1:2], g)[0, 0, :, None]
+                               * layers[0].lora_A, rtol=0, atol=0)
+    with torch.no_grad():
+        prompt_s = model(input_ids=ids, attention_mask=mask, position_ids=positions(mask)).scalings
+
+    def scalings_for(length: int) -> torch.Tensor:
+        return torch.cat([prompt_s, fixed.expand(-1, length - ids.shape[1], -1, -1)], 1)
+
+    ref_seq, ref_logits, _ = reference_greedy(model, ids, mask, 6, scalings_for)
+    assert torch.equal(out.sequences, ref_seq)
+    for got, want in zip(out.logits, ref_logits):
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+    rows = cache.folded[0].A.clone()
+    cache.batch_select_indices(torch.tensor([2, 0]))  # the cache operations move the folded rows too
+    assert torch.equal(cache.folded[0].A, rows[[2, 0]])
+    cache.reset()
+    assert cache.folded is None and cache.fixed_scalings is None
+
+
 def test_reduce_prompt_scalings_by_hand():
     s = torch.arange(2 * 3 * 1 * 2, dtype=torch.float).reshape(2, 3, 1, 2)
     mask = torch.tensor([[0, 1, 1], [1, 1, 0]])

@@ -7,7 +7,9 @@ therefore exact with one cache per pass: :class:`XLoraCache` *is* the main pass'
 ``reset``) is applied to both. Each new token costs one incremental step of each pass.
 
 With ``granularity="prompt"`` the scalings are computed over the prompt once (the last prompt
-token's, or the mean over the prompt's real tokens) and held fixed: decoding runs the main pass only.
+token's, or the mean over the prompt's real tokens) and held fixed: decoding runs the main pass only,
+with the fixed coefficients folded into each module's ``A`` once (``A' = diag(c)·A`` per sequence,
+only the columns with ``c ≠ 0``), so a step is two plain matmuls per module.
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ from typing import Any, Literal, Protocol
 import torch
 from transformers import DynamicCache, GenerationMixin
 from transformers.cache_utils import Cache, DynamicLayer
+
+from xlora.sparse import FoldedExperts
 
 Granularity = Literal["token", "prompt"]
 PromptReduce = Literal["last", "mean"]
@@ -75,6 +79,12 @@ class XLoraCache(DynamicCache):
         self.granularity = granularity
         self.prompt_scalings = prompt_scalings
         self.fixed_scalings: torch.Tensor | None = None  # [b, 1, L, E] with prompt granularity
+        # per adapted module, its experts with fixed_scalings folded in (built at the first decoding step)
+        self.folded: tuple[FoldedExperts | None, ...] | None = None
+
+    def _folded_rows(self, fn: Any) -> None:
+        if self.folded is not None:
+            self.folded = tuple(None if f is None else f.rows(fn) for f in self.folded)
 
     # -- every operation transformers applies to a cache is applied to both caches
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
@@ -82,6 +92,7 @@ class XLoraCache(DynamicCache):
         self.scaling_cache.reorder_cache(beam_idx)
         if self.fixed_scalings is not None:
             self.fixed_scalings = self.fixed_scalings.index_select(0, beam_idx.to(self.fixed_scalings.device))
+        self._folded_rows(lambda t: t.index_select(0, beam_idx.to(t.device)))
 
     def crop(self, tokens_to_remove: int) -> None:
         super().crop(tokens_to_remove)
@@ -92,12 +103,14 @@ class XLoraCache(DynamicCache):
         self.scaling_cache.batch_repeat_interleave(repeats)
         if self.fixed_scalings is not None:
             self.fixed_scalings = self.fixed_scalings.repeat_interleave(repeats, dim=0)
+        self._folded_rows(lambda t: t.repeat_interleave(repeats, dim=0))
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
         super().batch_select_indices(indices)
         self.scaling_cache.batch_select_indices(indices)
         if self.fixed_scalings is not None:
             self.fixed_scalings = self.fixed_scalings[indices]
+        self._folded_rows(lambda t: t[indices])
 
     def can_merge(self) -> bool:
         """Whether :meth:`merge_rows` applies: plain dynamic layers in both caches."""
@@ -131,12 +144,14 @@ class XLoraCache(DynamicCache):
                 a.values = torch.cat([_left_pad(a.values, t), _left_pad(b.values, t)], dim=0)
         if self.fixed_scalings is not None:
             self.fixed_scalings = torch.cat([self.fixed_scalings, other.fixed_scalings], dim=0)
+        self.folded = None  # folded again from the merged fixed scalings at the next step
         return t - t_self, t - t_other
 
     def reset(self) -> None:
         super().reset()
         self.scaling_cache.reset()
         self.fixed_scalings = None
+        self.folded = None
 
 
 def _left_pad(x: torch.Tensor, length: int) -> torch.Tensor:
@@ -231,6 +246,19 @@ class XLoraGenerationMixin(GenerationMixin):
         elif kwargs.get("cache") is None:
             kwargs["cache"] = self.new_cache(granularity, prompt_scalings)
         return super().generate(*args, use_cache=use_cache, **kwargs)
+
+    def step_experts(self, inputs: dict[str, Any], cache: Cache | None,
+                     ) -> tuple[torch.Tensor, tuple[FoldedExperts | None, ...] | None]:
+        """:meth:`step_scalings` and, on prompt granularity's decoding steps, every adapted module's
+        experts with the fixed scalings folded in (``None`` otherwise); folded once per cache."""
+        decoding = isinstance(cache, XLoraCache) and cache.granularity == "prompt" and cache.fixed_scalings is not None
+        s = self.step_scalings(inputs, cache)
+        if not decoding:
+            return s, None
+        if cache.folded is None:
+            fixed, g = cache.fixed_scalings[:, 0], self.xlora_config.global_scaling_weight  # [b, L, E]
+            cache.folded = tuple(layer.fold(fixed, g) for layer in self.mixture_layers())
+        return s, cache.folded
 
     def step_scalings(self, inputs: dict[str, Any], cache: Cache | None) -> torch.Tensor:
         """Scalings ``[b, t, L, E]`` for this forward's new tokens, using the scaling cache if any."""

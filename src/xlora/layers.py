@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from xlora import sparse
 from xlora.adapters import LoraModuleWeights, module_features
 
 
@@ -18,6 +19,11 @@ class ScalingState:
     Exactly one of ``scalings`` (``[b, t, L, E]``) and ``constant`` (one value for every token,
     layer and expert) is in force during a pass; with neither, or ``constant == 0``, the layers are
     the base model and skip the expert matmuls.
+
+    ``top_k``: the scalings have at most ``k`` nonzero experts per token and layer (they come from a
+    top-k head), so layers may compute only those (:meth:`chosen`). ``folded``: per layer, the
+    experts with fixed per-sequence coefficients folded in (prompt granularity's decoding steps;
+    ``None`` for a layer without any), which then replace ``scalings``.
     """
 
     def __init__(self) -> None:
@@ -27,26 +33,40 @@ class ScalingState:
         # Optional precomputed per-column coefficients [b, t, L, R_max] (see ColumnTable): one gather
         # per forward instead of a few small ops in each of the L layers.
         self.coefficients: torch.Tensor | None = None
+        self.top_k: int | None = None
+        self.folded: tuple[sparse.FoldedExperts | None, ...] | None = None
+        self._chosen: tuple[torch.Tensor, torch.Tensor] | None = None
 
     @contextmanager
     def use(
         self, *, scalings: torch.Tensor | None = None, constant: float | None = None, global_weight: float = 1.0,
-        coefficients: torch.Tensor | None = None,
+        coefficients: torch.Tensor | None = None, top_k: int | None = None,
+        folded: tuple[sparse.FoldedExperts | None, ...] | None = None,
     ) -> Iterator[None]:
-        saved = (self.scalings, self.constant, self.global_weight, self.coefficients)
+        saved = (self.scalings, self.constant, self.global_weight, self.coefficients, self.top_k, self.folded,
+                 self._chosen)
         self.scalings, self.constant, self.global_weight = scalings, constant, global_weight
-        self.coefficients = coefficients
+        self.coefficients, self.top_k, self.folded, self._chosen = coefficients, top_k, folded, None
         try:
             yield
         finally:
-            self.scalings, self.constant, self.global_weight, self.coefficients = saved
+            (self.scalings, self.constant, self.global_weight, self.coefficients, self.top_k, self.folded,
+             self._chosen) = saved
+
+    def chosen(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(values, experts)``, both ``[b, t, L, k]``: the ``top_k`` largest ``|s|`` per token and layer
+        (every nonzero scaling among them), computed once per pass for all layers."""
+        if self._chosen is None:
+            experts = self.scalings.abs().topk(self.top_k, dim=-1).indices  # [b, t, L, k]
+            self._chosen = (self.scalings.gather(-1, experts), experts)
+        return self._chosen
 
     def checkpoint_contexts(self) -> tuple[AbstractContextManager[None], AbstractContextManager[None]]:
         """``context_fn`` for ``torch.utils.checkpoint`` (non-reentrant): the recomputation in the
         backward pass runs with the state in force when the layer first ran, not the state of the
         moment (by then the pass that set it has ended)."""
         snapshot = {"scalings": self.scalings, "constant": self.constant, "global_weight": self.global_weight,
-                    "coefficients": self.coefficients}
+                    "coefficients": self.coefficients, "top_k": self.top_k, "folded": self.folded}
         return nullcontext(), self.use(**snapshot)
 
 
@@ -155,11 +175,68 @@ class MixtureLoraLinear(nn.Module):
         # Distinct dropout probabilities -> boolean column masks (one matmul per distinct p in training).
         self._dropout_groups = [(float(p), col_drop == p) for p in torch.unique(col_drop).tolist()]
         self._no_dropout = all(p == 0.0 for p, _ in self._dropout_groups)
+        self._init_sparse(num_experts, col_scale)
+
+    # Sparse top-k pays when it skips most of the work: gather when the chosen columns are at most
+    # 1/GATHER_SHARE of R, group by expert when the chosen experts are at most 1/GROUP_SHARE of E_l.
+    GATHER_SHARE = 4
+    GROUP_SHARE = 4
+
+    def _init_sparse(self, num_experts: int, col_scale: torch.Tensor) -> None:
+        """Tables from a global expert index to this module's columns (local index ``E_l`` = not here)."""
+        E_l, r_max, device = len(self.expert_ids), max(self.expert_ranks), self.lora_A.device
+        local_of = torch.full((num_experts,), E_l, dtype=torch.long)
+        local_of[torch.tensor(self.expert_ids)] = torch.arange(E_l)
+        cols = torch.zeros(E_l + 1, r_max, dtype=torch.long)  # padding points at column 0, scaled by 0
+        colscale = torch.zeros(E_l + 1, r_max, dtype=torch.float64)
+        starts = [0, *torch.tensor(self.expert_ranks).cumsum(0).tolist()]
+        self._spans = list(zip(starts[:-1], starts[1:]))
+        for e, (c0, c1) in enumerate(self._spans):
+            cols[e, : c1 - c0] = torch.arange(c0, c1)
+            colscale[e, : c1 - c0] = col_scale[c0:c1]
+        dtype = self.lora_A.dtype
+        self.register_buffer("local_of", local_of.to(device), persistent=False)
+        self.register_buffer("expert_cols", cols.to(device), persistent=False)
+        self.register_buffer("expert_colscale", colscale.to(device, dtype), persistent=False)
+        self.register_buffer("expert_scale_or_0", colscale[:, 0].to(device, dtype), persistent=False)
+
+    def _sparse(self, x: torch.Tensor) -> torch.Tensor | None:
+        """With top-k scalings, ``g·Σ_{chosen e} s_e·α_e/r_e·B_e·A_e·x`` ``[..., out]`` computed for the
+        chosen experts only (:func:`sparse.gathered` or :func:`sparse.grouped`), or ``None`` where the
+        dense path is cheaper (few experts, or dropout in training)."""
+        state, k = self.state, self.state.top_k
+        if k is None or state.scalings is None or (self.training and not self._no_dropout):
+            return None
+        n, R = x.numel() // x.shape[-1], self.lora_A.shape[0]
+        gather = n * k * self.expert_cols.shape[1] * self.GATHER_SHARE <= R
+        if not gather and k * self.GROUP_SHARE > len(self.expert_ids):
+            return None
+        values, experts = state.chosen()
+        values = values[..., self.layer_index, :].reshape(n, k).to(self.lora_A.dtype)  # [n, k]
+        local = self.local_of[experts[..., self.layer_index, :].reshape(n, k)]  # [n, k]
+        x2 = self._cast(x).reshape(n, x.shape[-1])
+        if gather:
+            cols = self.expert_cols[local].reshape(n, -1)  # [n, k·r_max]
+            coef = (values.unsqueeze(-1) * (self.expert_colscale[local] * state.global_weight)).reshape(n, -1)
+            out = sparse.gathered(x2, self.lora_A, self.lora_B, cols, coef)
+        else:
+            weight = values * (self.expert_scale_or_0[local] * state.global_weight)  # [n, k]
+            out = sparse.grouped(x2, self.lora_A, self.lora_B, local, weight, self._spans)
+        return out.view(*x.shape[:-1], out.shape[-1])
+
+    def fold(self, s: torch.Tensor, global_weight: float) -> sparse.FoldedExperts | None:
+        """This module's experts with fixed per-sequence scalings ``s`` ``[b, L, E]`` folded into ``A``
+        (see :func:`sparse.fold`); ``None`` when all of them are 0."""
+        with torch.no_grad():
+            coef = self._column_coefficients(s.unsqueeze(1), global_weight)[:, 0]  # [b, R]
+            return sparse.fold(self.lora_A, self.lora_B, coef.to(self.lora_A.dtype))
+
+    def _cast(self, x: torch.Tensor) -> torch.Tensor:
+        return x if x.dtype == self.lora_A.dtype else x.to(self.lora_A.dtype)
 
     def _down(self, x: torch.Tensor) -> torch.Tensor:
         """``h = drop(x) · Aᵀ`` with each expert's own dropout probability, in the experts' dtype; ``[..., R]``."""
-        if x.dtype != self.lora_A.dtype:
-            x = x.to(self.lora_A.dtype)
+        x = self._cast(x)
         if self._no_dropout or not self.training:
             return F.linear(x, self.lora_A)
         if len(self._dropout_groups) == 1:
@@ -170,7 +247,7 @@ class MixtureLoraLinear(nn.Module):
             h = part if h is None else h + part
         return h
 
-    def _column_coefficients(self, s: torch.Tensor) -> torch.Tensor:
+    def _column_coefficients(self, s: torch.Tensor, global_weight: float) -> torch.Tensor:
         """Per-token coefficients ``c`` of the ``R`` intermediate columns from ``s`` of shape ``[b, t, L, E]``."""
         s = s[..., self.layer_index, :]  # [b, t, E]
         if not self.all_experts:
@@ -180,17 +257,31 @@ class MixtureLoraLinear(nn.Module):
             s = s.unsqueeze(-1).expand(*s.shape, r).reshape(*s.shape[:-1], -1)  # [b, t, R]
         else:
             s = s.repeat_interleave(torch.tensor(self.expert_ranks, device=s.device), dim=-1)  # [b, t, R]
-        return s.to(self.col_scale.dtype) * (self.col_scale * self.state.global_weight)
+        return s.to(self.col_scale.dtype) * (self.col_scale * global_weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base_layer(x)
-        h = self._weighted(x)  # [..., R]
-        if h is None:
-            return y
+        if self.state.folded is not None:  # fixed per-sequence coefficients already in A: two plain matmuls
+            folded = self.state.folded[self.layer_index]
+            if folded is None:
+                return y
+            h, B = sparse.folded_down(self._cast(x), folded), folded.B  # [b, t, R']
+            B = B[0] if B.dim() == 3 and B.shape[0] == 1 else B
+        else:
+            delta = self._sparse(x)
+            if delta is not None:
+                return y + delta.to(y.dtype)
+            h, B = self._weighted(x), self.lora_B  # [..., R]
+            if h is None:
+                return y
+        if B.dim() == 3:  # each sequence its own columns: [b, t, R'] x [b, R', out]
+            if h.dtype == y.dtype:
+                return torch.baddbmm(y, h, B.transpose(1, 2))
+            return y + torch.bmm(h, B.transpose(1, 2)).to(y.dtype)
         if h.dtype == y.dtype:  # y + h·Bᵀ as one fused multiply-add (fewer kernels per module when decoding)
-            out = torch.addmm(y.reshape(-1, y.shape[-1]), h.reshape(-1, h.shape[-1]), self.lora_B.t())
+            out = torch.addmm(y.reshape(-1, y.shape[-1]), h.reshape(-1, h.shape[-1]), B.t())
             return out.view(y.shape)
-        return y + F.linear(h, self.lora_B).to(y.dtype)
+        return y + F.linear(h, B).to(y.dtype)
 
     def _weighted(self, x: torch.Tensor) -> torch.Tensor | None:
         """``c ⊙ (drop(x) · Aᵀ)``, ``[..., R]`` in the experts' dtype (``c = g·s·α/r`` per column), or
@@ -210,7 +301,7 @@ class MixtureLoraLinear(nn.Module):
             h = self._down(x)
             return (h.unflatten(-1, (len(self.expert_ids), self.expert_ranks[0])) * w.unsqueeze(-1)).flatten(-2)
         if state.scalings is not None:
-            coef = self._column_coefficients(state.scalings)
+            coef = self._column_coefficients(state.scalings, state.global_weight)
         elif state.constant:
             coef = self.col_scale * (state.constant * state.global_weight)  # [R]
         else:

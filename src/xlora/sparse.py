@@ -1,0 +1,97 @@
+"""Computing only the experts that count: top-k per token, and coefficients folded into ``A`` once.
+
+All three paths give ``Σ_{chosen e} c_e · B_e · A_e · x`` for a module whose experts are fused as
+``A`` ``[R, in]`` and ``B`` ``[out, R]`` (see :class:`~xlora.layers.MixtureLoraLinear`); they differ
+only in which work they skip:
+
+- :func:`gathered`: per token, the chosen experts' rows of ``A`` and columns of ``B`` (``k·r_max`` of
+  the ``R`` columns) are gathered and multiplied with two batched matmuls. Pays for few tokens
+  (decoding) when ``k·r_max`` is a small part of ``R``.
+- :func:`grouped`: the (token, expert) pairs are sorted by expert and every chosen expert runs its own
+  two matmuls on its tokens only. Pays for many tokens (prefill) when ``k`` is a small part of ``E``.
+- :func:`fold`: with scalings fixed per sequence (prompt granularity) the coefficients are folded into
+  ``A`` once, ``A' = diag(c)·A`` per sequence, keeping only the columns with ``c ≠ 0``; each decoding
+  step is then two plain matmuls with no scaling op.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass(frozen=True)
+class FoldedExperts:
+    """One module's experts with one fixed coefficient vector per sequence folded in.
+
+    ``delta(x)[b] = (x[b] · A[b]ᵀ) · B[b]ᵀ`` where ``A`` is ``[b, R', in]`` (``diag(c_b)·A`` restricted to
+    the columns kept, rows of zeros where a sequence has fewer than ``R'``) and ``B`` is ``[out, R']``
+    (shared: every column kept) or ``[b, out, R']`` (each sequence's own columns).
+    """
+
+    A: torch.Tensor
+    B: torch.Tensor
+
+    def rows(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> FoldedExperts:
+        """The same op on the batch axis of every per-sequence tensor (beam reorder, repeat, select)."""
+        return FoldedExperts(fn(self.A), fn(self.B) if self.B.dim() == 3 else self.B)
+
+
+def fold(A: torch.Tensor, B: torch.Tensor, coef: torch.Tensor) -> FoldedExperts | None:
+    """Fold per-sequence column coefficients ``coef`` ``[b, R]`` into ``A`` ``[R, in]``; ``None`` if all are 0."""
+    nz = coef != 0  # [b, R]
+    kept = int(nz.sum(1).max())
+    if kept == 0:
+        return None
+    if kept == A.shape[0]:  # some sequence uses every column: keep them all and share B
+        return FoldedExperts(coef.unsqueeze(-1) * A, B)  # [b, R, in]
+    # each sequence's nonzero columns first (stable: in column order), the first `kept` of them
+    idx = torch.sort(nz.to(torch.int8), dim=1, descending=True, stable=True).indices[:, :kept]  # [b, R']
+    c = coef.gather(1, idx)  # [b, R'] zero on a sequence's padding columns
+    return FoldedExperts(c.unsqueeze(-1) * A[idx], B[:, idx].permute(1, 0, 2).contiguous())  # [b,R',in], [b,out,R']
+
+
+def folded_down(x: torch.Tensor, f: FoldedExperts) -> torch.Tensor:
+    """``x · A'ᵀ`` per sequence: ``x`` ``[b, t, in]`` -> ``[b, t, R']``."""
+    if x.dim() != 3 or x.shape[0] != f.A.shape[0]:
+        raise ValueError(f"folded experts hold {f.A.shape[0]} sequences but the input has shape {tuple(x.shape)}: "
+                         "the cache's rows and the batch differ")
+    if x.shape[0] == 1:
+        return F.linear(x, f.A[0])
+    return torch.bmm(x, f.A.transpose(1, 2))
+
+
+def gathered(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, cols: torch.Tensor, coef: torch.Tensor) -> torch.Tensor:
+    """``x`` ``[n, in]``, per token ``K`` column indices ``cols`` ``[n, K]`` and coefficients ``coef``
+    ``[n, K]`` -> ``[n, out]``: ``Σ_j coef[i, j] · B[:, cols[i, j]] · (A[cols[i, j]] · x[i])``."""
+    a = A[cols]  # [n, K, in]
+    b = B.t()[cols]  # [n, K, out]
+    h = torch.bmm(x.unsqueeze(1), a.transpose(1, 2)) * coef.unsqueeze(1)  # [n, 1, K]
+    return torch.bmm(h, b).squeeze(1)  # [n, out]
+
+
+def grouped(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, local: torch.Tensor, weight: torch.Tensor,
+            spans: list[tuple[int, int]]) -> torch.Tensor:
+    """``x`` ``[n, in]``, per token ``k`` local expert indices ``local`` ``[n, k]`` (``len(spans)`` = none)
+    and their coefficients ``weight`` ``[n, k]`` (``g·s·α/r``) -> ``[n, out]``; expert ``e`` owns
+    columns ``spans[e] = (start, stop)``. Each chosen expert multiplies only its own tokens."""
+    n, k = local.shape
+    flat = local.reshape(-1)  # [n·k]
+    order = torch.argsort(flat, stable=True)
+    counts = torch.bincount(flat, minlength=len(spans) + 1).tolist()
+    token = order // k  # [n·k] the token of each sorted pair
+    xs, ws = x[token], weight.reshape(-1)[order]
+    parts, start = [], 0
+    for (c0, c1), count in zip(spans, counts):
+        if count:
+            seg = slice(start, start + count)
+            h = F.linear(xs[seg], A[c0:c1]) * ws[seg].unsqueeze(-1)  # [count, r_e]
+            parts.append(F.linear(h, B[:, c0:c1]))  # [count, out]
+        start += count
+    out = x.new_zeros(n, B.shape[0])
+    if not parts:
+        return out
+    return out.index_add(0, token[:start], torch.cat(parts))

@@ -1,0 +1,169 @@
+"""Sparse top-k (gathered and grouped by expert) and folded prompt coefficients against the dense layer."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from xlora import sparse
+from xlora.adapters import LoraModuleWeights
+from xlora.generation import StepRecorder
+from xlora.layers import MixtureLoraLinear, ScalingState
+
+IN, OUT, L = 12, 10, 3
+RANKS = [3, 1, 5, 2]
+
+
+def experts(num: int, skip: int | None = None) -> dict[int, LoraModuleWeights]:
+    """``num`` experts of heterogeneous ranks (3, 1, 5, 2, 3, ...) and scales; ``skip`` adapts nothing here."""
+    g = torch.Generator().manual_seed(num)
+    return {e: LoraModuleWeights(A=0.3 * torch.randn(RANKS[e % 4], IN, generator=g),
+                                 B=0.3 * torch.randn(OUT, RANKS[e % 4], generator=g), scale=0.5 + e / 10, dropout=0.0)
+            for e in range(num) if e != skip}
+
+
+def layer_of(num: int, skip: int | None = None, index: int = 1) -> tuple[MixtureLoraLinear, ScalingState]:
+    torch.manual_seed(0)
+    state = ScalingState()
+    base = nn.Linear(IN, OUT).requires_grad_(False)
+    return MixtureLoraLinear(base, index, num, experts(num, skip), state).eval(), state
+
+
+def topk_scalings(b: int, t: int, num: int, k: int, seed: int, favour: int | None = None) -> torch.Tensor:
+    """Softmax-like scalings with all but the ``k`` largest per token and layer zeroed (the head's top-k);
+    expert ``favour`` is among them for the first token."""
+    s = torch.rand(b, t, L, num, generator=torch.Generator().manual_seed(seed))
+    if favour is not None:
+        s[0, 0, :, favour] += 1.0
+    keep = torch.zeros_like(s, dtype=torch.bool).scatter_(-1, s.topk(k, dim=-1).indices, True)
+    return s * keep
+
+
+@pytest.fixture
+def calls(monkeypatch) -> list[str]:
+    """Which sparse path each layer call took."""
+    seen: list[str] = []
+    for name in ("gathered", "grouped"):
+        real = getattr(sparse, name)
+        monkeypatch.setattr(sparse, name, lambda *a, _real=real, _name=name: seen.append(_name) or _real(*a))
+    return seen
+
+
+# (experts, k, batch, length, path): one token at E = 16 gathers; many tokens group; few experts stay dense
+CASES = [(16, 2, 1, 1, "gathered"), (64, 2, 3, 1, "gathered"), (16, 2, 3, 1, "grouped"), (16, 2, 2, 9, "grouped"),
+         (64, 4, 4, 6, "grouped"), (16, 1, 2, 5, "grouped"), (4, 2, 1, 1, None), (4, 2, 2, 9, None)]
+
+
+@pytest.mark.parametrize(("num", "k", "b", "t", "path"), CASES)
+@pytest.mark.parametrize("skip", [None, 5])
+def test_top_k_paths_equal_the_dense_layer(num, k, b, t, path, skip, calls):
+    skip = skip if skip is not None and skip < num else None  # chosen for token 0, but no columns here
+    layer, state = layer_of(num, skip)
+    x = torch.randn(b, t, IN, generator=torch.Generator().manual_seed(1))
+    s = topk_scalings(b, t, num, k, seed=2, favour=skip)
+    with state.use(scalings=s, global_weight=0.7):
+        dense = layer(x)
+    with state.use(scalings=s, global_weight=0.7, top_k=k):
+        got = layer(x)
+    assert calls == ([] if path is None else [path])
+    torch.testing.assert_close(got, dense, rtol=0, atol=1e-5)  # outputs of size ~10: a few float32 ulps
+    assert (dense - layer.base_layer(x)).abs().max() > 0.05  # the experts really contribute
+
+
+def test_chosen_is_computed_once_per_pass_and_holds_every_nonzero():
+    state = ScalingState()
+    s = torch.tensor([[[[0.0, 0.6, 0.0, 0.4], [0.0, 0.0, -2.0, 0.0]]]])  # [1, 1, 2, 4]
+    with state.use(scalings=s, top_k=2):
+        values, experts = state.chosen()
+        assert state.chosen()[0] is values
+        assert sorted(experts[0, 0, 0].tolist()) == [1, 3] and experts[0, 0, 1, 0].item() == 2
+        assert values[0, 0, 1, 0].item() == -2.0
+    assert state._chosen is None and state.top_k is None
+
+
+def test_dropout_in_training_keeps_the_dense_path(calls):
+    layer, state = layer_of(16)
+    layer._no_dropout = False
+    layer.train()
+    with state.use(scalings=topk_scalings(1, 1, 16, 2, seed=3), top_k=2):
+        layer(torch.randn(1, 1, IN))
+    assert calls == []
+
+
+@pytest.mark.parametrize("b", [1, 2])
+def test_gradients_reach_the_chosen_scalings_through_the_sparse_paths(b, calls):
+    """The head's top-k multiplies the unchosen scalings by 0, so only the chosen ones' gradients count."""
+    layer, state = layer_of(16)
+    x = torch.randn(b, 9 // b, IN, generator=torch.Generator().manual_seed(4))
+    grads = []
+    for top_k in (None, 2):
+        s = topk_scalings(b, 9 // b, 16, 2, seed=5).requires_grad_(True)
+        with state.use(scalings=s, top_k=top_k):
+            layer(x).square().sum().backward()
+        grads.append(s.grad[:, :, 1][s[:, :, 1] != 0])  # the layer reads layer 1's scalings
+    assert calls == ["grouped"] and grads[0].abs().min() > 0
+    torch.testing.assert_close(grads[1], grads[0], rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize(("num", "k", "b"), [(16, 2, 1), (16, 2, 3), (4, None, 1), (4, None, 3), (64, 3, 2)])
+def test_folded_coefficients_equal_the_fixed_scalings(num, k, b):
+    layer, state = layer_of(num, skip=2)
+    s = torch.rand(b, L, num, generator=torch.Generator().manual_seed(6)) if k is None else \
+        topk_scalings(b, 1, num, k, seed=6)[:, 0]  # [b, L, E]: a different choice per sequence
+    folded = layer.fold(s, 0.35)
+    x = torch.randn(b, 4, IN, generator=torch.Generator().manual_seed(7))
+    with state.use(scalings=s.unsqueeze(1).expand(b, 4, L, num), global_weight=0.35):
+        dense = layer(x)
+    with state.use(scalings=s.unsqueeze(1).expand(b, 4, L, num), global_weight=0.35, folded=(None, folded, None)):
+        got = layer(x)
+    torch.testing.assert_close(got, dense, rtol=0, atol=1e-6)
+    ranks = {e: RANKS[e % 4] for e in range(num) if e != 2}
+    if k is None:  # every column kept, B shared: A' = diag(c)·A per sequence
+        assert folded.A.shape == (b, sum(ranks.values()), IN) and folded.B is layer.lora_B
+    else:  # only the chosen experts' columns, as many as the sequence choosing the most
+        kept = max(sum(ranks.get(int(e), 0) for e in (s[i, 1] != 0).nonzero()) for i in range(b))
+        assert folded.A.shape == (b, kept, IN) and folded.B.shape == (b, OUT, kept)
+
+
+def test_fold_of_zero_scalings_is_none_and_a_batch_mismatch_is_refused():
+    layer, state = layer_of(4)
+    assert layer.fold(torch.zeros(2, L, 4), 1.0) is None
+    folded = layer.fold(torch.rand(2, L, 4), 1.0)
+    with state.use(scalings=torch.rand(3, 1, L, 4), folded=(None, folded, None)), \
+            pytest.raises(ValueError, match="folded experts hold 2 sequences but the input has shape \\(3, 1, 12\\)"):
+        layer(torch.randn(3, 1, IN))
+    picked = folded.rows(lambda t: t[[1, 1, 0]])
+    assert torch.equal(picked.A[2], folded.A[0]) and picked.B is folded.B
+
+
+@pytest.mark.parametrize("granularity", ["token", "prompt"])
+@pytest.mark.parametrize("path", ["gathered", "grouped"])
+def test_top_k_generation_equals_the_dense_path(llama, monkeypatch, granularity, path, calls):
+    """A top-2-of-3 head on the tiny Llama, left-padded batch of 3 with different choices per row: forcing
+    each sparse path (the tiny model is below both thresholds) gives the dense path's tokens and logits."""
+    from conftest import randomize_head
+    from test_generation import left_padded_batch
+
+    from xlora import XLoraConfig, XLoraModel
+
+    config = XLoraConfig(experts={k: str(v) for k, v in llama.expert_dirs.items()}, head_depth=2,
+                         head_hidden_size=16, top_k=2, enable_softmax_topk=True)
+    model = XLoraModel(llama.base(), config).eval()
+    randomize_head(model, 5, 2.0)  # a router whose choice differs between the rows
+    ids, mask = left_padded_batch(seed=3)
+    kwargs = dict(input_ids=ids, attention_mask=mask, max_new_tokens=6, do_sample=False, granularity=granularity,
+                  output_logits=True, return_dict_in_generate=True, pad_token_id=0, eos_token_id=None)
+    dense = model.generate(**kwargs)
+    assert calls == []
+    monkeypatch.setattr(MixtureLoraLinear, "GATHER_SHARE", 0 if path == "gathered" else 10**9)
+    monkeypatch.setattr(MixtureLoraLinear, "GROUP_SHARE", 0)
+    recorder = StepRecorder()
+    got = model.generate(**kwargs, observer=recorder)
+    steps = 1 if granularity == "prompt" else 6  # prompt granularity decodes with the folded experts
+    assert set(calls) == {path} and len(calls) == steps * model.num_layers
+    chosen = (torch.cat(recorder.steps, 1)[:, :, 0] != 0)  # [3, t, E]: each token's two experts (layer 0)
+    assert chosen.sum(-1).eq(2).all() and len({tuple(r.tolist()) for r in chosen[:, -1]}) > 1
+    assert torch.equal(got.sequences, dense.sequences)
+    for a, b in zip(got.logits, dense.logits):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
