@@ -8,6 +8,8 @@ import socket
 import threading
 import time
 from functools import cache
+from pathlib import Path
+from types import SimpleNamespace
 
 import httpx
 import openai
@@ -378,3 +380,30 @@ def test_cli_serve_builds_the_config_from_flags_and_env(monkeypatch, tmp_path, c
     assert seen["base_kwargs"] == {}
     assert main(["serve", str(tmp_path), "--dtype", "bfloat16"]) == 0
     assert seen["base_kwargs"] == {"dtype": torch.bfloat16}
+
+
+def test_the_served_path_is_an_alias_of_the_model_id(model_dir, ref, monkeypatch):
+    """The README's client sends model="MY_XLORA_DIR": the path `xlora serve` was given (relative, with or
+    without a trailing slash, or absolute) names the model as well as its id does; any other name is a 404."""
+    from fastapi.testclient import TestClient
+
+    import xlora.serve.app
+
+    cfg = ServerConfig(model_name="tiny", api_key=KEY).serving("runs/xl/")
+    assert cfg.model_aliases == ("runs/xl/", "runs/xl", str(Path("runs/xl").resolve()))
+    assert ServerConfig(model_name="xl").serving("xl").model_aliases == (str(Path("xl").resolve()),)
+    with pytest.raises(ValueError, match="model_aliases must be a tuple of non-empty strings, got 'a'"):
+        ServerConfig(model_aliases="a")
+    apps = []
+    monkeypatch.setattr(xlora.serve.app, "build_server", lambda app, *a, **kw: SimpleNamespace(run=lambda: apps.append(app)))
+    monkeypatch.chdir(model_dir.parent.parent)
+    given = f"{model_dir.parent.name}/{model_dir.name}/"  # relative, as typed after `xlora serve`
+    xlora.serve.app.serve(given, ServerConfig(model_name="tiny", api_key=KEY))
+    want = expected(ref, "Hello", 4)[1]
+    with TestClient(apps[0]) as http:
+        client = OpenAI(base_url="http://testserver/v1", api_key=KEY, http_client=http, max_retries=0)
+        for name in ("tiny", given, given.rstrip("/"), str(model_dir.resolve())):
+            resp = client.completions.create(model=name, prompt="Hello", max_tokens=4, temperature=0)
+            assert (resp.model, resp.choices[0].text) == ("tiny", want), name
+        with pytest.raises(openai.NotFoundError, match="The model 'nope' does not exist; this server serves 'tiny'"):
+            client.completions.create(model="nope", prompt="Hello", max_tokens=4)

@@ -16,11 +16,9 @@ second Ctrl-C is uvicorn's force quit.
 
 from __future__ import annotations
 
-import math
 import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -28,64 +26,14 @@ from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from xlora.serve.batcher import Batcher, BatcherConfig
+from xlora.serve.batcher import Batcher
 from xlora.serve.metrics import Metrics
 from xlora.serve.protocol import ENDPOINTS, APIError
 from xlora.serve.service import OpenAIService
+from xlora.serve.settings import ServerConfig
 
 SHUTDOWN_MARGIN_S = 3.0  # uvicorn waits this much longer than the batcher, for the last step and the error events
-
-
-@dataclass
-class ServerConfig:
-    """Settings of :func:`create_app` / :func:`serve`.
-
-    Args:
-        model_name: the id clients send as ``model`` (default: the model directory's name).
-        api_key: when set, ``/v1/*`` needs ``Authorization: Bearer <api_key>`` (else 401).
-        host, port: where :func:`serve` listens.
-        max_batch, batch_window_ms, max_queue: see :class:`~xlora.serve.batcher.BatcherConfig`.
-        max_tokens_limit: the largest ``max_tokens`` a request may ask for (else 400).
-        max_prompt_tokens: the longest prompt in tokens (default: the model's context length).
-        max_body_bytes: the largest request body (else 413).
-        max_n: the most choices (``n`` times prompts) in one request.
-        shutdown_timeout_s: on shutdown, running and queued requests get this long to finish; then
-            they are ended with an OpenAI error (an SSE error event, or a JSON 503).
-    """
-
-    model_name: str = "xlora"
-    api_key: str | None = None
-    host: str = "127.0.0.1"
-    port: int = 8000
-    max_batch: int = 8
-    batch_window_ms: float = 10.0
-    max_queue: int = 256
-    max_tokens_limit: int = 4096
-    max_prompt_tokens: int | None = None
-    max_body_bytes: int = 1 << 20
-    max_n: int = 8
-    shutdown_timeout_s: float = 30.0
-
-    def __post_init__(self) -> None:
-        for name in ("max_tokens_limit", "max_body_bytes", "max_n"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
-                raise ValueError(f"{name} must be an integer >= 1, got {getattr(self, name)!r}")
-        if self.max_prompt_tokens is not None and self.max_prompt_tokens < 1:
-            raise ValueError(f"max_prompt_tokens must be >= 1 or None (the context length), "
-                             f"got {self.max_prompt_tokens}")
-        if not 0 <= self.port <= 65535:
-            raise ValueError(f"port must be in 0..65535, got {self.port}")
-        if not self.model_name:
-            raise ValueError("model_name must be a non-empty string: clients send it as 'model'")
-        if self.api_key == "":
-            raise ValueError("api_key is empty: pass a real key or None for no authentication")
-        if not (isinstance(self.shutdown_timeout_s, (int, float)) and math.isfinite(self.shutdown_timeout_s)
-                and self.shutdown_timeout_s >= 0):
-            raise ValueError(f"shutdown_timeout_s must be a number of seconds >= 0, got {self.shutdown_timeout_s!r}")
-        self.batcher_config()  # validates max_batch, batch_window_ms, max_queue
-
-    def batcher_config(self) -> BatcherConfig:
-        return BatcherConfig(max_batch=self.max_batch, batch_window_ms=self.batch_window_ms, max_queue=self.max_queue)
+__all__ = ["SHUTDOWN_MARGIN_S", "ServerConfig", "build_server", "create_app", "serve"]
 
 
 # ---------------------------------------------------------------------- the app
@@ -156,9 +104,12 @@ def build_server(app: FastAPI, host: str = "127.0.0.1", port: int = 8000, log_le
 def serve(model_dir: str | os.PathLike, config: ServerConfig | None = None, base_model: str | None = None,
           log_level: str = "info", **base_kwargs: Any) -> None:
     """Load ``model_dir`` (see :func:`~xlora.pretrained.load_model_and_tokenizer`; ``base_kwargs`` such as
-    :func:`~xlora.saving.base_load_kwargs` gives go to the base's ``from_pretrained``) and serve it until interrupted."""
+    :func:`~xlora.saving.base_load_kwargs` gives go to the base's ``from_pretrained``) and serve it until interrupted.
+
+    Clients may name the model by ``config.model_name`` or by ``model_dir``, as given or absolute.
+    """
     from xlora.pretrained import load_model_and_tokenizer
 
-    cfg = config or ServerConfig()
+    cfg = (config or ServerConfig()).serving(model_dir)
     model, tokenizer = load_model_and_tokenizer(model_dir, base_model=base_model, **base_kwargs)
     build_server(create_app(model, tokenizer, cfg), cfg.host, cfg.port, log_level).run()

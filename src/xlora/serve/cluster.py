@@ -225,6 +225,7 @@ def serve_cluster(model_dir: str | os.PathLike, config: ServerConfig, cluster: C
     """Deploy ``model_dir`` on Ray Serve replicas and serve it until SIGTERM or Ctrl-C (see the module
     doc); each replica loads it as :func:`~xlora.serve.app.serve` does (``base_model``, ``base_kwargs``)."""
     ray, serve = import_ray()
+    config = config.serving(model_dir)  # clients may name the model by its path, as given or absolute
     model_dir = str(Path(model_dir).resolve())  # replicas run in other folders (and on other machines)
     if not Path(model_dir).is_dir():
         raise FileNotFoundError(f"model directory {model_dir!r} does not exist")

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import hmac
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from fastapi import Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
@@ -23,9 +23,7 @@ from xlora.serve.metrics import Metrics
 from xlora.serve.protocol import APIError, ChatRequest, CommonRequest, CompletionRequest, XLoraOptions, parse_request
 from xlora.serve.responses import CHAT, COMPLETION, ResponseFormat, ResponseStream, SSEResponse
 from xlora.serve.sampling import SamplingParams
-
-if TYPE_CHECKING:
-    from xlora.serve.app import ServerConfig
+from xlora.serve.settings import ServerConfig
 
 
 class OpenAIService:
@@ -56,7 +54,7 @@ class OpenAIService:
 
     async def model_card(self, request: Request, model_id: str) -> JSONResponse:
         self.authorize(request)
-        if model_id != self.cfg.model_name:
+        if not self.cfg.serves(model_id):
             raise APIError(404, f"The model '{model_id}' does not exist.", param="model", code="model_not_found")
         return JSONResponse(self.card)
 
@@ -119,7 +117,7 @@ class OpenAIService:
             if len(body) > limit:
                 raise APIError(413, f"Request body exceeds the limit of {limit} bytes.", code="request_too_large")
         req = parse_request(bytes(body), schema)
-        if req.model != self.cfg.model_name:
+        if not self.cfg.serves(req.model):
             raise APIError(404, f"The model '{req.model}' does not exist; this server serves "
                                 f"'{self.cfg.model_name}'.", param="model", code="model_not_found")
         return req
