@@ -16,7 +16,7 @@ from peft import PeftModel
 
 from xlora import XLoraModel
 from xlora.formats import detect
-from xlora.formats.peft_xlora import save_classifier
+from xlora.formats.peft_xlora import peft_config, save_classifier
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -53,6 +53,32 @@ def test_export_loads_in_peft_with_our_logits_from_any_directory(llama, tmp_path
     assert detect(tmp_path / "peft") == "peft"
     back = XLoraModel.from_pretrained(tmp_path / "peft", base_model=llama.base()).eval()
     assert back.xlora_config.to_dict() == ours.xlora_config.to_dict() | {"experts": back.xlora_config.experts}
+    torch.testing.assert_close(back(x).logits, ref, rtol=0, atol=1e-6)
+
+
+def test_converted_peft_export_survives_a_move(llama, tmp_path, monkeypatch):
+    """`xlora convert SRC DST --to peft` copies the experts in and records them relative to DST: after moving
+    DST, PEFT loads it from inside (it resolves against the working directory) and, with peft_config, from
+    anywhere; ours from anywhere. Absolute paths (as before) named the folder it was written in."""
+    from xlora.cli import main
+
+    ours = build(llama, head_depth=2, layerwise_scalings=True)
+    x = tokens(batch=2, seq=8, seed=4)
+    ref = ours(x).logits
+    ours.save_pretrained(tmp_path / "ours")
+    assert main(["convert", str(tmp_path / "ours"), str(tmp_path / "peft"), "--to", "peft"]) == 0
+    recorded = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())["adapters"]
+    assert recorded == {"0": "0", "1": "1", "2": "2"}
+    (tmp_path / "elsewhere").mkdir()
+    moved = shutil.move(tmp_path / "peft", tmp_path / "elsewhere" / "moved")
+    monkeypatch.chdir(moved)
+    inside = PeftModel.from_pretrained(peft_base(llama), ".").eval()
+    torch.testing.assert_close(inside(input_ids=x).logits, ref, rtol=0, atol=1e-5)
+    monkeypatch.chdir(tmp_path)
+    anywhere = PeftModel.from_pretrained(peft_base(llama), str(moved), config=peft_config(moved)).eval()
+    torch.testing.assert_close(anywhere(input_ids=x).logits, ref, rtol=0, atol=1e-5)
+    back = XLoraModel.from_pretrained(moved, base_model=llama.base()).eval()
+    assert back.xlora_config.expert_names == ["alpha", "beta", "gamma"]
     torch.testing.assert_close(back(x).logits, ref, rtol=0, atol=1e-6)
 
 
@@ -100,19 +126,6 @@ def test_gone_experts_are_named_and_peft_partial_subfolders_never_read(llama, tm
         XLoraModel.from_pretrained(tmp_path / "saved", base_model=llama.base())
 
 
-def test_bundled_export_moves_with_its_folder(llama, tmp_path):
-    ours = build(llama, head_depth=2)
-    x = tokens()
-    ref = ours(x).logits
-    ours.save_pretrained(tmp_path / "peft", format="peft", bundle=True)
-    assert sorted(p.name for p in (tmp_path / "peft").iterdir())[:3] == ["0", "1", "2"]
-    theirs = PeftModel.from_pretrained(peft_base(llama), str(tmp_path / "peft")).eval()
-    torch.testing.assert_close(theirs(input_ids=x).logits, ref, rtol=0, atol=1e-5)
-    shutil.move(tmp_path / "peft", tmp_path / "moved")  # recorded paths now dangle; our copies came along
-    back = XLoraModel.from_pretrained(tmp_path / "moved", base_model=llama.base()).eval()
-    torch.testing.assert_close(back(x).logits, ref, rtol=0, atol=1e-6)
-
-
 def test_models_the_formats_cannot_hold_are_refused(llama, tmp_path):
     ours = build(llama, head_depth=2, head_relu_dropout=False)
     with pytest.raises(ValueError, match="PEFT's X-LoRA head always puts ReLU between its layers"):
@@ -136,8 +149,8 @@ def test_trained_experts_are_written_in_every_format(llama, tmp_path):
     ref = ours(x).logits
     ours.save_pretrained(tmp_path / "peft", format="peft")
     assert sorted(p.name for p in (tmp_path / "peft").iterdir())[:3] == ["0", "1", "2"]  # trained copies, bundled
-    theirs = PeftModel.from_pretrained(peft_base(llama), str(tmp_path / "peft")).eval()
-    torch.testing.assert_close(theirs(input_ids=x).logits, ref, rtol=0, atol=1e-5)
+    theirs = PeftModel.from_pretrained(peft_base(llama), str(tmp_path / "peft"), config=peft_config(tmp_path / "peft"))
+    torch.testing.assert_close(theirs.eval()(input_ids=x).logits, ref, rtol=0, atol=1e-5)
     ours.save_pretrained(tmp_path / "orig", format="original")
     back = XLoraModel.from_pretrained(tmp_path / "orig", base_model=llama.base()).eval()
     assert back.xlora_config.use_trainable_adapters

@@ -13,9 +13,13 @@ expert's name (``"0".."N-1"``, which it filters out as "other adapters"): ``laye
 at best only the last layer is left. Such a file is refused (a half-random head is never loaded);
 :func:`save_classifier` rewrites it whole from the live PEFT model.
 
-Our writer records absolute expert paths (PEFT resolves relative ones against the working
-directory), names the experts ``"0".."N-1"`` as PEFT needs, and keeps our names in
-``xlora_names.json`` so that the export reads back as it was.
+Our writer names the experts ``"0".."N-1"`` as PEFT needs and keeps our names in
+``xlora_names.json``, so that the export reads back as it was. Experts copied into the folder
+(``bundle``, as ``xlora convert --to peft`` does) are recorded relative to it (``"0"``, ``"1"``, ...),
+so the folder survives a move; experts left where they are, by absolute path. PEFT resolves a
+relative path against the working directory: load from inside the folder, or from anywhere with
+``PeftModel.from_pretrained(base, DIR, config=peft_config(DIR))``. Our reader resolves relative
+paths against the folder.
 """
 
 from __future__ import annotations
@@ -90,9 +94,9 @@ def locate(directory: Path, names: list[str], adapters: dict[str, str], bundled:
     """The experts' folders: the recorded paths (our bundled copies in ``<dir>/<i>/`` when those moved)."""
     found, missing = [], []
     for i, (key, recorded) in enumerate(zip(names, adapters.values())):
-        path = Path(recorded)
-        if not (path / PEFT_CONFIG).is_file() and not path.is_absolute():
-            path = directory / recorded
+        path = Path(recorded) if Path(recorded).is_absolute() else directory / recorded
+        if not (path / PEFT_CONFIG).is_file() and not Path(recorded).is_absolute():
+            path = Path(recorded)  # PEFT's reading: relative to the working directory
         if not (path / PEFT_CONFIG).is_file() and bundled and (directory / str(i) / PEFT_CONFIG).is_file():
             path = directory / str(i)
         if not (path / PEFT_CONFIG).is_file():
@@ -168,7 +172,7 @@ def save(model: Any, directory: str | Path, bundle: bool = False) -> None:
     """Write ``model`` so that ``peft.PeftModel.from_pretrained(base, directory)`` loads it whole.
 
     Experts are recorded by absolute path; with ``bundle`` (or trainable experts) they are copied
-    to ``<dir>/<i>/`` first and those paths recorded.
+    to ``<dir>/<i>/`` first and recorded as ``"<i>"``, relative to the folder, so it can be moved.
     """
     check_full_scaling_pass(model, "PEFT")
     cfg = model.xlora_config
@@ -181,7 +185,7 @@ def save(model: Any, directory: str | Path, bundle: bool = False) -> None:
     copy = bundle or cfg.use_trainable_adapters
     if copy:
         write_experts(model, lambda name: out / str(names.index(name)))
-    paths = {str(i): str((out / str(i) if copy else e.path).resolve()) for i, e in enumerate(model.experts)}
+    paths = {str(i): str(i) if copy else str(e.path.resolve()) for i, e in enumerate(model.experts)}
     tensors = {}
     for i, mod in enumerate(model.head.layers):
         if isinstance(mod, nn.Linear):  # PEFT's Sequential has our indices (ReLU, Dropout when p > 0)
@@ -204,3 +208,18 @@ def save_classifier(peft_model: nn.Module, directory: str | Path) -> None:
         raise ValueError(f"{type(peft_model).__name__} is not a PEFT X-LoRA model (no base_model.internal_xlora_classifier)")
     tensors = {f"base_model.internal_xlora_classifier.{k}": v for k, v in classifier.state_dict().items()}
     atomic_save_safetensors(Path(directory) / PEFT_WEIGHTS, tensors, metadata={"format": "pt"})
+
+
+def peft_config(directory: str | Path) -> Any:
+    """PEFT's ``XLoraConfig`` of an X-LoRA folder with relative expert paths resolved against the folder.
+
+    PEFT resolves them against the working directory; with this config
+    ``PeftModel.from_pretrained(base, directory, config=peft_config(directory))`` loads a moved export
+    from any working directory.
+    """
+    import peft
+
+    folder = Path(directory).resolve()
+    cfg = peft.XLoraConfig.from_pretrained(str(folder))
+    cfg.adapters = {k: v if Path(v).is_absolute() else str(folder / v) for k, v in cfg.adapters.items()}
+    return cfg
