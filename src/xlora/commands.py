@@ -74,15 +74,26 @@ def generate(args: argparse.Namespace) -> int:
         stream=lambda piece: (out.write(piece), out.flush()), granularity=args.granularity, **sampling,
     )
     out.write("\n")
-    if args.show_experts:
-        names = model.xlora_config.expert_names
-        per_token = scalings.float().mean(dim=1)  # [n, E], layers averaged
-        out.write(f"{'#':>4}  {'token':<16} {'expert':<16} weight\n")
-        for i, (tid, row) in enumerate(zip(ids, per_token)):
-            e = int(row.argmax())
-            piece = tokenizer.decode([tid])
-            out.write(f"{i:>4}  {piece!r:<16} {names[e]:<16} {row[e].item():.3f}\n")
+    if not text.strip() and not args.chat:
+        print(empty_answer_hint(tokenizer, ids), file=sys.stderr)
+    if args.show_experts:  # each token with the mixture that wrote it (xlora.analysis.views)
+        from xlora.analysis.views import generated
+
+        answer = generated(ids, scalings)
+        out.write(f"{'#':>4}  {'token':<16} {'written by':<16} weight (layer-averaged mixture at the step before)\n")
+        for i, (piece, (name, weight)) in enumerate(zip(answer.pieces(tokenizer),
+                                                        answer.dominant(model.xlora_config.expert_names))):
+            out.write(f"{i:>4}  {piece!r:<16} {name:<16} {weight:.3f}\n")
     return 0
+
+
+def empty_answer_hint(tokenizer: Any, ids: list[int]) -> str:
+    """One line for an empty answer without --chat: an instruct model given raw text often ends its turn at once."""
+    first = repr(tokenizer.convert_ids_to_tokens(ids[0])) if ids else "none"
+    if getattr(tokenizer, "chat_template", None):
+        return (f"xlora generate: the answer is empty (first token {first}); an instruct model expects its chat "
+                "template: add --chat")
+    return f"xlora generate: the answer is empty (first token {first}); try another prompt"
 
 
 def base_kwargs(args: argparse.Namespace) -> dict:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_tokenizer
+from conftest import randomize_head, tiny_tokenizer
 from test_log import build
 from test_plots import png_size
 
@@ -67,6 +67,12 @@ def test_inspect_cli_prints_the_statistics_and_writes_the_files(saved_model, tmp
     stats = json.loads((out_dir / "stats.json").read_text())
     assert stats["expert_stats"]["mean_weight"] == pytest.approx(st.mean_weight)
     assert png_size(out_dir / "tokens-p01.png")[1] == 50 + direct.shape[0] * 20 + 90
+    # every token after the first, each with the row that wrote it (row t wrote token t + 1)
+    written = enc["input_ids"][0, 1:].tolist() + gen[0, 11:].tolist()
+    assert [p for p, _, _ in stats["token_experts"]] == stats["tokens"] == [tok.decode([i]) for i in written]
+    assert [e for _, e, _ in stats["token_experts"]] == [NAMES[e] for e in dominant]
+    # the head has one mixture for all 14 modules: the module plot is one row
+    assert png_size(out_dir / "layers-p01.png")[1] == 50 + 1 * 20 + 90
 
 
 def test_inspect_chat_without_generation_and_rich_output(saved_model, tmp_path, capsys):
@@ -106,6 +112,40 @@ def test_the_readme_example_runs_and_its_numbers_hold(llama, tmp_path, monkeypat
     assert ids.tolist() == tok("a chem prompt")["input_ids"]  # padding dropped
     assert sum(bio.mean_weight.values()) == pytest.approx(1.0)  # softmax mixture
     diff = compare(bio, chem)
+    assert list(diff.layer_mean_weight) == model.adapted_modules  # named modules, not layer0 ... layer13
     for name in bio.mean_weight:
         assert diff.mean_weight[name] == pytest.approx(bio.mean_weight[name] - chem.mean_weight[name])
     assert "total_variation" in capsys.readouterr().out
+
+
+def test_inspect_and_show_experts_attribute_the_same_rows_to_the_same_tokens(llama, saved_model, capsys):
+    """The model's own rows: inspect's answer (from the log, reading order) and --show-experts (from a
+    StepRecorder) show each generated token with the same expert and weight."""
+    from xlora.analysis.inspect import inspect_prompt
+    from xlora.pretrained import load_model_and_tokenizer
+
+    model, tok = load_model_and_tokenizer(saved_model)
+    answer = inspect_prompt(model, tok, "Hello there", generate=8).answer
+    assert main(["generate", str(saved_model), "Hello there", "--max-new-tokens", "8", "--show-experts"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[1].split()[:3] == ["#", "token", "written"] and "at the step before" in out[1]
+    shown = [(line[6:23].strip(), line[23:40].strip(), float(line[40:])) for line in out[2:]]
+    assert [(repr(p), e, round(w, 3)) for p, (e, w) in zip(answer.pieces(tok), answer.dominant(NAMES))] == \
+        [(p, e, pytest.approx(w, abs=1e-3)) for p, e, w in shown]
+    assert len(shown) == 8
+
+
+def test_layerwise_heads_plot_one_row_per_decoder_layer_and_stats_name_modules(llama, tmp_path):
+    from xlora.analysis.inspect import inspect_prompt, write_outputs
+
+    config = XLoraConfig(experts={k: str(v) for k, v in llama.expert_dirs.items()}, head_hidden_size=16,
+                         layerwise_scalings=True)
+    model = XLoraModel(llama.base(), config).eval()
+    randomize_head(model, 5, 0.7)
+    tok = tiny_tokenizer()
+    result = inspect_prompt(model, tok, "Hello", generate=2)
+    assert list(result.stats.layer_mean_weight) == model.adapted_modules
+    assert model.adapted_modules[0] == "model.layers.0.self_attn.q_proj" and len(model.adapted_modules) == 14
+    assert list(result.log.expert_stats(0).layer_mean_weight) == model.adapted_modules
+    write_outputs(result, tok, tmp_path)
+    assert png_size(tmp_path / "layers-p01.png")[1] == 50 + 2 * 20 + 90  # layers 0 and 1, 7 modules each

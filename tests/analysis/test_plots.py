@@ -48,10 +48,13 @@ def test_200_tokens_are_paginated_at_64_rows(tmp_path):
     assert shares[0].legend == NAMES
 
 
-def test_layer_heatmap_has_one_row_per_module(tmp_path):
+def test_layer_heatmap_has_one_row_per_decoder_layer(tmp_path):
     layers = [f"model.layers.{i}.self_attn.{p}" for i in range(3) for p in ("q_proj", "v_proj")]
-    (page,) = layer_expert_heatmap(torch.rand(7, 6, 3), layers, NAMES, tmp_path)
-    assert page.y_labels == [f"{i}.self_attn.{p}" for i in range(3) for p in ("q_proj", "v_proj")]
-    assert png_size(page.png)[1] == 50 + 6 * 20 + 90
+    s = torch.rand(7, 6, 3)
+    (page,) = layer_expert_heatmap(s, layers, NAMES, tmp_path)
+    assert page.y_labels == ["layer 0", "layer 1", "layer 2"]
+    assert page.axis_label == "decoder layer (mean over its 2 adapted modules)"
+    torch.testing.assert_close(torch.tensor(page.values), s.mean(0).reshape(3, 2, 3).mean(1))
+    assert png_size(page.png)[1] == 50 + 3 * 20 + 90
     with pytest.raises(ValueError, match=r"do not fit \[T, L=6, E=3\]"):
         layer_expert_heatmap(torch.rand(7, 5, 3), layers, NAMES, tmp_path)

@@ -12,10 +12,11 @@ from conftest import LLAMA_TARGETS, make_expert, tiny_model, tiny_tokenizer
 from peft import PeftModel
 
 from xlora import XLoraConfig, XLoraModel
+from xlora.analysis.views import generated
 from xlora.demo import domains
 from xlora.demo.base_model import base_model_dir, find_gguf, is_model_dir, load_base
 from xlora.demo.evaluate import chat_messages, generate_answers, left_padded, loss_pass
-from xlora.demo.run import ASSETS, dominant_experts, evaluate_demo, load_demo, show_routing
+from xlora.demo.run import ASSETS, evaluate_demo, load_demo, show_routing
 from xlora.train.data import IGNORE_INDEX, tokenize_record
 
 DOMS = ["mathematics", "general"]  # need neither RDKit nor Biopython
@@ -135,9 +136,10 @@ def test_routing_display_and_heatmaps(demo, tmp_path, capsys):
     assert [p.name for p in paths] == ["answer0-mathematics-tokens-p01.png", "answer0-mathematics-layers-p01.png",
                                        "answer1-general-tokens-p01.png", "answer1-general-layers-p01.png"]
     assert all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in paths)
-    assert records[0]["prompt"] in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert records[0]["prompt"] in printed and "(each token: the expert that wrote it)" in printed
     s = torch.tensor([[[0.9, 0.1], [0.7, 0.3]], [[0.2, 0.8], [0.4, 0.6]]])  # [n=2, L=2, E=2]
-    assert dominant_experts(s, DOMS) == [("mathematics", pytest.approx(0.8)), ("general", pytest.approx(0.7))]
+    assert generated([7, 8], s).dominant(DOMS) == [("mathematics", pytest.approx(0.8)), ("general", pytest.approx(0.7))]
 
 
 def test_load_demo_from_a_directory(demo, tmp_path):

@@ -1,10 +1,12 @@
 """``xlora inspect``: run a prompt (optionally generate), log the scalings, print a summary, write plots.
 
-Conventions (see :mod:`xlora.analysis`): the statistics and the token heatmap use one row per
-token *read* by the model (the prompt, then every generated token but the last, which is never
-fed back). In the terminal, each token is coloured by the dominant expert of the mixture that
-*predicted* it (the previous row), as ``xlora generate --show-experts`` does; the first prompt
-token has no predictor and stays plain. Dominant = argmax of the layer-averaged mixture.
+Conventions (:mod:`xlora.analysis.views`, shared by every view): the statistics use one row per
+token *read* by the model (the prompt, then every generated token but the last, which is never fed
+back). Every per-token view (the coloured prompt and answer, the token heatmap, the generation plot,
+``token_experts`` in ``stats.json``) shows a token with the mixture that *wrote* it: the row of the
+position before it, as ``xlora generate --show-experts`` does; the first prompt token was written by
+no mixture and stays plain. Dominant = argmax of the layer-averaged mixture. The module heatmap
+groups the adapted modules by decoder layer, or draws one row when they share one mixture.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import torch
 
 from xlora.analysis.log import ScalingsLog
 from xlora.analysis.stats import ExpertStats, MixtureSummary, expert_stats, mixture_summary
+from xlora.analysis.views import TOKEN_AXIS, WrittenTokens, written_by
 from xlora.files import atomic_write_text
 from xlora.generation import encode_prompt, pad_token_id
 
@@ -42,14 +45,16 @@ class Inspection:
     summary: MixtureSummary
 
     @property
-    def dominant(self) -> list[int]:
-        """Dominant expert of each row ``[T]`` (argmax of the layer-averaged mixture)."""
-        return self.rows.float().mean(1).argmax(-1).tolist()
+    def written(self) -> WrittenTokens:
+        """Every token after the first with the mixture that wrote it (row ``t`` wrote token ``t + 1``)."""
+        return written_by(self.prompt_ids + self.new_ids, self.rows)
 
-    def step_scalings(self) -> torch.Tensor:
-        """``[N, L, E]``: for generated token ``k``, the last position of the step that predicted it."""
-        steps = [e.scalings[0, -1].cpu() for e in self.log.entries[: len(self.new_ids)]]
-        return torch.stack(steps) if steps else torch.empty(0, *self.rows.shape[1:])
+    @property
+    def answer(self) -> WrittenTokens:
+        """The generated tokens with the mixture that wrote each (``[N, L, E]``)."""
+        w = self.written
+        start = len(self.prompt_ids) - 1
+        return WrittenTokens(w.ids[start:], w.scalings[start:])
 
 
 def inspect_prompt(model: Any, tokenizer: Any, prompt: str, *, generate: int = 0, chat: bool = False,
@@ -58,7 +63,8 @@ def inspect_prompt(model: Any, tokenizer: Any, prompt: str, *, generate: int = 0
     if generate < 0:
         raise ValueError(f"generate={generate} must be >= 0 (the number of new tokens)")
     enc = encode_prompt(tokenizer, prompt, chat=chat, device=model.device)
-    log = ScalingsLog.for_model(model, {"prompt": prompt, "chat": chat, **(info or {})})
+    log = ScalingsLog.for_model(model, {"prompt": prompt, "chat": chat, **(info or {}),
+                                        "layerwise_scalings": bool(model.xlora_config.layerwise_scalings)})
     with torch.inference_mode():
         if generate:
             out = model.generate(**enc, max_new_tokens=generate, do_sample=False, observer=log,
@@ -81,24 +87,28 @@ def write_outputs(result: Inspection, tokenizer: Any, out_dir: str | Path, per_p
     out, log = Path(out_dir), result.log
     page = {"per_page": per_page} if per_page else {}
     names = log.expert_names
-    read = (result.prompt_ids + result.new_ids)[: result.rows.shape[0]]
-    pieces = [tokenizer.decode([i]) for i in read]
+    written = result.written
+    pieces = written.pieces(tokenizer)
     paths = [log.save(out / LOG_FILE)]
-    stats = {"tokens": pieces, "expert_stats": result.stats.to_dict(), "mixture": result.summary.to_dict(),
+    stats = {"tokens": pieces, "token_convention": TOKEN_AXIS,
+             "token_experts": [[p, e, w] for p, (e, w) in zip(pieces, written.dominant(names))],
+             "expert_stats": result.stats.to_dict(), "mixture": result.summary.to_dict(),
              "prompt": log.info.get("prompt"), "answer": result.text}
     atomic_write_text(out / STATS_FILE, json.dumps(stats, indent=2) + "\n")
     paths.append(out / STATS_FILE)
-    pages = plots.token_expert_heatmap(result.rows, pieces, names, out, **page)
-    pages += plots.layer_expert_heatmap(result.rows, log.layer_names, names, out, **page)
+    shared = None if "layerwise_scalings" not in log.info else not log.info["layerwise_scalings"]
+    pages = plots.token_expert_heatmap(written.scalings, pieces, names, out, **page)
+    pages += plots.layer_expert_heatmap(result.rows, log.layer_names, names, out, shared=shared, **page)
     if result.new_ids:
-        new = [tokenizer.decode([i]) for i in result.new_ids]
-        pages += plots.generation_share_plot(result.step_scalings(), new, names, out, **page)
+        answer = result.answer
+        pages += plots.generation_share_plot(answer.scalings, answer.pieces(tokenizer), names, out, **page)
     return paths + [p for pg in pages for p in (pg.png, pg.svg)]
 
 
 def _runs(result: Inspection, tokenizer: Any, ids: list[int], start: int) -> list[tuple[int | None, str]]:
-    """``(expert or None, text)`` runs of the tokens ``ids`` at positions ``start...``, merged by colour."""
-    dom = result.dominant
+    """``(expert or None, text)`` runs of the tokens ``ids`` at positions ``start...``, merged by colour;
+    a token's colour is the expert that wrote it (None for the first token)."""
+    dom = result.written.mixture.argmax(-1).tolist()  # dom[j - 1] wrote the token at position j
     runs: list[tuple[int | None, str]] = []
     for j, tid in enumerate(ids, start):
         e = dom[j - 1] if 0 < j <= len(dom) else None
@@ -114,7 +124,9 @@ def print_inspection(result: Inspection, tokenizer: Any, file: TextIO | None = N
                      color: bool | None = None) -> None:
     """The expert table and the coloured prompt/answer; ``color=None`` means rich when ``file`` is a TTY.
 
-    The plain form marks each run of tokens with its expert: ``[alpha]Hel[beta]lo`` (``[-]`` = no predictor).
+    Each token is coloured by the expert that wrote it (the mixture at the position before it); the plain
+    form marks each run of tokens with that expert: ``[alpha]Hel[beta]lo`` (``[-]``: the first token, written
+    by no mixture).
     """
     file = file or sys.stdout
     names, s, m = result.log.expert_names, result.stats, result.summary
@@ -124,7 +136,8 @@ def print_inspection(result: Inspection, tokenizer: Any, file: TextIO | None = N
     head = (f"{T} tokens read (prompt {len(result.prompt_ids)}, generated {len(result.new_ids)}) "
             f"x {L} modules x {len(names)} experts")
     cover = ", ".join(f"top-{k} coverage {v:.4f}" for k, v in m.topk_coverage.items())
-    foot = f"entropy {m.mean_entropy:.4f} nats ({m.normalized_entropy:.4f} of ln E), {cover}"
+    foot = (f"entropy {m.mean_entropy:.4f} nats ({m.normalized_entropy:.4f} of ln E), {cover}\n"
+            f"colours: the expert that wrote each token (the mixture at the position before it)")
     parts = [("prompt", _runs(result, tokenizer, result.prompt_ids, 0))]
     if result.new_ids:
         parts.append(("answer", _runs(result, tokenizer, result.new_ids, len(result.prompt_ids))))

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from safetensors import SafetensorError, safe_open
 
+from xlora.analysis.stats import ExpertStats, expert_stats
 from xlora.files import atomic_save_safetensors
 
 LOG_FORMAT = "xlora-scalings-log/1"
@@ -98,6 +99,11 @@ class ScalingsLog:
         if not rows:
             return torch.empty(0, dtype=torch.long), torch.empty(0, len(self.layer_names), len(self.expert_names))
         return torch.cat(ids), torch.cat(rows)
+
+    def expert_stats(self, row: int = 0) -> ExpertStats:
+        """:func:`~xlora.analysis.stats.expert_stats` of batch row ``row`` (padding dropped), with the
+        log's expert names and its adapted modules' names (``model.layers.3.self_attn.q_proj``, ...)."""
+        return expert_stats(self.sequence(row)[1], self.expert_names, self.layer_names)
 
     # ------------------------------------------------------------------ files
     def save(self, path: str | Path) -> Path:

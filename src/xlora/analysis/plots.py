@@ -6,7 +6,9 @@ Long inputs are **paginated**: at most ``per_page`` rows (tokens or layers) per 
 height (``ROW_PX`` pixels per row) instead of being squeezed into one unreadable figure.
 Sizes are exact in pixels (``DPI`` = 100), so callers and tests can predict them.
 
-Token labels are the decoded tokens with whitespace made visible (:func:`display_token`).
+Token labels are the decoded tokens with whitespace made visible (:func:`display_token`); each token is
+shown with the mixture that *wrote* it and module rows are grouped by decoder layer, as
+:mod:`xlora.analysis.views` defines for every view (the axis labels say so).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from typing import Any
 
 import torch
 
+from xlora.analysis.views import GENERATED_AXIS, TOKEN_AXIS, module_rows
 from xlora.files import atomic_write
 
 DPI = 100
@@ -46,15 +49,6 @@ def display_token(piece: str) -> str:
     return out or "\u2205"
 
 
-def short_layer_names(names: Sequence[str]) -> list[str]:
-    """Module names without their common dotted prefix (``model.layers.0.self_attn.q_proj`` -> ``0.self_attn.q_proj``)."""
-    parts = [n.split(".") for n in names]
-    common = 0
-    while len(parts) > 1 and all(len(p) > common + 1 and p[common] == parts[0][common] for p in parts):
-        common += 1
-    return [".".join(p[common:]) for p in parts]
-
-
 @dataclass
 class PlotPage:
     """One written figure: its files, pixel size and the tick labels read back from its axes."""
@@ -65,6 +59,8 @@ class PlotPage:
     y_labels: list[str]
     x_labels: list[str]
     legend: list[str]
+    values: list[list[float]]  # the page's plotted rows [rows, E] (heatmap cells, or bar heights per token)
+    axis_label: str = ""  # the token or module axis: says which token a row shows, or what a row averages
 
 
 def _figure(width_px: int, height_px: int) -> Any:
@@ -96,7 +92,7 @@ def _label_px(labels: Sequence[str]) -> int:
 
 
 def _heatmap_pages(matrix: torch.Tensor, row_labels: list[str], col_labels: list[str], title: str,
-                   out_dir: Path, stem: str, per_page: int, what: str) -> list[PlotPage]:
+                   out_dir: Path, stem: str, per_page: int, what: str, axis_label: str) -> list[PlotPage]:
     """``matrix`` ``[R, E]`` as paginated heatmaps, rows labelled by ``row_labels``; one colour scale for all pages."""
     m = matrix.detach().cpu().float()
     lo, hi = min(0.0, float(m.min())) if m.numel() else 0.0, float(m.max()) if m.numel() else 1.0
@@ -113,6 +109,7 @@ def _heatmap_pages(matrix: torch.Tensor, row_labels: list[str], col_labels: list
         im = ax.imshow(block.numpy(), aspect="auto", cmap="viridis", vmin=lo, vmax=hi, interpolation="nearest")
         ax.set_yticks(range(len(rows)), [row_labels[i] for i in rows], fontsize=8, parse_math=False)
         ax.set_xticks(range(E), col_labels, fontsize=8, rotation=30, ha="right", parse_math=False)
+        ax.set_ylabel(axis_label, fontsize=8)
         if E <= 16:  # the weights themselves, readable at this cell size
             for (i, j), v in zip(torch.cartesian_prod(torch.arange(len(rows)), torch.arange(E)).tolist(),
                                  block.flatten().tolist()):
@@ -124,42 +121,46 @@ def _heatmap_pages(matrix: torch.Tensor, row_labels: list[str], col_labels: list
         fig.colorbar(im, cax=cax).ax.tick_params(labelsize=7)
         png, svg = _save(fig, out_dir, f"{stem}-p{p:02d}")
         out.append(PlotPage(png, svg, (w, h), [t.get_text() for t in ax.get_yticklabels()],
-                            [t.get_text() for t in ax.get_xticklabels()], []))
+                            [t.get_text() for t in ax.get_xticklabels()], [], block.tolist(), ax.get_ylabel()))
     return out
 
 
 def token_expert_heatmap(scalings: torch.Tensor, tokens: Sequence[str], expert_names: Sequence[str],
                          out_dir: str | Path, stem: str = "tokens", per_page: int = PER_PAGE) -> list[PlotPage]:
-    """Token x expert heatmap of the layer-averaged scalings.
+    """Token x expert heatmap of the layer-averaged scalings, each token with the mixture that wrote it.
 
     Args:
-        scalings: ``[T, L, E]`` (one sequence, padding removed) or ``[T, E]``.
-        tokens: the ``T`` decoded tokens, row labels (shown through :func:`display_token`).
+        scalings: ``[n, L, E]`` (or ``[n, E]``): row ``k`` is the mixture that wrote ``tokens[k]``
+            (:func:`xlora.analysis.views.written_by` lines a sequence's rows up this way).
+        tokens: the ``n`` decoded tokens written, row labels (shown through :func:`display_token`).
         expert_names: the ``E`` column labels.
         out_dir: folder for ``<stem>-pNN.png`` / ``.svg``.
         per_page: rows per file.
     """
-    m = scalings.float().mean(1) if scalings.dim() == 3 else scalings  # [T, E]
+    m = scalings.float().mean(1) if scalings.dim() == 3 else scalings  # [n, E]
     if m.dim() != 2 or m.shape[0] != len(tokens) or m.shape[1] != len(expert_names):
         raise ValueError(f"scalings {tuple(scalings.shape)} do not fit {len(tokens)} tokens x {len(expert_names)} experts")
     return _heatmap_pages(m, [display_token(t) for t in tokens], list(expert_names),
-                          "mixture per token (layers averaged)", Path(out_dir), stem, per_page, "tokens")
+                          "mixture that wrote each token (layers averaged)", Path(out_dir), stem, per_page, "tokens",
+                          TOKEN_AXIS)
 
 
-def layer_expert_heatmap(scalings: torch.Tensor, layer_names: Sequence[str], expert_names: Sequence[str],
+def layer_expert_heatmap(scalings: torch.Tensor, module_names: Sequence[str], expert_names: Sequence[str],
                          out_dir: str | Path, stem: str = "layers", per_page: int = PER_PAGE,
-                         row_kind: str = "adapted module") -> list[PlotPage]:
-    """Layer x expert heatmap of the token-averaged scalings ``[T, L, E]``; rows are :func:`short_layer_names`.
-
-    ``row_kind`` names a row in the title (e.g. ``"block"`` when the rows are groups of modules).
+                         shared: bool | None = None) -> list[PlotPage]:
+    """Module x expert heatmap of the token-averaged scalings ``[T, L, E]``, rows as
+    :func:`xlora.analysis.views.module_rows` groups them: one row when the modules share one mixture
+    (``shared=True``, a head without ``layerwise_scalings``, or equal rows), else one per decoder layer
+    (the mean over its modules), else one per module.
     """
-    if scalings.dim() != 3 or scalings.shape[1:] != (len(layer_names), len(expert_names)):
-        raise ValueError(f"scalings {tuple(scalings.shape)} do not fit [T, L={len(layer_names)}, E={len(expert_names)}]")
-    m = scalings.float().mean(0)  # [L, E]
-    return _heatmap_pages(m, short_layer_names(layer_names), list(expert_names),
-                          f"mixture per {row_kind} (mean over {scalings.shape[0]} "
-                          f"token{'s' if scalings.shape[0] != 1 else ''})", Path(out_dir),
-                          stem, per_page, f"{row_kind}s")
+    if scalings.dim() != 3 or scalings.shape[1:] != (len(module_names), len(expert_names)):
+        raise ValueError(f"scalings {tuple(scalings.shape)} do not fit [T, L={len(module_names)}, E={len(expert_names)}]")
+    rows = module_rows(module_names, scalings, shared)
+    m = rows.reduce(scalings.float().mean(0))  # [R, E]
+    T = scalings.shape[0]
+    return _heatmap_pages(m, rows.labels, list(expert_names),
+                          f"mixture per {rows.kind.split(' (')[0]} (mean over {T} token{'s' if T != 1 else ''})",
+                          Path(out_dir), stem, per_page, "rows", rows.kind)
 
 
 def generation_share_plot(step_scalings: torch.Tensor, tokens: Sequence[str], expert_names: Sequence[str],
@@ -167,8 +168,9 @@ def generation_share_plot(step_scalings: torch.Tensor, tokens: Sequence[str], ex
     """Expert share over a generation: stacked bars, one per generated token, layers averaged.
 
     Args:
-        step_scalings: ``[N, L, E]``: for generated token ``k``, the scalings of the step that
-            predicted it (as returned by :func:`xlora.generation.generate_text`).
+        step_scalings: ``[N, L, E]``: row ``k`` is the mixture that wrote generated token ``k`` (the
+            last position of the step that chose it, as :meth:`xlora.generation.StepRecorder.per_token`
+            returns it).
         tokens: the ``N`` decoded generated tokens, x labels.
         expert_names: the ``E`` experts (legend, coloured with :func:`expert_color`).
         per_page: tokens per file.
@@ -195,11 +197,11 @@ def generation_share_plot(step_scalings: torch.Tensor, tokens: Sequence[str], ex
         ax.set_ylim(0, top)
         ax.set_xticks(range(len(cols)), [labels[i] for i in cols], fontsize=8, rotation=90, parse_math=False)
         ax.set_ylabel("expert weight (layers averaged)", fontsize=8)
-        ax.set_xlabel("generated token", fontsize=8)
+        ax.set_xlabel(GENERATED_AXIS, fontsize=8)
         span = f"tokens {cols.start + 1}-{cols.stop} of {m.shape[0]}" + (f", page {p}/{len(pages)}" if len(pages) > 1 else "")
         ax.set_title(f"expert share per generated token\n{span}", fontsize=9)
         leg = ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, frameon=False)
         png, svg = _save(fig, Path(out_dir), f"{stem}-p{p:02d}")
         out.append(PlotPage(png, svg, (w, h), [], [t.get_text() for t in ax.get_xticklabels()],
-                            [t.get_text() for t in leg.get_texts()]))
+                            [t.get_text() for t in leg.get_texts()], block.clamp_min(0).tolist(), ax.get_xlabel()))
     return out

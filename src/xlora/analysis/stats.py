@@ -47,10 +47,11 @@ def _names(prefix: str, n: int, names: Sequence[str] | None) -> list[str]:
 
 @dataclass
 class ExpertStats:
-    """Per expert: mean weight and the share of tokens it dominates (argmax), overall and per layer.
+    """Per expert: mean weight and the share of tokens it dominates (argmax), overall and per adapted module.
 
-    "Overall" dominance is the argmax of the layer-averaged mixture of a token; per layer, the
-    argmax at that layer. Ties go to the first expert.
+    "Layer" here is an adapted module (the ``L`` axis: 180 on a 30-layer model with six projections
+    each); ``layer_*`` dicts are keyed by module name. "Overall" dominance is the argmax of the
+    module-averaged mixture of a token; per module, the argmax at that module. Ties go to the first expert.
     """
 
     num_tokens: int
@@ -65,10 +66,15 @@ class ExpertStats:
 
 def expert_stats(scalings: torch.Tensor, expert_names: Sequence[str] | None = None,
                  layer_names: Sequence[str] | None = None, mask: torch.Tensor | None = None) -> ExpertStats:
-    """Mean weight ``mean_{b,t,l} s[b,t,l,e]`` and dominant share of each expert over the real tokens."""
+    """Mean weight ``mean_{b,t,l} s[b,t,l,e]`` and dominant share of each expert over the real tokens.
+
+    The per-layer entries are keyed by ``layer_names``, the adapted modules' names (``model.adapted_modules``,
+    e.g. ``model.layers.3.self_attn.q_proj``; :meth:`ScalingsLog.expert_stats` passes them); without names
+    they are ``module0``, ``module1``, ...
+    """
     s, w = _prepare(scalings, mask)
     E, L = s.shape[-1], s.shape[-2]
-    experts, layers = _names("expert", E, expert_names), _names("layer", L, layer_names)
+    experts, layers = _names("expert", E, expert_names), _names("module", L, layer_names)
 
     def share(dominant: torch.Tensor) -> torch.Tensor:  # [b, t] expert index -> [E] share of tokens
         return _masked_mean(torch.nn.functional.one_hot(dominant, E).double(), w)

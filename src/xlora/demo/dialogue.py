@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 
+from xlora.analysis.views import token_mixture
 from xlora.files import atomic_write, atomic_write_text
 from xlora.generation import StepRecorder, encode_prompt, pad_token_id
 
@@ -125,11 +126,15 @@ def speak(model: Any, tokenizer: Any, enc: dict[str, torch.Tensor], max_new_toke
 
 
 def _summary(scalings: torch.Tensor, names: list[str]) -> tuple[dict[str, float], str, dict[str, int]]:
+    """Mean mixture of a turn's tokens, its dominant expert ("" when no expert has weight) and per expert the
+    number of tokens it wrote (row ``k`` of ``scalings`` wrote token ``k``, :mod:`xlora.analysis.views`)."""
     if len(scalings) == 0:
         return {n: 0.0 for n in names}, "", {}
-    per_token = scalings.float().mean(1)  # [n, E], layers averaged
+    per_token = token_mixture(scalings)  # [n, E], layers averaged
     mean = per_token.mean(0)
     counts = torch.bincount(per_token.argmax(1), minlength=len(names)).tolist()
+    if not bool((mean > 0).any()):  # fixed zero scalings: the base model wrote the turn
+        return dict(zip(names, mean.tolist())), "", {}
     return dict(zip(names, mean.tolist())), names[int(mean.argmax())], {n: c for n, c in zip(names, counts) if c}
 
 

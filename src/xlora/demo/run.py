@@ -11,12 +11,9 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import time
 from pathlib import Path
 from typing import Any
-
-import torch
 
 from xlora.demo import domains
 from xlora.demo.base_model import base_model_dir, cache_root, load_base
@@ -73,35 +70,15 @@ def evaluate_demo(model_dir_or_model: str | os.PathLike | Any, split: str = "tes
     return table
 
 
-def dominant_experts(scalings: torch.Tensor, names: list[str]) -> list[tuple[str, float]]:
-    """Per generated token, the expert with the largest layer-averaged scaling and that scaling.
-
-    Args:
-        scalings: ``[n, L, E]``, as returned by :func:`~xlora.demo.evaluate.generate_answers`.
-    """
-    per_token = scalings.float().mean(1)  # [n, E]
-    return [(names[int(row.argmax())], float(row.max())) for row in per_token]
-
-
-def _block_rows(modules: list[str]) -> tuple[list[str], list[list[int]]]:
-    """Group adapted modules by transformer block (``...layers.<i>....``); fall back to one row each."""
-    groups: dict[str, list[int]] = {}
-    for i, name in enumerate(modules):
-        m = re.search(r"\.(?:layers|h|blocks)\.(\d+)\.", name)
-        groups.setdefault(f"block {m.group(1)}" if m else name, []).append(i)
-    return list(groups), list(groups.values())
-
-
-def write_heatmaps(out_dir: Path, stem: str, tokens: list[str], scalings: torch.Tensor, names: list[str],
-                   modules: list[str]) -> list[Path]:
-    """PNGs (and SVGs) of one answer: token x expert (layers averaged) and block x expert (tokens and the
-    block's modules averaged), via :mod:`xlora.analysis.plots`."""
+def write_heatmaps(out_dir: Path, stem: str, answer: Any, tokens: list[str], names: list[str],
+                   modules: list[str], shared: bool | None = None) -> list[Path]:
+    """PNGs (and SVGs) of one answer (:class:`~xlora.analysis.views.WrittenTokens`): token x expert (each
+    token with the mixture that wrote it, layers averaged) and module x expert (tokens averaged; one row per
+    decoder layer, or one row when the modules share one mixture), via :mod:`xlora.analysis.plots`."""
     from xlora.analysis.plots import layer_expert_heatmap, token_expert_heatmap
 
-    labels, groups = _block_rows(modules)
-    by_block = torch.stack([scalings.float()[:, g].mean(1) for g in groups], 1)  # [n, blocks, E]
-    pages = token_expert_heatmap(scalings, tokens, names, out_dir, stem=f"{stem}-tokens")
-    pages += layer_expert_heatmap(by_block, labels, names, out_dir, stem=f"{stem}-layers", row_kind="block")
+    pages = token_expert_heatmap(answer.scalings, tokens, names, out_dir, stem=f"{stem}-tokens")
+    pages += layer_expert_heatmap(answer.scalings, modules, names, out_dir, stem=f"{stem}-layers", shared=shared)
     return [page.png for page in pages]
 
 
@@ -115,21 +92,25 @@ def _console() -> Any:
 
 def show_routing(model: Any, tokenizer: Any, records: list[dict[str, Any]], out_dir: Path,
                  max_new_tokens: int = 32) -> list[Path]:
-    """Print X-LoRA's answers with every token coloured by its dominant expert; write one heatmap each."""
+    """Print X-LoRA's answers with every token coloured by the expert that wrote it (the dominant expert of
+    the mixture at the position before it, :mod:`xlora.analysis.views`); write the heatmaps of each."""
     from xlora.analysis.plots import expert_color
+    from xlora.analysis.views import generated
 
     names = model.xlora_config.expert_names
     colour = {n: expert_color(i) for i, n in enumerate(names)}
     console = _console()
     if console:
-        console.print("experts: " + "  ".join(f"[{colour[n]}]■ {n}[/]" for n in names))
+        console.print("experts: " + "  ".join(f"[{colour[n]}]■ {n}[/]" for n in names)
+                      + "  (each token: the expert that wrote it)")
     else:
-        print("experts: " + ", ".join(names))
+        print("experts: " + ", ".join(names) + "  (each token: the expert that wrote it)")
     texts, ids, scalings = generate_answers(model, tokenizer, records, XLORA, max_new_tokens, record_scalings=True)
     paths = []
     for i, (rec, text, new, s) in enumerate(zip(records, texts, ids, scalings)):
-        pieces = [tokenizer.decode([t]) for t in new]
-        dom = dominant_experts(s, names) if len(new) else []
+        answer = generated(new, s)
+        pieces = answer.pieces(tokenizer)
+        dom = answer.dominant(names)
         score = domains.check(rec, text)
         print(f"\n[{rec['domain']}] {rec['prompt']}\n  expected: {rec['completion']}   score: {score:.2f}")
         if console:
@@ -139,7 +120,8 @@ def show_routing(model: Any, tokenizer: Any, records: list[dict[str, Any]], out_
         else:
             print("  X-LoRA:   " + "".join(f"{p}⟨{e[:4]}⟩" for p, (e, _) in zip(pieces, dom)))
         if len(new):
-            paths += write_heatmaps(out_dir, f"answer{i}-{rec['domain']}", pieces, s, names, model.adapted_modules)
+            paths += write_heatmaps(out_dir, f"answer{i}-{rec['domain']}", answer, pieces, names,
+                                    model.adapted_modules, not model.xlora_config.layerwise_scalings)
     return paths
 
 
