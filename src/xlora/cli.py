@@ -118,6 +118,8 @@ def _add_app_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", default="xlora-dialogue", help="folder for transcript.md, dialogue.json and the plot")
     p.add_argument("--max-new-tokens", type=_positive, default=64, help="tokens per turn")
     p.add_argument("--max-context", type=_positive, default=512, help="prompt + answer tokens per turn; older turns dropped")
+    p.add_argument("--repetition-penalty", type=float, default=None,
+                   help="transformers' repetition penalty, > 0 (default: 1.3; 1.0 is plain greedy decoding)")
     p.add_argument("--assets", default=None, help="an X-LoRA directory (default: the demo's)")
     p.add_argument("--assets-b", default=None, help="agent B's own X-LoRA directory (default: agent A's model)")
     p.add_argument("--base", default=None, help="base model directory (default: the demo's SmolLM2)")

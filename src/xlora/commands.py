@@ -50,11 +50,12 @@ def graph(args: argparse.Namespace) -> int:
 
 
 def dialogue(args: argparse.Namespace) -> int:
-    from xlora.demo.dialogue import run_dialogue
+    from xlora.demo.dialogue import REPETITION_PENALTY, run_dialogue
 
+    penalty = REPETITION_PENALTY if args.repetition_penalty is None else args.repetition_penalty
     return run_dialogue(args.topic, args.out, turns=args.turns, agent_a=args.agent_a, agent_b=args.agent_b,
                         assets=args.assets, assets_b=args.assets_b, base_dir=args.base,
-                        max_new_tokens=args.max_new_tokens, max_context=args.max_context)
+                        max_new_tokens=args.max_new_tokens, max_context=args.max_context, repetition_penalty=penalty)
 
 
 def generate(args: argparse.Namespace) -> int:

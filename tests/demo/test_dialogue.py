@@ -11,7 +11,7 @@ import torch
 from conftest import LLAMA_TARGETS, make_expert, randomize_head, tiny_model, tiny_tokenizer
 
 from xlora import XLoraConfig, XLoraModel
-from xlora.demo.dialogue import OPENING, converse, fit_context, view, write_dialogue
+from xlora.demo.dialogue import OPENING, REPETITION_PENALTY, converse, fit_context, view, write_dialogue
 from xlora.generation import StepRecorder
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -35,13 +35,15 @@ def test_turns_are_deterministic_and_equal_decoding_each_prompt_by_hand(model_to
     b = converse(model, tok, "silk", turns=4, agent_a="Ask.", agent_b="Criticise.", max_new_tokens=6, max_context=250)
     assert a.to_dict() == b.to_dict()
     assert [t.agent for t in a.turns] == ["A", "B", "A", "B"] and all(t.new_tokens <= 6 for t in a.turns)
+    assert a.repetition_penalty == REPETITION_PENALTY == 1.3
     history = []
     for t in a.turns:  # replay: the same prompt decoded greedily with a fresh recorder gives the same turn
         system = "Ask." if t.agent == "A" else "Criticise."
         enc, _ = fit_context(tok, view(t.agent, system, "silk", history), 250 - 6)
         rec = StepRecorder()
         with torch.no_grad():
-            out = model.generate(**enc, max_new_tokens=6, do_sample=False, pad_token_id=0, eos_token_id=2, observer=rec)
+            out = model.generate(**enc, max_new_tokens=6, do_sample=False, pad_token_id=0, eos_token_id=2, observer=rec,
+                                 repetition_penalty=1.3)
         new = out[0, enc["input_ids"].shape[1]:].tolist()
         new = new[: new.index(2)] if 2 in new else new
         assert tok.decode(new, skip_special_tokens=True).strip() == t.text and len(new) == t.new_tokens
@@ -116,3 +118,26 @@ def test_two_models_and_bad_arguments(model_tok, tmp_path):
         converse(model, tok, "x", turns=0)
     assert view("A", "s", "x", []) == [{"role": "system", "content": "s"},
                                        {"role": "user", "content": OPENING.format(topic="x")}]
+
+
+def test_the_repetition_penalty_is_applied_recorded_and_checked(model_tok, tmp_path):
+    """Greedy turns echo the other agent's last turn on the demo model (the README's spider-silk example went
+    'spider silk is made of spider silk', then 'spider silk' four times); the penalty is transformers' own."""
+    model, tok = model_tok
+    kw = dict(turns=1, agent_a="Ask.", max_new_tokens=24, max_context=250)
+    plain = converse(model, tok, "silk", repetition_penalty=1.0, **kw).turns[0]
+    enc, _ = fit_context(tok, view("A", "Ask.", "silk", []), 250 - 24)
+    with torch.no_grad():
+        ref = model.generate(**enc, max_new_tokens=24, do_sample=False, pad_token_id=0, eos_token_id=2)
+    new = ref[0, enc["input_ids"].shape[1]:].tolist()
+    new = new[: new.index(2)] if 2 in new else new
+    assert plain.text == tok.decode(new, skip_special_tokens=True).strip()  # 1.0: plain greedy decoding
+    strong = converse(model, tok, "silk", repetition_penalty=50.0, **kw)
+    pieces = tok.convert_ids_to_tokens(tok(strong.turns[0].text, add_special_tokens=False)["input_ids"])
+    assert strong.turns[0].new_tokens > 0 and len(pieces) == len(set(pieces))  # no token of the answer twice
+    assert strong.repetition_penalty == 50.0
+    md = write_dialogue(strong, tmp_path)["transcript"].read_text()
+    assert "- greedy, repetition penalty 50; each turn's mixture is the mean over the tokens it wrote" in md
+    for bad in (0, -1.0, True, "1.3"):
+        with pytest.raises(ValueError, match=rf"repetition_penalty={bad!r} must be a number > 0 \(1.0 is plain"):
+            converse(model, tok, "x", repetition_penalty=bad)

@@ -3,7 +3,9 @@
 The paper's adversarial agentic modelling in miniature: agent A (by default a questioner) and agent B
 (a critic) share one X-LoRA model, or each has its own. On its turn an agent sees its own system
 prompt, then the conversation so far with its own turns as ``assistant`` and the other agent's as
-``user`` (agent A also sees an opening line naming the topic), and answers greedily (deterministic).
+``user`` (agent A also sees an opening line naming the topic), and answers greedily (deterministic) with a repetition penalty (``REPETITION_PENALTY``, transformers'
+``RepetitionPenaltyLogitsProcessor`` over the prompt and the answer): without it the demo's experts, trained
+on one-line answers, echo the other agent's last turn and the talk collapses within two turns.
 A :class:`~xlora.generation.StepRecorder` keeps the scalings of every generated token; each turn
 records the per-expert mean (over its tokens and the adapted layers) and which expert dominated.
 
@@ -31,6 +33,7 @@ AGENT_A = ("You are a materials scientist who asks one short, specific question 
 AGENT_B = ("You are a critical reviewer. Answer the question in one or two sentences, with numbers where you can, "
            "and point out one weakness.")
 OPENING = "The topic is: {topic}. Ask your first question."
+REPETITION_PENALTY = 1.3  # 1.0 is plain greedy decoding
 
 
 @dataclass
@@ -56,13 +59,16 @@ class Dialogue:
     max_new_tokens: int
     experts: list[str]
     turns: list[Turn] = field(default_factory=list)
+    repetition_penalty: float = REPETITION_PENALTY
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
     def to_markdown(self) -> str:
         out = [f"# Dialogue: {self.topic}\n\n", f"- **A** (system): {self.agents['A']}\n",
-               f"- **B** (system): {self.agents['B']}\n\n"]
+               f"- **B** (system): {self.agents['B']}\n",
+               f"- greedy, repetition penalty {self.repetition_penalty:g}; each turn's mixture is the mean over "
+               "the tokens it wrote\n\n"]
         for t in self.turns:
             mix = ", ".join(f"{k} {v:.2f}" for k, v in t.mean_scalings.items())
             out.append(f"**{t.agent}** (turn {t.index + 1}; dominant expert *{t.dominant}*; {mix}):\n\n"
@@ -110,13 +116,14 @@ def fit_context(tokenizer: Any, messages: list[dict[str, str]], budget: int) -> 
 
 
 @torch.no_grad()
-def speak(model: Any, tokenizer: Any, enc: dict[str, torch.Tensor], max_new_tokens: int
-          ) -> tuple[str, list[int], torch.Tensor]:
-    """Greedy answer to an encoded prompt: ``(text, new_ids, scalings [n_new, L, E])``."""
+def speak(model: Any, tokenizer: Any, enc: dict[str, torch.Tensor], max_new_tokens: int,
+          repetition_penalty: float = REPETITION_PENALTY) -> tuple[str, list[int], torch.Tensor]:
+    """Greedy answer to an encoded prompt: ``(text, new_ids, scalings [n_new, L, E])``; row ``k`` of the
+    scalings wrote token ``k``."""
     recorder = StepRecorder()
     enc = {k: v.to(model.device) for k, v in enc.items()}
     out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad_token_id(tokenizer),
-                         eos_token_id=tokenizer.eos_token_id, observer=recorder)
+                         eos_token_id=tokenizer.eos_token_id, observer=recorder, repetition_penalty=repetition_penalty)
     new = out[0, enc["input_ids"].shape[1]:].tolist()
     scalings = recorder.per_token(len(new))
     if tokenizer.eos_token_id in new:
@@ -139,28 +146,35 @@ def _summary(scalings: torch.Tensor, names: list[str]) -> tuple[dict[str, float]
 
 
 def converse(model: Any, tokenizer: Any, topic: str, turns: int = 6, agent_a: str = AGENT_A, agent_b: str = AGENT_B,
-             max_new_tokens: int = 64, max_context: int = 512, model_b: Any = None) -> Dialogue:
+             max_new_tokens: int = 64, max_context: int = 512, model_b: Any = None,
+             repetition_penalty: float = REPETITION_PENALTY) -> Dialogue:
     """Run ``turns`` alternating turns (A first) and return the :class:`Dialogue` with each turn's scalings.
 
     Args:
         model_b: agent B's model (default: the same model as A); both must have the same experts.
         max_context: tokens of prompt plus answer per turn; older turns are dropped to stay within it.
+        repetition_penalty: transformers' repetition penalty (> 0; 1.0 is plain greedy decoding).
     """
     if turns < 1 or max_new_tokens < 1:
         raise ValueError(f"turns and max_new_tokens must be >= 1, got turns={turns}, max_new_tokens={max_new_tokens}")
     if max_context <= max_new_tokens:
         raise ValueError(f"max_context ({max_context}) must exceed max_new_tokens ({max_new_tokens})")
+    if isinstance(repetition_penalty, bool) or not isinstance(repetition_penalty, (int, float)) \
+            or not repetition_penalty > 0:
+        raise ValueError(f"repetition_penalty={repetition_penalty!r} must be a number > 0 "
+                         f"(1.0 is plain greedy decoding; the default is {REPETITION_PENALTY})")
     names = model.xlora_config.expert_names
     if model_b is not None and model_b.xlora_config.expert_names != names:
         raise ValueError(f"agent B's model has experts {model_b.xlora_config.expert_names}, agent A's {names}")
-    dialogue = Dialogue(topic, {"A": agent_a, "B": agent_b}, max_context, max_new_tokens, names)
+    dialogue = Dialogue(topic, {"A": agent_a, "B": agent_b}, max_context, max_new_tokens, names,
+                        repetition_penalty=float(repetition_penalty))
     history: list[tuple[str, str]] = []
     for i in range(turns):
         agent = "AB"[i % 2]
         system = agent_a if agent == "A" else agent_b
         enc, dropped = fit_context(tokenizer, view(agent, system, topic, history), max_context - max_new_tokens)
         text, new, scalings = speak(model_b if agent == "B" and model_b is not None else model, tokenizer, enc,
-                                    max_new_tokens)
+                                    max_new_tokens, repetition_penalty)
         mean, dominant, counts = _summary(scalings, names)
         dialogue.turns.append(Turn(i, agent, text, int(enc["input_ids"].shape[1]), dropped, len(new), mean, dominant,
                                    counts))
@@ -209,16 +223,18 @@ def write_dialogue(dialogue: Dialogue, out_dir: str | os.PathLike) -> dict[str, 
 def run_dialogue(topic: str, out_dir: str | os.PathLike, turns: int = 6, agent_a: str | None = None,
                  agent_b: str | None = None, assets: str | os.PathLike | None = None,
                  assets_b: str | os.PathLike | None = None, base_dir: str | os.PathLike | None = None,
-                 max_new_tokens: int = 64, max_context: int = 512) -> int:
+                 max_new_tokens: int = 64, max_context: int = 512,
+                 repetition_penalty: float = REPETITION_PENALTY) -> int:
     """The ``xlora dialogue`` command over the demo model (or X-LoRA directories ``assets`` / ``assets_b``)."""
     from xlora.demo.run import load_demo
 
     model, tokenizer = load_demo(assets, base_dir)
     model_b = load_demo(assets_b, base_dir)[0] if assets_b is not None else None
     dialogue = converse(model, tokenizer, topic, turns, agent_a or AGENT_A, agent_b or AGENT_B, max_new_tokens,
-                        max_context, model_b)
+                        max_context, model_b, repetition_penalty)
     paths = write_dialogue(dialogue, out_dir)
     for t in dialogue.turns:
-        print(f"[{t.agent} {t.index + 1}] ({t.dominant}) {t.text}")
+        mix = ", ".join(f"{k} {v:.2f}" for k, v in t.mean_scalings.items())
+        print(f"[{t.agent} {t.index + 1}] ({t.dominant or 'no expert'}; {mix}) {t.text}")
     print("wrote " + ", ".join(str(p) for p in paths.values()))
     return 0
