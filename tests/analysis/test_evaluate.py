@@ -300,3 +300,20 @@ def test_peft_single_expert_equals_the_expert_row(setup, result):
     peft = PeftModel.from_pretrained(fresh_base(root)(), experts["gamma"]).eval()
     sums, counts = direct(model, tok, RECORDS, lambda r, i, lab: peft(input_ids=i, labels=lab))
     assert result.configs["gamma"]["loss"]["gamma"] == pytest.approx(sums["gamma"] / counts["gamma"], abs=1e-5)
+
+
+def test_cli_skip_bad_counts_and_data_needs_a_model_dir(setup, tmp_path, capsys):
+    from xlora.cli import main
+
+    _, _, root, _, data = setup
+    path = write(tmp_path, [GOOD, "{oops", GOOD])
+    args = ["eval", str(root / "xlora"), "--data", str(path), "--base", str(root / "base"), "--out", str(tmp_path / "o")]
+    assert main(args) == 2
+    assert capsys.readouterr().err.strip().endswith(f"{path}: line 2 is not valid JSON (Expecting property name "
+                                                    f"enclosed in double quotes: line 1 column 2 (char 1)); each line "
+                                                    f"must be one JSON object")
+    assert main([*args, "--skip-bad", "--arrow-top-k", "9"]) == 0
+    assert json.loads((tmp_path / "o" / "eval.json").read_text())["records"] == 2
+    assert f"1 bad records skipped (first: {path}: line 2 is not valid JSON" in (tmp_path / "o" / "eval.md").read_text()
+    assert main(["eval", "--data", str(data)]) == 2
+    assert "xlora eval MODEL_DIR needs --data FILE" in capsys.readouterr().err

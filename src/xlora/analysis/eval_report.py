@@ -43,7 +43,7 @@ class Totals:
         """``losses[row][i]``: summed NLL of record ``chunk[i]``; ``scored[i]``: its scored tokens."""
         for i, rec in enumerate(chunk):
             d = rec.domain if rec.domain is not None else UNLABELLED
-            self.domains.setdefault(d)
+            self.domains.setdefault(d)  # callers may register them first, in file order
             self.records += 1
             for row in self.rows:
                 if row in losses:
@@ -86,9 +86,10 @@ class Totals:
             configs[row] = {"loss": loss, "tokens": {d: toks[d] for d in doms if d in toks}, "task_score": None}
         routing = None
         if self.route:
-            routing = {"mean": {d: dict(zip(self.names, (v / self.route_tokens[d]).tolist()))
-                                for d, v in self.route.items()},
-                       "top1_own": {d: self.hits[d] / self.counts[d] for d in self.route if d in self.names}}
+            routed = [d for d in doms if d in self.route]  # in file order, not the order batches ran
+            routing = {"mean": {d: dict(zip(self.names, (self.route[d] / self.route_tokens[d]).tolist()))
+                                for d in routed},
+                       "top1_own": {d: self.hits[d] / self.counts[d] for d in routed if d in self.names}}
         collapse = None
         if self.scored:
             E = len(self.names)

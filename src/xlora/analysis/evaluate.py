@@ -29,13 +29,14 @@ from typing import Any
 import torch
 
 from xlora.analysis.eval_data import EvalRecord, check_answer, completion_loss, iter_eval_records, left_padded
-from xlora.analysis.eval_report import ORACLE, EvalResult, Totals
+from xlora.analysis.eval_report import ORACLE, UNLABELLED, EvalResult, Totals
 from xlora.analysis.stats import token_entropy
 from xlora.generation import pad_token_id
 from xlora.train.data import IGNORE_INDEX, TokenizedExample
 
 BASE, UNIFORM, ARROW, XLORA = "base", "uniform", "arrow", "xlora"
 Checker = Callable[[dict[str, Any], str], float]
+WINDOW = 16  # batches read ahead and sorted by length, so that a batch pads little
 
 
 @dataclass
@@ -153,21 +154,28 @@ def _loss_pass(model: Any, tokenizer: Any, records: Iterable[EvalRecord], config
     bar = _progress_bar(config.max_records) if progress else (lambda n, close=False: None)
     samples: list[EvalRecord] = []
     per_domain: dict[str | None, int] = {}
-    chunk: list[EvalRecord] = []
+    window: list[EvalRecord] = []
     for rec in records:
+        totals.domains.setdefault(rec.domain if rec.domain is not None else UNLABELLED)  # file order
         if rec.reference is not None and per_domain.get(rec.domain, 0) < config.generate:
             per_domain[rec.domain] = per_domain.get(rec.domain, 0) + 1
             samples.append(rec)
-        chunk.append(rec)
-        if len(chunk) == config.batch_size:
-            _score_batch(model, chunk, pad, fixed, arrow, totals)
-            bar(len(chunk))
-            chunk = []
-    if chunk:
-        _score_batch(model, chunk, pad, fixed, arrow, totals)
-        bar(len(chunk))
+        window.append(rec)
+        if len(window) == config.batch_size * WINDOW:
+            _score_window(model, window, pad, fixed, arrow, totals, bar, config.batch_size)
+            window = []
+    _score_window(model, window, pad, fixed, arrow, totals, bar, config.batch_size)
     bar(0, close=True)
     return samples
+
+
+def _score_window(model: Any, window: list[EvalRecord], pad: int, fixed: dict[str, Any], arrow: Any,
+                  totals: Totals, bar: Callable[..., None], batch_size: int) -> None:
+    """Score a window of records in batches of similar length (left padding costs the longest row's length)."""
+    window = sorted(window, key=lambda r: len(r.example.input_ids))
+    for i in range(0, len(window), batch_size):
+        _score_batch(model, window[i:i + batch_size], pad, fixed, arrow, totals)
+        bar(len(window[i:i + batch_size]))
 
 
 @torch.no_grad()
