@@ -212,3 +212,75 @@ def test_generate_with_a_pickle_only_base_gives_a_one_line_error(saved_model, ll
                           "pickle checkpoint (pytorch_model.bin), which xlora never unpickles")
     assert "--base PATH" in err and "Traceback" not in err
     assert not sentinel.exists()
+
+
+def test_every_train_flag_has_help_and_required_ones_show_no_empty_default(capsys):
+    import dataclasses
+    import re
+
+    from xlora import XLoraConfig
+    from xlora.train.config import TrainConfig
+
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    text = capsys.readouterr().out.split("\noptions:\n", 1)[1]
+    entries = re.split(r"\n(?=  -)", text.strip("\n"))
+    helps = {}
+    for entry in entries:
+        invocation, *words = re.split(r"\s{2,}", entry.strip(), maxsplit=1)
+        helps[invocation.split()[0].rstrip(",")] = " ".join(" ".join(words).split())
+    fields = [f.name for cls in (TrainConfig, XLoraConfig) for f in dataclasses.fields(cls)
+              if f.name not in ("xlora", "hidden_size", "num_adapted_modules", "base_model_name_or_path")]
+    assert set(helps) == {"-h", "--config", *("--" + f.replace("_", "-") for f in fields)}
+    short = {flag: h for flag, h in helps.items() if len(h.split()) < 4}
+    assert short == {}, "flags without a line of help"
+    assert not [flag for flag, h in helps.items() if "(default: '')" in h]
+    for flag in ("--base-model", "--train-file", "--output-dir", "--experts"):
+        assert helps[flag].endswith("(required, here or in --config)"), helps[flag]
+    assert helps["--max-steps"] == "optimizer steps; None means num_epochs epochs. (default: None)"
+    assert helps["--keep-checkpoints"] == "how many of the newest checkpoints to keep. (default: 3)"
+
+
+@pytest.fixture(scope="module")
+def ends_at_once(setups, tmp_path_factory):
+    """An X-LoRA over a GPT-2 whose every next token is EOS by construction: the final LayerNorm outputs the
+    constant e_0 and the (tied) output embedding's column 0 gives EOS 6, every other token -1."""
+    from conftest import tiny_tokenizer
+
+    from xlora import XLoraConfig, XLoraModel
+
+    gpt2 = setups["gpt2"]
+    base = gpt2.base()
+    with torch.no_grad():
+        base.transformer.ln_f.weight.zero_()
+        base.transformer.ln_f.bias.zero_()
+        base.transformer.ln_f.bias[0] = 1.0
+        base.transformer.wte.weight[:, 0] = -1.0
+        base.transformer.wte.weight[2, 0] = 6.0  # EOS, the tiny chat template's end of turn
+    root = tmp_path_factory.mktemp("ends")
+    base.save_pretrained(str(root / "base"))
+    tiny_tokenizer().save_pretrained(str(root / "base"))
+    from transformers import AutoModelForCausalLM
+
+    model = XLoraModel(AutoModelForCausalLM.from_pretrained(str(root / "base")),
+                       XLoraConfig(experts={k: str(v) for k, v in gpt2.expert_dirs.items()}, head_hidden_size=8))
+    model.save_pretrained(root / "xlora")
+    return root / "xlora"
+
+
+def test_an_empty_answer_without_chat_suggests_chat_on_stderr(ends_at_once, capsys):
+    assert main(["generate", str(ends_at_once), "Hello", "--max-new-tokens", "5"]) == 0
+    captured = capsys.readouterr()
+    assert captured.out == "\n"
+    hints = [line for line in captured.err.splitlines() if line.startswith("xlora")]  # not the loading bars
+    assert hints == ["xlora generate: the answer is empty (first token '</s>'); an instruct model expects its chat "
+                     "template: add --chat"]
+    assert main(["generate", str(ends_at_once), "Hello", "--max-new-tokens", "5", "--chat"]) == 0
+    captured = capsys.readouterr()  # asked for the chat template already: nothing to suggest
+    assert captured.out == "\n" and "xlora" not in captured.err
+
+
+def test_a_real_answer_gets_no_hint(saved_model, capsys):
+    assert main(["generate", str(saved_model), "Hello", "--max-new-tokens", "10"]) == 0
+    captured = capsys.readouterr()
+    assert captured.out.strip() and "xlora generate" not in captured.err

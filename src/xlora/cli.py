@@ -39,25 +39,48 @@ def _add_cluster_flags(p: argparse.ArgumentParser) -> None:
                    help="the local Ray instance's object store (default: Ray's)")
 
 
-def _add_dataclass_flags(p: argparse.ArgumentParser, cls: type, skip: set[str]) -> None:
-    """One flag per dataclass field (``--field-name``), defaults left to the dataclass (one source of truth)."""
+def _add_dataclass_flags(p: argparse.ArgumentParser, cls: type, skip: set[str], required: set[str]) -> None:
+    """One flag per dataclass field (``--field-name``), defaults left to the dataclass (one source of truth),
+    its help the field's entry in the class docstring's ``Args:``."""
     import dataclasses
     import typing
 
-    hints = typing.get_type_hints(cls)
+    hints, docs = typing.get_type_hints(cls), _field_help(cls)
     for f in dataclasses.fields(cls):
         if f.name in skip:
             continue
         flag, hint = "--" + f.name.replace("_", "-"), hints[f.name]
-        doc = f"(default: {f.default!r})" if f.default is not dataclasses.MISSING else ""
+        default = "required, here or in --config" if f.name in required else \
+            f"default: {f.default if f.default is not dataclasses.MISSING else f.default_factory()!r}"
+        doc = f"{docs.get(f.name, '')} ({default})".strip().replace("%", "%%")
         if hint is bool:
             p.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=doc)
         elif f.name == "experts":
             p.add_argument(flag, nargs="+", metavar="NAME=PATH", default=argparse.SUPPRESS,
-                           help="the experts, in order: name=adapter_dir ...")
+                           help=f"the experts, in order: NAME=PATH of each PEFT LoRA adapter folder ({default})")
         else:
             args = [a for a in typing.get_args(hint) if a is not type(None)] or [hint]
             p.add_argument(flag, type=args[0], default=argparse.SUPPRESS, help=doc)
+
+
+def _field_help(cls: type) -> dict[str, str]:
+    """``{field: text}`` from the Google-style ``Args:`` of ``cls``'s docstring (``a / b:`` entries share a text)."""
+    import inspect
+    import re
+
+    lines = inspect.cleandoc(cls.__doc__ or "").splitlines()
+    found: dict[str, list[str]] = {}
+    current: list[str] = []
+    for line in lines[lines.index("Args:") + 1:] if "Args:" in lines else []:
+        entry = re.match(r"^    ([\w ]+(?: / [\w ]+)*): (.*)$", line)
+        if entry:
+            current = [entry.group(2)]
+            found.update({name.strip(): current for name in entry.group(1).split(" / ")})
+        elif line.startswith("        "):
+            current.append(line.strip())
+        elif line.strip():
+            break  # the next section
+    return {name: " ".join(text).replace("``", "") for name, text in found.items()}
 
 
 def _number(kind: type, ok: Callable[[float], bool], expected: str) -> Callable[[str], float]:
@@ -233,9 +256,12 @@ def _add_train_parser(sub: argparse._SubParsersAction) -> None:
     from xlora.train.config import TrainConfig
 
     p = sub.add_parser("train", help="train the X-LoRA scaling head (runs under accelerate launch / torchrun too)")
-    p.add_argument("--config", default=argparse.SUPPRESS, help="JSON or YAML file of options; flags override it")
-    _add_dataclass_flags(p, TrainConfig, skip={"xlora"})
-    _add_dataclass_flags(p, XLoraConfig, skip={"hidden_size", "num_adapted_modules", "base_model_name_or_path"})
+    p.add_argument("--config", default=argparse.SUPPRESS, metavar="FILE",
+                   help="JSON or YAML file of these options (keys: the flags' names, with - or _; relative paths "
+                        "from the file's folder); flags given here override it")
+    _add_dataclass_flags(p, TrainConfig, skip={"xlora"}, required={"base_model", "train_file", "output_dir"})
+    _add_dataclass_flags(p, XLoraConfig, skip={"hidden_size", "num_adapted_modules", "base_model_name_or_path"},
+                         required={"experts"})
     p.set_defaults(func=commands.train)
 
 

@@ -135,20 +135,24 @@ def serve(args: argparse.Namespace) -> int:
 
 
 def train(args: argparse.Namespace) -> int:
-    from xlora.train.config import TrainConfig
+    from xlora.train.config import TrainConfig, read_config_file
+
+    given = {k: v for k, v in vars(args).items() if k not in ("command", "func", "config")}
+    data = read_config_file(args.config) if getattr(args, "config", None) else {}  # may lack what flags give
+    data.update(given)
+    cfg = TrainConfig.from_dict(data)  # a bad option is refused before the base or the data is loaded
     from xlora.train.trainer import TrainingError
     from xlora.train.trainer import train as train_head
 
-    given = {k: v for k, v in vars(args).items() if k not in ("command", "func", "config")}
-    data = TrainConfig.from_file(args.config).to_dict() if getattr(args, "config", None) else {}
-    data.update(given)
     try:
-        result = train_head(TrainConfig.from_dict(data))
+        result = train_head(cfg)
     except TrainingError as err:
         print(f"xlora train: error: {err}", file=sys.stderr)
         return 1
     if result.interrupted:
         return 130
+    if result.finished_before:  # train() said so
+        return 0
     ev = f", eval loss {result.eval_loss:.4f}" if result.eval_loss is not None else ""
     print(f"trained {result.steps} steps: train loss {result.train_loss:.4f}{ev}; model in {result.output_dir}")
     return 0

@@ -68,6 +68,35 @@ def test_prompt_completion_takes_loss_on_completion_and_eos_only(tok):
     assert not truncated
 
 
+def test_prompt_completion_with_chat_is_the_generate_chat_prompt_then_the_answer_turn(tok):
+    from xlora.generation import encode_prompt
+
+    record = {"prompt": "Q:", "completion": "42"}
+    example, truncated = tokenize_record(record, tok, max_length=32, chat=True)
+    prompt = ids(tok, "<user>Q:") + [EOS] + ids(tok, "<assistant>")  # the template: <role>content</s>
+    assert example.input_ids == prompt + ids(tok, "42") + [EOS]
+    assert example.labels == [M] * len(prompt) + ids(tok, "42") + [EOS]  # the answer and its end of turn
+    assert encode_prompt(tok, "Q:", chat=True)["input_ids"][0].tolist() == prompt  # what generate --chat feeds
+    assert not truncated
+    raw, _ = tokenize_record(record, tok, max_length=32)  # the default: joined raw, as before
+    assert raw.input_ids == ids(tok, "Q:42") + [EOS]
+    cut, truncated = tokenize_record({"prompt": "Q:", "completion": "x" * 10_000}, tok, max_length=20, chat=True)
+    assert truncated and cut.input_ids == prompt + ids(tok, "x" * (20 - len(prompt)))  # no end of turn: cut
+
+
+def test_chat_data_needs_a_chat_template(tok, tmp_path):
+    plain = tiny_tokenizer()
+    plain.chat_template = None
+    path = write_jsonl(tmp_path / "d.jsonl", [{"prompt": "Q:", "completion": "42"}])
+    with pytest.raises(ValueError) as err:
+        build_dataset(path, plain, 32, chat=True)
+    assert str(err.value) == (f"{path}: record 1: chat=True but the tokenizer has no chat_template; drop --chat or "
+                              "use a chat model (--chat applies to training data as at generation)")
+    examples, stats = build_dataset(path, tok, 32, chat=True)
+    assert examples[0] == tokenize_record({"prompt": "Q:", "completion": "42"}, tok, 32, chat=True)[0]
+    assert stats.num_loss_tokens == 3
+
+
 def test_chat_loss_covers_assistant_content_and_its_closing_token_only(tok):
     example, truncated = tokenize_record(CHAT, tok, max_length=200)
     # The template renders "<role>content</s>" per message; "</s>" is one token (EOS).

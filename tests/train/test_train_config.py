@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -34,10 +35,63 @@ def test_a_missing_path_names_its_flag(missing):
         TrainConfig.from_dict({**REQUIRED, missing: ""})
 
 
-def test_unknown_keys_are_listed_with_the_valid_ones():
-    with pytest.raises(ValueError, match=r"unknown training config keys \['learning_rat'\]; valid keys are \[.*"
-                                         r"'learning_rate'.*\]"):
-        TrainConfig.from_dict({**REQUIRED, "learning_rat": 0.1})
+def test_an_unknown_key_names_the_closest_and_lists_only_user_facing_keys():
+    with pytest.raises(ValueError) as err:
+        TrainConfig.from_dict({**REQUIRED, "learning-rat": 0.1})
+    message = str(err.value)
+    head, keys = message.split(": did you mean 'learning_rate'? The keys are the `xlora train` flags' names, "
+                               "with '_' or '-': ")
+    assert head == "unknown training config key 'learning-rat'"
+    listed = keys.split(", ")
+    flags = {f.name for f in dataclasses.fields(TrainConfig)} | {f.name for f in dataclasses.fields(XLoraConfig)}
+    internal = {"xlora", "hidden_size", "num_adapted_modules", "base_model_name_or_path"}  # no flags either
+    assert listed == sorted(flags - internal) and len(listed) == len(flags) - 4
+    assert {"base_model", "experts", "head_hidden_size", "chat", "max_steps"} <= set(listed)
+    assert not {"xlora", "hidden_size", "num_adapted_modules", "base_model_name_or_path"} & set(listed)
+    with pytest.raises(ValueError, match=r"^unknown training config key 'zzz': The keys are"):
+        TrainConfig.from_dict({**REQUIRED, "zzz": 1})  # nothing close: no suggestion
+
+
+def test_keys_may_be_spelled_as_the_flags():
+    dashed = {"base-model": "base", "train-file": "train.jsonl", "output-dir": "out", "experts": {"a": "/e/a"},
+              "head-hidden-size": 16, "max_steps": 3}
+    cfg = TrainConfig.from_dict(dashed)
+    assert (cfg.base_model, cfg.output_dir, cfg.xlora.head_hidden_size, cfg.max_steps) == ("base", "out", 16, 3)
+    assert cfg == TrainConfig.from_dict({**REQUIRED, "head_hidden_size": 16, "max_steps": 3})
+    with pytest.raises(ValueError, match=r"^training config key 'max_steps' is given twice .*; keep one$"):
+        TrainConfig.from_dict({**REQUIRED, "max-steps": 3, "max_steps": 4})
+
+
+def test_missing_experts_are_asked_for_in_cli_and_file_syntax_not_python():
+    expected = ('experts is required: on the command line --experts NAME=PATH [NAME=PATH ...], in a config file '
+                '"experts": {"NAME": "PATH", ...}')
+    for data in ({k: v for k, v in REQUIRED.items() if k != "experts"}, {**REQUIRED, "experts": {}}):
+        with pytest.raises(ValueError) as err:
+            TrainConfig.from_dict(data)
+        assert str(err.value) == expected
+    with pytest.raises(ValueError) as err:
+        TrainConfig(base_model="b", train_file="t", output_dir="o")
+    assert str(err.value) == "xlora (the X-LoRA options) is required: at least the experts, " + expected[21:]
+    assert "={" not in str(err.value)
+
+
+def test_a_config_file_resolves_relative_paths_against_its_folder(tmp_path, monkeypatch):
+    from xlora.train.config import read_config_file
+
+    folder = tmp_path / "project"
+    (folder / "models" / "base").mkdir(parents=True)
+    (folder / "c.yaml").write_text("base-model: models/base\ntrain_file: data/train.jsonl\noutput-dir: runs/one\n"
+                                   "eval_file: /abs/eval.jsonl\nexperts: {bio: experts/bio, chem: /abs/chem}\n")
+    (folder / "ids.json").write_text(json.dumps({"base_model": "org/cached-model", "experts": ["bio=experts/bio"]}))
+    monkeypatch.chdir(tmp_path)  # another working directory than the file's
+    cfg = TrainConfig.from_file("project/c.yaml")
+    root = str(folder.resolve())
+    assert (cfg.base_model, cfg.train_file, cfg.output_dir, cfg.eval_file) == (
+        f"{root}/models/base", f"{root}/data/train.jsonl", f"{root}/runs/one", "/abs/eval.jsonl")
+    assert cfg.xlora.experts == {"bio": f"{root}/experts/bio", "chem": "/abs/chem"}
+    # a base_model that is no folder next to the file stays as given (a model id in the Hugging Face cache)
+    assert read_config_file("project/ids.json") == {"base_model": "org/cached-model",
+                                                    "experts": [f"bio={root}/experts/bio"]}
 
 
 @pytest.mark.parametrize("field, value, message", [
@@ -64,11 +118,6 @@ def test_bad_values_name_the_field_and_the_value(field, value, message):
 def test_resume_and_overwrite_exclude_each_other():
     with pytest.raises(ValueError, match="resume and overwrite exclude each other"):
         TrainConfig.from_dict({**REQUIRED, "resume": True, "overwrite": True})
-
-
-def test_the_xlora_options_are_required():
-    with pytest.raises(ValueError, match=r"xlora \(the X-LoRA options, at least experts=\{name: path\}\) is required"):
-        TrainConfig(base_model="b", train_file="t", output_dir="o")
 
 
 def test_from_file_reads_json_and_yaml(tmp_path):

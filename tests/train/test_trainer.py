@@ -427,3 +427,61 @@ def test_a_launcher_mixed_precision_that_is_not_used_is_named(monkeypatch):
                                          r"mixed_precision='no': pass --mixed-precision bf16"):
         accelerator = make_accelerator("no")
     assert accelerator.mixed_precision == "no"  # Accelerate itself always stays at 'no' (we autocast)
+
+
+# ------------------------------------------------------------------ resume: the same run, or a clear refusal
+def files_of(out: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(out)): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+
+
+def test_resume_refuses_other_model_options_in_one_line_and_writes_nothing(world, tmp_path):
+    out = tmp_path / "run"
+    train(config(world, out, max_steps=4, save_every=2, head_depth=2, head_hidden_size=16))
+    before = files_of(out)
+    fewer = {"letters": world["experts"]["letters"]}
+    with pytest.raises(TrainingError) as err:
+        train(config(world, out, max_steps=6, save_every=2, head_depth=2, head_hidden_size=32, experts=fewer,
+                     learning_rate=0.01, resume=True))
+    assert str(err.value) == (
+        f"cannot resume {str(out)!r} with other options than its run's (train_config.json): learning_rate 0.02 -> "
+        f"0.01; experts {world['experts']!r} -> {fewer!r}; head_hidden_size 16 -> 32. Only max_steps, num_epochs, "
+        "save_every, eval_every, log_every, keep_checkpoints, progress, resume, overwrite may change on resume: "
+        "pass the run's values again, or train into a new output_dir (or --overwrite)")
+    assert "\n" not in str(err.value)
+    assert files_of(out) == before  # train_config.json still describes the run's model
+    # the schedule may change: two more steps, and train_config.json records the new max_steps
+    result = train(config(world, out, max_steps=6, save_every=2, log_every=1, head_depth=2, head_hidden_size=16,
+                          resume=True))
+    assert (result.steps, result.finished_before) == (6, False) and math.isfinite(result.train_loss)
+    assert json.loads((out / "train_config.json").read_text())["max_steps"] == 6
+
+
+def test_resuming_a_finished_run_says_so_through_the_cli_and_a_config_file(world, tmp_path, capsys):
+    from xlora.cli import main
+
+    project = tmp_path / "project"
+    project.mkdir()
+    rel = {k: os.path.relpath(v, project) for k, v in world["experts"].items()}  # relative to the file's folder
+    (project / "train.json").write_text(json.dumps({
+        "base-model": world["base"], "train-file": os.path.relpath(world["files"]["train"], project),
+        "experts": rel, "max-length": 32, "per-device-batch-size": 8, "save-every": 2, "seed": 3,
+        "head-dropout": 0.0}))
+    out = tmp_path / "run"
+    argv = ["train", "--config", str(project / "train.json"), "--output-dir", str(out), "--max-steps", "2",
+            "--no-progress"]
+    assert main(argv) == 0
+    first = capsys.readouterr().out.splitlines()[-1]
+    loss = float(re.fullmatch(rf"trained 2 steps: train loss (\d\.\d+); model in {re.escape(str(out))}", first)[1])
+    state = json.loads((out / "checkpoints" / "step-00000002" / "trainer_state.json").read_text())
+    assert state["train_loss"] == pytest.approx(loss, abs=5e-5)
+    head = head_of(out)
+    assert main([*argv, "--resume"]) == 0
+    printed = capsys.readouterr().out
+    assert printed.splitlines()[-1] == (f"{out} already finished: its checkpoint is at step 2 and this schedule ends "
+                                        "at step 2; nothing to train (raise --max-steps to train it further)")
+    assert "nan" not in printed and "trained" not in printed
+    assert all(torch.equal(head[k], v) for k, v in head_of(out).items())
+    assert main([*argv, "--resume", "--head-hidden-size", "64"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"xlora train: error: cannot resume {str(out)!r}")
+    assert "head_hidden_size 2048 -> 64. Only max_steps" in err

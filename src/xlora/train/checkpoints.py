@@ -30,6 +30,7 @@ from safetensors.torch import load_file
 from xlora import XLoraConfig
 from xlora.files import atomic_save_safetensors, atomic_write_text
 from xlora.saving import CONFIG_FILE, EXPERTS_DIR, HEAD_FILE
+from xlora.train.config import RESUMABLE_CHANGES, TrainConfig, resume_conflicts
 
 CHECKPOINTS = "checkpoints"
 MARKER = "train_config.json"  # the run's options; marks the output directory as a run of ours
@@ -113,6 +114,11 @@ def list_checkpoints(output_dir: Path) -> list[Path]:
     return sorted((p for p in root.iterdir() if p.is_dir() and _NAME.match(p.name)), key=lambda p: p.name)
 
 
+def checkpoint_state(output_dir: Path, step: int) -> dict[str, Any]:
+    """The ``trainer_state.json`` of checkpoint ``step`` (``step``, ``train_loss``, ``eval_loss``, ...)."""
+    return json.loads((Path(output_dir) / CHECKPOINTS / f"step-{step:08d}" / STATE_FILE).read_text())
+
+
 def load_checkpoint_state(path: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """Read and validate one checkpoint: ``(trainer_state, head_tensors, optimizer_tensors)``; raises if broken."""
     state = json.loads((path / STATE_FILE).read_text())
@@ -137,3 +143,22 @@ def newest_valid_checkpoint(output_dir: Path) -> tuple[Path, dict[str, Any], dic
             continue
         return path, state, optim
     return None
+
+
+def resume_refusal(cfg: TrainConfig) -> str | None:
+    """Why ``cfg`` (with ``resume``) may not continue the run in its ``output_dir``, or ``None``: one line naming
+    every option that differs from the run's ``train_config.json``, with both values. Only the schedule
+    (:data:`~xlora.train.config.RESUMABLE_CHANGES`) may change; nothing is written either way."""
+    marker = Path(cfg.output_dir) / MARKER
+    if not cfg.resume or not marker.is_file():
+        return None  # setup names the missing run
+    try:
+        saved = json.loads(marker.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        return f"cannot resume {cfg.output_dir!r}: its {MARKER} is not valid JSON ({err}); start a new output_dir"
+    diffs = resume_conflicts(saved if isinstance(saved, dict) else {}, cfg)
+    if not diffs:
+        return None
+    return (f"cannot resume {cfg.output_dir!r} with other options than its run's ({MARKER}): " + "; ".join(diffs)
+            + f". Only {', '.join(RESUMABLE_CHANGES)} may change on resume: pass the run's values again, or "
+            "train into a new output_dir (or --overwrite)")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import json
 import os
 from dataclasses import dataclass
@@ -21,31 +22,49 @@ class TrainConfig:
     may also be given here (see :meth:`from_dict`); they are collected into :attr:`xlora`.
 
     Args:
-        base_model: local directory (or cached id) of the base causal LM.
+        base_model: local folder (or a model id already in the Hugging Face cache) of the base causal LM.
         train_file: JSONL (or any local file ``datasets`` reads) of ``{"text"}``, ``{"prompt","completion"}``
             or ``{"messages"}`` records.
         output_dir: where the final model, ``metrics.jsonl`` and ``checkpoints/`` go.
         eval_file: optional held-out data of the same shapes.
+        xlora: the X-LoRA options (the ``XLoraConfig`` fields; given flat, at least ``experts``).
+        chat: render ``prompt``/``completion`` records with the tokenizer's chat template, as one user and one
+            assistant turn, exactly as ``xlora generate --chat`` renders a prompt (``messages`` records always
+            use the template, ``text`` records never do).
         max_length: tokens per example (longer records are truncated and counted).
         packing: concatenate examples into ``max_length`` chunks instead of padding.
         group_by_length: batch examples of similar length together (less padding).
         per_device_batch_size: examples per process per micro-batch; the global batch is
             ``per_device_batch_size · processes · gradient_accumulation_steps``.
+        gradient_accumulation_steps: micro-batches per optimizer step.
+        num_epochs: passes over the training data (used when ``max_steps`` is not set; may be fractional).
         max_steps: optimizer steps; ``None`` means ``num_epochs`` epochs.
+        learning_rate: AdamW's peak learning rate.
+        weight_decay: AdamW's decoupled weight decay.
+        adam_beta1: AdamW's decay of the gradient's running mean.
+        adam_beta2: AdamW's decay of the squared gradient's running mean.
+        adam_epsilon: AdamW's epsilon (added to the denominator).
         warmup_steps: linear warm-up, then cosine decay to 0.
         max_grad_norm: gradient clipping (0 disables).
+        seed: seeds the data order and dropout (a run is a function of its options).
         mixed_precision: ``"no"``, ``"fp16"`` or ``"bf16"`` (Accelerate).
         dtype: load the base in ``"float32"``, ``"bfloat16"`` or ``"float16"`` (None: the checkpoint's);
             the head (and trainable experts) stay float32 for the optimiser, as PEFT keeps adapters.
-        load_in_8bit / load_in_4bit: quantise the frozen base with bitsandbytes while loading.
+        load_in_8bit / load_in_4bit: quantise the frozen base with bitsandbytes while loading (8-bit, or
+            4-bit nf4).
         gradient_checkpointing: recompute the base's decoder layers in the backward pass (exact).
-        save_every / keep_checkpoints: checkpoint period in steps and how many to keep.
+        log_every: write ``metrics.jsonl`` every this many steps.
         eval_every: evaluation period in steps (``None``: at checkpoints and at the end).
-        regularizer / regularizer_weight: optional loss on the scalings: ``"balance"`` (``E·Σ_e p̄_e²``,
-            1 when experts are used equally) or ``"entropy"`` (mean per-token entropy, lower = sharper).
-        resume: continue from the newest valid checkpoint in ``output_dir``.
+        save_every: write a checkpoint every this many steps (and at the end).
+        keep_checkpoints: how many of the newest checkpoints to keep.
+        regularizer: optional loss on the scalings: ``"none"``, ``"balance"`` (``E·Σ_e p̄_e²``, 1 when
+            experts are used equally) or ``"entropy"`` (mean per-token entropy, lower = sharper).
+        regularizer_weight: the regularizer's weight in the loss (0: off).
+        resume: continue from the newest valid checkpoint in ``output_dir``; only the fields in
+            ``RESUMABLE_CHANGES`` (the schedule) may differ from the run's ``train_config.json``.
         overwrite: allow an existing non-empty ``output_dir`` that is not a resumable run of ours.
         bundle: copy the experts into the final output directory.
+        progress: show a progress bar.
     """
 
     base_model: str = ""
@@ -53,6 +72,7 @@ class TrainConfig:
     output_dir: str = ""
     eval_file: str | None = None
     xlora: XLoraConfig | None = None
+    chat: bool = False
     max_length: int = 512
     packing: bool = False
     group_by_length: bool = True
@@ -89,7 +109,7 @@ class TrainConfig:
             if not isinstance(getattr(self, name), str) or not getattr(self, name):
                 raise ValueError(f"{name} is required (got {getattr(self, name)!r}), e.g. --{name.replace('_', '-')} PATH")
         if self.xlora is None:
-            raise ValueError("xlora (the X-LoRA options, at least experts={name: path}) is required")
+            raise ValueError(f"xlora (the X-LoRA options) is required: at least the experts, {EXPERTS_HOWTO}")
         if isinstance(self.xlora, dict):
             self.xlora = XLoraConfig.from_dict(self.xlora)
         for name, minimum in (("max_length", 2), ("per_device_batch_size", 1), ("gradient_accumulation_steps", 1),
@@ -116,8 +136,8 @@ class TrainConfig:
             raise ValueError(f"mixed_precision must be one of {_MIXED_PRECISION}, got {self.mixed_precision!r}")
         if self.regularizer not in _REGULARIZERS:
             raise ValueError(f"regularizer must be one of {_REGULARIZERS}, got {self.regularizer!r}")
-        for name in ("packing", "group_by_length", "resume", "overwrite", "bundle", "progress", "load_in_8bit",
-                     "load_in_4bit", "gradient_checkpointing"):
+        for name in ("chat", "packing", "group_by_length", "resume", "overwrite", "bundle", "progress",
+                     "load_in_8bit", "load_in_4bit", "gradient_checkpointing"):
             check_bool(name, getattr(self, name))
         if self.resume and self.overwrite:
             raise ValueError("resume and overwrite exclude each other: resume continues a run, overwrite starts afresh")
@@ -133,37 +153,124 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
-        """Build from flat keys (training and X-LoRA fields mixed); unknown keys are an error."""
-        if not isinstance(data, dict):
-            raise ValueError(f"a training config must be a mapping, got {type(data).__name__}")
+        """Build from flat keys (training and X-LoRA fields mixed, spelled ``base_model`` or ``base-model``);
+        unknown keys are an error that suggests the closest one."""
+        data = canonical_keys(data)
         own = {f.name for f in dataclasses.fields(cls)} - {"xlora"}
         xl = {f.name for f in dataclasses.fields(XLoraConfig)}
-        unknown = sorted(set(data) - own - xl - {"xlora"})
-        if unknown:
-            raise ValueError(f"unknown training config keys {unknown}; valid keys are {sorted(own | xl)}")
+        if not data.get("experts") and not (data.get("xlora") or {}).get("experts"):
+            raise ValueError(f"experts is required: {EXPERTS_HOWTO}")
         xlora = dict(data.get("xlora") or {})
         xlora.update({k: v for k, v in data.items() if k in xl})
         return cls(**{k: v for k, v in data.items() if k in own}, xlora=XLoraConfig.from_dict(xlora))
 
     @classmethod
     def from_file(cls, path: str | os.PathLike) -> TrainConfig:
-        """Read a JSON or YAML (``.yaml``/``.yml``, needs PyYAML) training config."""
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"training config {str(path)!r} does not exist")
-        text = path.read_text()
-        if path.suffix in (".yaml", ".yml"):
-            try:
-                import yaml
-            except ImportError:
-                raise ValueError(f"{str(path)!r} is YAML but PyYAML is not installed: pip install pyyaml") from None
-            try:
-                data = yaml.safe_load(text)
-            except yaml.YAMLError as err:
-                raise ValueError(f"training config {str(path)!r} is not valid YAML: {err}") from None
-        else:
-            try:
-                data = json.loads(text)
-            except json.JSONDecodeError as err:
-                raise ValueError(f"training config {str(path)!r} is not valid JSON: {err}") from None
-        return cls.from_dict(data)
+        """Read a JSON or YAML training config (see :func:`read_config_file`)."""
+        return cls.from_dict(read_config_file(path))
+
+
+EXPERTS_HOWTO = ('on the command line --experts NAME=PATH [NAME=PATH ...], in a config file '
+                 '"experts": {"NAME": "PATH", ...}')
+# Filled in from the base model, or mirrors of other keys: accepted (train_config.json round-trips) but never
+# offered to a user.
+_INTERNAL_KEYS = {"xlora", "hidden_size", "num_adapted_modules", "base_model_name_or_path"}
+_PATH_KEYS = ("train_file", "eval_file", "output_dir")
+
+
+def user_keys() -> list[str]:
+    """The keys a user writes: the ``xlora train`` flags' names (``_`` or ``-``), training and X-LoRA options."""
+    names = {f.name for f in dataclasses.fields(TrainConfig)} | {f.name for f in dataclasses.fields(XLoraConfig)}
+    return sorted(names - _INTERNAL_KEYS)
+
+
+def canonical_keys(data: Any) -> dict[str, Any]:
+    """``data`` with every key spelled with ``_`` (``base-model`` -> ``base_model``); refuses unknown keys,
+    naming the closest known one, and a key given in both spellings."""
+    if not isinstance(data, dict):
+        raise ValueError(f"a training config must be a mapping, got {type(data).__name__}")
+    out: dict[str, Any] = {}
+    known = set(user_keys()) | _INTERNAL_KEYS
+    for key, value in data.items():
+        name = str(key).replace("-", "_")
+        if name not in known:
+            close = difflib.get_close_matches(name, user_keys(), n=1)
+            hint = f"did you mean {close[0]!r}? " if close else ""
+            raise ValueError(f"unknown training config key {key!r}: {hint}The keys are the `xlora train` flags' "
+                             f"names, with '_' or '-': {', '.join(user_keys())}")
+        if name in out:
+            raise ValueError(f"training config key {name!r} is given twice ({name!r} and its other spelling); "
+                             "keep one")
+        out[name] = value
+    return out
+
+
+def read_config_file(path: str | os.PathLike) -> dict[str, Any]:
+    """The flat options of a JSON or YAML (``.yaml``/``.yml``, needs PyYAML) training config file.
+
+    Keys are spelled as in :meth:`TrainConfig.from_dict`. Relative paths are resolved against the file's
+    folder: ``train_file``, ``eval_file``, ``output_dir`` and the experts' folders always, ``base_model``
+    when that folder exists (otherwise it is kept as given: a model id in the Hugging Face cache).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"training config {str(path)!r} does not exist")
+    text = path.read_text()
+    if path.suffix in (".yaml", ".yml"):
+        try:
+            import yaml
+        except ImportError:
+            raise ValueError(f"{str(path)!r} is YAML but PyYAML is not installed: pip install pyyaml") from None
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as err:
+            raise ValueError(f"training config {str(path)!r} is not valid YAML: {err}") from None
+    else:
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"training config {str(path)!r} is not valid JSON: {err}") from None
+    return _resolve_paths(canonical_keys(data), path.resolve().parent)
+
+
+def _resolve_paths(data: dict[str, Any], folder: Path) -> dict[str, Any]:
+    def resolve(value: Any) -> Any:
+        return str(folder / value) if isinstance(value, str) and value and not Path(value).is_absolute() else value
+
+    out = {**data, **{k: resolve(data[k]) for k in _PATH_KEYS if k in data}}
+    base = data.get("base_model")
+    if isinstance(base, str) and base and (folder / base).is_dir():
+        out["base_model"] = resolve(base)
+    experts = data.get("experts")
+    if isinstance(experts, dict):
+        out["experts"] = {name: resolve(p) for name, p in experts.items()}
+    elif isinstance(experts, list):  # the CLI form, name=path strings
+        out["experts"] = [f"{n}={resolve(p)}" if isinstance(e, str) and sep else e
+                          for e in experts for n, sep, p in [str(e).partition("=")]]
+    return out
+
+
+# The schedule: what may change when a run is resumed (--resume). Everything else defines the model (the
+# X-LoRA options), the data (files, max_length, chat, packing) or the optimisation up to the checkpoint (the
+# optimizer's settings, batch sizes, seed, precision, base loading), which a resumed run must keep to be the
+# continuation of the same run. max_steps and num_epochs move the end (and with it the cosine decay).
+RESUMABLE_CHANGES = ("max_steps", "num_epochs", "save_every", "eval_every", "log_every", "keep_checkpoints",
+                     "progress", "resume", "overwrite")
+_NOT_COMPARED = (*RESUMABLE_CHANGES, "output_dir")  # the run's own folder, however it is spelled
+
+
+def resume_conflicts(saved: dict[str, Any], cfg: TrainConfig) -> list[str]:
+    """The options of ``cfg`` that differ from a run's ``saved`` ones (its ``train_config.json``), each as
+    ``"name VALUE_OF_THE_RUN -> GIVEN_VALUE"``; keys the run did not record are not compared. Paths are equal
+    when they name the same file."""
+    given = cfg.to_dict()
+    return [f"{name} {saved[name]!r} -> {given[name]!r}" for name in given
+            if name in saved and name not in _NOT_COMPARED and not _same(saved[name], given[name])]
+
+
+def _same(a: Any, b: Any) -> bool:
+    if isinstance(a, dict) and isinstance(b, dict):
+        return list(a) == list(b) and all(_same(a[k], b[k]) for k in a)
+    if isinstance(a, str) and isinstance(b, str) and a != b:
+        return os.path.abspath(a) == os.path.abspath(b) and os.path.exists(a)
+    return a == b

@@ -3,7 +3,13 @@
 Three record shapes are understood (one per record; files may mix them):
 
 - ``{"text": str}``: loss on every token; the tokenizer's EOS is appended if it has one.
-- ``{"prompt": str, "completion": str}``: loss on the completion and its EOS only.
+- ``{"prompt": str, "completion": str}``: loss on the completion and what ends it only. Raw (the
+  default): the prompt's tokens (with the tokenizer's special tokens, e.g. BOS) then the completion's
+  tokens and EOS, each tokenized on its own and joined with nothing between them; the model sees this
+  text as ``xlora generate PROMPT`` (no ``--chat``) gives it. With ``chat=True``: the prompt is encoded
+  exactly as ``xlora generate --chat`` encodes it (:func:`xlora.generation.encode_prompt`: a user turn
+  and the assistant header), followed by the rest of the rendered ``[user, assistant]`` conversation:
+  the completion and the template's end-of-turn markup, which take the loss.
 - ``{"messages": [{"role": str, "content": str}, ...]}``: rendered with the tokenizer's chat
   template; loss on the assistant turns only. An assistant turn's loss span is the text between
   ``render(messages[:i], add_generation_prompt=True)`` and ``render(messages[:i + 1])``: its
@@ -94,7 +100,8 @@ class _CharBudget:
         return kept
 
 
-def tokenize_record(record: dict, tokenizer: Any, max_length: int, index: int = 0) -> tuple[TokenizedExample, bool]:
+def tokenize_record(record: dict, tokenizer: Any, max_length: int, index: int = 0,
+                    chat: bool = False) -> tuple[TokenizedExample, bool]:
     """Tokenize one record and mask the tokens that take no loss.
 
     Only the first ``CHARS_PER_TOKEN * (max_length + 1)`` characters of the record's text fields
@@ -106,6 +113,7 @@ def tokenize_record(record: dict, tokenizer: Any, max_length: int, index: int = 
         tokenizer: a Hugging Face tokenizer; ``messages`` need its ``chat_template``.
         max_length: keep at most this many tokens (the beginning).
         index: the record's 0-based position, for error messages.
+        chat: render a ``prompt``/``completion`` record with the chat template (see the module doc).
 
     Returns:
         ``(example, truncated)``: ``example.input_ids`` and ``example.labels`` are ``[n]`` with
@@ -127,9 +135,13 @@ def tokenize_record(record: dict, tokenizer: Any, max_length: int, index: int = 
         labels = list(ids)
     elif kind == "prompt_completion":
         prompt_text, completion_text = _string(record, "prompt", where), _string(record, "completion", where)
-        prompt = _encode(tokenizer, budget.take(prompt_text), special=True)
-        completion = _encode(tokenizer, budget.take(completion_text), special=False)
-        completion += [] if budget.cut else _eos(tokenizer)
+        if chat:
+            prompt, completion = _chat_pair(budget.take(prompt_text), budget.take(completion_text), budget.cut,
+                                            tokenizer, where)
+        else:
+            prompt = _encode(tokenizer, budget.take(prompt_text), special=True)
+            completion = _encode(tokenizer, budget.take(completion_text), special=False)
+            completion += [] if budget.cut else _eos(tokenizer)
         ids, labels = prompt + completion, [IGNORE_INDEX] * len(prompt) + completion
     else:
         ids, labels = _tokenize_chat(record["messages"], tokenizer, where, budget)
@@ -150,6 +162,24 @@ def _encode(tokenizer: Any, text: str, special: bool) -> list[int]:
 
 def _eos(tokenizer: Any) -> list[int]:
     return [] if tokenizer.eos_token_id is None else [int(tokenizer.eos_token_id)]
+
+
+def _chat_pair(prompt: str, completion: str, cut: bool, tokenizer: Any, where: str) -> tuple[list[int], list[int]]:
+    """``(prompt_ids, completion_ids)``: the prompt as ``xlora generate --chat`` encodes it, then the completion
+    and the template's end of the assistant turn (the completion alone when it was cut)."""
+    from xlora.generation import encode_prompt  # the one prompt encoder of generation
+
+    try:
+        prompt_ids = encode_prompt(tokenizer, prompt, chat=True)["input_ids"][0].tolist()
+    except ValueError as e:  # no chat template
+        raise ValueError(f"{where}: {e} (--chat applies to training data as at generation)") from None
+    turns = [{"role": "user", "content": prompt}, {"role": "assistant", "content": completion}]
+    head = tokenizer.apply_chat_template(turns[:1], tokenize=False, add_generation_prompt=True)
+    full = tokenizer.apply_chat_template(turns, tokenize=False)
+    if not full.startswith(head):
+        raise ValueError(f"{where}: the chat template renders the answer's turn without the generation prompt "
+                         "before it, so the completion cannot be located; train without --chat or use messages")
+    return prompt_ids, _encode(tokenizer, completion if cut else full[len(head):], special=False)
 
 
 def _tokenize_chat(messages: Any, tokenizer: Any, where: str, budget: _CharBudget) -> tuple[list[int], list[int]]:
@@ -217,13 +247,14 @@ def _encode_spans(tokenizer: Any, text: str, spans: list[tuple[int, int]]) -> tu
 
 
 # -------------------------------------------------------------------------------------- assembling
-def build_dataset(path: str | Path, tokenizer: Any, max_length: int,
-                  packing: bool = False) -> tuple[list[TokenizedExample], DatasetStats]:
+def build_dataset(path: str | Path, tokenizer: Any, max_length: int, packing: bool = False,
+                  chat: bool = False) -> tuple[list[TokenizedExample], DatasetStats]:
     """Read and tokenize a data file, optionally packing examples into ``max_length`` chunks.
 
     With ``packing``, the examples (each ending with EOS where the tokenizer has one) are
     concatenated and cut into chunks of exactly ``max_length`` tokens (the last may be shorter),
-    labels carried along; attention is not masked across example boundaries.
+    labels carried along; attention is not masked across example boundaries. ``chat`` renders
+    ``prompt``/``completion`` records with the chat template (see the module doc).
 
     Records are truncated to ``max_length`` before packing too. Examples whose loss tokens were
     all truncated away are kept. Returns ``(examples, stats)``.
@@ -237,7 +268,7 @@ def build_dataset(path: str | Path, tokenizer: Any, max_length: int,
     examples, num_records, num_truncated = [], 0, 0
     for index, record in enumerate(iter_records(path)):  # streamed: one raw record in memory at a time
         try:
-            example, truncated = tokenize_record(record, tokenizer, max_length, index)
+            example, truncated = tokenize_record(record, tokenizer, max_length, index, chat=chat)
         except ValueError as e:
             raise ValueError(f"{path}: {e}") from e
         examples.append(example)

@@ -98,8 +98,8 @@ def setup(cfg: TrainConfig) -> Run:
     precision = make_precision(cfg.mixed_precision, accelerator)
     tokenizer = load_local(AutoTokenizer, cfg.base_model, "the base model's tokenizer", _FIX_BASE)
     torch.manual_seed(cfg.seed)
-    train_set, stats = build_dataset(cfg.train_file, tokenizer, cfg.max_length, packing=cfg.packing)
-    eval_set = build_dataset(cfg.eval_file, tokenizer, cfg.max_length)[0] if cfg.eval_file else None
+    train_set, stats = build_dataset(cfg.train_file, tokenizer, cfg.max_length, packing=cfg.packing, chat=cfg.chat)
+    eval_set = build_dataset(cfg.eval_file, tokenizer, cfg.max_length, chat=cfg.chat)[0] if cfg.eval_file else None
     resumed = newest_valid_checkpoint(Path(cfg.output_dir)) if cfg.resume else None
     model = build_model(cfg, resumed).to(accelerator.device).train()
     params = [p for p in model.parameters() if p.requires_grad]

@@ -27,7 +27,14 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from xlora.train.checkpoints import METRICS, TENSORBOARD, list_checkpoints, save_checkpoint
+from xlora.train.checkpoints import (
+    METRICS,
+    TENSORBOARD,
+    checkpoint_state,
+    list_checkpoints,
+    resume_refusal,
+    save_checkpoint,
+)
 from xlora.train.config import TrainConfig
 from xlora.train.data import IGNORE_INDEX, TokenizedExample, batch_order, collate
 from xlora.train.fsdp import sync_gradients
@@ -44,6 +51,7 @@ class TrainResult:
     train_loss: float
     eval_loss: float | None
     interrupted: bool = False
+    finished_before: bool = False  # resumed a run whose schedule had already ended: nothing was trained
 
 
 @dataclass
@@ -63,9 +71,15 @@ def train(cfg: TrainConfig) -> TrainResult:
     Raises:
         TrainingError: bad output directory or setting, or a non-finite loss (the last good checkpoint is kept).
         ValueError / FileNotFoundError: bad data or configuration (the message names the culprit). Nothing is
-            written to ``output_dir`` when setup fails.
+            written to ``output_dir`` when setup fails. Resuming (``resume``) with options other than the
+            schedule's (:data:`~xlora.train.config.RESUMABLE_CHANGES`) is a TrainingError and writes nothing.
     """
+    refused = resume_refusal(cfg)
+    if refused:
+        raise TrainingError(refused)
     run = setup(cfg)
+    if run.start >= run.total:
+        return _finished_before(run)
     if run.main:
         world = run.accelerator.num_processes
         print(f"{run.stats.num_examples} training examples ({run.stats.num_truncated} truncated to "
@@ -88,6 +102,18 @@ def train(cfg: TrainConfig) -> TrainResult:
         print(f"\nstopped by a signal at step {step}; checkpoint saved, continue with --resume")
     finish(run, interrupted)
     return TrainResult(run.out, step, result.loss, eval_loss, interrupted)
+
+
+def _finished_before(run: Run) -> TrainResult:
+    """Resuming a run whose checkpoint is at or past the end of the schedule: write the final model (a kill may
+    have come between the last checkpoint and the final save) and say so; nothing is trained."""
+    finish(run, interrupted=False)
+    state = checkpoint_state(run.out, run.start)
+    if run.main:
+        print(f"{run.out} already finished: its checkpoint is at step {run.start} and this schedule ends at step "
+              f"{run.total}; nothing to train (raise --max-steps to train it further)")
+    return TrainResult(run.out, run.start, float(state.get("train_loss", math.nan)), state.get("eval_loss"),
+                       finished_before=True)
 
 
 def train_step(run: Run, step: int) -> StepResult:
