@@ -109,6 +109,12 @@ def test_a_linear_equation_names_its_variable():
         assert re.search(rf"3\*?{v} \+ 4 = 10|10 = 3{v} \+ 4", w.prompt), w.prompt
 
 
+def test_a_peptide_design_prompt_always_states_the_length():
+    for kind, n in (("protein_inverse", "12"), ("mech_inverse", "14")):
+        for w in _draw(kind, "train", 100) + _draw(kind, "test_unseen", 50):
+            assert re.search(rf"\b{n}\b", w.prompt), w.prompt
+
+
 def test_composition_is_a_pure_function_of_the_seed():
     a, b, c = _draw("protein_forward", "train", 30, 0), _draw("protein_forward", "train", 30, 0), \
         _draw("protein_forward", "train", 30, 1)

@@ -119,7 +119,7 @@ FRAMES: dict[str, dict[str, tuple[str, ...]]] = {
     "design": {
         "imperative": ("{verb} {thing} with {want}.", "{verb} {thing} that has {want}."),
         "request": ("I need {thing} with {want}; please {verb} one.", "Can you {verb} {thing} having {want}?"),
-        "label": ("Target: {want}.\n{verb} {thing}.", "Constraint: {want}. {verb} a matching candidate."),
+        "label": ("Target: {want}.\n{verb} {thing}.", "Constraint: {want}. {verb} {thing} that matches."),
         "wish": ("Imagine {thing} meeting this: {want}; {verb} such a candidate.",
                  "Suppose we want {want}: {verb} {thing} for it."),
     },

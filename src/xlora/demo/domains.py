@@ -50,8 +50,6 @@ AMINO_ACIDS = "ACDEFGHIKLMNPQRSTVWY"
 _LEADING_NUMBER = re.compile(r"(?:[a-z]\s*=\s*)?([-+]?\d+(?:\.\d+)?(?:/\d+)?)(?![\w.]*\d)")
 
 Record = dict[str, Any]
-
-
 Task = Callable[[random.Random, bool], Item]  # (rng, held_out) -> item
 
 
@@ -90,9 +88,8 @@ def _protein_forward(rng: random.Random, held_out: bool) -> Item:
     long, short, decimals, tol = _PROTEIN_PROPS[prop]
     value = protein_property(seq, prop)
     text, meta = _numeric(value, decimals, tol * value if prop == "mw" else tol)
-    slots = {"seq": seq, "long": long, "short": short, "decimals": decimals, "x": seq, "prop": prop,
-             "unit": "Da" if prop == "mw" else ""}
-    return Item(seq, "protein_forward", slots, text, meta)
+    return Item(seq, "protein_forward", {"seq": seq, "long": long, "short": short, "decimals": decimals, "x": seq,
+                                         "prop": prop, "unit": "Da" if prop == "mw" else ""}, text, meta)
 
 
 _INVERSE_WIDTH = {"mw": 200.0, "pi": 1.0, "gravy": 0.6}
@@ -137,9 +134,8 @@ def _chem_forward(rng: random.Random, held_out: bool) -> Item:
         text, meta = str(int(value)), {"kind": "exact_int", "value": int(value)}
         return Item(smiles, "chem_count", {"s": smiles, "noun": short, "x": smiles, "prop": prop}, text, meta)
     text, meta = _numeric(value, decimals, tol * value if prop == "mw" else tol)
-    slots = {"s": smiles, "long": long, "short": short, "x": smiles, "prop": prop, "decimals": decimals,
-             "unit": "g/mol" if prop == "mw" else ""}
-    return Item(smiles, "chem_value", slots, text, meta)
+    return Item(smiles, "chem_value", {"s": smiles, "long": long, "short": short, "x": smiles, "prop": prop,
+                                       "decimals": decimals, "unit": "g/mol" if prop == "mw" else ""}, text, meta)
 
 
 def _chem_inverse(rng: random.Random, held_out: bool) -> Item:
@@ -194,8 +190,8 @@ def _math_task(rng: random.Random, held_out: bool) -> Item:
         return _math_item("frac", {"f": f"{num * k}/{den * k}"}, text, str(frac))
     x, a, b = rng.randint(-12, 12), rng.randint(2, 9), rng.randint(-30, 30)
     eq = f"{a}x {'+' if b >= 0 else '-'} {abs(b)} = {a * x + b}"
-    slots = {"eq": eq, "a": a, "pm": "+" if b >= 0 else "-", "babs": abs(b), "c": a * x + b}
-    return _math_item("linear", slots, f"x = {x}", str(x))
+    return _math_item("linear", {"eq": eq, "a": a, "pm": "+" if b >= 0 else "-", "babs": abs(b), "c": a * x + b},
+                      f"x = {x}", str(x))
 
 
 def _math_item(kind: str, slots: dict[str, Any], completion: str, value: str) -> Item:

@@ -28,10 +28,12 @@ import torch
 
 from xlora.demo import domains
 from xlora.demo.base_model import base_model_dir, cache_root, load_base
-from xlora.demo.evaluate import chat_messages, completion_loss, left_padded, tokenize
-from xlora.files import atomic_write_text
+from xlora.demo.evaluate import chat_messages, completion_loss, left_padded
+from xlora.files import atomic_save_safetensors, atomic_write_text
 from xlora.generation import pad_token_id
 from xlora.saving import CONFIG_FILE, HEAD_FILE
+from xlora.train.checkpoints import optimizer_from_tensors, optimizer_to_tensors
+from xlora.train.data import tokenize_record
 
 EXPERT_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj"]
 EXPERT_STEPS, EXPERT_BATCH, EXPERT_LR, EXPERT_RANK = 160, 8, 1e-3, 8
@@ -46,34 +48,86 @@ def chat_record(record: dict[str, Any]) -> dict[str, Any]:
     return {"messages": chat_messages(record)}
 
 
+def _examples(records: list[dict[str, Any]], tokenizer: Any, max_length: int) -> list[Any]:
+    """Domain records (``prompt``/``completion``) or trainer records (``messages``) as chat examples."""
+    return [tokenize_record(r if "messages" in r else chat_record(r), tokenizer, max_length, i)[0]
+            for i, r in enumerate(records)]
+
+
+def _save_checkpoint(path: Path, params: list[torch.nn.Parameter], opt: torch.optim.Optimizer,
+                     state: dict[str, Any]) -> None:
+    """One safetensors file (atomic): the LoRA weights, AdamW's moments, and ``state`` (step, order, RNG, losses,
+    settings) as JSON metadata, so a stop after it loses nothing."""
+    tensors, groups = optimizer_to_tensors(opt)
+    tensors = {f"opt.{k}": v for k, v in tensors.items()}
+    tensors.update({f"param.{i}": p.detach().clone() for i, p in enumerate(params)})
+    atomic_save_safetensors(path, tensors, metadata={"state": json.dumps({**state, "groups": groups})})
+
+
+def _load_checkpoint(path: Path, params: list[torch.nn.Parameter], opt: torch.optim.Optimizer,
+                     settings: dict[str, Any]) -> dict[str, Any] | None:
+    """Restore a checkpoint written with the same ``settings`` (else ``None``: start afresh, said)."""
+    from safetensors import safe_open
+
+    if not path.is_file():
+        return None
+    with safe_open(str(path), "pt") as f:
+        state = json.loads(f.metadata()["state"])
+        tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open has no items())
+    if state["settings"] != settings:
+        print(f"  checkpoint {path} was written with other settings; starting afresh", flush=True)
+        return None
+    with torch.no_grad():
+        for i, p in enumerate(params):
+            p.copy_(tensors[f"param.{i}"])
+    optimizer_from_tensors(opt, {k[4:]: v for k, v in tensors.items() if k.startswith("opt.")}, state["groups"])
+    return state
+
+
 def train_expert(base_dir: str | os.PathLike, records: list[dict[str, Any]], out_dir: str | os.PathLike, *,
                  steps: int = EXPERT_STEPS, batch_size: int = EXPERT_BATCH, lr: float = EXPERT_LR,
                  rank: int = EXPERT_RANK, targets: list[str] | None = None, seed: int = SEED,
-                 log_every: int = 20, max_length: int = 256) -> dict[str, Any]:
+                 log_every: int = 20, max_length: int = 256, checkpoint: str | os.PathLike | None = None,
+                 save_every: int = 20, max_new_steps: int | None = None, data_id: str = "") -> dict[str, Any]:
     """Train one PEFT LoRA expert on ``records`` and save it (PEFT format, safetensors) to ``out_dir``.
 
-    AdamW, linear warm-up over 10 % of the steps then cosine decay; batches drawn without
-    replacement from a seeded permutation. Returns ``{"steps", "seconds", "first_loss", "last_loss"}``.
+    AdamW, linear warm-up over 10 % of the steps then cosine decay; batches drawn without replacement from a
+    seeded permutation. ``records`` are domain records or trainer ``messages`` records. With ``checkpoint``
+    (a file path), the state is saved every ``save_every`` steps and a rerun with the same settings and data
+    (``data_id``) continues from it, to the same weights as an uninterrupted run; ``max_new_steps`` stops
+    this call early (checkpointed, nothing saved to ``out_dir``). Returns ``{"steps", "seconds",
+    "first_loss", "last_loss", "finished", "resumed_from"}`` (``seconds``: this call's).
     """
     from peft import LoraConfig, get_peft_model
 
     torch.manual_seed(seed)
     model, tokenizer = load_base(base_dir)
     pad = pad_token_id(tokenizer)
-    cfg = LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0, target_modules=targets or EXPERT_TARGETS,
-                     task_type="CAUSAL_LM")
+    targets = targets or EXPERT_TARGETS
+    cfg = LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0, target_modules=targets, task_type="CAUSAL_LM")
     with warnings.catch_warnings():  # PEFT reads transformers' deprecated is_gradient_checkpointing
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing", category=FutureWarning)
         model = get_peft_model(model, cfg)
     model.train()
-    examples = tokenize(records, tokenizer, max_length)
+    examples = _examples(records, tokenizer, max_length)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    settings = {"steps": steps, "batch_size": batch_size, "lr": lr, "rank": rank, "targets": list(targets),
+                "seed": seed, "max_length": max_length, "records": len(records), "data": data_id}
+    ckpt = Path(checkpoint) if checkpoint is not None else None
+    state = _load_checkpoint(ckpt, params, opt, settings) if ckpt is not None else None
     rng = random.Random(seed)
     order: list[int] = []
+    losses: list[float] = []
+    start = 0
+    if state is not None:
+        start, order, losses = state["step"], state["order"], state["losses"]
+        rng.setstate((state["rng"][0], tuple(state["rng"][1]), state["rng"][2]))
+        print(f"  resuming from step {start}/{steps} ({ckpt})", flush=True)
     warm = max(1, steps // 10)
-    t0, losses = time.perf_counter(), []
-    for step in range(steps):
+    end = steps if max_new_steps is None else min(steps, start + max_new_steps)
+    t0 = time.perf_counter()
+    for step in range(start, end):
         if len(order) < batch_size:
             order += rng.sample(range(len(examples)), len(examples))
         idx, order = order[:batch_size], order[batch_size:]
@@ -89,11 +143,19 @@ def train_expert(base_dir: str | os.PathLike, records: list[dict[str, Any]], out
         if (step + 1) % log_every == 0 or step == 0:
             print(f"  step {step + 1}/{steps} loss {sum(losses[-log_every:]) / len(losses[-log_every:]):.4f} "
                   f"({time.perf_counter() - t0:.0f} s)", flush=True)
+        if ckpt is not None and ((step + 1) % save_every == 0 or step + 1 == end) and step + 1 < steps:
+            _save_checkpoint(ckpt, params, opt, {"step": step + 1, "order": order, "losses": losses,
+                                                 "rng": list(rng.getstate()), "settings": settings})
     seconds = time.perf_counter() - t0
-    model.save_pretrained(str(out_dir), safe_serialization=True)
-    _drop_readme(Path(out_dir))
-    return {"steps": steps, "seconds": round(seconds, 1), "first_loss": losses[0],
-            "last_loss": sum(losses[-20:]) / len(losses[-20:])}
+    stats = {"steps": steps, "seconds": round(seconds, 1), "first_loss": losses[0] if losses else None,
+             "last_loss": sum(losses[-20:]) / len(losses[-20:]) if losses else None, "finished": end == steps,
+             "resumed_from": start}
+    if end == steps:
+        model.save_pretrained(str(out_dir), safe_serialization=True)
+        _drop_readme(Path(out_dir))
+        if ckpt is not None and ckpt.is_file():
+            ckpt.unlink()
+    return stats
 
 
 def _drop_readme(path: Path) -> None:
@@ -105,8 +167,6 @@ def _drop_readme(path: Path) -> None:
 def _to_bf16(adapter_dir: Path) -> None:
     """Store an adapter's weights in bfloat16 (half the size; the fused layers cast to the model's dtype)."""
     from safetensors.torch import load_file
-
-    from xlora.files import atomic_save_safetensors
 
     path = adapter_dir / "adapter_model.safetensors"
     tensors = {k: v.to(torch.bfloat16) for k, v in load_file(str(path)).items()}
@@ -153,14 +213,16 @@ HEAD_OPTIONS: dict[str, Any] = {  # the shipped head's X-LoRA options (see xlora
 
 def train_head(out_dir: str | os.PathLike, base_dir: str | os.PathLike | None = None, steps: int = HEAD_STEPS,
                work_dir: str | os.PathLike | None = None, *, lr: float = HEAD_LR, max_length: int = HEAD_MAX_LENGTH,
-               options: dict[str, Any] | None = None, domain_names: tuple[str, ...] = domains.DOMAINS
-               ) -> dict[str, Any]:
+               options: dict[str, Any] | None = None, domain_names: tuple[str, ...] = domains.DOMAINS,
+               files: tuple[Path, Path] | None = None) -> dict[str, Any]:
     """Train the X-LoRA head over ``out_dir/experts/<domain>`` with :func:`xlora.train.trainer.train`; the head
     and its config land in ``out_dir`` (experts referenced relatively, ``experts/<domain>``).
 
-    The data mixes the training split of every domain, each record in one of its seen phrasings
-    (:mod:`xlora.demo.phrasings`); ``options`` override :data:`HEAD_OPTIONS` (any ``XLoraConfig`` or
-    ``TrainConfig`` key, e.g. ``layerwise_scalings``, ``softmax_temperature``, ``top_k``, ``regularizer``).
+    The data (unless ``files``: a train and an eval JSONL file) mixes the training split of every domain, each
+    record in one of its seen phrasings (:mod:`xlora.demo.phrasings`). With ``files`` the run in
+    ``work_dir/run`` resumes from its newest checkpoint when there is one. ``options`` override
+    :data:`HEAD_OPTIONS` (any ``XLoraConfig`` or ``TrainConfig`` key, e.g. ``layerwise_scalings``,
+    ``softmax_temperature``, ``top_k``, ``regularizer``).
     """
     from xlora import XLoraConfig
     from xlora.train.config import TrainConfig
@@ -169,17 +231,21 @@ def train_head(out_dir: str | os.PathLike, base_dir: str | os.PathLike | None = 
     out = Path(out_dir)
     base_dir = Path(base_dir) if base_dir is not None else base_model_dir()
     work = Path(work_dir) if work_dir is not None else cache_root() / "demo_head_run"
-    n = steps * HEAD_BATCH // len(domain_names) + 1
-    mix = domains.generate_mixture("train", n, seed=SEED + 1, domains=domain_names)
-    train_file = write_jsonl(work / "data" / "train.jsonl", mix)
-    eval_file = write_jsonl(work / "data" / "eval.jsonl", domains.generate_mixture("validation", 8, seed=SEED,
-                                                                                   domains=domain_names))
+    if files is None:
+        n = steps * HEAD_BATCH // len(domain_names) + 1
+        mix = domains.generate_mixture("train", n, seed=SEED + 1, domains=domain_names)
+        files = (write_jsonl(work / "data" / "train.jsonl", mix),
+                 write_jsonl(work / "data" / "eval.jsonl", domains.generate_mixture("validation", 8, seed=SEED,
+                                                                                    domains=domain_names)))
+        resume = False
+    else:
+        resume = (work / "run" / "train_config.json").is_file()
     run = work / "run"
     settings = {
-        "base_model": str(base_dir), "train_file": str(train_file), "eval_file": str(eval_file),
-        "output_dir": str(run), "overwrite": True, "bundle": False, "max_length": max_length,
+        "base_model": str(base_dir), "train_file": str(files[0]), "eval_file": str(files[1]),
+        "output_dir": str(run), "overwrite": not resume, "resume": resume, "bundle": False, "max_length": max_length,
         "per_device_batch_size": HEAD_BATCH, "max_steps": steps, "learning_rate": lr, "warmup_steps": 10,
-        "save_every": 50, "log_every": 10, "seed": SEED, "progress": False,
+        "save_every": 25, "log_every": 10, "seed": SEED, "progress": False,
         "experts": {d: str((out / "experts" / d).resolve()) for d in domain_names},
         **HEAD_OPTIONS, **(options or {}),
     }
@@ -194,6 +260,7 @@ def train_head(out_dir: str | os.PathLike, base_dir: str | os.PathLike | None = 
     shutil.copyfile(run / "metrics.jsonl", out / "head_metrics.jsonl")
     return {"steps": result.steps, "seconds": round(seconds, 1), "train_loss": result.train_loss,
             "eval_loss": result.eval_loss, "lr": lr, "max_length": max_length, "batch_size": HEAD_BATCH,
+            "train_file": str(files[0]), "eval_file": str(files[1]), "resumed": resume,
             "options": {**HEAD_OPTIONS, **(options or {})}, "torch_threads": torch.get_num_threads()}
 
 
@@ -237,5 +304,35 @@ def _phase_domains(phase: str) -> tuple[str, ...] | None:
     return names
 
 
+def main(argv: list[str] | None = None) -> None:
+    """``python -m xlora.demo.retrain OUT_DIR [PHASE ...] [--suite DATA_DIR --rows DIR] [--threads N]``.
+
+    Without ``--suite``: the five-domain demo assets (phases ``experts``, ``expert:<d>,...``, ``head``). With
+    ``--suite``: the science suite (:mod:`xlora.demo.retrain_suite`; phases ``data``, ``experts``,
+    ``expert:<d>,...``, ``head``), checkpointed so that a rerun of the same command continues where it stopped.
+    """
+    import argparse
+
+    p = argparse.ArgumentParser(prog="python -m xlora.demo.retrain", description=main.__doc__)
+    p.add_argument("out_dir")
+    p.add_argument("phases", nargs="*")
+    p.add_argument("--suite", default=None, help="the science suite's data folder (split files)")
+    p.add_argument("--rows", default=None, help="folder of the science rows (*.jsonl[.gz]) the data phase snapshots")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    p.add_argument("--expert-steps", type=int, default=None)
+    p.add_argument("--head-steps", type=int, default=HEAD_STEPS)
+    a = p.parse_args(argv if argv is not None else sys.argv[1:])
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    if a.suite is None:
+        retrain(a.out_dir, tuple(a.phases) or ("experts", "head"), expert_steps=a.expert_steps,
+                head_steps=a.head_steps)
+        return
+    from xlora.demo.retrain_suite import retrain_suite
+
+    retrain_suite(a.out_dir, a.suite, tuple(a.phases) or ("data", "experts", "head"), rows=a.rows,
+                  expert_steps=a.expert_steps, head_steps=a.head_steps)
+
+
 if __name__ == "__main__":
-    retrain(sys.argv[1], tuple(sys.argv[2:]) or ("experts", "head"))
+    main()

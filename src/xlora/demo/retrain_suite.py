@@ -1,0 +1,179 @@
+"""Retraining on the science suite's files: a data snapshot, seven experts, then the head; a stop loses nothing.
+
+``python -m xlora.demo.retrain OUT_DIR [data] [experts | expert:<d>,...] [head] --suite DATA_DIR --rows ROWS``
+runs the phases in order:
+
+- ``data``: snapshot the science rows under ``ROWS`` (``*.jsonl`` run files or ``*.jsonl.gz``) into
+  ``DATA_DIR/rows/`` and write the split files from the snapshot (:func:`xlora.demo.suite.write_splits`);
+- ``experts`` (in :data:`ORDER`: mechanics last, as its pulls are the slowest data to grow) or
+  ``expert:<d>,...``: one PEFT LoRA expert per domain on ``DATA_DIR/train/<d>.jsonl`` into
+  ``OUT_DIR/experts/<d>``, checkpointed every 20 steps to ``OUT_DIR/experts/<d>.ckpt.safetensors``;
+- ``head``: the X-LoRA head on ``DATA_DIR/head_train.jsonl`` (every domain's train split in its own draw, plus
+  ``composite_train``), validated on ``DATA_DIR/validation.jsonl``, checkpointed every 25 steps in
+  ``OUT_DIR/head_run``.
+
+Rerunning the same command skips finished experts, continues a stopped one from its checkpoint (the same
+weights as an uninterrupted run, unless its data file changed: then it restarts, said in the log) and
+resumes the head. ``OUT_DIR/training.json`` keeps every expert's and the head's result and appends one
+entry per phase run to ``runs``: start time, seconds, torch threads and the settings used.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from xlora.demo import science_tasks, suite
+from xlora.demo.base_model import base_model_dir
+from xlora.demo.retrain import (
+    DEMO_BASE_ID,
+    EXPERT_BATCH,
+    EXPERT_LR,
+    EXPERT_RANK,
+    EXPERT_TARGETS,
+    HEAD_OPTIONS,
+    HEAD_STEPS,
+    _to_bf16,
+    train_expert,
+    train_head,
+)
+from xlora.files import atomic_write, atomic_write_text
+
+ORDER = ("protein", "chemistry", "quantum", "mathematics", "general", "graph", "mechanics")
+EXPERT_STEPS = 200  # two passes over 800 records in batches of 8
+EXPERT_STEPS_BY_DOMAIN = {"graph": 100}  # long passages; the demo's graph expert was flat after 64 steps
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def snapshot_rows(rows: Path, dest: Path) -> dict[str, int]:
+    """Copy every ``*.jsonl``/``*.jsonl.gz`` under ``rows`` to ``dest/<stem>.jsonl.gz`` (complete lines only,
+    atomically); returns the line count per file."""
+    counts = {}
+    dest.mkdir(parents=True, exist_ok=True)
+    for path in sorted(rows.glob("*.jsonl")) + sorted(rows.glob("*.jsonl.gz")):
+        opener = gzip.open if path.suffix == ".gz" else open
+        with opener(path, "rt", encoding="utf-8") as f:
+            lines = [ln for ln in f.read().split("\n") if ln.strip()]
+        good = []
+        for ln in lines:  # a run file being appended to may end in a torn line
+            try:
+                json.loads(ln)
+                good.append(ln)
+            except json.JSONDecodeError:
+                continue
+        stem = path.name.removesuffix(".gz").removesuffix(".jsonl")
+        payload = gzip.compress(("\n".join(good) + "\n").encode(), mtime=0)
+        atomic_write(dest / f"{stem}.jsonl.gz", lambda tmp, data=payload: Path(tmp).write_bytes(data))
+        counts[f"{stem}.jsonl.gz"] = len(good)
+    return counts
+
+
+def write_data(data: Path, rows: Path | None) -> dict[str, Any]:
+    """The ``data`` phase: snapshot the rows (if ``rows``), then write the split files from the snapshot."""
+    counts = snapshot_rows(rows, data / "rows") if rows is not None else {}
+    science_tasks.load_pools.cache_clear()  # the snapshot replaced files a cached read may have seen
+    manifest = suite.write_splits(data, data_dir=str(data / "rows"))
+    return {"rows": counts, "science_rows": manifest["science_rows"],
+            "files": {k: v["records"] for k, v in manifest["files"].items()}}
+
+
+def train_suite_expert(out: Path, data: Path, domain: str, steps: int | None, base_dir: Path | None,
+                       done: dict[str, Any] | None) -> dict[str, Any]:
+    """Train (or continue, or skip when finished) the expert of ``domain`` on ``data/train/<domain>.jsonl``."""
+    target = out / "experts" / domain
+    if done and done.get("finished") and (target / "adapter_model.safetensors").is_file():
+        print(f"expert {domain!r}: finished earlier, skipped", flush=True)
+        return done
+    train_file = data / "train" / f"{domain}.jsonl"
+    records, sha = read_jsonl(train_file), _sha256(train_file)
+    n = steps or EXPERT_STEPS_BY_DOMAIN.get(domain, EXPERT_STEPS)
+    print(f"expert {domain!r}: {len(records)} records, {n} steps", flush=True)
+    stats = train_expert(base_dir or base_model_dir(), records, target, steps=n, data_id=sha,
+                         checkpoint=out / "experts" / f"{domain}.ckpt.safetensors")
+    if stats["finished"]:
+        _to_bf16(target)
+        if base_dir is None:  # the demo's own base: its public id, not this machine's cache path
+            cfg_path = target / "adapter_config.json"
+            cfg = json.loads(cfg_path.read_text())
+            cfg["base_model_name_or_path"] = DEMO_BASE_ID
+            atomic_write_text(cfg_path, json.dumps(cfg, indent=2) + "\n")
+    stats.update({"train_file": str(train_file), "sha256": sha, "records": len(records)})
+    print(f"expert {domain!r}: {stats}", flush=True)
+    return stats
+
+
+def _phase(phase: str) -> tuple[str, tuple[str, ...]]:
+    if phase in ("data", "head"):
+        return phase, ()
+    if phase == "experts":
+        return "experts", ORDER
+    names = tuple(n for n in phase.split(":", 1)[1].split(",") if n) if phase.startswith("expert:") else ()
+    if not names:
+        raise ValueError(f"unknown suite phase {phase!r}; use 'data', 'experts', 'expert:<domain>[,...]' or 'head'")
+    unknown = [n for n in names if n not in suite.DOMAINS]
+    if unknown:
+        raise ValueError(f"suite phase {phase!r} names unknown domains {unknown}; choose from {list(suite.DOMAINS)}")
+    return "experts", names
+
+
+def retrain_suite(out_dir: str | os.PathLike, data_dir: str | os.PathLike,
+                  phases: tuple[str, ...] = ("data", "experts", "head"), *, rows: str | os.PathLike | None = None,
+                  expert_steps: int | None = None, head_steps: int = HEAD_STEPS,
+                  head_options: dict[str, Any] | None = None, base_dir: str | os.PathLike | None = None
+                  ) -> dict[str, Any]:
+    """Run the phases (see the module doc) into ``out_dir``; returns and writes ``out_dir/training.json``.
+
+    Raises:
+        ValueError: a bad phase or domain (before anything runs), or ``data`` without ``rows`` and without
+            the data folder's own ``rows/`` snapshot.
+    """
+    plan = [(p, *_phase(p)) for p in phases]
+    out, data = Path(out_dir), Path(data_dir)
+    if any(kind == "data" for _, kind, _ in plan) and rows is None and not (data / "rows").is_dir():
+        raise ValueError(f"the data phase needs rows=... (the science rows' folder); {data / 'rows'} does not exist")
+    out.mkdir(parents=True, exist_ok=True)
+    log_path = out / "training.json"
+    log = json.loads(log_path.read_text()) if log_path.is_file() else {}
+    base = Path(base_dir) if base_dir is not None else None
+    for phase, kind, names in plan:
+        started, t0 = time.strftime("%Y-%m-%dT%H:%M:%S%z"), time.perf_counter()
+        settings: dict[str, Any] = {"torch_threads": torch.get_num_threads()}
+        if kind == "data":
+            result: Any = write_data(data, Path(rows) if rows is not None else None)
+            settings.update({"rows": str(rows), "sizes": dict(suite.SIZES), "seed": suite.SEED})
+        elif kind == "experts":
+            result = {}
+            settings.update({"rank": EXPERT_RANK, "alpha": 2 * EXPERT_RANK, "targets": EXPERT_TARGETS,
+                             "batch_size": EXPERT_BATCH, "lr": EXPERT_LR,
+                             "steps": {d: expert_steps or EXPERT_STEPS_BY_DOMAIN.get(d, EXPERT_STEPS) for d in names}})
+            for d in names:
+                prior = log.get("experts", {}).get(d)
+                result[d] = log.setdefault("experts", {})[d] = train_suite_expert(out, data, d, expert_steps, base, prior)
+                atomic_write_text(log_path, json.dumps(log, indent=2) + "\n")
+        else:
+            result = log["head"] = train_head(out, base, head_steps, out / "head_run", options=head_options,
+                                              domain_names=suite.DOMAINS,
+                                              files=(data / "head_train.jsonl", data / "validation.jsonl"))
+            settings.update({"options": {**HEAD_OPTIONS, **(head_options or {})}, "steps": head_steps})
+            shutil.copyfile(data / "manifest.json", out / "data_manifest.json")
+        log.setdefault("runs", []).append({"phase": phase, "started": started,
+                                           "seconds": round(time.perf_counter() - t0, 1), "settings": settings,
+                                           "result": result})
+        atomic_write_text(log_path, json.dumps(log, indent=2) + "\n")
+    return log

@@ -1,0 +1,98 @@
+"""Retraining: an expert stopped and rerun ends with the same weights as one trained in one go (the checkpoint
+loses nothing); the suite's phases write training.json with every run's time and settings, skip finished
+experts, and refuse bad phases before training anything. Tiny Llama base, CPU."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import tiny_model, tiny_tokenizer
+from safetensors.torch import load_file
+from science_rows import write_rows
+
+from xlora.demo import domains
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module")
+def base_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("base")
+    tiny_model("llama").save_pretrained(str(path))
+    tiny_tokenizer().save_pretrained(str(path))
+    return path
+
+
+def _weights(folder):
+    return load_file(str(folder / "adapter_model.safetensors"))
+
+
+def test_a_stopped_expert_resumes_to_the_same_weights(base_dir, tmp_path):
+    from xlora.demo.retrain import train_expert
+
+    records = domains.generate("mathematics", "train", 12)
+    kw = {"steps": 6, "batch_size": 4, "targets": ["q_proj", "v_proj"], "log_every": 10}
+    whole = train_expert(base_dir, records, tmp_path / "whole", **kw)
+    ckpt = tmp_path / "math.ckpt.safetensors"
+    part = train_expert(base_dir, records, tmp_path / "split", checkpoint=ckpt, save_every=2, max_new_steps=3,
+                        data_id="d1", **kw)
+    assert (part["finished"], part["resumed_from"]) == (False, 0) and ckpt.is_file()
+    assert not (tmp_path / "split").exists()  # nothing saved before the end
+    rest = train_expert(base_dir, records, tmp_path / "split", checkpoint=ckpt, data_id="d1", **kw)
+    assert (rest["finished"], rest["resumed_from"]) == (True, 3) and not ckpt.is_file()
+    a, b = _weights(tmp_path / "whole"), _weights(tmp_path / "split")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert whole["first_loss"] == pytest.approx(part["first_loss"], abs=0)
+    # a checkpoint of other data is not resumed from
+    train_expert(base_dir, records, tmp_path / "other", checkpoint=ckpt, max_new_steps=2, data_id="d1", **kw)
+    again = train_expert(base_dir, records, tmp_path / "other", checkpoint=ckpt, data_id="d2", **kw)
+    assert again["resumed_from"] == 0 and again["finished"]
+
+
+def test_suite_retraining_records_every_run_and_skips_finished_experts(base_dir, tmp_path):
+    pytest.importorskip("rdkit")
+    pytest.importorskip("Bio")
+    pytest.importorskip("accelerate")
+    from xlora.demo import retrain_suite, suite
+
+    rows = write_rows(tmp_path / "rows", n_molecules=300, n_peptides=120)
+    old = suite.SIZES.copy()
+    suite.SIZES.update({"train": 8, "validation": 4, "test": 4, "test_unseen": 4})
+    try:
+        log = retrain_suite.retrain_suite(tmp_path / "out", tmp_path / "data", ("data", "expert:quantum,general"),
+                                          rows=rows, expert_steps=2, base_dir=base_dir)
+    finally:
+        suite.SIZES.clear()
+        suite.SIZES.update(old)
+    assert (tmp_path / "data" / "rows" / "molecules.jsonl.gz").is_file()
+    assert [r["phase"] for r in log["runs"]] == ["data", "expert:quantum,general"]
+    data_run, expert_run = log["runs"]
+    assert data_run["result"]["files"]["train/quantum.jsonl"] == 8 and data_run["settings"]["rows"] == str(rows)
+    assert data_run["result"]["rows"] == {"molecules.jsonl.gz": 301, "peptides.jsonl.gz": 240}
+    assert expert_run["settings"]["steps"] == {"quantum": 2, "general": 2} and expert_run["seconds"] > 0
+    assert expert_run["settings"]["torch_threads"] == torch.get_num_threads()
+    q = log["experts"]["quantum"]
+    assert q["finished"] and q["records"] == 8 and len(q["sha256"]) == 64 and q["train_file"].endswith("quantum.jsonl")
+    assert (tmp_path / "out" / "experts" / "quantum" / "adapter_model.safetensors").is_file()
+    saved = json.loads((tmp_path / "out" / "training.json").read_text())
+    assert saved == json.loads(json.dumps(log))
+    before = _weights(tmp_path / "out" / "experts" / "quantum")
+    again = retrain_suite.retrain_suite(tmp_path / "out", tmp_path / "data", ("expert:quantum",), base_dir=base_dir)
+    assert again["experts"]["quantum"] == q and len(again["runs"]) == 3  # skipped, and the run recorded
+    after = _weights(tmp_path / "out" / "experts" / "quantum")
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+@pytest.mark.parametrize("phases, message", [
+    (("data", "hed"), r"unknown suite phase 'hed'"),
+    (("expert:quantum,protien",), r"names unknown domains \['protien'\]"),
+    (("data",), r"the data phase needs rows"),
+])
+def test_suite_retraining_refuses_bad_phases_before_anything(tmp_path, phases, message):
+    from xlora.demo.retrain_suite import retrain_suite
+
+    with pytest.raises(ValueError, match=message):
+        retrain_suite(tmp_path / "out", tmp_path / "data", phases)
+    assert not (tmp_path / "out").exists() and not (tmp_path / "data").exists()
