@@ -79,8 +79,12 @@ def test_suite_retraining_records_every_run_and_skips_finished_experts(base_dir,
     saved = json.loads((tmp_path / "out" / "training.json").read_text())
     assert saved == json.loads(json.dumps(log))
     before = _weights(tmp_path / "out" / "experts" / "quantum")
-    again = retrain_suite.retrain_suite(tmp_path / "out", tmp_path / "data", ("expert:quantum",), base_dir=base_dir)
-    assert again["experts"]["quantum"] == q and len(again["runs"]) == 3  # skipped, and the run recorded
+    manifest = (tmp_path / "data" / "manifest.json").read_text()
+    again = retrain_suite.retrain_suite(tmp_path / "out", tmp_path / "data", ("data", "expert:quantum"),
+                                        base_dir=base_dir)
+    assert again["experts"]["quantum"] == q and len(again["runs"]) == 4  # skipped, and the runs recorded
+    assert again["runs"][2]["result"]["skipped"].endswith("exists (data:refresh rewrites it)")
+    assert (tmp_path / "data" / "manifest.json").read_text() == manifest
     after = _weights(tmp_path / "out" / "experts" / "quantum")
     assert all(torch.equal(before[k], after[k]) for k in before)
 
@@ -96,3 +100,30 @@ def test_suite_retraining_refuses_bad_phases_before_anything(tmp_path, phases, m
     with pytest.raises(ValueError, match=message):
         retrain_suite(tmp_path / "out", tmp_path / "data", phases)
     assert not (tmp_path / "out").exists() and not (tmp_path / "data").exists()
+
+
+def test_suite_head_trains_on_the_head_file_and_resumes(base_dir, tmp_path):
+    pytest.importorskip("rdkit")
+    pytest.importorskip("Bio")
+    pytest.importorskip("accelerate")
+    from xlora.demo import retrain_suite, suite
+
+    rows = write_rows(tmp_path / "rows", n_molecules=300, n_peptides=120)
+    old = suite.SIZES.copy()
+    suite.SIZES.update({"train": 4, "validation": 2, "test": 2, "test_unseen": 2})
+    try:
+        retrain_suite.retrain_suite(tmp_path / "out", tmp_path / "data", ("data", "experts"), rows=rows,
+                                    expert_steps=1, base_dir=base_dir)
+    finally:
+        suite.SIZES.clear()
+        suite.SIZES.update(old)
+    log = retrain_suite.retrain_suite(tmp_path / "out", tmp_path / "data", ("head",), head_steps=2, base_dir=base_dir)
+    head = log["head"]
+    assert head["steps"] == 2 and not head["resumed"] and head["train_file"].endswith("head_train.jsonl")
+    assert head["eval_file"].endswith("validation.jsonl") and head["eval_loss"] is not None
+    cfg = json.loads((tmp_path / "out" / "xlora_config.json").read_text())
+    assert cfg["experts"] == {d: f"experts/{d}" for d in suite.DOMAINS}
+    assert json.loads((tmp_path / "out" / "data_manifest.json").read_text())["domains"] == list(suite.DOMAINS)
+    log = retrain_suite.retrain_suite(tmp_path / "out", tmp_path / "data", ("head",), head_steps=3, base_dir=base_dir)
+    assert log["head"]["resumed"] and log["head"]["steps"] == 3
+    assert [r["phase"] for r in log["runs"]] == ["data", "experts", "head", "head"]

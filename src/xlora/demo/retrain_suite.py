@@ -4,7 +4,9 @@
 runs the phases in order:
 
 - ``data``: snapshot the science rows under ``ROWS`` (``*.jsonl`` run files or ``*.jsonl.gz``) into
-  ``DATA_DIR/rows/`` and write the split files from the snapshot (:func:`xlora.demo.suite.write_splits`);
+  ``DATA_DIR/rows/`` and write the split files from the snapshot (:func:`xlora.demo.suite.write_splits`),
+  unless ``DATA_DIR/manifest.json`` exists (so a rerun trains on the same files); ``data:refresh`` always
+  does (e.g. before the mechanics expert, whose pulls grow slowest);
 - ``experts`` (in :data:`ORDER`: mechanics last, as its pulls are the slowest data to grow) or
   ``expert:<d>,...``: one PEFT LoRA expert per domain on ``DATA_DIR/train/<d>.jsonl`` into
   ``OUT_DIR/experts/<d>``, checkpointed every 20 steps to ``OUT_DIR/experts/<d>.ckpt.safetensors``;
@@ -119,13 +121,14 @@ def train_suite_expert(out: Path, data: Path, domain: str, steps: int | None, ba
 
 
 def _phase(phase: str) -> tuple[str, tuple[str, ...]]:
-    if phase in ("data", "head"):
+    if phase in ("data", "data:refresh", "head"):
         return phase, ()
     if phase == "experts":
         return "experts", ORDER
     names = tuple(n for n in phase.split(":", 1)[1].split(",") if n) if phase.startswith("expert:") else ()
     if not names:
-        raise ValueError(f"unknown suite phase {phase!r}; use 'data', 'experts', 'expert:<domain>[,...]' or 'head'")
+        raise ValueError(f"unknown suite phase {phase!r}; use 'data', 'data:refresh', 'experts', "
+                         f"'expert:<domain>[,...]' or 'head'")
     unknown = [n for n in names if n not in suite.DOMAINS]
     if unknown:
         raise ValueError(f"suite phase {phase!r} names unknown domains {unknown}; choose from {list(suite.DOMAINS)}")
@@ -145,7 +148,7 @@ def retrain_suite(out_dir: str | os.PathLike, data_dir: str | os.PathLike,
     """
     plan = [(p, *_phase(p)) for p in phases]
     out, data = Path(out_dir), Path(data_dir)
-    if any(kind == "data" for _, kind, _ in plan) and rows is None and not (data / "rows").is_dir():
+    if any(kind.startswith("data") for _, kind, _ in plan) and rows is None and not (data / "rows").is_dir():
         raise ValueError(f"the data phase needs rows=... (the science rows' folder); {data / 'rows'} does not exist")
     out.mkdir(parents=True, exist_ok=True)
     log_path = out / "training.json"
@@ -154,8 +157,10 @@ def retrain_suite(out_dir: str | os.PathLike, data_dir: str | os.PathLike,
     for phase, kind, names in plan:
         started, t0 = time.strftime("%Y-%m-%dT%H:%M:%S%z"), time.perf_counter()
         settings: dict[str, Any] = {"torch_threads": torch.get_num_threads()}
-        if kind == "data":
-            result: Any = write_data(data, Path(rows) if rows is not None else None)
+        if kind == "data" and (data / "manifest.json").is_file():  # written once: a rerun keeps its data
+            result: Any = {"skipped": f"{data / 'manifest.json'} exists (data:refresh rewrites it)"}
+        elif kind.startswith("data"):
+            result = write_data(data, Path(rows) if rows is not None else None)
             settings.update({"rows": str(rows), "sizes": dict(suite.SIZES), "seed": suite.SEED})
         elif kind == "experts":
             result = {}
