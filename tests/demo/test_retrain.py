@@ -58,6 +58,7 @@ def test_suite_retraining_records_every_run_and_skips_finished_experts(base_dir,
     from xlora.demo import retrain_suite, suite
 
     rows = write_rows(tmp_path / "rows", n_molecules=300, n_peptides=120)
+    (rows / "peptides.discarded.jsonl").write_text('{"sequence": "AAAAAAAAAA", "seed": 1, "peak_force_pn": 1.0}\n')
     old = suite.SIZES.copy()
     suite.SIZES.update({"train": 8, "validation": 4, "test": 4, "test_unseen": 4})
     try:

@@ -49,6 +49,7 @@ from xlora.demo.retrain import (
 )
 from xlora.files import atomic_write, atomic_write_text
 
+ROW_FILES = ("molecules", "peptides")  # the run files of xlora.demo.sciencedata (and the packed assets)
 ORDER = ("protein", "chemistry", "quantum", "mathematics", "general", "graph", "mechanics")
 EXPERT_STEPS = 200  # two passes over 800 records in batches of 8
 EXPERT_STEPS_BY_DOMAIN = {"graph": 100}  # long passages; the demo's graph expert was flat after 64 steps
@@ -64,11 +65,13 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
 
 
 def snapshot_rows(rows: Path, dest: Path) -> dict[str, int]:
-    """Copy every ``*.jsonl``/``*.jsonl.gz`` under ``rows`` to ``dest/<stem>.jsonl.gz`` (complete lines only,
-    atomically); returns the line count per file."""
+    """Copy the row files under ``rows`` (:data:`ROW_FILES`, as run files ``.jsonl`` or packed ``.jsonl.gz``;
+    other files there, e.g. a discarded protocol's runs, are not rows) to ``dest/<name>.jsonl.gz`` (complete
+    lines only, atomically); returns the line count per file."""
     counts = {}
     dest.mkdir(parents=True, exist_ok=True)
-    for path in sorted(rows.glob("*.jsonl")) + sorted(rows.glob("*.jsonl.gz")):
+    paths = [p for name in ROW_FILES for p in (rows / f"{name}.jsonl", rows / f"{name}.jsonl.gz") if p.is_file()]
+    for path in paths:
         opener = gzip.open if path.suffix == ".gz" else open
         with opener(path, "rt", encoding="utf-8") as f:
             lines = [ln for ln in f.read().split("\n") if ln.strip()]
