@@ -267,6 +267,14 @@ def test_missing_and_empty_files(setup, tmp_path):
         list(iter_eval_records([tmp_path / "empty.jsonl"], tok, chat=True, max_length=256))
 
 
+def test_unknown_rows_and_nothing_left_to_score_are_errors(setup, tmp_path):
+    model, tok, _, _, data = setup
+    with pytest.raises(ValueError, match=r"rows \['xlroa'\] are not rows of this model; choose among \['base', "):
+        evaluate_files(model, tok, [data], rows=["base", "xlroa"], progress=False)
+    with pytest.raises(ValueError, match="no record was left to score"):
+        evaluate_files(model, tok, [write(tmp_path, ["{bad"])], EvalConfig(skip_bad=True), progress=False)
+
+
 def test_eval_config_errors_name_the_field():
     with pytest.raises(ValueError, match=r"EvalConfig.batch_size must be an integer >= 1, got 0"):
         EvalConfig(batch_size=0)

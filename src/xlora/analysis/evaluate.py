@@ -124,7 +124,10 @@ def evaluate(model: Any, tokenizer: Any, records: Iterable[EvalRecord], config: 
     config = config or EvalConfig()
     model.eval()
     names = model.xlora_config.expert_names
-    want = rows or [BASE, *names, UNIFORM, ORACLE, ARROW, XLORA]
+    known = [BASE, *names, UNIFORM, ORACLE, ARROW, XLORA]
+    want = rows or known
+    if unknown := [r for r in want if r not in known]:
+        raise ValueError(f"rows {unknown} are not rows of this model; choose among {known}")
     # the oracle reads the expert rows' per-record losses: they run even when not reported
     fixed = {r: s for r, s in fixed_rows(model).items() if r in want or (ORACLE in want and r in names)}
     skipped: dict[str, str] = {}
@@ -136,6 +139,8 @@ def evaluate(model: Any, tokenizer: Any, records: Iterable[EvalRecord], config: 
     totals = Totals(names, [r for r in want if r in fixed or (r == ARROW and arrow is not None) or r == ORACLE])
     t0 = time.perf_counter()
     samples = _loss_pass(model, tokenizer, records, config, fixed, arrow, totals, progress)
+    if totals.records == 0:
+        raise ValueError("no record was left to score (every one was bad and skipped); check the data files")
     result = totals.result(model_name, skipped, chat=use_chat(config, tokenizer))
     if config.generate > 0:
         budget = max_new_tokens or (lambda r: config.max_new_tokens)
