@@ -128,3 +128,13 @@ def test_suite_head_trains_on_the_head_file_and_resumes(base_dir, tmp_path):
     log = retrain_suite.retrain_suite(tmp_path / "out", tmp_path / "data", ("head",), head_steps=3, base_dir=base_dir)
     assert log["head"]["resumed"] and log["head"]["steps"] == 3
     assert [r["phase"] for r in log["runs"]] == ["data", "experts", "head", "head"]
+
+
+def test_the_command_line_takes_phases_after_the_options(tmp_path):
+    from xlora.demo.retrain import main
+
+    with pytest.raises(ValueError, match="unknown suite phase 'hed'"):
+        main([str(tmp_path / "out"), "--suite", str(tmp_path / "data"), "--threads", "1", "data", "hed"])
+    with pytest.raises(ValueError, match="unknown retraining phase 'hed'"):
+        main([str(tmp_path / "out"), "experts", "--threads", "1", "hed"])
+    assert not (tmp_path / "out").exists()

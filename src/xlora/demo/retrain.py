@@ -321,7 +321,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     p.add_argument("--expert-steps", type=int, default=None)
     p.add_argument("--head-steps", type=int, default=HEAD_STEPS)
-    a = p.parse_args(argv if argv is not None else sys.argv[1:])
+    a = p.parse_intermixed_args(argv if argv is not None else sys.argv[1:])  # phases may follow the options
     if a.threads:
         torch.set_num_threads(a.threads)
     if a.suite is None:
