@@ -83,3 +83,9 @@ def test_composite_is_a_pure_function_of_the_seed_and_refuses_bad_arguments(rows
         composite.generate("test", 1, data_dir=rows)
     with pytest.raises(ValueError, match="n_per_kind must be >= 0"):
         composite.generate("composite", -1, data_dir=rows)
+
+
+def test_too_few_items_are_named(tmp_path):
+    few = write_rows(tmp_path / "few", n_molecules=300, n_peptides=3)
+    with pytest.raises(ValueError, match=r"composite split 'composite' needs more held-out items: \{'mechanics': [01]\}"):
+        composite.generate("composite", 1, data_dir=str(few))

@@ -110,8 +110,13 @@ def generate(split: str, n_per_kind: int, seed: int = 0, data_dir: str | None = 
         raise ValueError(f"n_per_kind must be >= 0, got {n_per_kind}")
     pools = science_tasks.load_pools(data_dir)
     rows = {"qm": _held(pools.rows("qm_forward"), "quantum", "smiles", split),
-            "measured": [r for r in _held(pools.rows("measured"), "chemistry", "smiles", split)],
+            "measured": _held(pools.rows("measured"), "chemistry", "smiles", split),
             "mechanics": _held(pools.rows("mech_forward"), "mechanics", "sequence", split)}
+    least = {"qm": 1, "measured": 3, "mechanics": 2}  # items one record needs
+    short = {k: len(v) for k, v in rows.items() if len(v) < least[k]}
+    if short:
+        raise ValueError(f"composite split {split!r} needs more held-{'out' if split == 'composite' else 'in'} items: "
+                         f"{short} (at least {least}); generate more science data")
     per_kind = []
     for kind, needs in KINDS.items():
         rng, out, seen = random.Random(f"xlora-composite:{seed}:{kind}:{split}"), [], set()
