@@ -30,6 +30,8 @@ from transformers import (  # noqa: E402
 )
 
 VOCAB = 128
+# The one place the tests take their device from: XLORA_TEST_DEVICE, else CUDA when present, else the CPU.
+DEVICE = torch.device(os.environ.get("XLORA_TEST_DEVICE") or ("cuda" if torch.cuda.is_available() else "cpu"))
 LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 GPT2_TARGETS = ["c_attn", "c_proj", "c_fc"]
 
@@ -102,7 +104,7 @@ class Setup:
     expert_dirs: dict[str, Path]
 
     def base(self):
-        return AutoModelForCausalLM.from_pretrained(str(self.base_dir)).eval()
+        return AutoModelForCausalLM.from_pretrained(str(self.base_dir)).to(DEVICE).eval()
 
 
 def build_setup(root: Path, arch: str) -> Setup:
@@ -148,7 +150,7 @@ def randomize_head(model, seed: int = 7, std: float = 0.5) -> None:
 
 def tokens(batch: int = 2, seq: int = 7, seed: int = 0) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
-    return torch.randint(3, VOCAB, (batch, seq), generator=g)
+    return torch.randint(3, VOCAB, (batch, seq), generator=g).to(DEVICE)
 
 
 @pytest.fixture(scope="module")

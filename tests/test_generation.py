@@ -6,7 +6,7 @@ import threading
 
 import pytest
 import torch
-from conftest import VOCAB, randomize_head, tiny_tokenizer
+from conftest import DEVICE, VOCAB, randomize_head, tiny_tokenizer
 from transformers import DynamicCache, StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
 
 from xlora import XLoraConfig, XLoraModel
@@ -29,7 +29,7 @@ def left_padded_batch(seed: int = 0):
     mask[1, :2] = 0
     mask[2, :4] = 0
     ids[mask == 0] = 0
-    return ids, mask
+    return ids.to(DEVICE), mask.to(DEVICE)
 
 
 def positions(mask: torch.Tensor) -> torch.Tensor:

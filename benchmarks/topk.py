@@ -1,0 +1,149 @@
+"""Sparse top-k against the dense mixture: E in {4, 16, 64} rank-16 experts on a SmolLM2-shaped model.
+
+Built in-process, nothing downloaded: a randomly initialised float32 Llama with SmolLM2-135M's shape
+(hidden 576, 30 layers, 9 heads, 3 kv heads, intermediate 1536, vocab 49152, tied embeddings) and
+rank-16 experts on all seven projections (210 adapted modules). Eight distinct PEFT experts are
+written once; expert ``e`` reads directory ``e % 8`` (the timing depends on E and the ranks, not on
+the values). The head has random weights and ``top_k = 2``.
+
+Rows, per E: ``top-2`` (the sparse paths: tokens gathered or grouped by expert) and ``dense`` (the
+same model with the sparse paths switched off, every expert computed and multiplied by its 0);
+prefill of a ``--prompt``-token prompt and per-token decoding (token granularity: both passes, with
+the dual cache) at batch 1. Repetitions are interleaved in a rotating order; medians, spread
+(max/min) and the ratios are printed side by side, with an exactness check (max |logit difference|
+between top-2 and dense).
+
+    .venv/bin/python benchmarks/topk.py                 # ~3 min on 2 idle cores
+    .venv/bin/python benchmarks/topk.py --reps 2 --new 4 --experts 4 64
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import tempfile
+import time
+import warnings
+from contextlib import contextmanager, nullcontext
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+warnings.filterwarnings("ignore")
+
+import torch  # noqa: E402
+import transformers  # noqa: E402
+from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
+
+transformers.logging.set_verbosity_error()
+
+from xlora import XLoraConfig, XLoraModel  # noqa: E402
+from xlora.layers import MixtureLoraLinear  # noqa: E402
+
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+DISTINCT = 8
+
+
+def smollm2_shaped(seed: int = 0) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+                      num_key_value_heads=3, vocab_size=49152, tie_word_embeddings=True, max_position_embeddings=2048)
+    return LlamaForCausalLM(cfg).eval()
+
+
+def write_experts(base: LlamaForCausalLM, root: Path, rank: int = 16) -> list[Path]:
+    """``DISTINCT`` rank-``rank`` PEFT experts with random A and B on every projection."""
+    from peft import LoraConfig, get_peft_model
+
+    paths = []
+    for i in range(DISTINCT):
+        torch.manual_seed(100 + i)
+        peft_model = get_peft_model(base, LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=TARGETS,
+                                                     init_lora_weights=False))
+        with torch.no_grad():
+            for name, p in peft_model.named_parameters():
+                if "lora_B" in name:
+                    p.mul_(0.05)
+        peft_model.save_pretrained(str(root / f"e{i}"))
+        base = peft_model.unload()
+        paths.append(root / f"e{i}")
+    return paths
+
+
+def build(E: int, dirs: list[Path], top_k: int = 2) -> XLoraModel:
+    cfg = XLoraConfig(experts={f"x{e}": str(dirs[e % DISTINCT]) for e in range(E)}, top_k=top_k, head_depth=1)
+    model = XLoraModel(smollm2_shaped(), cfg).eval()
+    torch.manual_seed(7)
+    with torch.no_grad():
+        for p in model.head.parameters():
+            p.normal_(0, 0.05)
+    return model
+
+
+@contextmanager
+def dense_paths():
+    """Switch the sparse paths off (every expert computed), for the dense rows."""
+    saved = MixtureLoraLinear.GATHER_SHARE, MixtureLoraLinear.GROUP_SHARE
+    MixtureLoraLinear.GATHER_SHARE = MixtureLoraLinear.GROUP_SHARE = float("inf")
+    try:
+        yield
+    finally:
+        MixtureLoraLinear.GATHER_SHARE, MixtureLoraLinear.GROUP_SHARE = saved
+
+
+@torch.inference_mode()
+def run(model: XLoraModel, ids: torch.Tensor, new: int) -> tuple[float, float, torch.Tensor]:
+    """(prefill seconds, seconds per decoded token, the last logits): greedy with the dual cache."""
+    cache = model.new_cache()
+    t0 = time.perf_counter()
+    out = model(input_ids=ids, cache=cache, logits_to_keep=1)
+    prefill = time.perf_counter() - t0
+    nxt = out.logits[:, -1:].argmax(-1)
+    t0 = time.perf_counter()
+    for _ in range(new):
+        out = model(input_ids=nxt, cache=cache, logits_to_keep=1)
+        nxt = out.logits[:, -1:].argmax(-1)
+    return prefill, (time.perf_counter() - t0) / new, out.logits[:, -1]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--experts", type=int, nargs="+", default=[4, 16, 64])
+    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--prompt", type=int, default=64)
+    ap.add_argument("--new", type=int, default=8)
+    ap.add_argument("--threads", type=int, default=None)
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    print(f"load: {os.getloadavg()}, torch threads {torch.get_num_threads()}")
+    with tempfile.TemporaryDirectory() as tmp:
+        dirs = write_experts(smollm2_shaped(), Path(tmp))
+        models = {E: build(E, dirs) for E in args.experts}
+    ids = torch.randint(0, 49152, (1, args.prompt), generator=torch.Generator().manual_seed(1))
+    rows = [(E, mode) for E in args.experts for mode in ("top-2", "dense")]
+    times: dict[tuple[int, str], list[tuple[float, float]]] = {r: [] for r in rows}
+    logits: dict[tuple[int, str], torch.Tensor] = {}
+    for rep in range(args.reps + 1):  # rep 0 warms up
+        for E, mode in rows[rep % len(rows):] + rows[: rep % len(rows)]:
+            with dense_paths() if mode == "dense" else nullcontext():
+                prefill, decode, logits[E, mode] = run(models[E], ids, args.new)
+            if rep:
+                times[E, mode].append((prefill, decode))
+    med = {r: [statistics.median(t[i] for t in times[r]) for i in (0, 1)] for r in rows}
+    spread = {r: [max(t[i] for t in times[r]) / min(t[i] for t in times[r]) for i in (0, 1)] for r in rows}
+    print(f"\nbatch 1, prompt {args.prompt}, {args.new} new tokens, {args.reps} interleaved reps (medians, max/min)")
+    print(f"{'E':>3} {'mode':>6} {'prefill ms':>11} {'spread':>6} {'decode ms/tok':>14} {'spread':>6}"
+          f" {'top-2/dense decode':>19} {'max|dlogit|':>11}")
+    for E, mode in rows:
+        (p, d), (sp, sd) = med[E, mode], spread[E, mode]
+        ratio = f"{d / med[E, 'dense'][1]:.2f}x" if mode == "top-2" else ""
+        diff = (logits[E, mode] - logits[E, "dense"]).abs().max().item()
+        print(f"{E:>3} {mode:>6} {p * 1e3:>11.1f} {sp:>6.2f} {d * 1e3:>14.1f} {sd:>6.2f} {ratio:>19} {diff:>11.1e}")
+    lo, hi = min(args.experts), max(args.experts)
+    print(f"\ndecode top-2: E={hi} / E={lo} = {med[hi, 'top-2'][1] / med[lo, 'top-2'][1]:.2f}x (target <= 1.10x); "
+          f"prefill top-2: E={hi} / E={lo} = {med[hi, 'top-2'][0] / med[lo, 'top-2'][0]:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
