@@ -122,6 +122,15 @@ def test_short_pull_is_deterministic_and_does_positive_work():
     assert pull("AKEAL", 8, protocol)["work_kj_mol"] != a["work_kj_mol"]  # the seed matters
 
 
+def test_a_pull_that_blows_up_is_retried_once_then_skipped_with_the_reason():
+    pytest.importorskip("openmm", reason="the science extra (openmm) is not installed")
+    pytest.importorskip("PeptideBuilder", reason="the science extra (PeptideBuilder) is not installed")
+    from xlora.demo.sciencedata.mechanics import PullProtocol, pull_with_retry
+
+    record, reason = pull_with_retry("AKEAL", 1, PullProtocol(**{**QUICK, "timestep_fs": 40.0}))  # 10x too long
+    assert record is None and reason.startswith("nan: Particle coordinate is NaN")
+
+
 def test_protocol_and_sequence_errors_name_the_fix():
     from xlora.demo.sciencedata.mechanics import PullProtocol, check_sequence
 

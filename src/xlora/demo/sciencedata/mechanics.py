@@ -61,7 +61,7 @@ class PullProtocol:
     temperature_k: float = 300.0
     friction_per_ps: float = 1.0
     equilibration_steps: int = 100
-    minimize_iterations: int = 200
+    minimize_iterations: int = 50
     chunk_steps: int = 5
     platform: str = "CPU"
     threads: int = 1
