@@ -7,7 +7,8 @@ label and an optional ``check`` for generated answers (``{"exact": true}``, ``{"
 - ``messages``: the conversation rendered by the tokenizer's chat template, tokenized once; the
   scored tokens are those after ``render(messages[:-1], add_generation_prompt=True)``: the last
   (assistant) message with the template's end-of-turn markup (the trainer's span of that turn).
-- ``prompt``/``completion`` with ``chat``: the same, as a user/assistant pair.
+- ``prompt``/``completion`` with ``chat``: the same, as a user/assistant pair (the trainer's ``chat=True``:
+  the prompt encoded as ``xlora generate --chat`` encodes it, then the answer's turn).
 - ``prompt``/``completion`` without ``chat``: the completion's tokens (and EOS) after the prompt,
   joined as the trainer joins them.
 - ``text``: every token (and EOS), as the trainer scores it.
@@ -119,8 +120,8 @@ def _check_spec(record: dict[str, Any], where: str) -> dict[str, Any]:
     return check
 
 
-def _as_chat(record: dict[str, Any], kind: str, chat: bool) -> tuple[dict[str, Any], str | None]:
-    """The record the trainer's tokenizer sees, and the reference answer."""
+def _scored_record(record: dict[str, Any], kind: str) -> tuple[dict[str, Any], str | None]:
+    """The fields the trainer's tokenizer sees, and the reference answer (None for ``text``)."""
     if kind == "messages":
         messages = record["messages"]
         last = messages[-1] if isinstance(messages, list) and messages else None
@@ -129,9 +130,6 @@ def _as_chat(record: dict[str, Any], kind: str, chat: bool) -> tuple[dict[str, A
                              "conversation with the assistant turn to score")
         return {"messages": messages}, last.get("content")
     if kind == "prompt_completion":
-        if chat:
-            pair = [{"role": "user", "content": record["prompt"]}, {"role": "assistant", "content": record["completion"]}]
-            return {"messages": pair}, record["completion"]
         return {"prompt": record["prompt"], "completion": record["completion"]}, record["completion"]
     return {"text": record["text"]}, None
 
@@ -149,8 +147,9 @@ def make_record(record: dict[str, Any], where: str, tokenizer: Any, *, chat: boo
     """Tokenize one record for scoring (see the module doc); raises :class:`BadRecord` naming ``where``."""
     try:
         kind = record_kind(record, 0)
-        tokenizable, reference = _as_chat(record, kind, chat)
-        example, truncated = tokenize_record(tokenizable, tokenizer, max_length + 1)
+        tokenizable, reference = _scored_record(record, kind)
+        # chat: a prompt/completion pair as the trainer's --chat renders it (a user turn, then the answer's)
+        example, truncated = tokenize_record(tokenizable, tokenizer, max_length + 1, chat=chat)
     except BadRecord:
         raise
     except ValueError as e:

@@ -312,12 +312,8 @@ def run_eval(model_dir: str | Path, data: list[str | Path], *, base_model: str |
              out_dir: str | Path = "xlora-eval", config: EvalConfig | None = None) -> EvalResult:
     """The ``xlora eval MODEL_DIR --data FILE ...`` command: load, evaluate, print the tables, write
     ``eval.md``, ``eval.json`` and ``eval.png`` (without matplotlib: the first two) to ``out_dir``."""
+    from xlora.pretrained import load_model_and_tokenizer
     from xlora.saving import load_base
-
-    try:  # moving from xlora.saving to xlora.pretrained (issue 19)
-        from xlora.pretrained import load_model_and_tokenizer
-    except ImportError:
-        from xlora.pretrained import load_model_and_tokenizer
 
     model, tokenizer = load_model_and_tokenizer(model_dir, base_model=base_model)
     base_name = base_model or model.xlora_config.base_model_name_or_path
