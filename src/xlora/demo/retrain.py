@@ -9,6 +9,11 @@ The head (2 layers, global scalings: one mixture for all layers) is trained by
 experts predate the phrasings (issue 15) and saw only each task's first wording; ``graph`` and the
 head were trained on the seen phrasings (see ``training.json``). On 2 idle CPU cores an expert takes
 6-12 minutes, the head about 10.
+
+With ``--suite DATA_DIR`` the same command retrains on the science suite's files instead
+(:mod:`xlora.demo.retrain_suite`: seven experts on ``DATA_DIR/train/<domain>.jsonl``, the head on
+``DATA_DIR/head_train.jsonl``), checkpointed so that rerunning a stopped command loses nothing
+(:func:`train_expert`'s ``checkpoint``: the same weights as an uninterrupted run).
 """
 
 from __future__ import annotations
