@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import os
 from collections.abc import Iterator
@@ -11,7 +12,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
 from transformers import PreTrainedModel
 from transformers.cache_utils import Cache
 from transformers.modeling_outputs import CausalLMOutputWithPast
@@ -23,7 +23,7 @@ from xlora.generation import ScalingsObserver, XLoraGenerationMixin
 from xlora.head import ScalingHead
 from xlora.layers import ColumnTable, MixtureLoraLinear, ScalingState
 from xlora.lifecycle import LifecycleMixin
-from xlora.saving import load_model, save_model
+from xlora.saving import load_model, save_model, save_trainer_weights
 
 ScalingsSpec = str | int | torch.Tensor | None
 
@@ -35,13 +35,17 @@ class XLoraOutput(CausalLMOutputWithPast):
     scalings: torch.Tensor | None = None
 
 
-class XLoraModel(LifecycleMixin, XLoraGenerationMixin, nn.Module):
+class XLoraModel(LifecycleMixin, XLoraGenerationMixin, PreTrainedModel):
     """A mixture of LoRA experts over a Hugging Face causal LM.
 
     One forward is two passes of the same base model: a scaling pass (no grad, every scaling set
     to ``scaling_pass_value``) whose last hidden state ``[b, t, hidden]`` feeds the scaling head,
     giving scalings ``s`` of shape ``[b, t, L, E]``; then the main pass with ``s`` in every
     adapted module, which yields the logits and, with ``labels``, the loss.
+
+    It is a ``PreTrainedModel`` so that Hugging Face's ``Trainer`` saves it through
+    :meth:`save_pretrained` (the X-LoRA, never a copy of the frozen base, which may have tied
+    weights) and resumes it from its checkpoints (see :meth:`save_pretrained`).
 
     Args:
         base_model: a ``PreTrainedModel`` for causal LM; it is adapted in place (its ``Linear`` /
@@ -51,10 +55,14 @@ class XLoraModel(LifecycleMixin, XLoraGenerationMixin, nn.Module):
         experts_root: folder against which relative expert paths are resolved.
     """
 
+    # PreTrainedModel.__init__ checks the attention implementation against these, on a copy of the
+    # base's config: the base's own choice stands, whatever it is.
+    _supports_sdpa = _supports_flash_attn = _supports_flex_attn = _supports_attention_backend = True
+
     def __init__(self, base_model: PreTrainedModel, config: XLoraConfig, experts_root: str | Path | None = None) -> None:
-        super().__init__()
         if not isinstance(base_model, PreTrainedModel):
             raise TypeError(f"base_model must be a transformers PreTrainedModel, got {type(base_model).__name__}")
+        super().__init__(copy.deepcopy(base_model.config))
         config = XLoraConfig.from_dict(config.to_dict())  # ours to fill in; the caller's object is left as it is
         hidden = hidden_size(base_model)
         if config.hidden_size is not None and config.hidden_size != hidden:
@@ -90,6 +98,11 @@ class XLoraModel(LifecycleMixin, XLoraGenerationMixin, nn.Module):
         self.head = ScalingHead(config, hidden, L, config.num_experts).to(w.device, float_dtype(base_model))
         self._fixed_scalings: torch.Tensor | None = None  # set only inside `with fixed_scalings(...)`
         self.train(base_model.training)
+
+    @property
+    def base_model(self) -> PreTrainedModel:
+        """The adapted causal LM (``PreTrainedModel.base_model`` would name its decoder)."""
+        return self._modules["base_model"]
 
     # ------------------------------------------------------------------ construction
     def _inject(self, experts: list[LoraExpert]) -> list[str]:
@@ -280,9 +293,30 @@ class XLoraModel(LifecycleMixin, XLoraGenerationMixin, nn.Module):
                 out[e][name] = ab
         return out
 
-    def save_pretrained(self, save_directory: str | os.PathLike, bundle: bool = False, format: str = "ours") -> None:
-        """Write ``xlora_config.json`` and ``xlora_head.safetensors`` (atomically); see :func:`xlora.saving.save_model`."""
+    def save_pretrained(self, save_directory: str | os.PathLike, bundle: bool = False, format: str = "ours",
+                        state_dict: dict[str, torch.Tensor] | None = None, is_main_process: bool | None = None) -> None:
+        """Write ``xlora_config.json`` and ``xlora_head.safetensors`` (atomically); see :func:`xlora.saving.save_model`.
+
+        Hugging Face's ``Trainer`` calls this for its checkpoints and ``save_model()``, with
+        ``state_dict`` and ``is_main_process``: then the trainable tensors (the head, and the experts
+        with ``use_trainable_adapters``) are also written to ``model.safetensors`` under this model's
+        parameter names, which ``Trainer.train(resume_from_checkpoint=...)`` loads back. The frozen base
+        is never written. Only the main process writes.
+        """
+        if is_main_process is False:
+            return
         save_model(self, save_directory, bundle=bundle, format=format)
+        if is_main_process is not None or state_dict is not None:
+            save_trainer_weights(self, save_directory, state_dict)
+
+    @property
+    def _keys_to_ignore_on_save(self) -> list[str]:
+        """The frozen base's state keys: what a Trainer checkpoint leaves out and its resume finds missing."""
+        trainable = {n for n, p in self.named_parameters() if p.requires_grad}
+        return [k for k in self.state_dict(keep_vars=True) if k not in trainable]
+
+    def tie_weights(self, *args: Any, **kwargs: Any) -> None:
+        """Nothing to tie: a Trainer resume loads only the trainable tensors, the base's (tied) weights stay as they are."""
 
     @classmethod
     def from_pretrained(

@@ -28,6 +28,7 @@ from xlora.files import atomic_save_safetensors, check_finite
 CONFIG_FILE = "xlora_config.json"
 HEAD_FILE = "xlora_head.safetensors"
 EXPERTS_DIR = "experts"
+TRAINER_WEIGHTS_FILE = "model.safetensors"  # transformers' SAFE_WEIGHTS_NAME: what Trainer resumes from
 
 
 def save_model(model: nn.Module, save_directory: str | os.PathLike, bundle: bool = False, format: str = "ours") -> None:
@@ -56,6 +57,16 @@ def save_model(model: nn.Module, save_directory: str | os.PathLike, bundle: bool
     cfg.experts = experts
     atomic_save_safetensors(out / HEAD_FILE, model.head.state_dict(), metadata={"format": "pt"})
     cfg.to_json_file(out / CONFIG_FILE)
+
+
+def save_trainer_weights(model: nn.Module, save_directory: str | os.PathLike,
+                         state_dict: dict[str, torch.Tensor] | None = None) -> None:
+    """Write the trainable tensors of ``model`` to ``model.safetensors`` under its parameter names (what
+    Hugging Face's ``Trainer`` reloads on resume), taken from ``state_dict`` when given (a gathered one)."""
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    source = state_dict if state_dict is not None else dict(model.named_parameters())
+    tensors = {n: source[n].detach().contiguous() for n in trainable}
+    atomic_save_safetensors(Path(save_directory) / TRAINER_WEIGHTS_FILE, tensors, metadata={"format": "pt"})
 
 
 def load_model(cls: type[nn.Module], directory: str | os.PathLike,
