@@ -87,6 +87,22 @@ def test_water_dipole_and_orbitals_are_in_gfn2_units():
     assert -13.0 < water["homo_ev"] < -11.5
 
 
+def test_geometry_has_its_centre_of_mass_at_the_origin_the_ions_dipole_convention():
+    pytest.importorskip("tblite", reason="the science extra (tblite) is not installed")
+    import numpy as np
+    from rdkit.Chem import AddHs
+
+    from xlora.demo.sciencedata import molecules
+
+    mol, _ = molecules.parent("CC(=O)[O-]")
+    numbers, positions = molecules.geometry(mol)
+    masses = np.array([a.GetMass() for a in AddHs(mol).GetAtoms()])
+    assert np.abs(masses @ positions / masses.sum()).max() < 1e-9
+    # an ion's dipole depends on the origin, which is why one is fixed
+    shifted = molecules.xtb(numbers, positions + 5.0, -1)["dipole_debye"]
+    assert abs(shifted - molecules.xtb(numbers, positions, -1)["dipole_debye"]) > 1.0
+
+
 def test_skips_are_counted_by_reason_and_a_resumed_run_does_no_work(tmp_path):
     pytest.importorskip("tblite", reason="the science extra (tblite) is not installed")
     from xlora.demo.sciencedata import molecules

@@ -18,7 +18,8 @@ charge (tblite, 300 K electronic temperature, one OpenMP thread). One JSON objec
      "charge": int,                 # formal charge used for xTB
      "n_heavy": int,                # heavy atoms
      "homo_ev": float, "lumo_ev": float, "gap_ev": float,    # GFN2-xTB frontier orbitals, eV
-     "dipole_debye": float,         # |dipole| of the GFN2-xTB density, Debye
+     "dipole_debye": float,         # |dipole| of the GFN2-xTB density, Debye (about the centre of mass:
+                                    # for ions, charge != 0, it depends on that origin)
      "energy_hartree": float,       # GFN2-xTB total energy
      "dG_hyd_kcal_mol": float | null,   # FreeSolv experimental hydration free energy
      "logS": float | null}              # measured log10 solubility (mol/L)
@@ -89,7 +90,7 @@ def check_chemistry(mol) -> None:
 
 
 def geometry(mol):
-    """(atomic numbers, positions in Bohr [atoms, 3]) from ETKDGv3 + MMFF94; Skip('embed'/'mmff')."""
+    """(atomic numbers, positions in Bohr [atoms, 3], centre of mass at 0) from ETKDGv3 + MMFF94; Skip('embed'/'mmff')."""
     import numpy as np
     from rdkit.Chem import AllChem
 
@@ -104,8 +105,10 @@ def geometry(mol):
         raise Skip("mmff: no MMFF94 parameters")
     AllChem.MMFFOptimizeMolecule(molh, maxIters=2000)
     numbers = np.array([a.GetAtomicNum() for a in molh.GetAtoms()])
+    masses = np.array([a.GetMass() for a in molh.GetAtoms()])
     positions = molh.GetConformer().GetPositions() * ANGSTROM_BOHR  # [atoms, 3] Bohr
-    return numbers, positions
+    # centre of mass at the origin: the dipole of an ion depends on the origin, and this is its convention
+    return numbers, positions - masses @ positions / masses.sum()
 
 
 def xtb(numbers, positions, charge: int) -> dict[str, float]:
