@@ -51,6 +51,26 @@ def test_a_stopped_expert_resumes_to_the_same_weights(base_dir, tmp_path):
     assert again["resumed_from"] == 0 and again["finished"]
 
 
+def test_a_stop_request_checkpoints_the_finished_step_and_exits(base_dir, tmp_path):
+    from xlora.demo import retrain
+
+    records = domains.generate("mathematics", "train", 12)
+    kw = {"steps": 5, "batch_size": 4, "targets": ["q_proj", "v_proj"], "log_every": 10, "data_id": "d"}
+    retrain.train_expert(base_dir, records, tmp_path / "whole", **kw)
+    ckpt = tmp_path / "c.safetensors"
+    retrain.request_stop()  # what SIGTERM does in the command
+    try:
+        with pytest.raises(SystemExit, match=r"stopped after step 1/5"):
+            retrain.train_expert(base_dir, records, tmp_path / "split", checkpoint=ckpt, **kw)
+    finally:
+        retrain.STOP.clear()
+    assert ckpt.is_file() and not (tmp_path / "split").exists()
+    rest = retrain.train_expert(base_dir, records, tmp_path / "split", checkpoint=ckpt, **kw)
+    assert rest["resumed_from"] == 1 and rest["finished"]
+    a, b = _weights(tmp_path / "whole"), _weights(tmp_path / "split")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_suite_retraining_records_every_run_and_skips_finished_experts(base_dir, tmp_path):
     pytest.importorskip("rdkit")
     pytest.importorskip("Bio")

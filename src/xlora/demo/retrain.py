@@ -23,6 +23,7 @@ import math
 import os
 import random
 import shutil
+import signal
 import sys
 import time
 import warnings
@@ -34,10 +35,10 @@ import torch
 from xlora.demo import domains
 from xlora.demo.base_model import base_model_dir, cache_root, load_base
 from xlora.demo.evaluate import chat_messages, completion_loss, left_padded
+from xlora.demo.expert_checkpoint import STOP, load_checkpoint, request_stop, save_checkpoint
 from xlora.files import atomic_save_safetensors, atomic_write_text
 from xlora.generation import pad_token_id
 from xlora.saving import CONFIG_FILE, HEAD_FILE
-from xlora.train.checkpoints import optimizer_from_tensors, optimizer_to_tensors
 from xlora.train.data import tokenize_record
 
 EXPERT_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj"]
@@ -59,36 +60,6 @@ def _examples(records: list[dict[str, Any]], tokenizer: Any, max_length: int) ->
             for i, r in enumerate(records)]
 
 
-def _save_checkpoint(path: Path, params: list[torch.nn.Parameter], opt: torch.optim.Optimizer,
-                     state: dict[str, Any]) -> None:
-    """One safetensors file (atomic): the LoRA weights, AdamW's moments, and ``state`` (step, order, RNG, losses,
-    settings) as JSON metadata, so a stop after it loses nothing."""
-    tensors, groups = optimizer_to_tensors(opt)
-    tensors = {f"opt.{k}": v for k, v in tensors.items()}
-    tensors.update({f"param.{i}": p.detach().clone() for i, p in enumerate(params)})
-    atomic_save_safetensors(path, tensors, metadata={"state": json.dumps({**state, "groups": groups})})
-
-
-def _load_checkpoint(path: Path, params: list[torch.nn.Parameter], opt: torch.optim.Optimizer,
-                     settings: dict[str, Any]) -> dict[str, Any] | None:
-    """Restore a checkpoint written with the same ``settings`` (else ``None``: start afresh, said)."""
-    from safetensors import safe_open
-
-    if not path.is_file():
-        return None
-    with safe_open(str(path), "pt") as f:
-        state = json.loads(f.metadata()["state"])
-        tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open has no items())
-    if state["settings"] != settings:
-        print(f"  checkpoint {path} was written with other settings; starting afresh", flush=True)
-        return None
-    with torch.no_grad():
-        for i, p in enumerate(params):
-            p.copy_(tensors[f"param.{i}"])
-    optimizer_from_tensors(opt, {k[4:]: v for k, v in tensors.items() if k.startswith("opt.")}, state["groups"])
-    return state
-
-
 def train_expert(base_dir: str | os.PathLike, records: list[dict[str, Any]], out_dir: str | os.PathLike, *,
                  steps: int = EXPERT_STEPS, batch_size: int = EXPERT_BATCH, lr: float = EXPERT_LR,
                  rank: int = EXPERT_RANK, targets: list[str] | None = None, seed: int = SEED,
@@ -100,7 +71,8 @@ def train_expert(base_dir: str | os.PathLike, records: list[dict[str, Any]], out
     seeded permutation. ``records`` are domain records or trainer ``messages`` records. With ``checkpoint``
     (a file path), the state is saved every ``save_every`` steps and a rerun with the same settings and data
     (``data_id``) continues from it, to the same weights as an uninterrupted run; ``max_new_steps`` stops
-    this call early (checkpointed, nothing saved to ``out_dir``). Returns ``{"steps", "seconds",
+    this call early (checkpointed, nothing saved to ``out_dir``); so does :data:`STOP` (set by the command's
+    SIGTERM/SIGINT handler), which then raises ``SystemExit``. Returns ``{"steps", "seconds",
     "first_loss", "last_loss", "finished", "resumed_from"}`` (``seconds``: this call's).
     """
     from peft import LoraConfig, get_peft_model
@@ -120,7 +92,7 @@ def train_expert(base_dir: str | os.PathLike, records: list[dict[str, Any]], out
     settings = {"steps": steps, "batch_size": batch_size, "lr": lr, "rank": rank, "targets": list(targets),
                 "seed": seed, "max_length": max_length, "records": len(records), "data": data_id}
     ckpt = Path(checkpoint) if checkpoint is not None else None
-    state = _load_checkpoint(ckpt, params, opt, settings) if ckpt is not None else None
+    state = load_checkpoint(ckpt, params, opt, settings) if ckpt is not None else None
     rng = random.Random(seed)
     order: list[int] = []
     losses: list[float] = []
@@ -148,9 +120,12 @@ def train_expert(base_dir: str | os.PathLike, records: list[dict[str, Any]], out
         if (step + 1) % log_every == 0 or step == 0:
             print(f"  step {step + 1}/{steps} loss {sum(losses[-log_every:]) / len(losses[-log_every:]):.4f} "
                   f"({time.perf_counter() - t0:.0f} s)", flush=True)
-        if ckpt is not None and ((step + 1) % save_every == 0 or step + 1 == end) and step + 1 < steps:
-            _save_checkpoint(ckpt, params, opt, {"step": step + 1, "order": order, "losses": losses,
+        stop = ckpt is not None and STOP.is_set() and step + 1 < end
+        if ckpt is not None and ((step + 1) % save_every == 0 or step + 1 == end or stop) and step + 1 < steps:
+            save_checkpoint(ckpt, params, opt, {"step": step + 1, "order": order, "losses": losses,
                                                  "rng": list(rng.getstate()), "settings": settings})
+        if stop:
+            raise SystemExit(f"stopped after step {step + 1}/{steps} (checkpoint {ckpt}); rerun to continue")
     seconds = time.perf_counter() - t0
     stats = {"steps": steps, "seconds": round(seconds, 1), "first_loss": losses[0] if losses else None,
              "last_loss": sum(losses[-20:]) / len(losses[-20:]) if losses else None, "finished": end == steps,
@@ -329,6 +304,8 @@ def main(argv: list[str] | None = None) -> None:
     a = p.parse_intermixed_args(argv if argv is not None else sys.argv[1:])  # phases may follow the options
     if a.threads:
         torch.set_num_threads(a.threads)
+    signal.signal(signal.SIGTERM, request_stop)  # kill / Ctrl-C: checkpoint after the current step, then exit
+    signal.signal(signal.SIGINT, request_stop)
     if a.suite is None:
         retrain(a.out_dir, tuple(a.phases) or ("experts", "head"), expert_steps=a.expert_steps,
                 head_steps=a.head_steps)
