@@ -13,8 +13,10 @@ from transformers import AutoModelForCausalLM
 
 from xlora import XLoraConfig, XLoraModel
 from xlora.analysis.eval_data import BadRecord, iter_eval_records
-from xlora.analysis.evaluate import EvalConfig, check_answer, evaluate_files, greedy_answers
+from xlora.analysis.evaluate import EvalConfig, check_answer, greedy_answers
+from xlora.analysis.evaluate import evaluate_files as engine_files
 from xlora.analysis.stats import token_entropy
+from xlora.train.data import tokenize_record
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 NAMES = ["alpha", "beta", "gamma"]
@@ -50,6 +52,11 @@ def setup(tmp_path_factory):
     data = root / "data.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in RECORDS))
     return model, tok, root, experts, data
+
+
+def evaluate_files(model, tok, paths, config=None, **kwargs):
+    """The engine on files, parsed by the trainer's tokenize_record (what the CLI hands in)."""
+    return engine_files(model, tok, paths, config, tokenize_record=tokenize_record, **kwargs)
 
 
 def fresh_base(root):
@@ -251,9 +258,9 @@ def test_bad_records_name_file_and_line_or_are_skipped(setup, tmp_path, line, me
     model, tok, *_ = setup
     path = write(tmp_path, [GOOD, "", line, GOOD])
     with pytest.raises(BadRecord, match=message):
-        list(iter_eval_records([path], tok, chat=True, max_length=256))
+        list(iter_eval_records([path], tok, chat=True, max_length=256, tokenize_record=tokenize_record))
     bad = []
-    kept = list(iter_eval_records([path], tok, chat=True, max_length=256, skip_bad=True, skipped=bad))
+    kept = list(iter_eval_records([path], tok, chat=True, max_length=256, tokenize_record=tokenize_record, skip_bad=True, skipped=bad))
     assert len(kept) == 2 and [k.where for k in kept] == [f"{path}: line 1", f"{path}: line 4"]
     assert len(bad) == 1 and bad[0].startswith(f"{path}: line 3")
 
@@ -261,10 +268,10 @@ def test_bad_records_name_file_and_line_or_are_skipped(setup, tmp_path, line, me
 def test_missing_and_empty_files(setup, tmp_path):
     model, tok, *_ = setup
     with pytest.raises(FileNotFoundError, match="nope.jsonl' does not exist"):
-        list(iter_eval_records([tmp_path / "nope.jsonl"], tok, chat=True, max_length=256))
+        list(iter_eval_records([tmp_path / "nope.jsonl"], tok, chat=True, max_length=256, tokenize_record=tokenize_record))
     (tmp_path / "empty.jsonl").write_text("\n\n")
     with pytest.raises(ValueError, match="empty.jsonl' is empty"):
-        list(iter_eval_records([tmp_path / "empty.jsonl"], tok, chat=True, max_length=256))
+        list(iter_eval_records([tmp_path / "empty.jsonl"], tok, chat=True, max_length=256, tokenize_record=tokenize_record))
 
 
 def test_unknown_rows_and_nothing_left_to_score_are_errors(setup, tmp_path):
@@ -325,3 +332,17 @@ def test_cli_skip_bad_counts_and_data_needs_a_model_dir(setup, tmp_path, capsys)
     assert f"1 bad records skipped (first: {path}: line 2 is not valid JSON" in (tmp_path / "o" / "eval.md").read_text()
     assert main(["eval", "--data", str(data)]) == 2
     assert "xlora eval MODEL_DIR needs --data FILE" in capsys.readouterr().err
+
+
+def test_other_formats_go_through_the_trainers_reader(setup, tmp_path):
+    pytest.importorskip("datasets")
+    from xlora.train.records import iter_records
+
+    model, tok, *_ = setup
+    path = tmp_path / "records.json"
+    path.write_text(json.dumps([{"prompt": "a", "completion": "bc", "domain": "alpha"},
+                                {"prompt": "d", "completion": "ef", "domain": "beta"}]))
+    with pytest.raises(ValueError, match=r"records.json' is not JSON lines; convert it to .jsonl or pass read_records"):
+        evaluate_files(model, tok, [path], rows=["base"], progress=False)
+    res = evaluate_files(model, tok, [path], rows=["base"], progress=False, read_records=iter_records)
+    assert res.records == 2 and res.domains == ["alpha", "beta"]

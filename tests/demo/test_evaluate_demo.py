@@ -14,6 +14,7 @@ from xlora import XLoraConfig, XLoraModel
 from xlora.analysis.evaluate import EvalConfig, evaluate_files
 from xlora.demo import domains
 from xlora.demo.evaluate import chat_messages, evaluate, write_records
+from xlora.train.data import tokenize_record
 
 DOMS = ["mathematics", "general"]  # need neither RDKit nor Biopython
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -44,7 +45,7 @@ def test_demo_table_equals_the_engine_on_the_exported_records(demo, tmp_path):
     lines = [json.loads(line) for line in path.read_text().splitlines()]
     records = domains.generate_mixture("test_unseen", 3, domains=DOMS)
     assert lines == [{"messages": chat_messages(r), "domain": r["domain"]} for r in records]
-    result = evaluate_files(model, tok, [path], EvalConfig(arrow_top_k=2), arrow_base=fresh_base(root),
+    result = evaluate_files(model, tok, [path], EvalConfig(arrow_top_k=2), tokenize_record=tokenize_record, arrow_base=fresh_base(root),
                             progress=False)
     assert table.configs == configs == list(result.configs)
     for c in configs:

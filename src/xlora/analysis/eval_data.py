@@ -22,7 +22,7 @@ from __future__ import annotations
 import json
 import math
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,10 +30,20 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from xlora.train.data import IGNORE_INDEX, TokenizedExample, collate, record_kind, tokenize_record
-from xlora.train.records import iter_records
-
 CHECK_KINDS = ("exact", "rel_tol", "abs_tol")
+IGNORE_INDEX = -100  # a label that is not scored (PyTorch's ignore_index, as the trainer writes it)
+# The trainer's parsing, handed in by the caller (analysis never imports train; the CLI and the demo pass
+# xlora.train.data.tokenize_record and xlora.train.records.iter_records):
+TokenizeRecord = Callable[..., tuple[Any, bool]]  # (record, tokenizer, max_length, index, chat=) -> (example, cut)
+ReadRecords = Callable[[Path], Iterable[dict[str, Any]]]  # a non-JSONL data file -> its records
+
+
+@dataclass
+class Example:
+    """One sequence: ``input_ids`` and ``labels`` of equal length (``-100`` = not scored)."""
+
+    input_ids: list[int]
+    labels: list[int]
 
 
 @dataclass
@@ -50,7 +60,7 @@ class EvalRecord:
         raw: the record as read (answer checkers get it).
     """
 
-    example: TokenizedExample
+    example: Example
     domain: str | None
     where: str
     prompt_ids: list[int]
@@ -81,19 +91,25 @@ def _json_lines(path: Path) -> Iterator[tuple[str, dict[str, Any] | BadRecord]]:
             yield where, value
 
 
-def read_raw(path: str | Path) -> Iterator[tuple[str, dict[str, Any] | BadRecord]]:
-    """Stream ``(where, record or error)`` from a data file (JSONL line by line; other formats via the trainer's reader).
+def read_raw(path: str | Path, read_records: ReadRecords | None = None
+             ) -> Iterator[tuple[str, dict[str, Any] | BadRecord]]:
+    """Stream ``(where, record or error)`` from a data file: JSONL line by line (a bad line does not end
+    the file), other formats through ``read_records`` (the trainer's ``iter_records``).
 
     Raises:
-        FileNotFoundError: the file does not exist. ValueError: it holds no record (raised after the last line).
+        FileNotFoundError: the file does not exist. ValueError: it holds no record (raised after the last
+        line), or it is not JSONL and no ``read_records`` was given.
     """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"data file {str(path)!r} does not exist (or is not a file); check the path")
     if path.suffix.lower() in (".jsonl", ".json") and not _is_json_array(path):
         lines = _json_lines(path)
+    elif read_records is None:
+        raise ValueError(f"data file {str(path)!r} is not JSON lines; convert it to .jsonl or pass "
+                         f"read_records=xlora.train.records.iter_records")
     else:
-        lines = ((f"{path}: record {i + 1}", r) for i, r in enumerate(iter_records(path)))
+        lines = ((f"{path}: record {i + 1}", r) for i, r in enumerate(read_records(path)))
     count = 0
     for item in lines:
         count += 1
@@ -120,18 +136,19 @@ def _check_spec(record: dict[str, Any], where: str) -> dict[str, Any]:
     return check
 
 
-def _scored_record(record: dict[str, Any], kind: str) -> tuple[dict[str, Any], str | None]:
-    """The fields the trainer's tokenizer sees, and the reference answer (None for ``text``)."""
-    if kind == "messages":
+def _scored_record(record: dict[str, Any]) -> tuple[dict[str, Any], str | None]:
+    """The fields the trainer's tokenizer sees (its shapes, in its order of precedence), and the reference
+    answer (None for ``text``); other records go on whole, for the trainer to name what is wrong."""
+    if "messages" in record:
         messages = record["messages"]
         last = messages[-1] if isinstance(messages, list) and messages else None
         if not (isinstance(last, dict) and last.get("role") == "assistant"):
             raise ValueError("its last message is not the assistant's, so there is nothing to score; end the "
                              "conversation with the assistant turn to score")
         return {"messages": messages}, last.get("content")
-    if kind == "prompt_completion":
+    if "prompt" in record and "completion" in record:
         return {"prompt": record["prompt"], "completion": record["completion"]}, record["completion"]
-    return {"text": record["text"]}, None
+    return ({"text": record["text"]} if "text" in record else record), None
 
 
 def _last_span(labels: list[int]) -> list[int]:
@@ -143,13 +160,14 @@ def _last_span(labels: list[int]) -> list[int]:
     return [IGNORE_INDEX] * start + labels[start:end] + [IGNORE_INDEX] * (len(labels) - end)
 
 
-def make_record(record: dict[str, Any], where: str, tokenizer: Any, *, chat: bool, max_length: int) -> EvalRecord:
-    """Tokenize one record for scoring (see the module doc); raises :class:`BadRecord` naming ``where``."""
+def make_record(record: dict[str, Any], where: str, tokenizer: Any, *, chat: bool, max_length: int,
+                tokenize_record: TokenizeRecord) -> EvalRecord:
+    """Tokenize one record for scoring with the trainer's ``tokenize_record`` (see the module doc);
+    raises :class:`BadRecord` naming ``where``."""
     try:
-        kind = record_kind(record, 0)
-        tokenizable, reference = _scored_record(record, kind)
+        tokenizable, reference = _scored_record(record)
         # chat: a prompt/completion pair as the trainer's --chat renders it (a user turn, then the answer's)
-        example, truncated = tokenize_record(tokenizable, tokenizer, max_length + 1, chat=chat)
+        example, truncated = tokenize_record(tokenizable, tokenizer, max_length + 1, 0, chat=chat)
     except BadRecord:
         raise
     except ValueError as e:
@@ -165,14 +183,16 @@ def make_record(record: dict[str, Any], where: str, tokenizer: Any, *, chat: boo
     if domain is not None and not isinstance(domain, str):
         raise BadRecord(f"{where}: 'domain' must be a string, got {type(domain).__name__} {domain!r:.40}")
     check = _check_spec(record, where) if reference is not None else None
-    return EvalRecord(TokenizedExample(example.input_ids, labels), domain, where, example.input_ids[:first],
+    return EvalRecord(Example(list(example.input_ids), labels), domain, where, example.input_ids[:first],
                       reference, check, record)
 
 
 def iter_eval_records(paths: list[str | Path], tokenizer: Any, *, chat: bool, max_length: int,
+                      tokenize_record: TokenizeRecord, read_records: ReadRecords | None = None,
                       skip_bad: bool = False, max_records: int | None = None,
                       skipped: list[str] | None = None) -> Iterator[EvalRecord]:
-    """Stream the scorable records of ``paths`` in order (at most ``max_records``).
+    """Stream the scorable records of ``paths`` in order (at most ``max_records``), tokenized by the
+    trainer's ``tokenize_record`` (non-JSONL files read by ``read_records``).
 
     A bad record (malformed line, nothing to score, longer than ``max_length``, a wrong field) raises
     :class:`BadRecord` naming file and line, or with ``skip_bad`` is left out and its message appended
@@ -180,13 +200,14 @@ def iter_eval_records(paths: list[str | Path], tokenizer: Any, *, chat: bool, ma
     """
     n = 0
     for path in paths:
-        for where, item in read_raw(path):
+        for where, item in read_raw(path, read_records):
             if max_records is not None and n >= max_records:
                 return
             try:
                 if isinstance(item, BadRecord):
                     raise item
-                rec = make_record(item, where, tokenizer, chat=chat, max_length=max_length)
+                rec = make_record(item, where, tokenizer, chat=chat, max_length=max_length,
+                                  tokenize_record=tokenize_record)
             except BadRecord as e:
                 if not skip_bad:
                     raise
@@ -228,16 +249,21 @@ def _reference(record: dict[str, Any]) -> str:
 
 
 # -------------------------------------------------------------------------------------- batches
-def left_padded(examples: list[TokenizedExample], pad_id: int) -> dict[str, Any]:
+def left_padded(examples: list[Any], pad_id: int) -> dict[str, Any]:
     """Left-pad a batch so that every sequence ends at the last column.
 
     Returns ``input_ids``, ``attention_mask``, ``position_ids`` (counting real tokens only) and
     ``labels``, all ``[b, T]``, and ``keep``: the trailing positions whose logits are needed (from
     just before the earliest scored token to the end), so that the LM head runs on those only.
     """
-    batch = collate(examples, pad_id, side="left")
-    ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
-    T = ids.shape[1]
+    b, T = len(examples), max(len(e.input_ids) for e in examples)
+    ids = torch.full((b, T), pad_id, dtype=torch.long)
+    mask = torch.zeros((b, T), dtype=torch.long)
+    labels = torch.full((b, T), IGNORE_INDEX, dtype=torch.long)
+    for row, e in enumerate(examples):  # right-aligned: every sequence ends at column T - 1
+        n = len(e.input_ids)
+        ids[row, T - n:], mask[row, T - n:] = torch.tensor(e.input_ids, dtype=torch.long), 1
+        labels[row, T - n:] = torch.tensor(e.labels, dtype=torch.long)
     has_loss = (labels != IGNORE_INDEX).any(1)
     first = int((labels != IGNORE_INDEX).float().argmax(1)[has_loss].min()) if has_loss.any() else T - 1
     positions = (mask.cumsum(1) - 1).clamp_min(0)

@@ -28,11 +28,20 @@ from typing import Any
 
 import torch
 
-from xlora.analysis.eval_data import EvalRecord, check_answer, completion_loss, iter_eval_records, left_padded
+from xlora.analysis.eval_data import (
+    IGNORE_INDEX,
+    EvalRecord,
+    Example,
+    ReadRecords,
+    TokenizeRecord,
+    check_answer,
+    completion_loss,
+    iter_eval_records,
+    left_padded,
+)
 from xlora.analysis.eval_report import ORACLE, UNLABELLED, EvalResult, Totals
 from xlora.analysis.stats import token_entropy
 from xlora.generation import pad_token_id
-from xlora.train.data import IGNORE_INDEX, TokenizedExample
 
 BASE, UNIFORM, ARROW, XLORA = "base", "uniform", "arrow", "xlora"
 Checker = Callable[[dict[str, Any], str], float]
@@ -85,12 +94,16 @@ def use_chat(config: EvalConfig, tokenizer: Any) -> bool:
     return bool(getattr(tokenizer, "chat_template", None)) if config.chat is None else config.chat
 
 
-def evaluate_files(model: Any, tokenizer: Any, paths: list[str | Path], config: EvalConfig | None = None,
+def evaluate_files(model: Any, tokenizer: Any, paths: list[str | Path], config: EvalConfig | None = None, *,
+                   tokenize_record: TokenizeRecord, read_records: ReadRecords | None = None,
                    **kwargs: Any) -> EvalResult:
-    """:func:`evaluate` on the records of data files (JSONL streamed; any format the trainer reads)."""
+    """:func:`evaluate` on the records of data files (JSONL streamed), parsed by the trainer's functions:
+    ``tokenize_record=xlora.train.data.tokenize_record`` and, for other formats than JSONL,
+    ``read_records=xlora.train.records.iter_records`` (handed in: analysis never imports train)."""
     config = config or EvalConfig()
     bad: list[str] = []
     records = iter_eval_records(paths, tokenizer, chat=use_chat(config, tokenizer), max_length=context_length(model),
+                                tokenize_record=tokenize_record, read_records=read_records,
                                 skip_bad=config.skip_bad, max_records=config.max_records, skipped=bad)
     result = evaluate(model, tokenizer, records, config, **kwargs)
     result.bad_records = bad
@@ -268,7 +281,7 @@ def greedy_answers(model: Any, tokenizer: Any, prompts: list[list[int]], max_new
     pad = pad_token_id(tokenizer)
     texts = []
     for i in range(0, len(prompts), batch_size):
-        batch = left_padded([TokenizedExample(p, p) for p in prompts[i:i + batch_size]], pad)
+        batch = left_padded([Example(p, p) for p in prompts[i:i + batch_size]], pad)
         kw = dict(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], max_new_tokens=max_new_tokens,
                   do_sample=False, pad_token_id=pad, eos_token_id=tokenizer.eos_token_id)
         if hasattr(model, "fixed_scalings"):
@@ -308,17 +321,19 @@ def _task_scores(model: Any, tokenizer: Any, samples: list[EvalRecord], result: 
     result.set_task_scores(samples, checker)
 
 
-def run_eval(model_dir: str | Path, data: list[str | Path], *, base_model: str | None = None,
+def run_eval(model_dir: str | Path, data: list[str | Path], *, tokenize_record: TokenizeRecord,
+             read_records: ReadRecords | None = None, base_model: str | None = None,
              out_dir: str | Path = "xlora-eval", config: EvalConfig | None = None) -> EvalResult:
     """The ``xlora eval MODEL_DIR --data FILE ...`` command: load, evaluate, print the tables, write
-    ``eval.md``, ``eval.json`` and ``eval.png`` (without matplotlib: the first two) to ``out_dir``."""
+    ``eval.md``, ``eval.json`` and ``eval.png`` (without matplotlib: the first two) to ``out_dir``.
+    ``tokenize_record`` / ``read_records``: the trainer's parsing (see :func:`evaluate_files`)."""
     from xlora.pretrained import load_model_and_tokenizer
     from xlora.saving import load_base
 
     model, tokenizer = load_model_and_tokenizer(model_dir, base_model=base_model)
     base_name = base_model or model.xlora_config.base_model_name_or_path
-    result = evaluate_files(model, tokenizer, list(data), config,
-                            arrow_base=lambda: load_base(str(base_name), Path(model_dir)), model_name=str(model_dir))
+    result = evaluate_files(model, tokenizer, list(data), config, tokenize_record=tokenize_record,
+                            read_records=read_records, arrow_base=lambda: load_base(str(base_name), Path(model_dir)), model_name=str(model_dir))
     print(result.to_markdown())
     try:
         paths = result.write(out_dir)

@@ -146,7 +146,8 @@ def demo_records(records: list[dict[str, Any]], tokenizer: Any, max_length: int)
     out = []
     for r in records:
         chat = {"messages": chat_messages(r), "domain": r["domain"]}
-        rec = make_record(chat, f"{r['domain']} record {r.get('id', '?')}", tokenizer, chat=True, max_length=max_length)
+        rec = make_record(chat, f"{r['domain']} record {r.get('id', '?')}", tokenizer, chat=True, max_length=max_length,
+                          tokenize_record=tokenize_record)
         out.append(dataclasses.replace(rec, raw=r))
     return out
 
