@@ -218,7 +218,9 @@ def test_noise_summary_separates_seed_noise_from_sequence_spread():
             for k, d in ((1, -1.0), (2, 0.0), (3, 1.0))]
     got = peptides.noise_summary(rows)["peak_force_pn"]
     assert (got["seed_sd"], got["sequence_sd"], got["noise_ratio"]) == (1.0, 100.0, 0.01)
-    assert got["reliability"] == pytest.approx(1 - (1 / 3) / 10000, abs=1e-4)
+    signal = 10000 - 1 / 3  # variance of the means less the seed variance over 3 seeds
+    assert got["reliability_one_pull"] == pytest.approx(signal / (signal + 1), abs=1e-4)
+    assert got["reliability_seed_mean"] == pytest.approx(signal / 10000, abs=1e-4)
     assert got["correlations"]["length"] == pytest.approx(1.0)
 
 

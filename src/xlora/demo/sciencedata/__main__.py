@@ -99,7 +99,8 @@ def _write_counts(path: Path, summary: dict, mols: list[dict], peps: list[dict])
             e = noise[label]
             lines += [f"- {label}: mean {e['mean']}, seed SD {e.get('seed_sd')} against SD across sequences "
                       f"{e.get('sequence_sd')} ({noise['n_multi_seed_sequences']} sequences with several seeds; "
-                      f"reliability {e.get('reliability')}); Pearson r with features {e['correlations']}"]
+                      f"reliability of one pull {e.get('reliability_one_pull')}, of the seed mean "
+                      f"{e.get('reliability_seed_mean')}); Pearson r with features {e['correlations']}"]
     text = path.read_text()
     head = text.split(COUNTS_MARK)[0].rstrip("\n")
     path.write_text(head + "\n\n" + "\n".join(lines) + "\n")

@@ -70,9 +70,11 @@ def _num(x: float) -> float | None:
 def noise_summary(records: list[dict], labels: tuple[str, ...] = ("peak_force_pn", "work_kj_mol")) -> dict:
     """Seed noise against sequence spread, and correlations of the labels with sequence features.
 
-    For every label: ``seed_sd`` is the pooled within-sequence SD over sequences with ≥ 2 seeds,
-    ``sequence_sd`` the SD of those sequences' means, ``reliability`` the share of variance between
-    sequences (var_between − var_within/seeds) / var_between (1 = noise-free, ≤ 0 = noise only), and
+    For every label: ``seed_sd`` is the pooled within-sequence SD over sequences with ≥ 2 seeds
+    (variance ``w``), ``sequence_sd`` the SD of those sequences' means (variance ``m``). With ``k`` seeds
+    per sequence, the variance due to the sequence is ``s = m − w/k``, and the reliability (intraclass
+    correlation) of one pull's label is ``s / (s + w)``, of a ``k``-seed mean ``s / m`` (1 = noise-free,
+    ≤ 0 = the sequence explains nothing measurable); and
     ``correlations`` the Pearson r of every sequence's mean label with each feature of ``features``.
     Undefined numbers (too few sequences, a constant feature) are None.
     """
@@ -90,9 +92,11 @@ def noise_summary(records: list[dict], labels: tuple[str, ...] = ("peak_force_pn
             means = [statistics.fmean(r[label] for r in rs) for rs in multi.values()]
             between = statistics.variance(means)
             k = out["seeds_per_multi_sequence"]
+            signal = between - within / k
             entry.update(seed_sd=_num(math.sqrt(within)), sequence_sd=_num(math.sqrt(between)),
                          noise_ratio=_num(math.sqrt(within / between)) if between > 0 else None,
-                         reliability=_num((between - within / k) / between) if between > 0 else None)
+                         reliability_one_pull=_num(signal / (signal + within)) if signal + within > 0 else None,
+                         reliability_seed_mean=_num(signal / between) if between > 0 else None)
         seq_means = {s: statistics.fmean(r[label] for r in rs) for s, rs in by_seq.items()}
         feats = {s: features(s) for s in seq_means}
         names = list(next(iter(feats.values()))) if feats else []
