@@ -195,7 +195,7 @@ class EvalResult:
         except ImportError:
             raise ImportError("the evaluation plot needs matplotlib: pip install 'xlora[viz]'") from None
         cols, rows = [*self.domains, "mixed"], list(self.configs)
-        fig = Figure(figsize=(11 if self.routing else 7, 4.5), dpi=100)
+        fig = Figure(figsize=(11 if self.routing else 7, 4.5), dpi=100, layout="constrained")  # room for titles
         FigureCanvasAgg(fig)
         ax = fig.add_subplot(1, 2 if self.routing else 1, 1)
         width = 0.8 / max(len(rows), 1)
@@ -214,8 +214,9 @@ class EvalResult:
             hm.set_xticks(range(len(experts)), experts, rotation=30, ha="right")
             hm.set_yticks(range(len(mean)), list(mean))
             hm.set_title("X-LoRA mean scalings")
+            hm.set_xlabel("expert")
+            hm.set_ylabel("domain of the records")
             fig.colorbar(image, ax=hm)
-        fig.tight_layout()
         atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"))
         return path
 
