@@ -125,13 +125,21 @@ def test_skips_are_counted_by_reason_and_a_resumed_run_does_no_work(tmp_path):
 
 
 # ------------------------------------------------------------------------------------ mechanics
-def test_short_pull_is_deterministic_and_does_positive_work():
+@pytest.fixture(scope="module")
+def quick_pull() -> dict:
+    """One quick pull of AKEAL with seed 7 (shared: each pull costs seconds)."""
     pytest.importorskip("openmm", reason="the science extra (openmm) is not installed")
     pytest.importorskip("PeptideBuilder", reason="the science extra (PeptideBuilder) is not installed")
     from xlora.demo.sciencedata.mechanics import PullProtocol, pull
 
+    return pull("AKEAL", 7, PullProtocol(**QUICK))
+
+
+def test_short_pull_is_deterministic_and_does_positive_work(quick_pull):
+    from xlora.demo.sciencedata.mechanics import PullProtocol, pull
+
     protocol = PullProtocol(**QUICK)
-    a, b = pull("AKEAL", 7, protocol), pull("AKEAL", 7, protocol)
+    a, b = quick_pull, pull("AKEAL", 7, protocol)
     assert a["steps"] == 50 and a["n_atoms"] == 79
     assert a["peak_force_pn"] == b["peak_force_pn"] and a["work_kj_mol"] == b["work_kj_mol"]
     assert a["work_kj_mol"] > 0
@@ -178,15 +186,13 @@ def test_molecule_checker_scores_the_computed_value():
         check_molecule_property("CCO", "mw", 1, 2)
 
 
-def test_peptide_checker_simulates_the_answer_once():
-    pytest.importorskip("openmm", reason="the science extra (openmm) is not installed")
-    pytest.importorskip("PeptideBuilder", reason="the science extra (PeptideBuilder) is not installed")
+def test_peptide_checker_simulates_the_answer_once(quick_pull):
     from xlora.demo.sciencedata.checks import check_peptide_force
-    from xlora.demo.sciencedata.mechanics import PullProtocol, pull
+    from xlora.demo.sciencedata.mechanics import PullProtocol
 
     protocol = PullProtocol(**QUICK)
-    force = pull("AKEAL", 1, protocol)["peak_force_pn"]
-    got = check_peptide_force("My design: AKEAL", force - 10, force + 10, 60, protocol=protocol)
+    force = quick_pull["peak_force_pn"]
+    got = check_peptide_force("My design: AKEAL", force - 10, force + 10, 60, seed=7, protocol=protocol)
     assert (got.score, got.value, got.answer) == (1.0, force, "AKEAL")
     assert check_peptide_force("no idea", 0, 1, 60).reason.startswith("unparsable:")
     late = check_peptide_force("AKEAL", 0, 1, 0.0, protocol=protocol)
