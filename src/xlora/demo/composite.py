@@ -23,7 +23,7 @@ import itertools
 import random
 from typing import Any
 
-from xlora.demo import science_tasks, suite
+from xlora.demo import science_tasks
 from xlora.demo._wording_data import PROPERTY_ALIASES
 from xlora.demo.science import protein_property
 from xlora.demo.triples import format_triples
@@ -51,7 +51,7 @@ _TRIPLES_FRAMES = ("Extract the knowledge-graph triples from this passage, one p
 
 
 def _held(pools_rows: list[dict[str, Any]], domain: str, key: str, split: str) -> list[dict[str, Any]]:
-    return [r for r in pools_rows if suite.split_of(domain, r[key]) == _POOL_SPLIT[split]]
+    return [r for r in pools_rows if science_tasks.split_of(domain, r[key]) == _POOL_SPLIT[split]]
 
 
 def _qm_arith(rng: random.Random, rows: dict[str, list]) -> tuple[str, str, dict[str, Any]]:

@@ -1,6 +1,6 @@
 """Retraining the demo's assets: one PEFT LoRA expert per domain, then the X-LoRA head on the mixture.
 
-Run ``python -m xlora.demo.retrain OUT_DIR [experts | expert:<domain>] [head]`` (or :func:`retrain`); the
+Run ``python -m xlora.demo.retrain_suite OUT_DIR [experts | expert:<domain>] [head]`` (or :func:`retrain`); the
 committed assets in ``xlora/demo/assets/`` were made this way. Experts are ordinary PEFT adapters
 (``LoraConfig`` + ``get_peft_model``, r=8 on q/k/v/o/up/down, batches of 8, stored in bfloat16), trained
 on completion tokens only: 160 steps each, 64 for ``graph`` (longer examples; its loss is flat by then).
@@ -23,8 +23,6 @@ import math
 import os
 import random
 import shutil
-import signal
-import sys
 import time
 import warnings
 from pathlib import Path
@@ -35,7 +33,7 @@ import torch
 from xlora.demo import domains
 from xlora.demo.base_model import base_model_dir, cache_root, load_base
 from xlora.demo.evaluate import chat_messages, completion_loss, left_padded
-from xlora.demo.expert_checkpoint import STOP, load_checkpoint, request_stop, save_checkpoint
+from xlora.demo.expert_checkpoint import STOP, load_checkpoint, save_checkpoint
 from xlora.files import atomic_save_safetensors, atomic_write_text
 from xlora.generation import pad_token_id
 from xlora.saving import CONFIG_FILE, HEAD_FILE
@@ -282,39 +280,3 @@ def _phase_domains(phase: str) -> tuple[str, ...] | None:
     if unknown:
         raise ValueError(f"retraining phase {phase!r} names unknown domains {unknown}; choose from {list(domains.DOMAINS)}")
     return names
-
-
-def main(argv: list[str] | None = None) -> None:
-    """``python -m xlora.demo.retrain OUT_DIR [PHASE ...] [--suite DATA_DIR --rows DIR] [--threads N]``.
-
-    Without ``--suite``: the five-domain demo assets (phases ``experts``, ``expert:<d>,...``, ``head``). With
-    ``--suite``: the science suite (:mod:`xlora.demo.retrain_suite`; phases ``data``, ``experts``,
-    ``expert:<d>,...``, ``head``), checkpointed so that a rerun of the same command continues where it stopped.
-    """
-    import argparse
-
-    p = argparse.ArgumentParser(prog="python -m xlora.demo.retrain", description=main.__doc__)
-    p.add_argument("out_dir")
-    p.add_argument("phases", nargs="*")
-    p.add_argument("--suite", default=None, help="the science suite's data folder (split files)")
-    p.add_argument("--rows", default=None, help="folder of the science rows (*.jsonl[.gz]) the data phase snapshots")
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
-    p.add_argument("--expert-steps", type=int, default=None)
-    p.add_argument("--head-steps", type=int, default=HEAD_STEPS)
-    a = p.parse_intermixed_args(argv if argv is not None else sys.argv[1:])  # phases may follow the options
-    if a.threads:
-        torch.set_num_threads(a.threads)
-    signal.signal(signal.SIGTERM, request_stop)  # kill / Ctrl-C: checkpoint after the current step, then exit
-    signal.signal(signal.SIGINT, request_stop)
-    if a.suite is None:
-        retrain(a.out_dir, tuple(a.phases) or ("experts", "head"), expert_steps=a.expert_steps,
-                head_steps=a.head_steps)
-        return
-    from xlora.demo.retrain_suite import retrain_suite
-
-    retrain_suite(a.out_dir, a.suite, tuple(a.phases) or ("data", "experts", "head"), rows=a.rows,
-                  expert_steps=a.expert_steps, head_steps=a.head_steps)
-
-
-if __name__ == "__main__":
-    main()

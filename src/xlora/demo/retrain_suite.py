@@ -1,6 +1,6 @@
 """Retraining on the science suite's files: a data snapshot, seven experts, then the head; a stop loses nothing.
 
-``python -m xlora.demo.retrain OUT_DIR [data] [experts | expert:<d>,...] [head] --suite DATA_DIR --rows ROWS``
+``python -m xlora.demo.retrain_suite OUT_DIR [data] [experts | expert:<d>,...] [head] --suite DATA_DIR --rows ROWS``
 runs the phases in order:
 
 - ``data``: snapshot the science rows under ``ROWS`` (``*.jsonl`` run files or ``*.jsonl.gz``) into
@@ -27,6 +27,8 @@ import hashlib
 import json
 import os
 import shutil
+import signal
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -35,6 +37,7 @@ import torch
 
 from xlora.demo import science_tasks, suite
 from xlora.demo.base_model import base_model_dir
+from xlora.demo.expert_checkpoint import request_stop
 from xlora.demo.retrain import (
     DEMO_BASE_ID,
     EXPERT_BATCH,
@@ -44,6 +47,7 @@ from xlora.demo.retrain import (
     HEAD_OPTIONS,
     HEAD_STEPS,
     _to_bf16,
+    retrain,
     train_expert,
     train_head,
 )
@@ -185,3 +189,37 @@ def retrain_suite(out_dir: str | os.PathLike, data_dir: str | os.PathLike,
                                            "result": result})
         atomic_write_text(log_path, json.dumps(log, indent=2) + "\n")
     return log
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m xlora.demo.retrain_suite OUT_DIR [PHASE ...] [--suite DATA_DIR --rows DIR] [--threads N]``.
+
+    Without ``--suite``: the five-domain demo assets (phases ``experts``, ``expert:<d>,...``, ``head``). With
+    ``--suite``: the science suite (:mod:`xlora.demo.retrain_suite`; phases ``data``, ``experts``,
+    ``expert:<d>,...``, ``head``), checkpointed so that a rerun of the same command continues where it stopped.
+    """
+    import argparse
+
+    p = argparse.ArgumentParser(prog="python -m xlora.demo.retrain_suite", description=main.__doc__)
+    p.add_argument("out_dir")
+    p.add_argument("phases", nargs="*")
+    p.add_argument("--suite", default=None, help="the science suite's data folder (split files)")
+    p.add_argument("--rows", default=None, help="folder of the science rows (*.jsonl[.gz]) the data phase snapshots")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    p.add_argument("--expert-steps", type=int, default=None)
+    p.add_argument("--head-steps", type=int, default=HEAD_STEPS)
+    a = p.parse_intermixed_args(argv if argv is not None else sys.argv[1:])  # phases may follow the options
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    signal.signal(signal.SIGTERM, request_stop)  # kill / Ctrl-C: checkpoint after the current step, then exit
+    signal.signal(signal.SIGINT, request_stop)
+    if a.suite is None:
+        retrain(a.out_dir, tuple(a.phases) or ("experts", "head"), expert_steps=a.expert_steps,
+                head_steps=a.head_steps)
+        return
+    retrain_suite(a.out_dir, a.suite, tuple(a.phases) or ("data", "experts", "head"), rows=a.rows,
+                  expert_steps=a.expert_steps, head_steps=a.head_steps)
+
+
+if __name__ == "__main__":
+    main()

@@ -36,12 +36,11 @@ from typing import Any
 
 from xlora.demo import domains, science_tasks, wording
 from xlora.demo.phrasings import Item
+from xlora.demo.science_tasks import split_of
 from xlora.files import atomic_write_text
 
 DOMAINS = ("protein", "mechanics", "chemistry", "quantum", "mathematics", "general", "graph")
 SPLITS = ("train", "validation", "test", "test_unseen")
-KEY_SPACE = {"protein": "peptide", "mechanics": "peptide", "chemistry": "molecule", "quantum": "molecule"}
-_BUCKETS = {"train": range(0, 16), "validation": range(16, 18), "test": range(18, 20)}  # of 20
 
 Record = dict[str, Any]
 SuiteTask = Callable[[random.Random, bool, science_tasks.SciencePools], Item]  # (rng, held_out, pools)
@@ -74,13 +73,6 @@ CHECKS: dict[tuple[str, str | None], dict[str, Any]] = {
     ("protein_forward", "gravy"): {"abs_tol": 0.2}, ("protein_forward", "instability"): {"abs_tol": 10.0},
     ("chem_value", "mw"): {"rel_tol": 0.02}, ("chem_value", "logp"): {"abs_tol": 0.5},
 }
-
-
-def split_of(domain: str, key: str) -> str:
-    """The split of an item: 80 % train, 10 % validation, 10 % test by ``sha256(<key space>:<key>)``."""
-    space = KEY_SPACE.get(domain, domain)
-    bucket = int(hashlib.sha256(f"suite:{space}:{key}".encode()).hexdigest()[:8], 16) % 20
-    return next(s for s, r in _BUCKETS.items() if bucket in r)
 
 
 def _item_split(domain: str, key: str, held_out: bool) -> str:
