@@ -15,6 +15,7 @@ between top-2 and dense).
 
     .venv/bin/python benchmarks/topk.py                 # ~3 min on 2 idle cores
     .venv/bin/python benchmarks/topk.py --reps 2 --new 4 --experts 4 64
+    .venv/bin/python benchmarks/topk.py --module --reps 20     # one gate_proj alone, seconds
 """
 
 from __future__ import annotations
@@ -106,6 +107,47 @@ def run(model: XLoraModel, ids: torch.Tensor, new: int) -> tuple[float, float, t
     return prefill, (time.perf_counter() - t0) / new, out.logits[:, -1]
 
 
+def module_rows(experts: list[int], reps: int, calls: int = 200) -> None:
+    """One SmolLM2 ``gate_proj`` (576 -> 1536) at batch 1, one token: the mixture layer alone, per call."""
+    from torch import nn
+
+    from xlora.adapters import LoraModuleWeights
+    from xlora.layers import ScalingState
+
+    torch.manual_seed(0)
+    base = nn.Linear(576, 1536, bias=False).requires_grad_(False)
+    x = torch.randn(1, 1, 576)
+    layers, scalings = {}, {}
+    for E in experts:
+        state = ScalingState()
+        w = {e: LoraModuleWeights(A=torch.randn(16, 576) * 0.02, B=torch.randn(1536, 16) * 0.02, scale=2.0, dropout=0.0)
+             for e in range(E)}
+        layers[E] = (MixtureLoraLinear(base, 0, E, w, state).eval(), state)
+        s = torch.rand(1, 1, 1, E)
+        scalings[E] = s * torch.zeros_like(s).scatter_(-1, s.topk(2, -1).indices, 1.0)
+    rows = [(E, mode) for E in experts for mode in ("top-2", "dense", "base")]
+    times: dict[tuple[int, str], list[float]] = {r: [] for r in rows}
+    with torch.inference_mode():
+        for rep in range(reps + 1):
+            for E, mode in rows[rep % len(rows):] + rows[: rep % len(rows)]:
+                layer, state = layers[E]
+                with state.use(scalings=scalings[E], top_k=2), dense_paths() if mode == "dense" else nullcontext():
+                    call = base if mode == "base" else layer
+                    t0 = time.perf_counter()
+                    for _ in range(calls):
+                        call(x)
+                    if rep:
+                        times[E, mode].append((time.perf_counter() - t0) / calls)
+    med = {r: statistics.median(v) for r, v in times.items()}
+    print(f"\none gate_proj (576 -> 1536), batch 1, one token, {calls} calls x {reps} interleaved reps (medians)")
+    for E, mode in rows:
+        print(f"{E:>3} {mode:>6} {med[E, mode] * 1e6:8.1f} us/call  spread {max(times[E, mode]) / min(times[E, mode]):.2f}"
+              f"  {med[E, mode] / med[E, 'base']:.2f}x the base layer")
+    lo, hi = min(experts), max(experts)
+    print(f"top-2 E={hi} / E={lo}: {med[hi, 'top-2'] / med[lo, 'top-2']:.2f}x per call; added over the base layer: "
+          f"{(med[hi, 'top-2'] - med[hi, 'base']) * 1e6:.1f} vs {(med[lo, 'top-2'] - med[lo, 'base']) * 1e6:.1f} us")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--experts", type=int, nargs="+", default=[4, 16, 64])
@@ -113,10 +155,14 @@ def main() -> None:
     ap.add_argument("--prompt", type=int, default=64)
     ap.add_argument("--new", type=int, default=8)
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--module", action="store_true", help="one module alone (seconds), not the whole model")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     print(f"load: {os.getloadavg()}, torch threads {torch.get_num_threads()}")
+    if args.module:
+        module_rows(args.experts, args.reps)
+        return
     with tempfile.TemporaryDirectory() as tmp:
         dirs = write_experts(smollm2_shaped(), Path(tmp))
         models = {E: build(E, dirs) for E in args.experts}

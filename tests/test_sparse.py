@@ -50,9 +50,10 @@ def calls(monkeypatch) -> list[str]:
     return seen
 
 
-# (experts, k, batch, length, path): one token at E = 16 gathers; many tokens group; few experts stay dense
-CASES = [(16, 2, 1, 1, "gathered"), (64, 2, 3, 1, "gathered"), (16, 2, 3, 1, "grouped"), (16, 2, 2, 9, "grouped"),
-         (64, 4, 4, 6, "grouped"), (16, 1, 2, 5, "grouped"), (4, 2, 1, 1, None), (4, 2, 2, 9, None)]
+# (experts, k, batch, length, path): few tokens at E = 64 gather; at least E tokens group; the rest is dense
+CASES = [(64, 2, 1, 1, "gathered"), (64, 1, 2, 1, "gathered"), (16, 2, 4, 4, "grouped"), (16, 2, 2, 9, "grouped"),
+         (64, 4, 4, 16, "grouped"), (16, 1, 2, 8, "grouped"), (16, 2, 1, 1, None), (64, 2, 3, 1, None),
+         (16, 2, 2, 7, None), (4, 2, 1, 1, None), (4, 2, 2, 9, None)]
 
 
 @pytest.mark.parametrize(("num", "k", "b", "t", "path"), CASES)
@@ -83,10 +84,10 @@ def test_chosen_is_computed_once_per_pass_and_holds_every_nonzero():
 
 
 def test_dropout_in_training_keeps_the_dense_path(calls):
-    layer, state = layer_of(16)
+    layer, state = layer_of(64)
     layer._no_dropout = False
     layer.train()
-    with state.use(scalings=topk_scalings(1, 1, 16, 2, seed=3), top_k=2):
+    with state.use(scalings=topk_scalings(1, 1, 64, 2, seed=3), top_k=2):
         layer(torch.randn(1, 1, IN))
     assert calls == []
 
@@ -95,10 +96,10 @@ def test_dropout_in_training_keeps_the_dense_path(calls):
 def test_gradients_reach_the_chosen_scalings_through_the_sparse_paths(b, calls):
     """The head's top-k multiplies the unchosen scalings by 0, so only the chosen ones' gradients count."""
     layer, state = layer_of(16)
-    x = torch.randn(b, 9 // b, IN, generator=torch.Generator().manual_seed(4))
+    x = torch.randn(b, 16 // b, IN, generator=torch.Generator().manual_seed(4))
     grads = []
     for top_k in (None, 2):
-        s = topk_scalings(b, 9 // b, 16, 2, seed=5).requires_grad_(True)
+        s = topk_scalings(b, 16 // b, 16, 2, seed=5).requires_grad_(True)
         with state.use(scalings=s, top_k=top_k):
             layer(x).square().sum().backward()
         grads.append(s.grad[:, :, 1][s[:, :, 1] != 0])  # the layer reads layer 1's scalings

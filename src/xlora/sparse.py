@@ -67,10 +67,14 @@ def folded_down(x: torch.Tensor, f: FoldedExperts) -> torch.Tensor:
 def gathered(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, cols: torch.Tensor, coef: torch.Tensor) -> torch.Tensor:
     """``x`` ``[n, in]``, per token ``K`` column indices ``cols`` ``[n, K]`` and coefficients ``coef``
     ``[n, K]`` -> ``[n, out]``: ``Σ_j coef[i, j] · B[:, cols[i, j]] · (A[cols[i, j]] · x[i])``."""
-    a = A[cols]  # [n, K, in]
-    b = B.t()[cols]  # [n, K, out]
-    h = torch.bmm(x.unsqueeze(1), a.transpose(1, 2)) * coef.unsqueeze(1)  # [n, 1, K]
-    return torch.bmm(h, b).squeeze(1)  # [n, out]
+    n, K = cols.shape
+    flat = cols.reshape(-1)  # index_select: several times faster than advanced indexing for these sizes
+    a = A.index_select(0, flat).view(n, K, A.shape[1])  # [n, K, in]
+    b = B.index_select(1, flat).view(B.shape[0], n, K)  # [out, n, K]
+    h = torch.bmm(a, x.unsqueeze(-1)).squeeze(-1) * coef  # [n, K]
+    if n == 1:
+        return F.linear(h, b[:, 0])  # [1, out]
+    return torch.bmm(h.unsqueeze(1), b.permute(1, 2, 0)).squeeze(1)  # [n, out]
 
 
 def grouped(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, local: torch.Tensor, weight: torch.Tensor,
