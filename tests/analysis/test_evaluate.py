@@ -307,6 +307,11 @@ def test_cli_eval_writes_the_three_files(setup, tmp_path, capsys):
     assert main(["eval", str(root / "xlora"), "--data", str(tmp_path / "missing.jsonl"), "--base",
                  str(root / "base"), "--out", str(out)]) == 2
     assert "missing.jsonl' does not exist" in capsys.readouterr().err
+    # a wrong data path fails before any model loads (here the model folder does not even exist)
+    (tmp_path / "empty.jsonl").write_text("")
+    for name, message in (("missing.jsonl", "does not exist"), ("empty.jsonl", "is empty")):
+        assert main(["eval", str(tmp_path / "no-model"), "--data", str(tmp_path / name)]) == 2
+        assert f"{name}' {message}" in capsys.readouterr().err
 
 
 def test_peft_single_expert_equals_the_expert_row(setup, result):

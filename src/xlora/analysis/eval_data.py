@@ -91,6 +91,20 @@ def _json_lines(path: Path) -> Iterator[tuple[str, dict[str, Any] | BadRecord]]:
             yield where, value
 
 
+def check_data_file(path: str | Path) -> Path:
+    """``path`` as a ``Path`` if it names a non-empty file.
+
+    Raises:
+        FileNotFoundError: it does not exist or is not a file. ValueError: it is empty.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"data file {str(path)!r} does not exist (or is not a file); check the path")
+    if path.stat().st_size == 0:
+        raise ValueError(f"data file {str(path)!r} is empty; it needs at least one record")
+    return path
+
+
 def read_raw(path: str | Path, read_records: ReadRecords | None = None
              ) -> Iterator[tuple[str, dict[str, Any] | BadRecord]]:
     """Stream ``(where, record or error)`` from a data file: JSONL line by line (a bad line does not end
@@ -100,9 +114,7 @@ def read_raw(path: str | Path, read_records: ReadRecords | None = None
         FileNotFoundError: the file does not exist. ValueError: it holds no record (raised after the last
         line), or it is not JSONL and no ``read_records`` was given.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"data file {str(path)!r} does not exist (or is not a file); check the path")
+    path = check_data_file(path)
     if path.suffix.lower() in (".jsonl", ".json") and not _is_json_array(path):
         lines = _json_lines(path)
     elif read_records is None:

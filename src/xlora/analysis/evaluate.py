@@ -35,6 +35,7 @@ from xlora.analysis.eval_data import (
     ReadRecords,
     TokenizeRecord,
     check_answer,
+    check_data_file,
     completion_loss,
     iter_eval_records,
     left_padded,
@@ -330,6 +331,8 @@ def run_eval(model_dir: str | Path, data: list[str | Path], *, tokenize_record: 
     from xlora.pretrained import load_model_and_tokenizer
     from xlora.saving import load_base
 
+    for path in data:  # a wrong path fails before the model loads (tens of seconds)
+        check_data_file(path)
     model, tokenizer = load_model_and_tokenizer(model_dir, base_model=base_model)
     base_name = base_model or model.xlora_config.base_model_name_or_path
     result = evaluate_files(model, tokenizer, list(data), config, tokenize_record=tokenize_record,
