@@ -24,20 +24,15 @@ import tempfile
 import time
 from pathlib import Path
 
+import topk
 import torch
-from topk import DISTINCT, smollm2_shaped, write_experts
+from topk import smollm2_shaped, write_experts
 
-from xlora import XLoraConfig, XLoraModel
+from xlora import XLoraModel
 
 
 def build(dirs: list[Path], E: int = 5) -> XLoraModel:
-    cfg = XLoraConfig(experts={f"x{e}": str(dirs[e % DISTINCT]) for e in range(E)}, head_depth=1)
-    model = XLoraModel(smollm2_shaped(), cfg).eval()
-    torch.manual_seed(7)
-    with torch.no_grad():
-        for p in model.head.parameters():
-            p.normal_(0, 0.05)
-    return model
+    return topk.build(E, dirs, top_k=None)  # dense: every expert, as the demo ships
 
 
 @torch.inference_mode()

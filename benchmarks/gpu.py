@@ -153,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"device: {name}")
     base = base_model(args.tiny)
     with tempfile.TemporaryDirectory() as tmp:
-        dirs = write_experts(copy.deepcopy(base), Path(tmp), rank=8)
+        dirs = write_experts(base, Path(tmp), rank=8)  # leaves base untouched
         print(f"PEFT parity (float32, one-hot expert 0): max |dlogit| = {parity(base, dirs, args.device):.1e}")
         for granularity, (same, diff) in cached_generation(base, dirs, args.device).items():
             print(f"cached generation, {granularity} granularity: tokens equal {same}, max |dlogit| = {diff:.1e}")

@@ -41,7 +41,6 @@ transformers.logging.set_verbosity_error()
 from xlora import XLoraConfig, XLoraModel  # noqa: E402
 from xlora.layers import MixtureLoraLinear  # noqa: E402
 
-TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 DISTINCT = 8
 
 
@@ -54,24 +53,12 @@ def smollm2_shaped(seed: int = 0) -> LlamaForCausalLM:
 
 def write_experts(base: LlamaForCausalLM, root: Path, rank: int = 16) -> list[Path]:
     """``DISTINCT`` rank-``rank`` PEFT experts with random A and B on every projection."""
-    from peft import LoraConfig, get_peft_model
+    from generate import make_experts
 
-    paths = []
-    for i in range(DISTINCT):
-        torch.manual_seed(100 + i)
-        peft_model = get_peft_model(base, LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=TARGETS,
-                                                     init_lora_weights=False))
-        with torch.no_grad():
-            for name, p in peft_model.named_parameters():
-                if "lora_B" in name:
-                    p.mul_(0.05)
-        peft_model.save_pretrained(str(root / f"e{i}"))
-        base = peft_model.unload()
-        paths.append(root / f"e{i}")
-    return paths
+    return [Path(p) for p in make_experts(base, root, DISTINCT, rank).values()]
 
 
-def build(E: int, dirs: list[Path], top_k: int = 2) -> XLoraModel:
+def build(E: int, dirs: list[Path], top_k: int | None = 2) -> XLoraModel:
     cfg = XLoraConfig(experts={f"x{e}": str(dirs[e % DISTINCT]) for e in range(E)}, top_k=top_k, head_depth=1)
     model = XLoraModel(smollm2_shaped(), cfg).eval()
     torch.manual_seed(7)
