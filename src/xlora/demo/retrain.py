@@ -90,15 +90,8 @@ def train_expert(base_dir: str | os.PathLike, records: list[dict[str, Any]], out
     settings = {"steps": steps, "batch_size": batch_size, "lr": lr, "rank": rank, "targets": list(targets),
                 "seed": seed, "max_length": max_length, "records": len(records), "data": data_id}
     ckpt = Path(checkpoint) if checkpoint is not None else None
-    state = load_checkpoint(ckpt, params, opt, settings) if ckpt is not None else None
     rng = random.Random(seed)
-    order: list[int] = []
-    losses: list[float] = []
-    start = 0
-    if state is not None:
-        start, order, losses = state["step"], state["order"], state["losses"]
-        rng.setstate((state["rng"][0], tuple(state["rng"][1]), state["rng"][2]))
-        print(f"  resuming from step {start}/{steps} ({ckpt})", flush=True)
+    start, order, losses = _resume(ckpt, params, opt, settings, rng, steps)
     warm = max(1, steps // 10)
     end = steps if max_new_steps is None else min(steps, start + max_new_steps)
     t0 = time.perf_counter()
@@ -106,15 +99,8 @@ def train_expert(base_dir: str | os.PathLike, records: list[dict[str, Any]], out
         if len(order) < batch_size:
             order += rng.sample(range(len(examples)), len(examples))
         idx, order = order[:batch_size], order[batch_size:]
-        loss = completion_loss(model, left_padded([examples[i] for i in idx], pad))[0]
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
         factor = (step + 1) / warm if step < warm else 0.5 * (1 + math.cos(math.pi * (step - warm) / (steps - warm)))
-        for g in opt.param_groups:
-            g["lr"] = lr * factor
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        losses.append(loss.item())
+        losses.append(_train_step(model, opt, params, left_padded([examples[i] for i in idx], pad), lr * factor))
         if (step + 1) % log_every == 0 or step == 0:
             print(f"  step {step + 1}/{steps} loss {sum(losses[-log_every:]) / len(losses[-log_every:]):.4f} "
                   f"({time.perf_counter() - t0:.0f} s)", flush=True)
@@ -129,11 +115,41 @@ def train_expert(base_dir: str | os.PathLike, records: list[dict[str, Any]], out
              "last_loss": sum(losses[-20:]) / len(losses[-20:]) if losses else None, "finished": end == steps,
              "resumed_from": start}
     if end == steps:
-        model.save_pretrained(str(out_dir), safe_serialization=True)
-        _drop_readme(Path(out_dir))
-        if ckpt is not None and ckpt.is_file():
-            ckpt.unlink()
+        _save_expert(model, Path(out_dir), ckpt)
     return stats
+
+
+def _resume(ckpt: Path | None, params: list[torch.nn.Parameter], opt: torch.optim.Optimizer,
+            settings: dict[str, Any], rng: random.Random, steps: int) -> tuple[int, list[int], list[float]]:
+    """Restore ``ckpt`` (if it was written with ``settings``) into ``params``, ``opt`` and ``rng``; returns
+    ``(start step, batch order left, losses so far)``, ``(0, [], [])`` when starting afresh."""
+    state = load_checkpoint(ckpt, params, opt, settings) if ckpt is not None else None
+    if state is None:
+        return 0, [], []
+    rng.setstate((state["rng"][0], tuple(state["rng"][1]), state["rng"][2]))
+    print(f"  resuming from step {state['step']}/{steps} ({ckpt})", flush=True)
+    return state["step"], state["order"], state["losses"]
+
+
+def _train_step(model: Any, opt: torch.optim.Optimizer, params: list[torch.nn.Parameter],
+                batch: dict[str, torch.Tensor], lr: float) -> float:
+    """One AdamW step at learning rate ``lr`` on the completion loss of ``batch`` (gradients clipped to norm 1)."""
+    loss = completion_loss(model, batch)[0]
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    for g in opt.param_groups:
+        g["lr"] = lr
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return loss.item()
+
+
+def _save_expert(model: Any, out_dir: Path, ckpt: Path | None) -> None:
+    """Save the finished expert (PEFT format, no model card) and drop its checkpoint, now stale."""
+    model.save_pretrained(str(out_dir), safe_serialization=True)
+    _drop_readme(out_dir)
+    if ckpt is not None and ckpt.is_file():
+        ckpt.unlink()
 
 
 def _drop_readme(path: Path) -> None:
