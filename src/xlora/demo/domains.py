@@ -44,7 +44,7 @@ from xlora.demo.science import chem_property, mol_from_smiles, molecule_pool, pr
 from xlora.demo.triples import format_triples, parse_triples, prf
 
 DOMAINS = ("protein", "chemistry", "mathematics", "general", "graph")
-SPLITS = ("train", "validation", "test", "test_unseen")
+SPLITS = phrasings.SPLITS
 _SPLIT_BUCKETS = {"train": range(0, 16), "validation": range(16, 18), "test": range(18, 20)}  # of 20
 AMINO_ACIDS = "ACDEFGHIKLMNPQRSTVWY"
 _LEADING_NUMBER = re.compile(r"(?:[a-z]\s*=\s*)?([-+]?\d+(?:\.\d+)?(?:/\d+)?)(?![\w.]*\d)")
@@ -266,12 +266,7 @@ def generate(domain: str, split: str, n: int, seed: int = 0) -> list[Record]:
     Raises:
         ValueError: unknown domain or split, or fewer than ``n`` distinct records exist in the split.
     """
-    if domain not in TASKS:
-        raise ValueError(f"domain {domain!r} is unknown; choose one of {list(TASKS)}")
-    if split not in SPLITS:
-        raise ValueError(f"split {split!r} is unknown; choose one of {list(SPLITS)}")
-    if n < 0:
-        raise ValueError(f"n must be >= 0, got {n}")
+    phrasings.check_request(domain, split, n, TASKS)
     rng = random.Random(f"xlora-domains:{seed}:{domain}:{split}")
     names, funcs, weights = zip(*TASKS[domain])
     item_split = "test" if split == "test_unseen" else split

@@ -17,6 +17,7 @@ import random
 from typing import Any, NamedTuple
 
 SEEN, UNSEEN = "seen", "unseen"
+SPLITS = ("train", "validation", "test", "test_unseen")  # the demo's and the suite's record splits
 
 # kind -> (seen templates, unseen templates); slot names are listed per kind in SLOTS
 TEMPLATES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
@@ -241,6 +242,17 @@ def templates(kind: str, which: str = SEEN) -> tuple[str, ...]:
     if which not in (SEEN, UNSEEN):
         raise ValueError(f"which must be {SEEN!r} or {UNSEEN!r}, got {which!r}")
     return TEMPLATES[kind][0 if which == SEEN else 1]
+
+
+def check_request(domain: str, split: str, n: int, known: object) -> None:
+    """Refuse a ``generate(domain, split, n)`` call whose domain is not in ``known``, whose split is not one
+    of :data:`SPLITS` or whose ``n`` is negative."""
+    if domain not in known:
+        raise ValueError(f"domain {domain!r} is unknown; choose one of {list(known)}")
+    if split not in SPLITS:
+        raise ValueError(f"split {split!r} is unknown; choose one of {list(SPLITS)}")
+    if n < 0:
+        raise ValueError(f"n must be >= 0, got {n}")
 
 
 def which_for(split: str) -> str:

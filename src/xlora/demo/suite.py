@@ -34,13 +34,13 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from xlora.demo import domains, science_tasks, wording
+from xlora.demo import domains, phrasings, science_tasks, wording
 from xlora.demo.phrasings import Item
 from xlora.demo.science_tasks import split_of
 from xlora.files import atomic_write_text
 
 DOMAINS = ("protein", "mechanics", "chemistry", "quantum", "mathematics", "general", "graph")
-SPLITS = ("train", "validation", "test", "test_unseen")
+SPLITS = phrasings.SPLITS
 
 Record = dict[str, Any]
 SuiteTask = Callable[[random.Random, bool, science_tasks.SciencePools], Item]  # (rng, held_out, pools)
@@ -108,12 +108,7 @@ def generate(domain: str, split: str, n: int, seed: int = 0, data_dir: str | Non
         ValueError: unknown domain or split, ``n < 0``, missing data rows, or fewer than ``n`` distinct
             records in the split.
     """
-    if domain not in TASKS:
-        raise ValueError(f"domain {domain!r} is unknown; choose one of {list(TASKS)}")
-    if split not in SPLITS:
-        raise ValueError(f"split {split!r} is unknown; choose one of {list(SPLITS)}")
-    if n < 0:
-        raise ValueError(f"n must be >= 0, got {n}")
+    phrasings.check_request(domain, split, n, TASKS)
     pools = science_tasks.load_pools(data_dir)
     rng = random.Random(f"xlora-suite:{seed}:{domain}:{split}")
     names, funcs, weights = zip(*TASKS[domain])
