@@ -94,9 +94,9 @@ def locate(directory: Path, names: list[str], adapters: dict[str, str], bundled:
     """The experts' folders: the recorded paths (our bundled copies in ``<dir>/<i>/`` when those moved)."""
     found, missing = [], []
     for i, (key, recorded) in enumerate(zip(names, adapters.values())):
-        path = Path(recorded) if Path(recorded).is_absolute() else directory / recorded
-        if not (path / PEFT_CONFIG).is_file() and not Path(recorded).is_absolute():
-            path = Path(recorded)  # PEFT's reading: relative to the working directory
+        path = Path(recorded)  # absolute, or relative: to the folder if there, else PEFT's working directory
+        if not path.is_absolute() and (directory / recorded / PEFT_CONFIG).is_file():
+            path = directory / recorded
         if not (path / PEFT_CONFIG).is_file() and bundled and (directory / str(i) / PEFT_CONFIG).is_file():
             path = directory / str(i)
         if not (path / PEFT_CONFIG).is_file():
