@@ -30,8 +30,8 @@ from typing import Any
 
 from xlora.demo import _wording_data as vocab
 from xlora.demo import phrasings
+from xlora.demo.phrasings import SEEN, UNSEEN, which_for
 
-SEEN, UNSEEN = "seen", "unseen"
 PARTS = ("verb", "prop", "thing", "unit_clause", "unit_word", "dec", "want", "v", "eqn")
 _PART = re.compile(r"\{(" + "|".join(PARTS) + r")\}")
 CONTENT_PARTS = ("v",)  # chosen like a part, filled like content: no casing touches an equation's variable
@@ -80,11 +80,6 @@ class Wording:
     frame: str
     which: str
     parts: dict[str, str] = field(default_factory=dict)
-
-
-def which_for(split: str) -> str:
-    """``test_unseen`` is worded from the unseen pools; every other split from the seen ones."""
-    return UNSEEN if split == "test_unseen" else SEEN
 
 
 def families(kind: str) -> tuple[dict[str, tuple[str, ...]], tuple[str, ...], str]:
