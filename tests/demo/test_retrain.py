@@ -110,17 +110,30 @@ def test_suite_retraining_records_every_run_and_skips_finished_experts(base_dir,
     assert all(torch.equal(before[k], after[k]) for k in before)
 
 
-@pytest.mark.parametrize("phases, message", [
-    (("data", "hed"), r"unknown suite phase 'hed'"),
-    (("expert:quantum,protien",), r"names unknown domains \['protien'\]"),
-    (("data",), r"the data phase needs rows"),
-])
-def test_suite_retraining_refuses_bad_phases_before_anything(tmp_path, phases, message):
+def _retrain(tmp_path, phases):
+    from xlora.demo.retrain import retrain
+
+    return retrain(tmp_path / "out", phases)
+
+
+def _retrain_suite(tmp_path, phases):
     from xlora.demo.retrain_suite import retrain_suite
 
+    return retrain_suite(tmp_path / "out", tmp_path / "data", phases)
+
+
+@pytest.mark.parametrize("command, phases, message", [
+    (_retrain, ("experts", "hed"), r"unknown retraining phase 'hed'"),
+    (_retrain, ("expert:protein,foo",), r"names unknown domains \['foo'\]"),
+    (_retrain, ("expert:",), r"unknown retraining phase 'expert:'"),
+    (_retrain_suite, ("data", "hed"), r"unknown suite phase 'hed'"),
+    (_retrain_suite, ("expert:quantum,protien",), r"names unknown domains \['protien'\]"),
+    (_retrain_suite, ("data",), r"the data phase needs rows"),
+])
+def test_retraining_refuses_bad_phases_before_anything(tmp_path, command, phases, message):
     with pytest.raises(ValueError, match=message):
-        retrain_suite(tmp_path / "out", tmp_path / "data", phases)
-    assert not (tmp_path / "out").exists() and not (tmp_path / "data").exists()
+        command(tmp_path, phases)
+    assert not (tmp_path / "out").exists() and not (tmp_path / "data").exists()  # nothing trained or written
 
 
 def test_suite_head_trains_on_the_head_file_and_resumes(base_dir, tmp_path):
