@@ -212,16 +212,3 @@ def test_head_training_writes_a_loadable_xlora_directory(demo, tmp_path):
     assert cfg["experts"] == {d: f"experts/{d}" for d in domains.DOMAINS}  # relative: the folder moves as a whole
     model, _ = load_demo(out, base_dir)
     assert set(model.xlora_config.expert_names) <= set(domains.DOMAINS) and model.num_layers == 4
-
-
-@pytest.mark.parametrize("phases, message", [
-    (("experts", "hed"), r"unknown retraining phase 'hed'"),
-    (("expert:protein,foo",), r"names unknown domains \['foo'\]"),
-    (("expert:",), r"unknown retraining phase 'expert:'"),
-])
-def test_retrain_refuses_a_bad_phase_before_training_anything(tmp_path, phases, message):
-    from xlora.demo.retrain import retrain
-
-    with pytest.raises(ValueError, match=message):
-        retrain(tmp_path / "out", phases)
-    assert not (tmp_path / "out").exists()  # nothing trained, nothing written
