@@ -75,13 +75,6 @@ CHECKS: dict[tuple[str, str | None], dict[str, Any]] = {
 }
 
 
-def _item_split(domain: str, key: str, held_out: bool) -> str:
-    if domain == "graph" and held_out:  # graph test passages are held out by their entities (ontology)
-        return "test"
-    split = split_of(domain, key)
-    return "train" if domain == "graph" and split == "test" else split
-
-
 def check_spec(item: Item) -> dict[str, Any]:
     """The record's ``check`` for ``xlora eval``."""
     if "check" in item.meta:
@@ -123,7 +116,7 @@ def generate(domain: str, split: str, n: int, seed: int = 0, data_dir: str | Non
                              f"(asked for n={n}); ask for fewer or add data")
         i = rng.choices(range(len(names)), weights)[0]
         item = funcs[i](rng, item_split == "test", pools)
-        if _item_split(domain, item.key, item_split == "test") != item_split:
+        if domains._item_split(domain, item.key, item_split == "test", split_of) != item_split:
             continue
         words = wording.compose(item.kind, split, rng, item.slots)
         if words.prompt in seen:
