@@ -149,6 +149,22 @@ def randomize_head(model, seed: int = 7, std: float = 0.5) -> None:
             p.normal_(0, std)
 
 
+def demo_model(root: Path, domains: list[str], **xlora_options):
+    """The demo tests' tiny X-LoRA: a Llama saved with its tokenizer in ``root/base``, one PEFT expert per
+    domain (named like it) and a random head. Returns ``(model, tokenizer, base_dir, experts)``."""
+    from xlora import XLoraConfig, XLoraModel
+
+    base, tok, base_dir = tiny_model("llama"), tiny_tokenizer(), root / "base"
+    base.save_pretrained(str(base_dir))
+    tok.save_pretrained(str(base_dir))
+    experts = {d: str(make_expert(base, root / d, r=4, alpha=8, targets=LLAMA_TARGETS, seed=i + 1))
+               for i, d in enumerate(domains)}
+    model = XLoraModel(AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=torch.float32).eval(),
+                       XLoraConfig(experts=experts, **xlora_options)).eval()
+    randomize_head(model, seed=0)  # a non-uniform router
+    return model, tok, base_dir, experts
+
+
 def tokens(batch: int = 2, seq: int = 7, seed: int = 0) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     return torch.randint(3, VOCAB, (batch, seq), generator=g).to(DEVICE)

@@ -7,10 +7,9 @@ import json
 
 import pytest
 import torch
-from conftest import LLAMA_TARGETS, make_expert, randomize_head, tiny_model, tiny_tokenizer
+from conftest import demo_model
 from transformers import AutoModelForCausalLM
 
-from xlora import XLoraConfig, XLoraModel
 from xlora.analysis.evaluate import EvalConfig, evaluate_files
 from xlora.demo import domains
 from xlora.demo.evaluate import chat_messages, evaluate, write_records
@@ -23,13 +22,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
     root = tmp_path_factory.mktemp("demo_eval")
-    base = tiny_model("llama")
-    base.save_pretrained(root / "base")
-    experts = {d: str(make_expert(base, root / d, r=4, alpha=8, targets=LLAMA_TARGETS, seed=i + 1))
-               for i, d in enumerate(DOMS)}
-    model = XLoraModel(AutoModelForCausalLM.from_pretrained(root / "base"), XLoraConfig(experts=experts)).eval()
-    randomize_head(model)
-    return model, tiny_tokenizer(), root
+    model, tok, _, _ = demo_model(root, DOMS, head_depth=1)
+    return model, tok, root
 
 
 def fresh_base(root):

@@ -8,7 +8,7 @@ import json
 
 import pytest
 import torch
-from conftest import LLAMA_TARGETS, make_expert, tiny_model, tiny_tokenizer
+from conftest import demo_model, make_expert, tiny_model
 from peft import PeftModel
 
 from xlora import XLoraConfig, XLoraModel
@@ -28,18 +28,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
     root = tmp_path_factory.mktemp("demo")
-    base = tiny_model("llama")
-    base_dir = root / "base"
-    base.save_pretrained(str(base_dir))
-    tok = tiny_tokenizer()
-    tok.save_pretrained(str(base_dir))
-    experts = {d: str(make_expert(base, root / d, r=4, alpha=8, targets=LLAMA_TARGETS, seed=i + 1))
-               for i, d in enumerate(DOMS)}
-    model = XLoraModel(load_base(base_dir)[0], XLoraConfig(experts=experts, head_depth=1)).eval()
-    torch.manual_seed(0)
-    with torch.no_grad():
-        for p in model.head.parameters():
-            p.normal_(0, 0.5)  # a non-uniform router
+    model, tok, base_dir, experts = demo_model(root, DOMS, head_depth=1)
     model.save_pretrained(root / "xlora")
     return model, tok, base_dir, experts, root
 
