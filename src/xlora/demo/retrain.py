@@ -158,6 +158,17 @@ def _drop_readme(path: Path) -> None:
         readme.unlink()
 
 
+def finish_adapter(adapter_dir: Path, portable: bool) -> None:
+    """Store a trained expert as the assets keep it: weights in bfloat16 and, when it was trained on the demo's
+    own base (``portable``), that base's public id in ``adapter_config.json`` rather than this machine's path."""
+    _to_bf16(adapter_dir)
+    if portable:
+        cfg_path = adapter_dir / "adapter_config.json"
+        cfg = json.loads(cfg_path.read_text())
+        cfg["base_model_name_or_path"] = DEMO_BASE_ID
+        atomic_write_text(cfg_path, json.dumps(cfg, indent=2) + "\n")
+
+
 def _to_bf16(adapter_dir: Path) -> None:
     """Store an adapter's weights in bfloat16 (half the size; the fused layers cast to the model's dtype)."""
     from safetensors.torch import load_file
@@ -182,12 +193,7 @@ def train_experts(out_dir: str | os.PathLike, base_dir: str | os.PathLike | None
         print(f"expert {domain!r}: {len(records)} records, {n} steps", flush=True)
         target = Path(out_dir) / "experts" / domain
         stats[domain] = train_expert(base_dir, records, target, steps=n, max_length=max_length)
-        _to_bf16(target)
-        if portable:
-            cfg_path = target / "adapter_config.json"
-            cfg = json.loads(cfg_path.read_text())
-            cfg["base_model_name_or_path"] = DEMO_BASE_ID
-            cfg_path.write_text(json.dumps(cfg, indent=2) + "\n")
+        finish_adapter(target, portable)
         print(f"expert {domain!r}: {stats[domain]}", flush=True)
     return stats
 

@@ -39,14 +39,13 @@ from xlora.demo import science_tasks, suite
 from xlora.demo.base_model import base_model_dir
 from xlora.demo.expert_checkpoint import request_stop
 from xlora.demo.retrain import (
-    DEMO_BASE_ID,
     EXPERT_BATCH,
     EXPERT_LR,
     EXPERT_RANK,
     EXPERT_TARGETS,
     HEAD_OPTIONS,
     HEAD_STEPS,
-    _to_bf16,
+    finish_adapter,
     retrain,
     train_expert,
     train_head,
@@ -116,12 +115,7 @@ def train_suite_expert(out: Path, data: Path, domain: str, steps: int | None, ba
     stats = train_expert(base_dir or base_model_dir(), records, target, steps=n, data_id=sha,
                          checkpoint=out / "experts" / f"{domain}.ckpt.safetensors")
     if stats["finished"]:
-        _to_bf16(target)
-        if base_dir is None:  # the demo's own base: its public id, not this machine's cache path
-            cfg_path = target / "adapter_config.json"
-            cfg = json.loads(cfg_path.read_text())
-            cfg["base_model_name_or_path"] = DEMO_BASE_ID
-            atomic_write_text(cfg_path, json.dumps(cfg, indent=2) + "\n")
+        finish_adapter(target, portable=base_dir is None)
     stats.update({"train_file": str(train_file), "sha256": sha, "records": len(records)})
     print(f"expert {domain!r}: {stats}", flush=True)
     return stats
