@@ -9,6 +9,8 @@ import json
 import random
 from pathlib import Path
 
+import pytest
+
 from xlora.demo.science import molecule_pool
 
 AMINO = "ACDEFGHIKLMNPQRSTVWY"
@@ -33,3 +35,9 @@ def write_rows(folder: Path, n_molecules: int = 400, n_peptides: int = 200) -> P
                                     "work_kj_mol": rng.uniform(50, 400)}) + "\n")
         f.write('{"sequence": "AAAA", "seed": 1, "peak_fo')  # a run file torn mid-line
     return folder
+
+
+@pytest.fixture(scope="module", name="rows")
+def rows_fixture(tmp_path_factory):
+    """``rows``: :func:`write_rows` in a fresh folder, as a string; a test module imports ``rows_fixture``."""
+    return str(write_rows(tmp_path_factory.mktemp("rows")))

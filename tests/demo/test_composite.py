@@ -6,18 +6,13 @@ from __future__ import annotations
 import re
 
 import pytest
-from science_rows import write_rows
+from science_rows import rows_fixture, write_rows  # noqa: F401 (the shared fixture `rows`)
 
 from xlora.demo import composite, suite
 from xlora.demo.science_tasks import load_pools
 
 pytest.importorskip("rdkit")
 pytest.importorskip("Bio")
-
-
-@pytest.fixture(scope="module")
-def rows(tmp_path_factory):
-    return str(write_rows(tmp_path_factory.mktemp("rows")))
 
 
 def _keys(record):

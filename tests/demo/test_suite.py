@@ -7,18 +7,13 @@ import json
 import re
 
 import pytest
-from science_rows import write_rows
+from science_rows import rows_fixture  # noqa: F401 (the shared fixture `rows`)
 
 from xlora.demo import suite, wording
 from xlora.demo.science_tasks import load_pools
 
 pytest.importorskip("rdkit")
 pytest.importorskip("Bio")
-
-
-@pytest.fixture(scope="module")
-def rows(tmp_path_factory):
-    return str(write_rows(tmp_path_factory.mktemp("rows")))
 
 
 def test_rows_are_classified_cleaned_and_averaged(rows):
