@@ -51,6 +51,7 @@ from xlora.demo.retrain import (
     train_head,
 )
 from xlora.files import atomic_write, atomic_write_text
+from xlora.train.records import iter_records
 
 ROW_FILES = ("molecules", "peptides")  # the run files of xlora.demo.sciencedata (and the packed assets)
 ORDER = ("protein", "chemistry", "quantum", "mathematics", "general", "graph", "mechanics")
@@ -60,11 +61,6 @@ EXPERT_STEPS_BY_DOMAIN = {"graph": 100}  # long passages; the demo's graph exper
 
 def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
-def read_jsonl(path: Path) -> list[dict[str, Any]]:
-    with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
 
 
 def snapshot_rows(rows: Path, dest: Path) -> dict[str, int]:
@@ -109,7 +105,7 @@ def train_suite_expert(out: Path, data: Path, domain: str, steps: int | None, ba
         print(f"expert {domain!r}: finished earlier, skipped", flush=True)
         return done
     train_file = data / "train" / f"{domain}.jsonl"
-    records, sha = read_jsonl(train_file), _sha256(train_file)
+    records, sha = list(iter_records(train_file)), _sha256(train_file)
     n = steps or EXPERT_STEPS_BY_DOMAIN.get(domain, EXPERT_STEPS)
     print(f"expert {domain!r}: {len(records)} records, {n} steps", flush=True)
     stats = train_expert(base_dir or base_model_dir(), records, target, steps=n, data_id=sha,
