@@ -23,7 +23,7 @@ import torch
 
 from xlora.analysis.eval_data import EvalRecord, completion_loss, left_padded, make_record
 from xlora.analysis.eval_report import ORACLE
-from xlora.analysis.evaluate import ARROW, EvalConfig, EvalResult, context_length
+from xlora.analysis.evaluate import ARROW, EvalConfig, EvalResult, context_length, fixed_rows
 from xlora.analysis.evaluate import evaluate as evaluate_records
 from xlora.demo import domains
 from xlora.files import atomic_write_text
@@ -136,10 +136,6 @@ class EvalTable:
         return md, js
 
 
-def _spec(config: str) -> str | None:
-    return None if config == XLORA else ("zero" if config == BASE else config)
-
-
 def demo_records(records: list[dict[str, Any]], tokenizer: Any, max_length: int) -> list[EvalRecord]:
     """The engine's records for demo records: the chat turns scored on the assistant turn; ``raw`` stays the
     demo record (its checker reads ``meta``)."""
@@ -209,7 +205,7 @@ def generate_answers(model: Any, tokenizer: Any, records: list[dict[str, Any]], 
                     (tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts)]
         batch = left_padded(examples, pad)
         recorder = StepRecorder() if record_scalings else None
-        with model.fixed_scalings(_spec(config)):
+        with model.fixed_scalings(fixed_rows(model)[config]):
             out = model.generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                                  max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad,
                                  eos_token_id=tokenizer.eos_token_id, observer=recorder)
