@@ -124,7 +124,8 @@ def generate(split: str, n_per_kind: int, seed: int = 0, data_dir: str | None = 
             if len(out) == n_per_kind:
                 break
             if attempts > 100 * n_per_kind + 1000:
-                raise ValueError(f"only {len(out)} distinct {kind!r} records in {split!r} (asked {n_per_kind})")
+                raise ValueError(f"only {len(out)} distinct {kind!r} records in {split!r} (asked for "
+                                 f"n_per_kind={n_per_kind}); ask for fewer or generate more science data")
             prompt, completion, meta = _MAKERS[kind](rng, rows)
             if prompt not in seen:
                 seen.add(prompt)
