@@ -139,9 +139,9 @@ def _summary(scalings: torch.Tensor, names: list[str]) -> tuple[dict[str, float]
         return {n: 0.0 for n in names}, "", {}
     per_token = token_mixture(scalings)  # [n, E], layers averaged
     mean = per_token.mean(0)
-    counts = torch.bincount(per_token.argmax(1), minlength=len(names)).tolist()
     if not bool((mean > 0).any()):  # fixed zero scalings: the base model wrote the turn
         return dict(zip(names, mean.tolist())), "", {}
+    counts = torch.bincount(per_token.argmax(1), minlength=len(names)).tolist()
     return dict(zip(names, mean.tolist())), names[int(mean.argmax())], {n: c for n, c in zip(names, counts) if c}
 
 
