@@ -19,9 +19,7 @@ held out in every domain at once (:mod:`xlora.demo.suite`).
 from __future__ import annotations
 
 import functools
-import gzip
 import hashlib
-import json
 import math
 import random
 from dataclasses import dataclass, field
@@ -29,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from xlora.demo.phrasings import Item
+from xlora.demo.sciencedata.store import read_jsonl
 
 SCIENCE_DIR = Path(__file__).parent / "assets" / "science"
 
@@ -83,18 +82,8 @@ def _field(row: dict[str, Any], names: tuple[str, ...]) -> Any:
 
 
 def _read_rows(folder: Path) -> list[dict[str, Any]]:
-    rows = []
-    for path in sorted(folder.glob("*.jsonl.gz")) + sorted(folder.glob("*.jsonl")):
-        opener = gzip.open if path.suffix == ".gz" else open
-        with opener(path, "rt", encoding="utf-8") as f:
-            for line in f:
-                line = line.strip()
-                if line:
-                    try:
-                        rows.append(json.loads(line))
-                    except json.JSONDecodeError:
-                        continue  # a partial last line of a file still being written
-    return rows
+    paths = sorted(folder.glob("*.jsonl.gz")) + sorted(folder.glob("*.jsonl"))
+    return [row for path in paths for row in read_jsonl(path)]  # a run file's torn last line is dropped
 
 
 @functools.lru_cache(maxsize=4)
