@@ -192,14 +192,15 @@ def _add_eval_data_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--data", nargs="+", metavar="FILE", default=None,
                    help="held-out records: messages, prompt/completion or text, with optional domain and check")
     g.add_argument("--base", default=None, help="base model path (default: the one recorded in MODEL_DIR)")
-    g.add_argument("--chat", action=argparse.BooleanOptionalAction, default=None,
+    keep = argparse.SUPPRESS  # EvalConfig's defaults: one source of truth (the help repeats them)
+    g.add_argument("--chat", action=argparse.BooleanOptionalAction, default=keep,
                    help="render prompt/completion records as a chat (default: when the tokenizer has a template)")
-    g.add_argument("--arrow-top-k", type=_positive, default=3, metavar="K", help="experts PEFT's Arrow mixes (default 3)")
-    g.add_argument("--generate", type=_count, default=0, metavar="N", help="greedy answers per domain, scored")
-    g.add_argument("--max-new-tokens", type=_positive, default=64, help="tokens per generated answer (default 64)")
-    g.add_argument("--max-records", type=_positive, default=None, metavar="N", help="read at most N records")
-    g.add_argument("--batch-size", type=_positive, default=8, help="records per forward (default 8)")
-    g.add_argument("--skip-bad", action="store_true", help="skip and count bad records instead of stopping")
+    g.add_argument("--arrow-top-k", type=_positive, default=keep, metavar="K", help="experts PEFT's Arrow mixes (default 3)")
+    g.add_argument("--generate", type=_count, default=keep, metavar="N", help="greedy answers per domain, scored")
+    g.add_argument("--max-new-tokens", type=_positive, default=keep, help="tokens per generated answer (default 64)")
+    g.add_argument("--max-records", type=_positive, default=keep, metavar="N", help="read at most N records")
+    g.add_argument("--batch-size", type=_positive, default=keep, help="records per forward (default 8)")
+    g.add_argument("--skip-bad", action="store_true", default=keep, help="skip and count bad records instead of stopping")
 
 
 def _add_model_parsers(sub: argparse._SubParsersAction) -> None:

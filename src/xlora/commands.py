@@ -30,6 +30,8 @@ def evaluate(args: argparse.Namespace) -> int:
 
 
 def eval_model(args: argparse.Namespace) -> int:
+    import dataclasses
+
     from xlora.analysis.evaluate import EvalConfig, run_eval
     from xlora.train.data import tokenize_record  # the trainer's record parsing: one for training and evaluation
     from xlora.train.records import iter_records
@@ -37,9 +39,8 @@ def eval_model(args: argparse.Namespace) -> int:
     if args.model_dir is None or not args.data:
         raise ValueError("xlora eval MODEL_DIR needs --data FILE [FILE ...] (held-out records), and --data needs "
                          "MODEL_DIR; run `xlora eval` with neither for the embedded demo")
-    config = EvalConfig(chat=args.chat, arrow_top_k=args.arrow_top_k, generate=args.generate,
-                        max_new_tokens=args.max_new_tokens, max_records=args.max_records,
-                        batch_size=args.batch_size, skip_bad=args.skip_bad)
+    given = vars(args)  # the flags given (the others are absent: EvalConfig's defaults apply)
+    config = EvalConfig(**{f.name: given[f.name] for f in dataclasses.fields(EvalConfig) if f.name in given})
     run_eval(args.model_dir, args.data, tokenize_record=tokenize_record, read_records=iter_records,
              base_model=args.base, out_dir=args.out, config=config)
     return 0
