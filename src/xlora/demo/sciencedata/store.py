@@ -45,7 +45,7 @@ class RunFile:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         rows = read_jsonl(self.path)
         self.done = {tuple(r["key"]) if "skipped" in r else key(r) for r in rows}
-        self.skips = collections.Counter(r["skipped"].split(":")[0] for r in rows if "skipped" in r)
+        self.skips = _skip_counts(rows)
         self._f = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 — closed by close()
 
     def add(self, record: dict) -> None:
@@ -68,8 +68,12 @@ class RunFile:
 def records_and_skips(path: str | Path) -> tuple[list[dict], dict[str, int]]:
     """The records of a run file and its skip counts by reason (the text before the first ':')."""
     rows = read_jsonl(path)
-    skips = collections.Counter(r["skipped"].split(":")[0] for r in rows if "skipped" in r)
-    return [r for r in rows if "skipped" not in r], dict(sorted(skips.items()))
+    return [r for r in rows if "skipped" not in r], dict(sorted(_skip_counts(rows).items()))
+
+
+def _skip_counts(rows: list[dict]) -> collections.Counter[str]:
+    """Skip lines counted by reason (the text before the first ':')."""
+    return collections.Counter(r["skipped"].split(":")[0] for r in rows if "skipped" in r)
 
 
 def pack(records: Iterable[dict], path: str | Path, sort_key: Callable[[dict], tuple]) -> int:
