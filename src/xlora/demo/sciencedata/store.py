@@ -12,8 +12,6 @@ from __future__ import annotations
 import collections
 import gzip
 import json
-import os
-import tempfile
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
@@ -78,17 +76,14 @@ def _skip_counts(rows: list[dict]) -> collections.Counter[str]:
 
 def pack(records: Iterable[dict], path: str | Path, sort_key: Callable[[dict], tuple]) -> int:
     """Write ``records`` sorted by ``sort_key`` to gzip JSONL at ``path`` atomically; returns the count."""
+    from xlora.files import atomic_write  # imports torch: only when packing, not in the long physics runs
+
     rows = sorted(records, key=sort_key)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as raw, gzip.GzipFile(fileobj=raw, mode="wb", mtime=0, filename="") as gz:
+
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as raw, gzip.GzipFile(fileobj=raw, mode="wb", mtime=0, filename="") as gz:
             for row in rows:
                 gz.write((json.dumps(row, sort_keys=True) + "\n").encode("utf-8"))
-        os.chmod(tmp, 0o644)  # mkstemp makes it private; a data file that ships is world-readable
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+
+    atomic_write(Path(path), write)
     return len(rows)
