@@ -57,6 +57,7 @@ def run_molecules(args: argparse.Namespace) -> None:
 
 def run_pack(args: argparse.Namespace) -> None:
     from xlora.demo.sciencedata.peptides import noise_summary
+    from xlora.files import atomic_write_text  # imports torch: only when packing
 
     assets, runs = Path(args.assets), Path(args.runs)
     summary: dict = {}
@@ -71,7 +72,7 @@ def run_pack(args: argparse.Namespace) -> None:
         noise["skipped"] = pep_skips
         noise["cpu_s_per_pull"] = round(sum(r["cpu_s"] for r in peps) / len(peps), 2)
         noise["wall_s_per_pull"] = round(sum(r["wall_s"] for r in peps) / len(peps), 2)
-        (assets / "mechanics_noise.json").write_text(json.dumps(noise, indent=1, sort_keys=True, allow_nan=False) + "\n")
+        atomic_write_text(assets / "mechanics_noise.json", json.dumps(noise, indent=1, sort_keys=True, allow_nan=False) + "\n")
         summary["peptides"] = {"records": n, "skipped": pep_skips}
     if (assets / "PROVENANCE.md").exists():
         _write_counts(assets / "PROVENANCE.md", summary, mols, peps)
@@ -83,6 +84,8 @@ COUNTS_MARK = "<!-- counts: written by `python -m xlora.demo.sciencedata pack` -
 
 def _write_counts(path: Path, summary: dict, mols: list[dict], peps: list[dict]) -> None:
     """Replace everything after COUNTS_MARK in PROVENANCE.md with the packed files' counts and noise."""
+    from xlora.files import atomic_write_text
+
     lines = [COUNTS_MARK, "", f"Packed {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}.", ""]
     if mols:
         by_source = {s: sum(s in r["sources"] for r in mols) for s in sorted({x for r in mols for x in r["sources"]})}
@@ -103,7 +106,7 @@ def _write_counts(path: Path, summary: dict, mols: list[dict], peps: list[dict])
                       f"{e.get('reliability_seed_mean')}); Pearson r with features {e['correlations']}"]
     text = path.read_text()
     head = text.split(COUNTS_MARK)[0].rstrip("\n")
-    path.write_text(head + "\n\n" + "\n".join(lines) + "\n")
+    atomic_write_text(path, head + "\n\n" + "\n".join(lines) + "\n")
 
 
 def main(argv: list[str] | None = None) -> None:
