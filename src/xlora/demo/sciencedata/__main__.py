@@ -33,8 +33,9 @@ def run_mechanics(args: argparse.Namespace) -> None:
     run = store.RunFile(Path(args.runs) / "peptides.jsonl", key=lambda r: (r["sequence"], r["seed"]),
                         resume=args.resume)
     # the noise set first (every seed), then one seed for the rest
-    jobs = [(s, seed) for s, _ in sequences(args.n)[:NOISE_SEQUENCES] for seed in NOISE_SEEDS]
-    jobs += [(s, NOISE_SEEDS[0]) for s, _ in sequences(args.n)[NOISE_SEQUENCES:]]
+    seqs = [s for s, _ in sequences(args.n)]
+    jobs = [(s, seed) for s in seqs[:NOISE_SEQUENCES] for seed in NOISE_SEEDS]
+    jobs += [(s, NOISE_SEEDS[0]) for s in seqs[NOISE_SEQUENCES:]]
     todo = [j for j in jobs if j not in run.done]
     _log(f"mechanics: {len(jobs)} pulls, {len(jobs) - len(todo)} done, protocol {protocol}")
     for i, (seq, seed) in enumerate(todo):
