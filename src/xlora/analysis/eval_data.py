@@ -231,7 +231,8 @@ def iter_eval_records(paths: list[str | Path], tokenizer: Any, *, chat: bool, ma
 
 
 # -------------------------------------------------------------------------------------- answers
-def _first_number(text: str) -> float | None:
+def first_number(text: str) -> float | None:
+    """The first number written in ``text`` (thousands commas dropped), or ``None``."""
     m = re.search(r"[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?", text.replace(",", ""))
     return float(m.group()) if m else None
 
@@ -243,18 +244,19 @@ def check_answer(record: dict[str, Any], answer: str, reference: str | None = No
     ``{"exact": true}`` (the default): equal after stripping whitespace. ``{"rel_tol": x}`` /
     ``{"abs_tol": x}``: the first number in each is compared with ``math.isclose``.
     """
-    reference = reference if reference is not None else _reference(record)
+    reference = reference if reference is not None else reference_answer(record)
     check = check or record.get("check") or {"exact": True}
     if "exact" in check:
         return float(answer.strip() == reference.strip())
-    got, want = _first_number(answer), _first_number(reference)
+    got, want = first_number(answer), first_number(reference)
     if got is None or want is None:
         return 0.0
     tol = {"rel_tol": check.get("rel_tol", 0.0), "abs_tol": check.get("abs_tol", 0.0)}
     return float(math.isclose(got, want, **tol))
 
 
-def _reference(record: dict[str, Any]) -> str:
+def reference_answer(record: dict[str, Any]) -> str:
+    """The reference answer of a raw record: its last message, else its ``completion``."""
     if "messages" in record:
         return record["messages"][-1]["content"]
     return record["completion"]

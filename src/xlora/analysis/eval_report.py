@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 
+from xlora.analysis.eval_numeric import numeric_fit, numeric_markdown
 from xlora.files import atomic_write, atomic_write_text
 
 FORMAT = "xlora-eval/1"
@@ -104,7 +105,8 @@ class EvalResult:
     """What :func:`xlora.analysis.evaluate.evaluate` found; :meth:`to_json` is the ``xlora-eval/1`` schema.
 
     ``configs[row]``: ``loss`` (nats per scored token, per domain and ``mixed``), ``tokens`` (scored tokens
-    per domain) and ``task_score`` (None, or the mean check score per domain and ``mixed``). Not in the
+    per domain), ``task_score`` (None, or the mean check score per domain and ``mixed``) and, when some
+    answered records have numeric checks, ``numeric`` (R² and MAE per task, :mod:`xlora.analysis.eval_numeric`). Not in the
     JSON: ``answers`` (each row's generated answers, in the order of ``samples``, the raw records answered).
     """
 
@@ -141,6 +143,9 @@ class EvalResult:
             score = {d: sum(v) / len(v) for d, v in by_domain.items()}
             score["mixed"] = sum(every) / len(every) if every else 0.0
             self.configs[row]["task_score"] = score
+            fits = numeric_fit([rec.raw for rec in samples], answers)
+            if fits:
+                self.configs[row]["numeric"] = fits
 
     def to_markdown(self) -> str:
         cols = [*[d for d in self.domains], "mixed"]
@@ -150,7 +155,7 @@ class EvalResult:
                 _table(self.configs, "loss", cols, min)]
         if any(c["task_score"] for c in self.configs.values()):
             out += ["\nTask score (share of generated answers that pass their check; higher is better):\n\n",
-                    _table(self.configs, "task_score", cols, max)]
+                    _table(self.configs, "task_score", cols, max), numeric_markdown(self.configs)]
         if self.routing:
             experts = list(next(iter(self.routing["mean"].values())))
             out += ["\nX-LoRA routing (mean scalings over scored positions, modules averaged; top-1 own: share of "
