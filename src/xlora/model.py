@@ -198,15 +198,18 @@ class XLoraModel(LifecycleMixin, XLoraGenerationMixin, PreTrainedModel):
             return fixed
         return fixed.expand(b, t, *fixed.shape)
 
-    def scaling_pass(self, **inputs: Any) -> torch.Tensor:
+    def scaling_pass(self, layers: int | None = None, **inputs: Any) -> torch.Tensor:
         """Run the base model with every scaling at ``scaling_pass_value``; returns ``[b, t, hidden]``.
 
-        With ``scaling_pass_layers = k`` only the first ``k`` decoder layers run, then the final norm.
+        With ``scaling_pass_layers = k`` only the first ``k`` decoder layers run, then the final norm;
+        ``layers`` overrides ``k`` for this call (e.g. to distil a shallow head, :mod:`xlora.train.distill`).
         """
+        if layers is not None:
+            check_scaling_pass_layers(layers, self.base_model)
         decoder = self.base_model.base_model
         inputs.setdefault("use_cache", False)  # a base whose config says use_cache=true would build a cache to discard
-        with torch.no_grad(), self.state.use(constant=self.xlora_config.scaling_pass_value), \
-                first_layers(decoder, self.xlora_config.scaling_pass_layers):
+        k = self.xlora_config.scaling_pass_layers if layers is None else layers
+        with torch.no_grad(), self.state.use(constant=self.xlora_config.scaling_pass_value), first_layers(decoder, k):
             if decoder is self.base_model:
                 out = self.base_model(**inputs, output_hidden_states=True, return_dict=True)
                 return out.hidden_states[-1]
