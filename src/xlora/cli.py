@@ -153,7 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="xlora", description="X-LoRA: a mixture of LoRA experts over a causal LM")
     sub = parser.add_subparsers(dest="command", required=True)
     for add in (_add_demo_parsers, _add_app_parsers, _add_model_parsers, _add_serve_parser, _add_train_parser,
-                _add_format_parsers):
+                _add_distill_parser, _add_format_parsers):
         add(sub)
     return parser
 
@@ -264,6 +264,36 @@ def _add_train_parser(sub: argparse._SubParsersAction) -> None:
     _add_dataclass_flags(p, XLoraConfig, skip={"hidden_size", "num_adapted_modules", "base_model_name_or_path"},
                          required={"experts"})
     p.set_defaults(func=commands.train)
+
+
+def _add_distill_parser(sub: argparse._SubParsersAction) -> None:
+    """``distill``: flags left unset keep DistillConfig's defaults (xlora.train.distill, one source of truth)."""
+    p = sub.add_parser("distill", help="train a head over the first K decoder layers to give a teacher X-LoRA's scalings")
+    p.add_argument("teacher_dir", help="the teacher: an X-LoRA directory (its head runs all its layers)")
+    p.add_argument("output_dir", help="where the student X-LoRA directory goes")
+    p.add_argument("--layers", dest="scaling_pass_layers", type=_positive, required=True, metavar="K",
+                   help="decoder layers of the student's scaling pass (1..N)")
+    p.add_argument("--data", dest="train_file", required=True, metavar="FILE", help="training records (as xlora train)")
+    keep = argparse.SUPPRESS
+    p.add_argument("--eval", dest="eval_file", default=keep, metavar="FILE",
+                   help="held-out records for the initial and final KL and top-1 agreement (default: --data)")
+    p.add_argument("--steps", type=_positive, default=keep, help="optimizer steps (default: 500)")
+    p.add_argument("--batch-size", type=_positive, default=keep, help="examples per step (default: 8)")
+    p.add_argument("--lr", dest="learning_rate", type=float, default=keep, help="peak learning rate (default: 1e-3)")
+    p.add_argument("--warmup-steps", type=_count, default=keep, help="linear warm-up, then cosine decay (default: 0)")
+    p.add_argument("--loss", choices=["kl", "mse"], default=keep, help="KL(teacher || student) or MSE (default: kl)")
+    p.add_argument("--temperature", type=float, default=keep, help="KL temperature (default: the teacher's)")
+    p.add_argument("--lm-weight", type=_non_negative, default=keep, help="add this times the LM loss (default: 0)")
+    p.add_argument("--init", choices=["teacher", "scratch"], default=keep,
+                   help="start from the teacher head's weights or a fresh head (default: teacher)")
+    p.add_argument("--chat", action=argparse.BooleanOptionalAction, default=keep,
+                   help="render prompt/completion records with the chat template, as xlora train --chat (default: no)")
+    p.add_argument("--max-length", type=_positive, default=keep, help="tokens per example (default: 512)")
+    p.add_argument("--seed", type=_count, default=keep, help="data order and a fresh head's weights (default: 0)")
+    p.add_argument("--base", dest="base_model", default=keep, help="base model path (default: the teacher's)")
+    p.add_argument("--device", default=keep, help="cpu, cuda, ... (default: cuda when available)")
+    p.add_argument("--overwrite", action="store_true", default=keep, help="write into a non-empty OUTPUT_DIR")
+    p.set_defaults(func=commands.distill)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -162,6 +162,22 @@ def train(args: argparse.Namespace) -> int:
     return 0
 
 
+def distill(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from xlora.train.distill import DistillConfig
+    from xlora.train.distill import distill as distill_head
+
+    given = vars(args)  # the flags given, under DistillConfig's names (the others keep its defaults)
+    cfg = DistillConfig(**{f.name: given[f.name] for f in dataclasses.fields(DistillConfig) if f.name in given})
+    result = distill_head(cfg)
+    first, last = result.initial, result.final
+    kl = f"KL {first['kl']:.4f} -> {last['kl']:.4f}, " if "kl" in last else ""
+    print(f"distilled {result.steps} steps in {result.seconds:.1f} s: {kl}top-1 agreement {first['top1']:.3f} -> "
+          f"{last['top1']:.3f}; student in {result.output_dir}")
+    return 0
+
+
 def convert(args: argparse.Namespace) -> int:
     from xlora.pretrained import convert as convert_dir
 

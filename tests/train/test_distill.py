@@ -1,0 +1,178 @@
+"""Distilling a shallow scaling head (xlora.train.distill): exact at k = N, learns at k < N, reloads, refuses."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import build_setup, randomize_head, tokens
+
+from xlora import XLoraConfig, XLoraModel
+from xlora.cli import main
+from xlora.train.data import build_dataset, collate
+from xlora.train.distill import METRICS_FILE, REPORT_FILE, DistillConfig, distill
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+CHARS = "abcdefghijklmnopqrstuvwxyz0123456789 .,;:!?"
+
+
+def write_texts(path: Path, n: int, seed: int) -> str:
+    rng = random.Random(seed)
+    lines = [json.dumps({"text": "".join(rng.choice(CHARS) for _ in range(rng.randint(6, 30)))}) for _ in range(n)]
+    path.write_text("\n".join(lines) + "\n")
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """A tiny 2-layer Llama, 3 experts, and a teacher X-LoRA with a sharp random head saved *bundled* (its
+    experts referenced by relative paths), plus train and eval records."""
+    root = tmp_path_factory.mktemp("distill")
+    setup = build_setup(root, "llama")
+    config = XLoraConfig(experts={n: str(p) for n, p in setup.expert_dirs.items()}, head_depth=2, head_hidden_size=16,
+                         head_dropout=0.0)
+    teacher = XLoraModel(setup.base(), config).eval()
+    randomize_head(teacher, seed=5, std=0.7)
+    teacher.save_pretrained(root / "teacher", bundle=True)
+    return {"root": root, "setup": setup, "teacher": str(root / "teacher"),
+            "train": write_texts(root / "train.jsonl", 48, 0), "eval": write_texts(root / "eval.jsonl", 16, 1)}
+
+
+def config(world, out: str, k: int, **kw) -> DistillConfig:
+    options = dict(eval_file=world["eval"], steps=5, batch_size=8, learning_rate=1e-2, log_every=1000)
+    return DistillConfig(world["teacher"], str(world["root"] / out), k, world["train"], **{**options, **kw})
+
+
+def metrics(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / METRICS_FILE).read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def shallow(world):
+    """k = 1 of 2 layers from a fresh head: 150 steps (about 3 s on one core)."""
+    return distill(config(world, "k1", 1, init="scratch", steps=150, batch_size=8, learning_rate=2e-2))
+
+
+def test_the_layers_keyword_runs_a_k_layer_scaling_pass_without_touching_the_config(world):
+    teacher = XLoraModel.from_pretrained(world["teacher"]).eval()
+    experts = {n: str(p) for n, p in world["setup"].expert_dirs.items()}
+    shallow = XLoraModel(world["setup"].base(), XLoraConfig(experts=experts, scaling_pass_layers=1)).eval()
+    x = tokens()
+    assert torch.equal(teacher.scaling_pass(layers=1, input_ids=x), shallow.scaling_pass(input_ids=x))
+    assert torch.equal(shallow.scaling_pass(layers=2, input_ids=x), teacher.scaling_pass(input_ids=x))
+    assert (teacher.scaling_pass(input_ids=x) - shallow.scaling_pass(input_ids=x)).abs().max() > 1e-2
+    assert teacher.xlora_config.scaling_pass_layers is None and shallow.xlora_config.scaling_pass_layers == 1
+    with pytest.raises(ValueError, match="scaling_pass_layers=3 exceeds the base model's 2 decoder layers"):
+        teacher.scaling_pass(layers=3, input_ids=x)
+
+
+def test_all_layers_from_the_teacher_is_exact_from_step_zero(world):
+    result = distill(config(world, "kN", 2, init="teacher", steps=5))
+    assert result.initial["kl"] < 1e-6 and result.final["kl"] < 1e-6
+    assert result.initial["top1"] == 1.0 and result.final["top1"] == 1.0
+    assert [m["step"] for m in metrics(result.output_dir)] == [1, 2, 3, 4, 5]
+    assert max(m["kl"] for m in metrics(result.output_dir)) < 1e-6
+    student = XLoraModel.from_pretrained(result.output_dir).eval()
+    teacher = XLoraModel.from_pretrained(world["teacher"]).eval()
+    x = tokens(batch=3, seq=9)
+    with torch.no_grad():
+        torch.testing.assert_close(student.compute_scalings(input_ids=x), teacher.compute_scalings(input_ids=x),
+                                   rtol=0, atol=1e-6)
+    assert student.xlora_config.scaling_pass_layers == 2
+
+
+def test_a_shallow_head_from_scratch_learns_the_teachers_routing(shallow):
+    first, last = shallow.initial, shallow.final
+    assert first["kl"] > 0.05  # the fresh head routes unlike the teacher
+    assert last["kl"] < 0.3 * first["kl"], (first, last)
+    assert last["top1"] > first["top1"] + 0.2, (first, last)
+    steps = metrics(shallow.output_dir)
+    assert len(steps) == 150 and all(m["loss"] == m["kl"] for m in steps)
+    early, late = sum(m["kl"] for m in steps[:10]) / 10, sum(m["kl"] for m in steps[-10:]) / 10
+    assert late < 0.3 * early
+
+
+def test_the_saved_student_reloads_with_k_and_gives_the_reported_numbers(world, shallow):
+    out = shallow.output_dir
+    student = XLoraModel.from_pretrained(out).eval()
+    teacher = XLoraModel.from_pretrained(world["teacher"]).eval()
+    assert student.xlora_config.scaling_pass_layers == 1 and teacher.xlora_config.scaling_pass_layers is None
+    saved = json.loads((out / "xlora_config.json").read_text())["experts"]
+    for name in saved:  # the teacher's relative paths, rewritten relative to the student's folder
+        assert saved[name] == os.path.relpath(Path(world["teacher"]) / "experts" / name, out)
+    examples = build_dataset(world["eval"], student_tokenizer(out), 512)[0]
+    kl_sum, agree_sum, n = 0.0, 0.0, 0
+    with torch.no_grad():
+        for i in range(0, len(examples), 5):
+            batch = collate(examples[i:i + 5], 0)
+            inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+            p, q = teacher.compute_scalings(**inputs).double(), student.compute_scalings(**inputs).double()
+            kl = (p * (p / q).log()).sum(-1).mean(-1)  # [b, t]
+            agree = (p.argmax(-1) == q.argmax(-1)).double().mean(-1)
+            m = batch["attention_mask"].double()
+            kl_sum, agree_sum, n = kl_sum + float((kl * m).sum()), agree_sum + float((agree * m).sum()), n + int(m.sum())
+    assert abs(kl_sum / n - shallow.final["kl"]) < 1e-6 and abs(agree_sum / n - shallow.final["top1"]) < 1e-6
+    report = json.loads((out / REPORT_FILE).read_text())
+    assert report["final"] == shallow.final and report["settings"]["scaling_pass_layers"] == 1
+    assert report["teacher_layers"] == 2 and report["eval_on"] == "eval_file" and report["seconds"] > 0
+
+
+def student_tokenizer(out: Path):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(out))  # distill saves the tokenizer next to the student
+
+
+def test_the_lm_loss_reaches_the_student_head(world):
+    result = distill(config(world, "lm", 2, init="teacher", steps=20, lm_weight=1.0, learning_rate=5e-2))
+    steps = metrics(result.output_dir)
+    assert steps[0]["kl"] < 1e-6 and all(m["lm"] > 0 and abs(m["loss"] - m["kl"] - m["lm"]) < 1e-5 for m in steps)
+    assert result.final["kl"] > 1e-4  # only the LM term moved it away from the teacher
+
+
+@pytest.mark.parametrize("field, value", [("scaling_pass_layers", 0), ("loss", "l1"), ("steps", 0), ("init", "zero"),
+                                          ("learning_rate", 0.0), ("lm_weight", -1.0), ("batch_size", 0)])
+def test_bad_values_are_refused_naming_the_field(world, field, value):
+    kw = {"steps": 5, field: value}
+    k = kw.pop("scaling_pass_layers", 1)
+    with pytest.raises(ValueError, match=rf"^{field}\b.*{value!r}" if isinstance(value, str) else rf"^{field}\b"):
+        config(world, "bad", k, **kw)
+
+
+def test_k_beyond_the_base_and_the_teachers_own_folder_are_refused(world):
+    with pytest.raises(ValueError, match=r"scaling_pass_layers=3 exceeds the base model's 2 decoder layers; use 1..2"):
+        distill(config(world, "too_deep", 3))
+    assert not (world["root"] / "too_deep").exists()  # nothing written
+    with pytest.raises(ValueError, match="output_dir=.* is the teacher's directory"):
+        DistillConfig(world["teacher"], world["teacher"], 1, world["train"])
+
+
+def test_the_cli_writes_the_student_directory(world, capsys):
+    out = world["root"] / "cli"
+    argv = ["distill", world["teacher"], str(out), "--layers", "1", "--data", world["train"], "--eval", world["eval"],
+            "--steps", "3", "--batch-size", "4", "--lr", "0.01", "--loss", "mse", "--init", "scratch", "--no-chat"]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "distilled 3 steps" in printed and str(out) in printed
+    assert {"xlora_config.json", "xlora_head.safetensors", METRICS_FILE, REPORT_FILE, "tokenizer.json"} <= {
+        p.name for p in out.iterdir()}
+    assert [m["step"] for m in metrics(out)] == [1, 2, 3] and all("mse" in m for m in metrics(out))
+    report = json.loads((out / REPORT_FILE).read_text())["settings"]
+    assert (report["loss"], report["init"], report["batch_size"], report["learning_rate"]) == ("mse", "scratch", 4, 0.01)
+    assert XLoraModel.from_pretrained(out).xlora_config.scaling_pass_layers == 1
+    assert main(argv) == 2  # a non-empty OUTPUT_DIR needs --overwrite
+    assert "is not empty; pass overwrite=True (--overwrite)" in capsys.readouterr().err
+    assert main([*argv, "--overwrite"]) == 0
+
+
+def test_distill_help_imports_no_torch():
+    code = ("import sys\nfrom xlora.cli import main\ntry:\n    main(['distill', '--help'])\nexcept SystemExit:\n"
+            "    pass\nprint('HEAVY', sorted(m for m in ('torch', 'transformers') if m in sys.modules), file=sys.stderr)\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert proc.stderr.splitlines()[-1] == "HEAVY []" and "--layers K" in proc.stdout
