@@ -90,38 +90,74 @@ def _console() -> Any:
     return Console(highlight=False)
 
 
+class _Painter:
+    """Prints answers with every token coloured by the expert that wrote it (the dominant expert of the mixture at
+    the position before it, :mod:`xlora.analysis.views`) and writes the heatmaps of each: one way to show the
+    routing of an answer, for the domain answers and the science questions."""
+
+    def __init__(self, model: Any, tokenizer: Any, out_dir: Path) -> None:
+        from xlora.analysis.plots import expert_color
+
+        self.model, self.tokenizer, self.out_dir = model, tokenizer, out_dir
+        self.names = model.xlora_config.expert_names
+        self.colour = {n: expert_color(i) for i, n in enumerate(self.names)}
+        self.console = _console()
+
+    def legend(self) -> None:
+        if self.console:
+            self.console.print("experts: " + "  ".join(f"[{self.colour[n]}]■ {n}[/]" for n in self.names)
+                               + "  (each token: the expert that wrote it)")
+        else:
+            print("experts: " + ", ".join(self.names) + "  (each token: the expert that wrote it)")
+
+    def answer(self, label: str, new_ids: list[int], scalings: Any, stem: str) -> list[Path]:
+        """Print ``label`` and the coloured answer (``scalings``: ``[n_new, L, E]``); the heatmaps' paths."""
+        from xlora.analysis.views import generated
+
+        answer = generated(new_ids, scalings)
+        pieces = answer.pieces(self.tokenizer)
+        dom = answer.dominant(self.names)
+        print(label)
+        if self.console:
+            from rich.markup import escape
+
+            self.console.print("  X-LoRA:   " + "".join(f"[{self.colour[e]}]{escape(p)}[/]" for p, (e, _) in zip(pieces, dom)))
+        else:
+            print("  X-LoRA:   " + "".join(f"{p}⟨{e[:4]}⟩" for p, (e, _) in zip(pieces, dom)))
+        if not new_ids:
+            return []
+        return write_heatmaps(self.out_dir, stem, answer, pieces, self.names, self.model.adapted_modules,
+                              not self.model.xlora_config.layerwise_scalings)
+
+
 def show_routing(model: Any, tokenizer: Any, records: list[dict[str, Any]], out_dir: Path,
                  max_new_tokens: int = 32) -> list[Path]:
     """Print X-LoRA's answers with every token coloured by the expert that wrote it (the dominant expert of
     the mixture at the position before it, :mod:`xlora.analysis.views`); write the heatmaps of each."""
-    from xlora.analysis.plots import expert_color
-    from xlora.analysis.views import generated
-
-    names = model.xlora_config.expert_names
-    colour = {n: expert_color(i) for i, n in enumerate(names)}
-    console = _console()
-    if console:
-        console.print("experts: " + "  ".join(f"[{colour[n]}]■ {n}[/]" for n in names)
-                      + "  (each token: the expert that wrote it)")
-    else:
-        print("experts: " + ", ".join(names) + "  (each token: the expert that wrote it)")
+    painter = _Painter(model, tokenizer, out_dir)
+    painter.legend()
     texts, ids, scalings = generate_answers(model, tokenizer, records, XLORA, max_new_tokens, record_scalings=True)
     paths = []
     for i, (rec, text, new, s) in enumerate(zip(records, texts, ids, scalings)):
-        answer = generated(new, s)
-        pieces = answer.pieces(tokenizer)
-        dom = answer.dominant(names)
-        score = domains.check(rec, text)
-        print(f"\n[{rec['domain']}] {rec['prompt']}\n  expected: {rec['completion']}   score: {score:.2f}")
-        if console:
-            from rich.markup import escape
+        label = (f"\n[{rec['domain']}] {rec['prompt']}\n  expected: {rec['completion']}   "
+                 f"score: {domains.check(rec, text):.2f}")
+        paths += painter.answer(label, new, s, f"answer{i}-{rec['domain']}")
+    return paths
 
-            console.print("  X-LoRA:   " + "".join(f"[{colour[e]}]{escape(p)}[/]" for p, (e, _) in zip(pieces, dom)))
-        else:
-            print("  X-LoRA:   " + "".join(f"{p}⟨{e[:4]}⟩" for p, (e, _) in zip(pieces, dom)))
-        if len(new):
-            paths += write_heatmaps(out_dir, f"answer{i}-{rec['domain']}", answer, pieces, names,
-                                    model.adapted_modules, not model.xlora_config.layerwise_scalings)
+
+def show_questions(model: Any, tokenizer: Any, out_dir: Path, live: bool = True) -> list[Path]:
+    """Ask X-LoRA the two held-out science questions (:mod:`xlora.demo.questions`), print each answer coloured by
+    the expert that wrote it and its check (GFN2-xTB run now for the gap; recorded pulls for the force)."""
+    from xlora.demo import questions
+
+    asked = [questions.molecule_question(), questions.peptide_question()]
+    checked, ids, scalings = questions.ask(model, tokenizer, asked, live)
+    painter, paths = _Painter(model, tokenizer, out_dir), []
+    for c, new, s in zip(checked, ids, scalings):
+        rec = c.question.record
+        label = f"\n[{rec['domain']}: {c.question.name}] {rec['prompt']}"
+        paths += painter.answer(label, new, s, f"question-{rec['domain']}")
+        print(questions.describe(c))
     return paths
 
 
@@ -157,6 +193,8 @@ def run_demo(retrain: bool = False, out_dir: str | os.PathLike | None = None, n_
     shown = [domains.generate(d, "test", 1, seed=1)[0] for d in model.xlora_config.expert_names
              if d in domains.DOMAINS]
     paths = show_routing(model, tokenizer, shown, out)
+    print("\nTwo held-out science questions, checked against physics:")
+    paths += show_questions(model, tokenizer, out)
     print(f"\ntable: {out / 'eval.md'}, {out / 'eval.json'}; heatmaps: {', '.join(str(p) for p in paths)}")
     print(f"demo done in {time.perf_counter() - t0:.0f} s")
     print(f"\ntry your own prompts:\n  xlora generate {assets} \"What is 17*23?\" --chat --show-experts --base {base}"
