@@ -60,6 +60,10 @@ class TrainConfig:
         regularizer: optional loss on the scalings: ``"none"``, ``"balance"`` (``E·Σ_e p̄_e²``, 1 when
             experts are used equally) or ``"entropy"`` (mean per-token entropy, lower = sharper).
         regularizer_weight: the regularizer's weight in the loss (0: off).
+        routing_weight: weight ``w`` of routing supervision (0: off): adds ``w · mean_i -Σ_e q_i[e] log p̄_i[e]``,
+            ``p̄_i`` example i's scalings averaged over its tokens and layers, ``q_i`` one-hot on the expert its
+            record names (or uniform over its ``experts`` list); see ``xlora.train.routing``.
+        routing_key: the record field that names an example's expert for ``routing_weight``.
         resume: continue from the newest valid checkpoint in ``output_dir``; only the fields in
             ``RESUMABLE_CHANGES`` (the schedule) may differ from the run's ``train_config.json``.
         overwrite: allow an existing non-empty ``output_dir`` that is not a resumable run of ours.
@@ -99,6 +103,8 @@ class TrainConfig:
     keep_checkpoints: int = 3
     regularizer: str = "none"
     regularizer_weight: float = 0.0
+    routing_weight: float = 0.0
+    routing_key: str = "domain"
     resume: bool = False
     overwrite: bool = False
     bundle: bool = False
@@ -120,13 +126,13 @@ class TrainConfig:
             if getattr(self, name) is not None:
                 check_int(name, getattr(self, name), 1)
         for name in ("num_epochs", "learning_rate", "weight_decay", "adam_beta1", "adam_beta2", "adam_epsilon",
-                     "max_grad_norm", "regularizer_weight"):
+                     "max_grad_norm", "regularizer_weight", "routing_weight"):
             setattr(self, name, check_float(name, getattr(self, name)))
         if self.num_epochs <= 0:
             raise ValueError(f"num_epochs must be > 0, got {self.num_epochs}")
         if self.learning_rate <= 0:
             raise ValueError(f"learning_rate must be > 0, got {self.learning_rate}")
-        for name in ("weight_decay", "max_grad_norm", "regularizer_weight", "adam_epsilon"):
+        for name in ("weight_decay", "max_grad_norm", "regularizer_weight", "routing_weight", "adam_epsilon"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         for name in ("adam_beta1", "adam_beta2"):
@@ -136,6 +142,7 @@ class TrainConfig:
             raise ValueError(f"mixed_precision must be one of {_MIXED_PRECISION}, got {self.mixed_precision!r}")
         if self.regularizer not in _REGULARIZERS:
             raise ValueError(f"regularizer must be one of {_REGULARIZERS}, got {self.regularizer!r}")
+        self._check_routing()
         for name in ("chat", "packing", "group_by_length", "resume", "overwrite", "bundle", "progress",
                      "load_in_8bit", "load_in_4bit", "gradient_checkpointing"):
             check_bool(name, getattr(self, name))
@@ -144,6 +151,19 @@ class TrainConfig:
         from xlora.saving import base_load_kwargs  # last and here: a config error answers without torch
 
         base_load_kwargs(self.dtype, self.load_in_8bit, self.load_in_4bit)  # checks dtype and the quantisation
+
+    def _check_routing(self) -> None:
+        if not isinstance(self.routing_key, str) or not self.routing_key:
+            raise ValueError(f"routing_key must be the name of a record field, e.g. 'domain'; got {self.routing_key!r}")
+        if self.routing_weight == 0:
+            return
+        if self.packing:
+            raise ValueError(f"routing_weight={self.routing_weight} needs one record per example, but packing=True "
+                             "joins records; drop --packing or set routing_weight=0")
+        if not self.xlora.enable_softmax:
+            raise ValueError(f"routing_weight={self.routing_weight} needs enable_softmax=True (the term is a "
+                             "cross-entropy of the scalings as a distribution over experts); set routing_weight=0 "
+                             "or enable the softmax")
 
     def to_dict(self) -> dict[str, Any]:
         """Flat dict: the training fields and the X-LoRA fields side by side."""

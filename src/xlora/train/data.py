@@ -30,7 +30,9 @@ from typing import Any
 
 import torch
 
+from xlora.train.batching import batch_order as batch_order  # re-exported: its home before batching.py
 from xlora.train.records import iter_records
+from xlora.train.routing import record_target, routing_targets
 
 IGNORE_INDEX = -100
 SHAPES = ('{"text": str}, {"prompt": str, "completion": str}, '
@@ -46,10 +48,12 @@ CHARS_PER_TOKEN = 64
 
 @dataclass
 class TokenizedExample:
-    """One training sequence: ``input_ids`` and ``labels`` of equal length (``-100`` = no loss)."""
+    """One training sequence: ``input_ids`` and ``labels`` of equal length (``-100`` = no loss), and the expert
+    names its record routes to (``target``, empty: none; see :mod:`xlora.train.routing`)."""
 
     input_ids: list[int]
     labels: list[int]
+    target: tuple[str, ...] = ()
 
 
 @dataclass
@@ -248,13 +252,15 @@ def _encode_spans(tokenizer: Any, text: str, spans: list[tuple[int, int]]) -> tu
 
 # -------------------------------------------------------------------------------------- assembling
 def build_dataset(path: str | Path, tokenizer: Any, max_length: int, packing: bool = False,
-                  chat: bool = False) -> tuple[list[TokenizedExample], DatasetStats]:
+                  chat: bool = False, routing_key: str | None = None) -> tuple[list[TokenizedExample], DatasetStats]:
     """Read and tokenize a data file, optionally packing examples into ``max_length`` chunks.
 
     With ``packing``, the examples (each ending with EOS where the tokenizer has one) are
     concatenated and cut into chunks of exactly ``max_length`` tokens (the last may be shorter),
     labels carried along; attention is not masked across example boundaries. ``chat`` renders
-    ``prompt``/``completion`` records with the chat template (see the module doc).
+    ``prompt``/``completion`` records with the chat template (see the module doc). ``routing_key``: read each
+    record's routing target (:func:`~xlora.train.routing.record_target`) into ``example.target``; packed
+    examples carry none.
 
     Records are truncated to ``max_length`` before packing too. Examples whose loss tokens were
     all truncated away are kept. Returns ``(examples, stats)``.
@@ -269,6 +275,8 @@ def build_dataset(path: str | Path, tokenizer: Any, max_length: int, packing: bo
     for index, record in enumerate(iter_records(path)):  # streamed: one raw record in memory at a time
         try:
             example, truncated = tokenize_record(record, tokenizer, max_length, index, chat=chat)
+            if routing_key is not None:
+                example.target = record_target(record, routing_key)
         except ValueError as e:
             raise ValueError(f"{path}: {e}") from e
         examples.append(example)
@@ -289,16 +297,19 @@ def _pack(examples: list[TokenizedExample], max_length: int) -> list[TokenizedEx
     return [TokenizedExample(ids[i:i + max_length], labels[i:i + max_length]) for i in range(0, len(ids), max_length)]
 
 
-def collate(examples: list[TokenizedExample], pad_token_id: int, side: str = "right") -> dict[str, torch.Tensor]:
+def collate(examples: list[TokenizedExample], pad_token_id: int, side: str = "right",
+            experts: list[str] | None = None) -> dict[str, torch.Tensor]:
     """Pad a batch on the right (training) or on the ``side="left"`` (every sequence ends at the last column).
 
     Args:
         examples: ``b`` examples of lengths ``n_i``.
         pad_token_id: the id written into padded ``input_ids`` positions.
+        experts: the expert names in the scalings' order: also return the examples' routing targets.
 
     Returns:
         ``input_ids`` ``[b, T]`` (padded with ``pad_token_id``), ``attention_mask`` ``[b, T]`` (1 real,
-        0 pad) and ``labels`` ``[b, T]`` (``-100`` on pad), all ``int64``, ``T = max(n_i)``.
+        0 pad) and ``labels`` ``[b, T]`` (``-100`` on pad), all ``int64``, ``T = max(n_i)``; with ``experts``
+        also ``routing_target`` ``[b, E]`` float32 (:func:`~xlora.train.routing.routing_targets`).
     """
     if not examples:
         raise ValueError("collate got an empty list of examples; a batch needs at least one")
@@ -314,33 +325,7 @@ def collate(examples: list[TokenizedExample], pad_token_id: int, side: str = "ri
         input_ids[row, cols] = torch.tensor(e.input_ids, dtype=torch.long)
         attention_mask[row, cols] = 1
         labels[row, cols] = torch.tensor(e.labels, dtype=torch.long)
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
-
-
-def batch_order(lengths: list[int], batch_size: int, seed: int, epoch: int,
-                group_by_length: bool) -> list[list[int]]:
-    """The batches of one epoch, as lists of example indices; a pure function of its arguments.
-
-    A permutation of ``range(len(lengths))`` (from a ``torch.Generator`` seeded with ``seed`` and
-    ``epoch``) cut into batches of ``batch_size``; only the last batch may be smaller. With
-    ``group_by_length``, the permutation is cut into mega-chunks of ``50 * batch_size`` examples,
-    each sorted by length (longest first) before batching, and the order of the full batches is
-    shuffled again, so a batch holds examples of similar length (less padding).
-
-    Every index appears exactly once; each ``(seed, epoch)`` gets its own order.
-    """
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    generator = torch.Generator().manual_seed((seed * 1_000_003 + epoch) % (2**63))
-    order = torch.randperm(len(lengths), generator=generator).tolist()
-    if group_by_length:
-        mega = 50 * batch_size
-        # sorted() is stable, so ties keep their shuffled order: still deterministic.
-        order = [i for k in range(0, len(order), mega)
-                 for i in sorted(order[k:k + mega], key=lambda i: -lengths[i])]
-    batches = [order[k:k + batch_size] for k in range(0, len(order), batch_size)]
-    if group_by_length:
-        # Mega-chunks are whole multiples of batch_size, so only the final batch can be short; keep it last.
-        tail = [batches.pop()] if batches and len(batches[-1]) < batch_size else []
-        batches = [batches[k] for k in torch.randperm(len(batches), generator=generator).tolist()] + tail
-    return batches
+    batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+    if experts is not None:
+        batch["routing_target"] = routing_targets([e.target for e in examples], experts)
+    return batch

@@ -38,6 +38,7 @@ from xlora.train.config import TrainConfig
 from xlora.train.data import DatasetStats, TokenizedExample, build_dataset
 from xlora.train.errors import TrainingError
 from xlora.train.fsdp import BUNDLE_REFUSED, fsdp_requested, shard
+from xlora.train.routing import check_routing_targets
 
 _FIX_BASE = "set base_model (--base-model) to a local model folder"
 Resumed = tuple[Path, dict[str, Any], dict[str, torch.Tensor]]  # (checkpoint, trainer state, optimizer tensors)
@@ -98,7 +99,11 @@ def setup(cfg: TrainConfig) -> Run:
     precision = make_precision(cfg.mixed_precision, accelerator)
     tokenizer = load_local(AutoTokenizer, cfg.base_model, "the base model's tokenizer", _FIX_BASE)
     torch.manual_seed(cfg.seed)
-    train_set, stats = build_dataset(cfg.train_file, tokenizer, cfg.max_length, packing=cfg.packing, chat=cfg.chat)
+    routing_key = cfg.routing_key if cfg.routing_weight > 0 else None
+    train_set, stats = build_dataset(cfg.train_file, tokenizer, cfg.max_length, packing=cfg.packing, chat=cfg.chat,
+                                     routing_key=routing_key)
+    unrouted = 0 if routing_key is None else check_routing_targets(
+        [e.target for e in train_set], cfg.xlora.expert_names, routing_key, cfg.routing_weight)
     eval_set = build_dataset(cfg.eval_file, tokenizer, cfg.max_length, chat=cfg.chat)[0] if cfg.eval_file else None
     resumed = newest_valid_checkpoint(Path(cfg.output_dir)) if cfg.resume else None
     model = build_model(cfg, resumed).to(accelerator.device).train()
@@ -114,6 +119,9 @@ def setup(cfg: TrainConfig) -> Run:
         start_output_dir(cfg, marker, start)
         if resumed:
             print(f"resuming from {resumed[0]} (step {start})")
+        if routing_key is not None:
+            print(f"routing supervision (weight {cfg.routing_weight}): {unrouted} of {len(train_set)} training "
+                  f"examples name no expert in {routing_key!r} or 'experts' and take no routing loss")
     accelerator.wait_for_everyone()
     steps_per_epoch, total = schedule(cfg, len(train_set), accelerator.num_processes)
     return Run(cfg, accelerator, precision, model, ddp_model, optimizer, params, tokenizer, train_set, eval_set,

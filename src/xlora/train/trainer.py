@@ -25,7 +25,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from xlora.train.checkpoints import (
     METRICS,
@@ -36,8 +35,10 @@ from xlora.train.checkpoints import (
     save_checkpoint,
 )
 from xlora.train.config import TrainConfig
-from xlora.train.data import IGNORE_INDEX, TokenizedExample, batch_order, collate
+from xlora.train.data import TokenizedExample, batch_order, collate
 from xlora.train.fsdp import sync_gradients
+from xlora.train.losses import loss_tokens, scalings_regularizer, token_loss_sum
+from xlora.train.routing import routed_examples, routing_cross_entropy
 from xlora.train.setup import Run, TrainingError, setup
 
 __all__ = ["TrainResult", "TrainingError", "evaluate", "finish", "lr_factor", "save_training_checkpoint",
@@ -57,12 +58,14 @@ class TrainResult:
 @dataclass
 class StepResult:
     """What one optimizer step did: mean loss per loss token (all processes), learning rate, gradient norm
-    before clipping (``None`` without clipping) and the tokens this process fed through the model."""
+    before clipping (``None`` without clipping), the tokens this process fed through the model and the mean
+    routing cross-entropy of the step's examples with a target (``None``: routing off, or no such example)."""
 
     loss: float
     lr: float
     grad_norm: float | None
     tokens: int
+    routing: float | None = None
 
 
 def train(cfg: TrainConfig) -> TrainResult:
@@ -121,20 +124,27 @@ def train_step(run: Run, step: int) -> StepResult:
     acc, world = run.accelerator, run.accelerator.num_processes
     torch.manual_seed(run.cfg.seed * 1_000_003 + step * 1009 + acc.process_index)
     batches = micro_batches(run, step)
-    mine = torch.tensor([sum(_loss_tokens(b) * w for b, w in batches)], device=acc.device, dtype=torch.float64)
-    n_global = max(float(acc.reduce(mine, reduction="sum").item()), 1.0)  # loss tokens of the step, all processes
-    loss_sum, tokens = torch.zeros((), device=acc.device), 0
+    mine = torch.tensor([sum(loss_tokens(b) * w for b, w in batches), sum(_routed(b) * w for b, w in batches)],
+                        device=acc.device, dtype=torch.float64)
+    counts = acc.reduce(mine, reduction="sum")  # loss tokens and routed examples of the step, all processes
+    n_global, n_routed = max(float(counts[0].item()), 1.0), max(float(counts[1].item()), 1.0)
+    loss_sum, routing_sum, tokens = torch.zeros((), device=acc.device), torch.zeros((), device=acc.device), 0
     for i, (batch, weight) in enumerate(batches):
         # DDP all-reduces gradients in the last micro-batch's backward only
         with acc.no_sync(run.ddp_model) if i < len(batches) - 1 else nullcontext():
             with run.precision.autocast():
                 out = run.ddp_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                                     use_cache=False)
-                ce = _token_loss_sum(out.logits, batch["labels"]) * weight
+                ce = token_loss_sum(out.logits, batch["labels"]) * weight
                 loss = ce * world / n_global
                 if run.cfg.regularizer != "none" and run.cfg.regularizer_weight > 0:
                     reg = scalings_regularizer(out.scalings, batch["attention_mask"], run.cfg.regularizer)
                     loss = loss + run.cfg.regularizer_weight * reg / len(batches)
+                if "routing_target" in batch:  # mean over the step's routed examples, like the token loss
+                    routed = routing_cross_entropy(out.scalings, batch["attention_mask"], batch["routing_target"],
+                                                   reduction="sum") * weight
+                    loss = loss + run.cfg.routing_weight * routed * world / n_routed
+                    routing_sum += routed.detach()
             if not torch.isfinite(loss):
                 last = list_checkpoints(run.out)
                 raise TrainingError(
@@ -147,7 +157,15 @@ def train_step(run: Run, step: int) -> StepResult:
         tokens += int(batch["attention_mask"].sum()) * int(weight)
     grad_norm, lr = _update(run, step)
     loss = float(acc.reduce(loss_sum.reshape(1), reduction="sum").item()) / n_global
-    return StepResult(loss, lr, grad_norm, tokens)
+    routing = None
+    if run.cfg.routing_weight > 0 and counts[1] > 0:
+        routing = float(acc.reduce(routing_sum.reshape(1), reduction="sum").item()) / n_routed
+    return StepResult(loss, lr, grad_norm, tokens, routing)
+
+
+def _routed(batch: dict[str, torch.Tensor]) -> int:
+    """The examples of ``batch`` that take the routing loss (0 when routing is off)."""
+    return int(routed_examples(batch["routing_target"])) if "routing_target" in batch else 0
 
 
 def _any_process(run: Run, flag: bool) -> bool:
@@ -163,6 +181,7 @@ def micro_batches(run: Run, step: int) -> list[tuple[dict[str, torch.Tensor], fl
     """
     cfg, acc = run.cfg, run.accelerator
     world, rank = acc.num_processes, acc.process_index
+    experts = cfg.xlora.expert_names if cfg.routing_weight > 0 else None  # the routing targets travel with the batch
     epoch, pos = divmod(step, run.steps_per_epoch)
     lengths = [len(e.input_ids) for e in run.train_set]
     order = batch_order(lengths, cfg.per_device_batch_size * world, cfg.seed, epoch, cfg.group_by_length)
@@ -170,7 +189,7 @@ def micro_batches(run: Run, step: int) -> list[tuple[dict[str, torch.Tensor], fl
     for indices in order[pos * cfg.gradient_accumulation_steps:(pos + 1) * cfg.gradient_accumulation_steps]:
         share = math.ceil(len(indices) / world)  # equal shares; a short batch is split evenly
         mine = indices[rank * share:(rank + 1) * share]
-        batch = collate([run.train_set[i] for i in (mine or [0])], run.pad_id)
+        batch = collate([run.train_set[i] for i in (mine or [0])], run.pad_id, experts=experts)
         out.append(({k: v.to(acc.device) for k, v in batch.items()}, 1.0 if mine else 0.0))
     return out
 
@@ -209,8 +228,8 @@ def evaluate(model: Any, examples: list[TokenizedExample], batch_size: int, pad_
             batch = {k: v.to(accelerator.device) for k, v in collate(mine[i:i + batch_size], pad_id).items()}
             with autocast():
                 out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
-            total[0] += _token_loss_sum(out.logits, batch["labels"]).double()
-            total[1] += _loss_tokens(batch)
+            total[0] += token_loss_sum(out.logits, batch["labels"]).double()
+            total[1] += loss_tokens(batch)
     total = accelerator.reduce(total, reduction="sum")
     model.train()
     return float(total[0] / total[1].clamp_min(1))
@@ -249,27 +268,6 @@ def lr_factor(step: int, warmup: int, total: int) -> float:
         return (step + 1) / warmup
     progress = (step - warmup) / max(1, total - warmup)
     return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-
-
-def scalings_regularizer(scalings: torch.Tensor, mask: torch.Tensor, kind: str) -> torch.Tensor:
-    """``balance``: ``E·Σ_e p̄_e²`` of the token-mean scalings; ``entropy``: mean per-token entropy."""
-    s = scalings.float().mean(dim=2)  # [b, t, E], layers averaged
-    m = mask.to(s.dtype).unsqueeze(-1)  # [b, t, 1]
-    if kind == "balance":
-        p = (s * m).sum((0, 1)) / m.sum().clamp_min(1)
-        return s.shape[-1] * (p * p).sum()
-    ent = -(s.clamp_min(1e-9).log() * s).sum(-1, keepdim=True)
-    return (ent * m).sum() / m.sum().clamp_min(1)
-
-
-def _token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Summed next-token cross-entropy over labels != IGNORE_INDEX."""
-    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=IGNORE_INDEX,
-                           reduction="sum")
-
-
-def _loss_tokens(batch: dict[str, torch.Tensor]) -> int:
-    return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
 
 
 class _StopFlag:
@@ -329,6 +327,8 @@ class _Metrics:
             record = {"step": step, "loss": result.loss, "lr": result.lr, "tokens_per_s": tps, "elapsed_s": elapsed}
             if result.grad_norm is not None:
                 record["grad_norm"] = result.grad_norm
+            if result.routing is not None:
+                record["routing_loss"] = result.routing
             self.log(record)
 
     def log(self, record: dict[str, Any]) -> None:

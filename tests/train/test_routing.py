@@ -1,0 +1,203 @@
+"""Routing supervision: targets from records, the cross-entropy by hand, and a head that follows its labels."""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import tiny_model, tiny_tokenizer
+from peft import LoraConfig, get_peft_model
+from safetensors.torch import load_file
+
+from xlora import XLoraModel
+from xlora.train.config import TrainConfig
+from xlora.train.data import TokenizedExample, build_dataset, collate
+from xlora.train.routing import check_routing_targets, record_target, routing_cross_entropy, routing_targets
+from xlora.train.trainer import TrainingError, train
+
+EXPERTS = ("lower", "digit", "upper")
+ALPHABETS = {"lower": "abcdefghijklmnopqrstuvwxyz", "digit": "0123456789", "upper": "ABCDEFGHIJKLMNOPQRSTUVWXYZ"}
+
+
+# ------------------------------------------------------------------------------------ the term by hand
+def test_cross_entropy_equals_a_hand_computation_with_padding_and_a_two_expert_target():
+    g = torch.Generator().manual_seed(0)
+    s = torch.softmax(torch.randn(3, 4, 2, 3, generator=g), dim=-1)  # [b=3, t=4, L=2, E=3]
+    mask = torch.tensor([[1, 1, 0, 0], [1, 1, 1, 1], [1, 0, 0, 0]])
+    target = routing_targets([("lower",), ("digit", "upper"), ("nobody",)], list(EXPERTS))
+    assert target.tolist() == [[1.0, 0.0, 0.0], [0.0, 0.5, 0.5], [0.0, 0.0, 0.0]]
+
+    def by_hand(i: int) -> float:
+        real = [t for t in range(4) if mask[i, t]]
+        p = [sum(float(s[i, t, l, e]) for t in real for l in range(2)) / (2 * len(real)) for e in range(3)]
+        return -sum(float(target[i, e]) * math.log(p[e]) for e in range(3))
+
+    expected = [by_hand(0), by_hand(1)]  # the third example has no target: no loss
+    assert float(routing_cross_entropy(s, mask, target, reduction="sum")) == pytest.approx(sum(expected), abs=1e-6)
+    assert float(routing_cross_entropy(s, mask, target)) == pytest.approx(sum(expected) / 2, abs=1e-6)
+    # padding is ignored: changing the scalings of padded tokens changes nothing
+    s2 = s.clone()
+    s2[0, 2:] = torch.tensor([0.0, 0.0, 1.0])
+    assert torch.equal(routing_cross_entropy(s2, mask, target), routing_cross_entropy(s, mask, target))
+    # a batch without any target: 0, not a division by zero
+    assert float(routing_cross_entropy(s, mask, torch.zeros(3, 3))) == 0.0
+
+
+def test_targets_from_records():
+    assert record_target({"domain": "lower"}, "domain") == ("lower",)
+    assert record_target({"domain": "composite", "experts": ["lower", "digit"]}, "domain") == ("lower", "digit")
+    assert record_target({"text": "x"}, "domain") == ()
+    assert record_target({"topic": "upper", "domain": "lower"}, "topic") == ("upper",)
+    with pytest.raises(ValueError, match="field 'experts' must be a list of expert names"):
+        record_target({"experts": "lower"}, "domain")
+    with pytest.raises(ValueError, match=r"field 'domain' \(routing_key\) must be an expert name.*got 3"):
+        record_target({"domain": 3}, "domain")
+    # a list naming a non-expert has no target (a partial one would be a wrong one)
+    assert routing_targets([("lower", "chemistry"), ()], list(EXPERTS)).sum() == 0
+
+
+def test_no_record_naming_an_expert_is_refused_with_the_names_found():
+    assert check_routing_targets([("lower",), ("other",), ()], list(EXPERTS), "domain", 1.0) == 2
+    with pytest.raises(ValueError, match=r"routing_weight=1.0 but no training record names an expert in 'domain'.*"
+                                         r"found are \['chemistry', 'physics'\] and the experts are "
+                                         r"\['lower', 'digit', 'upper'\].*routing_weight=0"):
+        check_routing_targets([("chemistry",), ("physics",), ()], list(EXPERTS), "domain", 1.0)
+
+
+def test_targets_travel_to_the_batch_only_when_asked(tmp_path):
+    tok = tiny_tokenizer()
+    path = tmp_path / "d.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in [
+        {"text": "abc", "domain": "lower"}, {"text": "12", "domain": "composite", "experts": ["digit", "upper"]},
+        {"text": "??"}]))
+    plain, _ = build_dataset(path, tok, 16)
+    routed, _ = build_dataset(path, tok, 16, routing_key="domain")
+    assert [e.target for e in plain] == [(), (), ()]
+    assert [e.target for e in routed] == [("lower",), ("digit", "upper"), ()]
+    assert [(e.input_ids, e.labels) for e in plain] == [(e.input_ids, e.labels) for e in routed]
+    batch = collate(routed, 0, experts=list(EXPERTS))
+    assert batch["routing_target"].tolist() == [[1.0, 0.0, 0.0], [0.0, 0.5, 0.5], [0.0, 0.0, 0.0]]
+    assert set(collate(routed, 0)) == {"input_ids", "attention_mask", "labels"}
+    for key, value in collate(plain, 0, side="left").items():
+        assert torch.equal(value, collate(routed, 0, side="left", experts=list(EXPERTS))[key])
+    assert TokenizedExample([1], [1]).target == ()
+
+
+# ------------------------------------------------------------------------------------ config
+def test_bad_routing_options_name_the_field(tmp_path):
+    base = dict(base_model="m", train_file="t.jsonl", output_dir=str(tmp_path), experts={"lower": "a"})
+    with pytest.raises(ValueError, match=r"routing_weight must be >= 0, got -0.5"):
+        TrainConfig.from_dict({**base, "routing_weight": -0.5})
+    with pytest.raises(ValueError, match=r"routing_weight must be a finite number, got 'x'"):
+        TrainConfig.from_dict({**base, "routing_weight": "x"})
+    with pytest.raises(ValueError, match=r"routing_key must be the name of a record field.*got ''"):
+        TrainConfig.from_dict({**base, "routing_key": ""})
+    with pytest.raises(ValueError, match=r"routing_weight=1.0 needs one record per example, but packing=True"):
+        TrainConfig.from_dict({**base, "routing_weight": 1, "packing": True})
+    with pytest.raises(ValueError, match=r"routing_weight=1.0 needs enable_softmax=True"):
+        TrainConfig.from_dict({**base, "routing_weight": 1, "enable_softmax": False})
+    assert TrainConfig.from_dict({**base, "packing": True}).routing_weight == 0.0
+
+
+# ------------------------------------------------------------------------------------ training
+def text(domain: str, rng: random.Random, length: int = 16) -> str:
+    alphabet = ALPHABETS[domain]
+    start, stride = rng.randrange(len(alphabet)), rng.choice([1, 2])
+    return "".join(alphabet[(start + i * stride) % len(alphabet)] for i in range(length))
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """A tiny base and three experts that are random LoRA weights: the language-model loss alone gives the head no
+    reason to route a domain to the expert of its name, so only the labels can teach it."""
+    root = tmp_path_factory.mktemp("routing_supervision")
+    base, tok = tiny_model("llama"), tiny_tokenizer()
+    base.save_pretrained(str(root / "base"))
+    tok.save_pretrained(str(root / "base"))
+    experts = {}
+    for i, name in enumerate(EXPERTS):
+        torch.manual_seed(100 + i)
+        peft = get_peft_model(tiny_model("llama"), LoraConfig(r=4, lora_alpha=8, init_lora_weights=False,
+                                                              target_modules=["q_proj", "v_proj"]))
+        peft.save_pretrained(str(root / name))
+        experts[name] = str(root / name)
+    rng = random.Random(0)
+    records = [{"text": text(d, rng), "domain": d} for d in EXPERTS for _ in range(30)]
+    records += [{"text": text("lower", rng) + text("digit", rng, 8), "domain": "composite",
+                 "experts": ["lower", "digit"]} for _ in range(4)]
+    records += [{"text": text("upper", rng), "domain": "other"} for _ in range(3)]  # no target
+    rng.shuffle(records)
+    labelled, plain = root / "train.jsonl", root / "plain.jsonl"
+    labelled.write_text("".join(json.dumps(r) + "\n" for r in records))
+    plain.write_text("".join(json.dumps({"text": r["text"]}) + "\n" for r in records))
+    held_out = {d: [text(d, rng) for _ in range(12)] for d in EXPERTS}
+    return {"root": root, "base": str(root / "base"), "experts": experts, "train": str(labelled),
+            "plain": str(plain), "held_out": held_out, "tok": tok}
+
+
+def config(world, out: Path, **kw) -> TrainConfig:
+    opts = dict(base_model=world["base"], train_file=world["train"], output_dir=str(out), experts=world["experts"],
+                max_length=24, per_device_batch_size=8, learning_rate=2e-2, max_steps=30, save_every=10, log_every=5,
+                progress=False, head_dropout=0.0, head_hidden_size=32, seed=1)
+    opts.update(kw)
+    return TrainConfig.from_dict(opts)
+
+
+def head_of(out: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(out / "xlora_head.safetensors"))
+
+
+def own_expert_share(out: Path, world) -> dict[str, float]:
+    """Per domain: the mean scaling (over held-out examples, tokens and layers) of the domain's own expert."""
+    model = XLoraModel.from_pretrained(out).eval()
+    shares = {}
+    for e, domain in enumerate(EXPERTS):
+        enc = world["tok"](world["held_out"][domain], return_tensors="pt")
+        with torch.no_grad():
+            s = model(input_ids=enc["input_ids"]).scalings  # [b, t, L, E]
+        shares[domain] = float(s.mean(dim=(0, 1, 2))[e])
+    return shares
+
+
+def test_weight_zero_is_the_default_path_bit_for_bit(world, tmp_path):
+    train(config(world, tmp_path / "default", max_steps=6))
+    train(config(world, tmp_path / "zero", max_steps=6, routing_weight=0.0, routing_key="nothing"))
+    train(config(world, tmp_path / "plain", max_steps=6, train_file=world["plain"]))
+    default = head_of(tmp_path / "default")
+    for other in ("zero", "plain"):
+        head = head_of(tmp_path / other)
+        assert list(head) == list(default)
+        assert all(torch.equal(head[k], default[k]) for k in default), other
+    assert all("routing_loss" not in json.loads(line)
+               for line in (tmp_path / "default" / "metrics.jsonl").read_text().splitlines())
+
+
+def test_supervision_routes_each_domain_to_its_expert(world, tmp_path, capsys):
+    train(config(world, tmp_path / "off", learning_rate=1e-1))
+    train(config(world, tmp_path / "on", learning_rate=1e-1, routing_weight=1.0))
+    assert "routing supervision (weight 1.0): 3 of 97 training examples name no expert" in capsys.readouterr().out
+    off, on = own_expert_share(tmp_path / "off", world), own_expert_share(tmp_path / "on", world)
+    print("own-expert share, routing_weight=0:", off, "routing_weight=1:", on)
+    assert min(on.values()) > 0.6, on
+    assert min(off.values()) < 0.6, off
+    records = [json.loads(line) for line in (tmp_path / "on" / "metrics.jsonl").read_text().splitlines()]
+    routing = [r["routing_loss"] for r in records if "routing_loss" in r]
+    # logged every 5 steps (one step's batch each): well under log(3), the cross-entropy of uniform scalings
+    assert len(routing) == 6 and max(routing[1:]) < 0.75 * math.log(3), routing
+    # resuming with another routing setting is refused; the same one continues
+    with pytest.raises(TrainingError, match=r"routing_weight 1.0 -> 0.5"):
+        train(config(world, tmp_path / "on", routing_weight=0.5, resume=True, max_steps=31))
+    with pytest.raises(TrainingError, match=r"routing_key 'domain' -> 'topic'"):
+        train(config(world, tmp_path / "on", routing_weight=1.0, routing_key="topic", resume=True, max_steps=31))
+    assert train(config(world, tmp_path / "on", learning_rate=1e-1, routing_weight=1.0, resume=True,
+                        max_steps=31)).steps == 31
+
+
+def test_weight_without_any_labelled_record_is_refused_before_writing(world, tmp_path):
+    with pytest.raises(ValueError, match=r"no training record names an expert in 'domain'.*found are \[\]"):
+        train(config(world, tmp_path / "run", train_file=world["plain"], routing_weight=1.0))
+    assert not (tmp_path / "run").exists()
