@@ -1,10 +1,12 @@
 """Training the scaling head: ``TrainConfig``, the data layer, the Accelerate trainer and checkpoints.
 
 Modules: ``config`` (:class:`TrainConfig`), ``records`` (reading data files, streamed), ``data``
-(tokenizing with loss masks, packing, batching), ``setup`` (load and check everything, then prepare
-the output directory), ``trainer`` (the loop: one step, evaluation, checkpointing, the final save)
-and ``checkpoints`` (atomic, crash-safe save and prune, resume). Needs the ``train`` extra
-(``pip install xlora[train]``).
+(tokenizing with loss masks, packing, collating), ``batching`` (the epoch's batch order), ``setup`` (load
+and check everything, then prepare the output directory), ``trainer`` (the loop: one step, evaluation,
+checkpointing, the final save), ``losses`` (token loss, scalings regularizers), ``routing`` (the optional
+routing-supervision term), ``checkpoints`` (atomic, crash-safe save and prune, resume) and ``distill``
+(a shallow scaling pass's head trained on a full head's scalings, ``xlora distill``). Needs the ``train``
+extra (``pip install xlora[train]``).
 """
 
 from __future__ import annotations
