@@ -171,3 +171,12 @@ def test_the_command_line_takes_phases_after_the_options(tmp_path):
     with pytest.raises(ValueError, match="unknown retraining phase 'hed'"):
         main([str(tmp_path / "out"), "experts", "--threads", "1", "hed"])
     assert not (tmp_path / "out").exists()
+
+
+def test_head_options_parse_json_values_and_name_bad_pairs():
+    from xlora.demo.retrain_suite import parse_head_options
+
+    got = parse_head_options(["routing_weight=0.5", "layerwise_scalings=true", "regularizer=entropy", "top_k=2"])
+    assert got == {"routing_weight": 0.5, "layerwise_scalings": True, "regularizer": "entropy", "top_k": 2}
+    with pytest.raises(ValueError, match="KEY=VALUE.*'routing_weight'"):
+        parse_head_options(["routing_weight"])

@@ -181,6 +181,21 @@ def retrain_suite(out_dir: str | os.PathLike, data_dir: str | os.PathLike,
     return log
 
 
+def parse_head_options(pairs: list[str]) -> dict[str, Any]:
+    """``["routing_weight=0.5", "layerwise_scalings=true"]`` -> ``{"routing_weight": 0.5, ...}`` (values as JSON,
+    else as strings)."""
+    options: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--head-option takes KEY=VALUE (e.g. routing_weight=0.5), got {pair!r}")
+        try:
+            options[key] = json.loads(value)
+        except json.JSONDecodeError:
+            options[key] = value
+    return options
+
+
 def main(argv: list[str] | None = None) -> None:
     """``python -m xlora.demo.retrain_suite OUT_DIR [PHASE ...] [--suite DATA_DIR --rows DIR] [--threads N]``.
 
@@ -198,6 +213,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     p.add_argument("--expert-steps", type=int, default=None)
     p.add_argument("--head-steps", type=int, default=HEAD_STEPS)
+    p.add_argument("--head-option", action="append", default=[], metavar="KEY=JSON",
+                   help="override a head option (any XLoraConfig/TrainConfig key), e.g. routing_weight=0.5; repeatable")
     a = p.parse_intermixed_args(argv if argv is not None else sys.argv[1:])  # phases may follow the options
     if a.threads:
         torch.set_num_threads(a.threads)
@@ -205,10 +222,10 @@ def main(argv: list[str] | None = None) -> None:
     signal.signal(signal.SIGINT, request_stop)
     if a.suite is None:
         retrain(a.out_dir, tuple(a.phases) or ("experts", "head"), expert_steps=a.expert_steps,
-                head_steps=a.head_steps)
+                head_steps=a.head_steps, head_options=parse_head_options(a.head_option))
         return
     retrain_suite(a.out_dir, a.suite, tuple(a.phases) or ("data", "experts", "head"), rows=a.rows,
-                  expert_steps=a.expert_steps, head_steps=a.head_steps)
+                  expert_steps=a.expert_steps, head_steps=a.head_steps, head_options=parse_head_options(a.head_option))
 
 
 if __name__ == "__main__":
