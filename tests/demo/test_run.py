@@ -16,7 +16,7 @@ from xlora.analysis.views import generated
 from xlora.demo import domains
 from xlora.demo.base_model import base_model_dir, find_gguf, is_model_dir, load_base
 from xlora.demo.evaluate import chat_messages, generate_answers, left_padded, loss_pass
-from xlora.demo.run import ASSETS, evaluate_demo, load_demo, show_routing
+from xlora.demo.run import ASSETS, answer_scalings, evaluate_demo, load_demo, show_routing
 from xlora.train.data import IGNORE_INDEX, tokenize_record
 
 DOMS = ["mathematics", "general"]  # need neither RDKit nor Biopython
@@ -129,6 +129,21 @@ def test_routing_display_and_heatmaps(demo, tmp_path, capsys):
     assert records[0]["prompt"] in printed and "(each token: the expert that wrote it)" in printed
     s = torch.tensor([[[0.9, 0.1], [0.7, 0.3]], [[0.2, 0.8], [0.4, 0.6]]])  # [n=2, L=2, E=2]
     assert generated([7, 8], s).dominant(DOMS) == [("mathematics", pytest.approx(0.8)), ("general", pytest.approx(0.7))]
+
+
+def test_answer_scalings_equal_the_scalings_that_generated_the_answer(demo):
+    """One left-padded forward over prompt + answer gives each answer token the mixture of the decoding step that
+    chose it (causal attention): what the demo shows for the table's answers instead of generating again."""
+    model, tok, *_ = demo
+    records = domains.generate_mixture("test", 3, domains=DOMS)
+    texts, ids, scalings = generate_answers(model, tok, records, "xlora", 6, record_scalings=True)
+    new, again = answer_scalings(model, tok, records, texts)
+    same = [i for i, (a, b) in enumerate(zip(new, ids)) if a == b]  # answers whose text re-encodes to their ids
+    assert len(same) >= 3, (new, ids)
+    for i in same:
+        assert again[i].shape == scalings[i].shape == (len(ids[i]), model.num_layers, len(DOMS))
+        assert torch.allclose(again[i], scalings[i].float(), atol=1e-5), i
+    assert not torch.allclose(again[same[0]][0], again[same[0]][-1])  # a real router: the mixture moves
 
 
 def test_load_demo_from_a_directory(demo, tmp_path):

@@ -15,13 +15,21 @@ import time
 from pathlib import Path
 from typing import Any
 
+import torch
+
+from xlora.analysis.evaluate import context_length
 from xlora.demo import domains
 from xlora.demo.base_model import base_model_dir, cache_root, load_base
-from xlora.demo.evaluate import XLORA, EvalTable, evaluate, generate_answers
+from xlora.demo.evaluate import XLORA, EvalTable, demo_records, evaluate, generate_answers, left_padded
 from xlora.files import atomic_write_text
+from xlora.generation import pad_token_id
 from xlora.saving import CONFIG_FILE
+from xlora.train.data import TokenizedExample
 
 ASSETS = Path(__file__).parent / "assets"
+# the demo's answer budget: the longest reference answer of the non-graph test items is 21 tokens, plus the end of
+# turn (graph triples get GRAPH_NEW_TOKENS); an answer that fits scores as with any larger budget
+ANSWER_TOKENS = 24
 __all__ = ["evaluate_demo", "run_demo", "run_eval", "load_demo", "ASSETS"]
 
 
@@ -41,7 +49,8 @@ def load_demo(assets: str | os.PathLike | None = None, base_dir: str | os.PathLi
 def evaluate_demo(model_dir_or_model: str | os.PathLike | Any, split: str = "test", n_per_domain: int = 32,
                   out_dir: str | os.PathLike | None = None, *, tokenizer: Any = None,
                   base_dir: str | os.PathLike | None = None, n_generate: int = 8, seed: int = 0,
-                  domain_names: list[str] | None = None, progress: Any = None) -> EvalTable:
+                  domain_names: list[str] | None = None, progress: Any = None,
+                  max_new_tokens: int = 32) -> EvalTable:
     """Evaluate base model, each expert alone, the uniform mixture and X-LoRA on the demo domains.
 
     Args:
@@ -52,6 +61,7 @@ def evaluate_demo(model_dir_or_model: str | os.PathLike | Any, split: str = "tes
         out_dir: if given, the table is written there as ``eval.md`` and ``eval.json``.
         n_generate: records per domain answered greedily by every configuration and scored.
         domain_names: the domains to evaluate (default: all five).
+        max_new_tokens: the answer budget (graph triples get at least ``GRAPH_NEW_TOKENS``).
 
     Returns:
         The :class:`~xlora.demo.evaluate.EvalTable` (losses, scores, routing, token counts, samples).
@@ -64,7 +74,8 @@ def evaluate_demo(model_dir_or_model: str | os.PathLike | Any, split: str = "tes
         if tokenizer is None:
             raise ValueError("evaluate_demo got a loaded model but no tokenizer; pass tokenizer=...")
     model.eval()
-    table = evaluate(model, tokenizer, split, n_per_domain, n_generate, seed, domain_names, progress=progress)
+    table = evaluate(model, tokenizer, split, n_per_domain, n_generate, seed, domain_names,
+                     max_new_tokens=max_new_tokens, progress=progress)
     if out_dir is not None:
         table.write(out_dir)
     return table
@@ -131,18 +142,45 @@ class _Painter:
 
 
 def show_routing(model: Any, tokenizer: Any, records: list[dict[str, Any]], out_dir: Path,
-                 max_new_tokens: int = 32) -> list[Path]:
+                 max_new_tokens: int = 32, answers: list[str] | None = None) -> list[Path]:
     """Print X-LoRA's answers with every token coloured by the expert that wrote it (the dominant expert of
-    the mixture at the position before it, :mod:`xlora.analysis.views`); write the heatmaps of each."""
+    the mixture at the position before it, :mod:`xlora.analysis.views`); write the heatmaps of each.
+
+    ``answers``: X-LoRA's answers already generated (the table's), whose scalings one forward recomputes
+    (:func:`answer_scalings`); None: generate them here (``max_new_tokens`` each).
+    """
     painter = _Painter(model, tokenizer, out_dir)
     painter.legend()
-    texts, ids, scalings = generate_answers(model, tokenizer, records, XLORA, max_new_tokens, record_scalings=True)
+    if answers is None:
+        texts, ids, scalings = generate_answers(model, tokenizer, records, XLORA, max_new_tokens, record_scalings=True)
+    else:
+        texts, (ids, scalings) = answers, answer_scalings(model, tokenizer, records, answers)
     paths = []
     for i, (rec, text, new, s) in enumerate(zip(records, texts, ids, scalings)):
         label = (f"\n[{rec['domain']}] {rec['prompt']}\n  expected: {rec['completion']}   "
                  f"score: {domains.check(rec, text):.2f}")
         paths += painter.answer(label, new, s, f"answer{i}-{rec['domain']}")
     return paths
+
+
+@torch.no_grad()
+def answer_scalings(model: Any, tokenizer: Any, records: list[dict[str, Any]], answers: list[str]
+                    ) -> tuple[list[list[int]], list[torch.Tensor]]:
+    """The token ids of given X-LoRA ``answers`` to ``records`` and the mixture that wrote each, ``[n_i, L, E]``,
+    from one forward over prompt + answer (left-padded batch) instead of a generation.
+
+    The scalings at position ``t`` depend only on tokens ``<= t`` (causal attention), so row ``t`` of that
+    forward is the mixture of the decoding step that chose token ``t + 1``: for the answer's own ids these
+    are the scalings :func:`~xlora.demo.evaluate.generate_answers` records (within float rounding).
+    """
+    prompts = [r.prompt_ids for r in demo_records(records, tokenizer, context_length(model))]
+    new = [tokenizer(a, add_special_tokens=False)["input_ids"] for a in answers]
+    batch = left_padded([TokenizedExample(p + a, p + a) for p, a in zip(prompts, new)], pad_token_id(tokenizer))
+    with model.fixed_scalings(None):
+        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                    position_ids=batch["position_ids"])
+    T = batch["input_ids"].shape[1]  # every sequence ends at column T - 1
+    return new, [out.scalings[i, T - len(a) - 1:T - 1].float() for i, a in enumerate(new)]  # [n_i, L, E]
 
 
 def show_questions(model: Any, tokenizer: Any, out_dir: Path, live: bool = True) -> list[Path]:
@@ -188,11 +226,10 @@ def run_demo(retrain: bool = False, out_dir: str | os.PathLike | None = None, n_
     print(f"X-LoRA over {base.name}: {model.num_experts} experts {model.xlora_config.expert_names}, "
           f"{model.num_layers} adapted modules (loaded in {time.perf_counter() - t0:.0f} s)")
     table = evaluate_demo(model, "test", n_per_domain, out, tokenizer=tokenizer, n_generate=n_generate,
-                          progress=_progress(t0))
+                          progress=_progress(t0), max_new_tokens=ANSWER_TOKENS)
     print("\n" + table.to_markdown())
-    shown = [domains.generate(d, "test", 1, seed=1)[0] for d in model.xlora_config.expert_names
-             if d in domains.DOMAINS]
-    paths = show_routing(model, tokenizer, shown, out)
+    shown, answers = _first_answers(table)
+    paths = show_routing(model, tokenizer, shown, out, answers=answers)
     print("\nTwo held-out science questions, checked against physics:")
     paths += show_questions(model, tokenizer, out)
     print(f"\ntable: {out / 'eval.md'}, {out / 'eval.json'}; heatmaps: {', '.join(str(p) for p in paths)}")
@@ -200,6 +237,18 @@ def run_demo(retrain: bool = False, out_dir: str | os.PathLike | None = None, n_
     print(f"\ntry your own prompts:\n  xlora generate {assets} \"What is 17*23?\" --chat --show-experts --base {base}"
           f"\n  xlora inspect {assets} \"Give the isoelectric point of MKTAYIAK.\" --chat --generate 24 --base {base}")
     return 0
+
+
+def _first_answers(table: EvalTable) -> tuple[list[dict[str, Any]], list[str]]:
+    """The first record of each domain that X-LoRA answered for the table, and its answer (shown with its routing:
+    one forward recomputes the scalings instead of a second generation)."""
+    records = {r["id"]: r for r in domains.generate_mixture(table.split, table.n_per_domain, domains=table.domains)}
+    first: dict[str, tuple[dict[str, Any], str]] = {}
+    for sample in table.samples:
+        rec = records[sample["id"]]
+        if sample["config"] == XLORA and rec["domain"] not in first:
+            first[rec["domain"]] = (rec, sample["answer"])
+    return [r for r, _ in first.values()], [a for _, a in first.values()]
 
 
 def _progress(t0: float) -> Any:
