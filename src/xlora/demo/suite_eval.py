@@ -48,10 +48,12 @@ def _physics_score(answer: str, kind: str, lo: float, hi: float) -> float:
 def evaluate_split(model_dir: str | os.PathLike, data_dir: str | os.PathLike, split: str,
                    out_dir: str | os.PathLike, *, generate: int = 16, max_new_tokens: int = 48,
                    base_dir: str | os.PathLike | None = None, arrow: bool = True,
-                   rows: list[str] | None = None) -> Any:
+                   rows: list[str] | None = None, loaded: tuple[Any, Any] | None = None) -> Any:
     """Evaluate the X-LoRA directory ``model_dir`` (over the demo base in ``base_dir``) on
     ``data_dir/<split>.jsonl``; ``generate`` greedy answers per domain are scored; ``rows`` limits the
-    configurations (default: all of :func:`~xlora.analysis.evaluate.evaluate`)."""
+    configurations (default: all of :func:`~xlora.analysis.evaluate.evaluate`); ``loaded``: the
+    ``(model, tokenizer)`` of ``model_dir`` already loaded (several splits, one load)."""
+    from xlora.analysis.eval_data import reference_answer
     from xlora.analysis.evaluate import EvalConfig, evaluate_files
     from xlora.demo.base_model import base_model_dir, load_base
     from xlora.demo.run import load_demo
@@ -64,7 +66,7 @@ def evaluate_split(model_dir: str | os.PathLike, data_dir: str | os.PathLike, sp
         raise FileNotFoundError(f"{path} does not exist: write the suite's files first (retrain_suite phase 'data')")
     base = Path(base_dir) if base_dir is not None else base_model_dir()
     t0 = time.perf_counter()
-    model, tokenizer = load_demo(model_dir, base)
+    model, tokenizer = loaded if loaded is not None else load_demo(model_dir, base)
     config = EvalConfig(chat=True, generate=generate, max_new_tokens=max_new_tokens)
     result = evaluate_files(model, tokenizer, [path], config, tokenize_record=tokenize_record,
                             arrow_base=(lambda: load_base(base)[0]) if arrow else None, checker=suite_checker,
@@ -74,18 +76,12 @@ def evaluate_split(model_dir: str | os.PathLike, data_dir: str | os.PathLike, sp
         result.write(out)
     except ImportError:  # no matplotlib: the tables only
         result.write(out, png=False)
-    answers = [{"id": rec.get("id"), "domain": rec.get("domain"), "reference": _reference(rec),
+    answers = [{"id": rec.get("id"), "domain": rec.get("domain"), "reference": reference_answer(rec),
                 **{row: ans[i] for row, ans in result.answers.items()}} for i, rec in enumerate(result.samples)]
     atomic_write_text(out / "answers.json", json.dumps(answers, indent=1) + "\n")
     print(result.to_markdown(), flush=True)
     print(f"{split}: {time.perf_counter() - t0:.0f} s", flush=True)
     return result
-
-
-def _reference(record: dict[str, Any]) -> str:
-    from xlora.analysis.eval_data import reference_answer
-
-    return reference_answer(record)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -108,9 +104,13 @@ def main(argv: list[str] | None = None) -> None:
     a = p.parse_args(argv if argv is not None else sys.argv[1:])
     if a.threads:
         torch.set_num_threads(a.threads)
+    from xlora.demo.base_model import base_model_dir
+    from xlora.demo.run import load_demo
+
+    loaded = load_demo(a.model_dir, base_model_dir())
     for split in a.splits:
         evaluate_split(a.model_dir, a.data_dir, split, a.out_dir, generate=a.generate,
-                       max_new_tokens=a.max_new_tokens, arrow=not a.no_arrow, rows=a.rows)
+                       max_new_tokens=a.max_new_tokens, arrow=not a.no_arrow, rows=a.rows, loaded=loaded)
 
 
 if __name__ == "__main__":
