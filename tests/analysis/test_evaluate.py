@@ -218,6 +218,23 @@ def test_answers_are_greedy_and_scored_by_the_checks(setup):
     assert seen == ["alpha", "beta", "gamma"]
 
 
+def test_experts_answering_only_their_own_domain_equal_the_all_answers_there(setup):
+    model, tok, _, _, data = setup
+    cfg = dict(generate=1, max_new_tokens=4)
+    every = evaluate_files(model, tok, [data], EvalConfig(**cfg), rows=["base", "alpha", "beta", "gamma", "oracle",
+                                                                       "xlora"], progress=False)
+    own = evaluate_files(model, tok, [data], EvalConfig(**cfg, expert_answers="own"),
+                         rows=["base", "alpha", "beta", "gamma", "oracle", "xlora"], progress=False)
+    for i, expert in enumerate(("alpha", "beta", "gamma")):  # sample i is the first record of domain i
+        assert own.answers[expert] == [every.answers[expert][i] if j == i else None for j in range(3)]
+        assert own.configs[expert]["task_score"] == {expert: every.configs[expert]["task_score"][expert]}
+    for row in ("base", "oracle", "xlora"):
+        assert own.answers[row] == every.answers[row]
+        assert own.configs[row]["task_score"] == every.configs[row]["task_score"]
+    with pytest.raises(ValueError, match=r"EvalConfig.expert_answers must be one of \('all', 'own'\), got 'mine'"):
+        EvalConfig(expert_answers="mine")
+
+
 @pytest.mark.parametrize("check, answer, score", [
     ({"exact": True}, " 5 ", 1.0), ({"exact": True}, "5.0", 0.0), ({"rel_tol": 0.01}, "about 5.04", 1.0),
     ({"rel_tol": 0.001}, "5.04", 0.0), ({"abs_tol": 0.1}, "4.95 units", 1.0), ({"abs_tol": 0.01}, "no number", 0.0),

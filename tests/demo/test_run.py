@@ -15,8 +15,8 @@ from xlora import XLoraConfig, XLoraModel
 from xlora.analysis.views import generated
 from xlora.demo import domains
 from xlora.demo.base_model import base_model_dir, find_gguf, is_model_dir, load_base
-from xlora.demo.evaluate import chat_messages, generate_answers, left_padded, loss_pass
-from xlora.demo.run import ASSETS, answer_scalings, evaluate_demo, load_demo, show_routing
+from xlora.demo.evaluate import chat_messages, evaluate, generate_answers, left_padded, loss_pass
+from xlora.demo.run import ASSETS, answer_scalings, demo_sample, evaluate_demo, load_demo, show_routing
 from xlora.train.data import IGNORE_INDEX, tokenize_record
 
 DOMS = ["mathematics", "general"]  # need neither RDKit nor Biopython
@@ -216,3 +216,37 @@ def test_head_training_writes_a_loadable_xlora_directory(demo, tmp_path):
     assert cfg["experts"] == {d: f"experts/{d}" for d in domains.DOMAINS}  # relative: the folder moves as a whole
     model, _ = load_demo(out, base_dir)
     assert set(model.xlora_config.expert_names) <= set(domains.DOMAINS) and model.num_layers == 4
+
+
+def test_other_records_with_a_checker_and_experts_answering_their_own_domain(demo):
+    """The demo's table on records it is given (the suite's, in the demo) equals the table of the same records
+    drawn itself; with ``expert_answers="own"`` each expert answers only its domain, the others all records."""
+    model, tok, *_ = demo
+    records = domains.generate_mixture("test", 2, domains=DOMS)
+    own = evaluate(model, tok, "given", 2, 1, records=records, checker=lambda r, a: 0.25, expert_answers="own",
+                   max_new_tokens=4)
+    drawn = evaluate(model, tok, "test", 2, 1, domain_names=DOMS, max_new_tokens=4)
+    assert own.loss == drawn.loss and own.routing == drawn.routing and own.domains == DOMS
+    assert own.score["mathematics"] == {"mathematics": 0.25} and own.score["general"] == {"general": 0.25}
+    assert own.score["xlora"] == {"mathematics": 0.25, "general": 0.25, "mixed": 0.25}
+    answered = {(s["config"], s["id"]) for s in own.samples}
+    first = [records[0]["id"], records[1]["id"]]  # the first record of each domain is answered
+    assert answered == {("base", i) for i in first} | {("uniform", i) for i in first} | {
+        ("xlora", i) for i in first} | {("mathematics", first[0]), ("general", first[1])}
+    mine = {(s["config"], s["id"]): s["answer"] for s in own.samples}
+    assert all(mine[key] == s["answer"] for s in drawn.samples if (key := (s["config"], s["id"])) in mine)
+
+
+def test_demo_sample_is_the_suites_unseen_split_without_the_slow_checks():
+    pytest.importorskip("rdkit")
+    pytest.importorskip("Bio")
+    from xlora.demo import suite
+
+    records, note = demo_sample(3)
+    assert [r["domain"] for r in records[:7]] == list(suite.DOMAINS) and len(records) == 21
+    for d in suite.DOMAINS:
+        want = [r["id"] for r in suite.generate(d, "test_unseen", 19) if r["meta"]["kind"] not in {
+            "mech_inverse"} | ({"qm_inverse"} if "qm_inverse" in note else set())][:3]
+        assert [r["id"] for r in records if r["domain"] == d] == want
+    assert all(r["split"] == "test_unseen" and r["meta"]["kind"] != "mech_inverse" for r in records)
+    assert "mech_inverse" in note

@@ -70,3 +70,33 @@ def test_the_routed_head_shares_the_experts_and_differs_only_in_the_head(models)
         s1, s2 = model.compute_scalings(**ids), routed.compute_scalings(**ids)
     assert s1.shape == s2.shape == (1, ids["input_ids"].shape[1], model.num_layers, 7)
     assert (s1 - s2).abs().max() > 1e-3  # two heads
+
+
+SHALLOW = ASSETS / "shallow"
+
+
+def test_the_shallow_head_runs_8_layers_and_keeps_the_full_heads_routing(models, tmp_path):
+    """``assets/shallow``: the suite head distilled into a head over the first 8 of 30 layers (issue 22), over the
+    suite's experts by relative path; on unseen wording it picks the full head's expert on most tokens."""
+    from xlora.demo.base_model import base_model_dir
+    from xlora.demo.run import load_demo
+
+    model, _, tok = models
+    cfg = json.loads((SHALLOW / "xlora_config.json").read_text())
+    assert cfg["scaling_pass_layers"] == 8 and cfg["experts"] == {d: f"../suite/experts/{d}" for d in suite.DOMAINS}
+    shallow, _ = load_demo(SHALLOW, base_model_dir())
+    for a, b in zip(model.mixture_layers(), shallow.mixture_layers()):
+        assert torch.equal(a.lora_A, b.lora_A) and torch.equal(a.lora_B, b.lora_B)
+    records = [r for d in ("mathematics", "graph") for r in suite.generate(d, "test_unseen", 2, seed=7)]
+    agree, total = 0, 0
+    for r in records:
+        ids = tok(r["prompt"] + " " + r["completion"], return_tensors="pt")
+        with torch.no_grad():
+            full, short = model.compute_scalings(**ids), shallow.compute_scalings(**ids)  # [1, t, L, E]
+            by_hand = shallow.head(shallow.scaling_pass(layers=8, **ids).to(short.dtype))
+        torch.testing.assert_close(short, by_hand, rtol=0, atol=1e-6)  # the shipped model runs 8 layers
+        agree += int((full.argmax(-1) == short.argmax(-1)).sum())
+        total += full[..., 0].numel()
+    assert agree / total >= 0.8, agree / total  # validation, all domains: 0.922 per token and module
+    report = json.loads((SHALLOW / "distill.json").read_text())
+    assert report["final"]["top1"] > 0.9 and report["final"]["kl"] < 0.1 < report["initial"]["kl"]

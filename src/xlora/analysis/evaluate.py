@@ -46,6 +46,7 @@ from xlora.generation import pad_token_id
 
 BASE, UNIFORM, ARROW, XLORA = "base", "uniform", "arrow", "xlora"
 Checker = Callable[[dict[str, Any], str], float]
+EXPERT_ANSWERS = ("all", "own")
 WINDOW = 16  # batches read ahead and sorted by length, so that a batch pads little
 
 
@@ -62,6 +63,9 @@ class EvalConfig:
         max_records: read at most this many records (None: all).
         batch_size: records per forward (left-padded).
         skip_bad: leave out bad records (and count them) instead of stopping at the first.
+        expert_answers: ``"all"``: every expert answers every sampled record; ``"own"``: each expert answers
+            only its own domain's records (``E`` times fewer expert answers; the oracle row is unchanged and the
+            expert rows get no ``mixed`` task score).
     """
 
     chat: bool | None = None
@@ -71,6 +75,7 @@ class EvalConfig:
     max_records: int | None = None
     batch_size: int = 8
     skip_bad: bool = False
+    expert_answers: str = "all"
 
     def __post_init__(self) -> None:
         for name, low in (("arrow_top_k", 1), ("generate", 0), ("max_new_tokens", 1), ("batch_size", 1)):
@@ -83,6 +88,9 @@ class EvalConfig:
         if self.chat not in (None, True, False) or self.skip_bad not in (True, False):
             raise ValueError(f"EvalConfig.chat must be True, False or None and skip_bad a boolean, "
                              f"got chat={self.chat!r}, skip_bad={self.skip_bad!r}")
+        if self.expert_answers not in EXPERT_ANSWERS:
+            raise ValueError(f"EvalConfig.expert_answers must be one of {EXPERT_ANSWERS}, got {self.expert_answers!r}: "
+                             "'own' has each expert answer only its own domain's records")
 
 
 def context_length(model: Any) -> int:
@@ -303,23 +311,28 @@ def _task_scores(model: Any, tokenizer: Any, samples: list[EvalRecord], result: 
     runners = {r: (model, s) for r, s in fixed.items()}
     if arrow is not None:
         runners[ARROW] = (arrow, None)
-    groups: dict[int, list[int]] = {}
-    for i, rec in enumerate(samples):
-        groups.setdefault(budget(rec), []).append(i)
+    names = set(model.xlora_config.expert_names)
     for row, (runner, spec) in runners.items():
-        answers = [""] * len(samples)
+        own = config.expert_answers == "own" and row in names
+        answers: list[str | None] = [None] * len(samples)
+        groups: dict[int, list[int]] = {}
+        for i, rec in enumerate(samples):
+            if not own or rec.domain == row:
+                groups.setdefault(budget(rec), []).append(i)
         for n_new, idx in groups.items():
             texts = greedy_answers(runner, tokenizer, [samples[i].prompt_ids for i in idx], n_new,
                                    config.batch_size, spec)
             for i, text in zip(idx, texts):
                 answers[i] = text
         result.answers[row] = answers
-    names = set(model.xlora_config.expert_names)
     if ORACLE in result.configs:
         result.answers[ORACLE] = [result.answers[s.domain][i] if s.domain in names and s.domain in result.answers
                                   else None for i, s in enumerate(samples)]
     result.samples = [s.raw for s in samples]
     result.set_task_scores(samples, checker)
+    for row in names if config.expert_answers == "own" else ():  # one domain answered: no mixed score
+        if result.configs.get(row, {}).get("task_score"):
+            result.configs[row]["task_score"].pop("mixed", None)
 
 
 def run_eval(model_dir: str | Path, data: list[str | Path], *, tokenize_record: TokenizeRecord,

