@@ -154,6 +154,17 @@ def test_fixed_scalings_forms(llama):
         model(x, scalings=torch.ones(5))
     with pytest.raises(ValueError, match="batch 2 x length 7"):
         model(x, scalings=torch.ones(1, 3, L, E))
+    # [b, 1, L, E]: each sequence its own mixture at every position, here base model and expert beta
+    per_seq = torch.stack([model.resolve_scalings("zero"), model.resolve_scalings("beta")]).unsqueeze(1)
+    both = model(x, scalings=per_seq).logits
+    torch.testing.assert_close(both[0], model(x[:1], scalings="zero").logits[0], rtol=0, atol=1e-6)
+    torch.testing.assert_close(both[1], model(x[1:], scalings="beta").logits[0], rtol=0, atol=1e-6)
+    with model.fixed_scalings(per_seq):  # generation: the prompt, then one position per step
+        out = model.generate(x, max_new_tokens=3, min_new_tokens=3, do_sample=False, pad_token_id=0)
+    for i, spec in enumerate(("zero", "beta")):
+        with model.fixed_scalings(spec):
+            assert torch.equal(out[i], model.generate(x[i:i + 1], max_new_tokens=3, min_new_tokens=3, do_sample=False,
+                                                      pad_token_id=0)[0])
 
 
 def test_save_load_gives_identical_logits(llama, tmp_path):

@@ -146,7 +146,7 @@ class XLoraModel(LifecycleMixin, XLoraGenerationMixin, PreTrainedModel):
 
         ``spec`` is ``None`` (use the head), ``"uniform"`` (``1/E`` each), ``"zero"`` (the base model),
         an expert name or index (that expert alone at 1), or a tensor of shape ``[E]``, ``[L, E]`` or
-        ``[b, t, L, E]``.
+        ``[b, t, L, E]`` (``[b, 1, L, E]``: each sequence's mixture at every position, also while generating).
         """
         L, E = self.num_layers, self.num_experts
         if spec is None:
@@ -190,12 +190,13 @@ class XLoraModel(LifecycleMixin, XLoraGenerationMixin, PreTrainedModel):
             self._fixed_scalings = saved
 
     def _expand_fixed(self, fixed: torch.Tensor, b: int, t: int) -> torch.Tensor:
-        if fixed.dim() == 4:
-            if fixed.shape[0] != b or fixed.shape[1] != t:
+        if fixed.dim() == 4:  # [b, t, L, E], or [b, 1, L, E]: one mixture per sequence at every position
+            if fixed.shape[0] != b or fixed.shape[1] not in (1, t):
                 raise ValueError(
-                    f"fixed scalings of shape {tuple(fixed.shape)} do not match the input's batch {b} x length {t}"
+                    f"fixed scalings of shape {tuple(fixed.shape)} do not match the input's batch {b} x length {t} "
+                    f"(give [{b}, {t}, L, E], or [{b}, 1, L, E] for one mixture per sequence)"
                 )
-            return fixed
+            return fixed.expand(b, t, -1, -1)
         return fixed.expand(b, t, *fixed.shape)
 
     def scaling_pass(self, layers: int | None = None, **inputs: Any) -> torch.Tensor:

@@ -286,15 +286,17 @@ def build_arrow(model: Any, arrow_base: Callable[[], Any] | None, top_k: int) ->
 def greedy_answers(model: Any, tokenizer: Any, prompts: list[list[int]], max_new_tokens: int, batch_size: int,
                    scalings: Any = None) -> list[str]:
     """Greedy answers to token-id prompts, left-padded in batches; an X-LoRA model uses ``scalings``
-    (see :meth:`~xlora.model.XLoraModel.resolve_scalings`), any other model (Arrow) runs as it is."""
+    (see :meth:`~xlora.model.XLoraModel.resolve_scalings`; a tensor ``[len(prompts), 1, L, E]`` gives each
+    prompt its own scalings), any other model (Arrow) runs as it is."""
     pad = pad_token_id(tokenizer)
+    per_prompt = isinstance(scalings, torch.Tensor) and scalings.dim() == 4
     texts = []
     for i in range(0, len(prompts), batch_size):
         batch = left_padded([Example(p, p) for p in prompts[i:i + batch_size]], pad)
         kw = dict(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], max_new_tokens=max_new_tokens,
                   do_sample=False, pad_token_id=pad, eos_token_id=tokenizer.eos_token_id)
         if hasattr(model, "fixed_scalings"):
-            with model.fixed_scalings(scalings):
+            with model.fixed_scalings(scalings[i:i + batch_size] if per_prompt else scalings):
                 out = model.generate(**kw)
         else:
             out = model.generate(**kw)
@@ -307,24 +309,31 @@ def greedy_answers(model: Any, tokenizer: Any, prompts: list[list[int]], max_new
 
 def _task_scores(model: Any, tokenizer: Any, samples: list[EvalRecord], result: EvalResult, fixed: dict[str, Any],
                  arrow: Any, checker: Checker, budget: Callable[[EvalRecord], int], config: EvalConfig) -> None:
-    """Fill ``result``'s task scores and answers: each row answers ``samples``; oracle takes the own expert's."""
-    runners = {r: (model, s) for r, s in fixed.items()}
-    if arrow is not None:
-        runners[ARROW] = (arrow, None)
+    """Fill ``result``'s task scores and answers: each row answers ``samples``; oracle takes the own expert's.
+
+    The rows whose scalings are fixed by hand (base, the experts, uniform) answer in shared batches, each
+    sequence with its own row's scalings (``[n, 1, L, E]``), so that a few answers per row do not each cost a
+    whole generation; X-LoRA and Arrow answer on their own.
+    """
     names = set(model.xlora_config.expert_names)
-    for row, (runner, spec) in runners.items():
+    rows = [*fixed, *([ARROW] if arrow is not None else [])]
+    jobs: dict[tuple[str, int], list[tuple[str, int]]] = {}  # (runner, answer budget) -> [(row, sample index)]
+    for row in rows:
         own = config.expert_answers == "own" and row in names
-        answers: list[str | None] = [None] * len(samples)
-        groups: dict[int, list[int]] = {}
+        runner = "fixed" if fixed.get(row) is not None else row
         for i, rec in enumerate(samples):
             if not own or rec.domain == row:
-                groups.setdefault(budget(rec), []).append(i)
-        for n_new, idx in groups.items():
-            texts = greedy_answers(runner, tokenizer, [samples[i].prompt_ids for i in idx], n_new,
-                                   config.batch_size, spec)
-            for i, text in zip(idx, texts):
-                answers[i] = text
-        result.answers[row] = answers
+                jobs.setdefault((runner, budget(rec)), []).append((row, i))
+    answers: dict[str, list[str | None]] = {row: [None] * len(samples) for row in rows}
+    for (runner, n_new), pairs in jobs.items():
+        spec = None
+        if runner == "fixed":
+            spec = torch.stack([model.resolve_scalings(fixed[row]) for row, _ in pairs]).unsqueeze(1)  # [n, 1, L, E]
+        texts = greedy_answers(arrow if runner == ARROW else model, tokenizer, [samples[i].prompt_ids for _, i in pairs],
+                               n_new, config.batch_size, spec)
+        for (row, i), text in zip(pairs, texts):
+            answers[row][i] = text
+    result.answers.update(answers)
     if ORACLE in result.configs:
         result.answers[ORACLE] = [result.answers[s.domain][i] if s.domain in names and s.domain in result.answers
                                   else None for i, s in enumerate(samples)]
