@@ -88,7 +88,7 @@ def quality(name: str, model_dir: Path, data: Path, work: Path, splits: list[str
 
     result = {}
     for split in splits:
-        out = work / "eval" / name
+        out = work / ("eval" if not max_records else f"eval-first{max_records}") / name
         path = out / split / "eval.json"
         if not path.is_file():
             src = data

@@ -154,8 +154,8 @@ def test_fixed_scalings_forms(llama):
         model(x, scalings=torch.ones(5))
     with pytest.raises(ValueError, match="batch 2 x length 7"):
         model(x, scalings=torch.ones(1, 3, L, E))
-    # [b, 1, L, E]: each sequence its own mixture at every position, here base model and expert beta
-    per_seq = torch.stack([model.resolve_scalings("zero"), model.resolve_scalings("beta")]).unsqueeze(1)
+    # [b, L, E]: each sequence its own mixture at every position, here base model and expert beta
+    per_seq = torch.stack([model.resolve_scalings("zero"), model.resolve_scalings("beta")])
     both = model(x, scalings=per_seq).logits
     torch.testing.assert_close(both[0], model(x[:1], scalings="zero").logits[0], rtol=0, atol=1e-6)
     torch.testing.assert_close(both[1], model(x[1:], scalings="beta").logits[0], rtol=0, atol=1e-6)
@@ -165,6 +165,11 @@ def test_fixed_scalings_forms(llama):
         with model.fixed_scalings(spec):
             assert torch.equal(out[i], model.generate(x[i:i + 1], max_new_tokens=3, min_new_tokens=3, do_sample=False,
                                                       pad_token_id=0)[0])
+    with pytest.raises(ValueError, match=rf"per-sequence fixed scalings of shape \(2, {L}, {E}\) do not match the "
+                                         r"input's batch 4; .*repeat_interleave"), model.fixed_scalings(per_seq):
+        model.generate(x, max_new_tokens=2, do_sample=False, pad_token_id=0, num_beams=2, num_return_sequences=2)
+    with pytest.raises(ValueError, match=r"batch 2 x length 7"):  # a one-position tensor is not broadcast
+        model(x, scalings=per_seq.unsqueeze(1))
 
 
 def test_save_load_gives_identical_logits(llama, tmp_path):

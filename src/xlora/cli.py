@@ -164,16 +164,19 @@ def _add_demo_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seq-len", type=int, default=8, help="number of tokens in the example sequence")
     p.set_defaults(func=commands.example)
 
-    p = sub.add_parser("demo", help="the embedded demo: SmolLM2-135M with protein/chemistry/maths/general/graph experts")
+    p = sub.add_parser("demo", help="the embedded demo: SmolLM2-135M with seven science experts (protein, mechanics, "
+                                    "chemistry, quantum, mathematics, general, graph) on prompts worded as none it trained on")
     p.add_argument("--retrain", action="store_true",
-                   help="retrain the five experts and the head from scratch first (1-2 hours on 2 CPU cores)")
+                   help="retrain the seven experts and the head from the shipped science rows first (several hours on "
+                        "2 CPU cores; rerun to continue)")
     p.add_argument("--out", default=None, help="folder for the table and heatmaps (default: $XLORA_CACHE/demo)")
     p.add_argument("-n", type=_positive, default=5, help="test_unseen records per domain for the losses (default: 5)")
     p.add_argument("--n-generate", type=_positive, default=2, help="records per domain answered and scored (default: 2)")
     p.set_defaults(func=commands.demo)
 
     p = sub.add_parser("eval", help="does the mixture help on my data? X-LoRA against the base, every expert, the "
-                                    "uniform mix, PEFT's Arrow and the oracle (no MODEL_DIR: the embedded demo)")
+                                    "uniform mix, PEFT's Arrow and the oracle (no MODEL_DIR: the earlier five-domain "
+                                    "demo assets)")
     p.add_argument("model_dir", nargs="?", default=None, help="an X-LoRA directory in any format xlora reads")
     p.add_argument("--out", default="xlora-eval", help="folder for eval.md, eval.json, eval.png (default: xlora-eval)")
     _add_eval_data_flags(p)

@@ -145,8 +145,9 @@ class XLoraModel(LifecycleMixin, XLoraGenerationMixin, PreTrainedModel):
         """Turn a hand-fixed scalings spec into a tensor that broadcasts to ``[b, t, L, E]``.
 
         ``spec`` is ``None`` (use the head), ``"uniform"`` (``1/E`` each), ``"zero"`` (the base model),
-        an expert name or index (that expert alone at 1), or a tensor of shape ``[E]``, ``[L, E]`` or
-        ``[b, t, L, E]`` (``[b, 1, L, E]``: each sequence's mixture at every position, also while generating).
+        an expert name or index (that expert alone at 1), or a tensor of shape ``[E]``, ``[L, E]``,
+        ``[b, L, E]`` (each sequence its own mixture at every position, also while generating) or
+        ``[b, t, L, E]``.
         """
         L, E = self.num_layers, self.num_experts
         if spec is None:
@@ -167,10 +168,10 @@ class XLoraModel(LifecycleMixin, XLoraGenerationMixin, PreTrainedModel):
             s[:, idx] = 1.0
             return s
         if isinstance(spec, torch.Tensor):
-            if spec.shape[-1] != E or spec.dim() not in (1, 2, 4) or (spec.dim() >= 2 and spec.shape[-2] != L):
+            if spec.shape[-1] != E or spec.dim() not in (1, 2, 3, 4) or (spec.dim() >= 2 and spec.shape[-2] != L):
                 raise ValueError(
-                    f"scalings tensor has shape {tuple(spec.shape)}; expected [E]=[{E}], [L, E]=[{L}, {E}] "
-                    f"or [batch, seq, {L}, {E}]"
+                    f"scalings tensor has shape {tuple(spec.shape)}; expected [E]=[{E}], [L, E]=[{L}, {E}], "
+                    f"[batch, {L}, {E}] or [batch, seq, {L}, {E}]"
                 )
             if spec.dim() == 1:
                 spec = spec.expand(L, E)
@@ -190,13 +191,20 @@ class XLoraModel(LifecycleMixin, XLoraGenerationMixin, PreTrainedModel):
             self._fixed_scalings = saved
 
     def _expand_fixed(self, fixed: torch.Tensor, b: int, t: int) -> torch.Tensor:
-        if fixed.dim() == 4:  # [b, t, L, E], or [b, 1, L, E]: one mixture per sequence at every position
-            if fixed.shape[0] != b or fixed.shape[1] not in (1, t):
+        if fixed.dim() == 4:
+            if fixed.shape[0] != b or fixed.shape[1] != t:
                 raise ValueError(
-                    f"fixed scalings of shape {tuple(fixed.shape)} do not match the input's batch {b} x length {t} "
-                    f"(give [{b}, {t}, L, E], or [{b}, 1, L, E] for one mixture per sequence)"
+                    f"fixed scalings of shape {tuple(fixed.shape)} do not match the input's batch {b} x length {t}"
                 )
-            return fixed.expand(b, t, -1, -1)
+            return fixed
+        if fixed.dim() == 3:  # [b, L, E]: one mixture per sequence, at every position
+            if fixed.shape[0] != b:
+                raise ValueError(
+                    f"per-sequence fixed scalings of shape {tuple(fixed.shape)} do not match the input's batch {b}; "
+                    "with num_beams or num_return_sequences k > 1 give one row per generated sequence "
+                    "(scalings.repeat_interleave(k, 0))"
+                )
+            return fixed.unsqueeze(1).expand(b, t, -1, -1)
         return fixed.expand(b, t, *fixed.shape)
 
     def scaling_pass(self, layers: int | None = None, **inputs: Any) -> torch.Tensor:

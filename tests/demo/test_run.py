@@ -245,8 +245,11 @@ def test_demo_sample_is_the_suites_unseen_split_without_the_slow_checks():
     records, note = demo_sample(3)
     assert [r["domain"] for r in records[:7]] == list(suite.DOMAINS) and len(records) == 21
     for d in suite.DOMAINS:
-        want = [r["id"] for r in suite.generate(d, "test_unseen", 19) if r["meta"]["kind"] not in {
+        want = [r["id"] for r in suite.generate(d, "test_unseen", 14) if r["meta"]["kind"] not in {
             "mech_inverse"} | ({"qm_inverse"} if "qm_inverse" in note else set())][:3]
         assert [r["id"] for r in records if r["domain"] == d] == want
     assert all(r["split"] == "test_unseen" and r["meta"]["kind"] != "mech_inverse" for r in records)
     assert "mech_inverse" in note
+    with pytest.raises(ValueError, match=r"n_per_domain=47: the suite's test_unseen split has only \d+ mechanics "
+                                         r"records the demo can check quickly; use -n \d+ or fewer"):
+        demo_sample(47)

@@ -105,7 +105,8 @@ class EvalResult:
     """What :func:`xlora.analysis.evaluate.evaluate` found; :meth:`to_json` is the ``xlora-eval/1`` schema.
 
     ``configs[row]``: ``loss`` (nats per scored token, per domain and ``mixed``), ``tokens`` (scored tokens
-    per domain), ``task_score`` (None, or the mean check score per domain and ``mixed``) and, when some
+    per domain), ``task_score`` (None, or the mean check score per domain and ``mixed``; an expert that answered
+    only its own domain, ``EvalConfig.expert_answers == "own"``, has no ``mixed``) and, when some
     answered records have numeric checks, ``numeric`` (R² and MAE per task, :mod:`xlora.analysis.eval_numeric`). Not in the
     JSON: ``answers`` (each row's generated answers, in the order of ``samples``, the raw records answered).
     """

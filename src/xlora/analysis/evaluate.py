@@ -286,10 +286,13 @@ def build_arrow(model: Any, arrow_base: Callable[[], Any] | None, top_k: int) ->
 def greedy_answers(model: Any, tokenizer: Any, prompts: list[list[int]], max_new_tokens: int, batch_size: int,
                    scalings: Any = None) -> list[str]:
     """Greedy answers to token-id prompts, left-padded in batches; an X-LoRA model uses ``scalings``
-    (see :meth:`~xlora.model.XLoraModel.resolve_scalings`; a tensor ``[len(prompts), 1, L, E]`` gives each
+    (see :meth:`~xlora.model.XLoraModel.resolve_scalings`; a tensor ``[len(prompts), L, E]`` gives each
     prompt its own scalings), any other model (Arrow) runs as it is."""
     pad = pad_token_id(tokenizer)
-    per_prompt = isinstance(scalings, torch.Tensor) and scalings.dim() == 4
+    per_prompt = isinstance(scalings, torch.Tensor) and scalings.dim() == 3
+    if per_prompt and scalings.shape[0] != len(prompts):
+        raise ValueError(f"per-prompt scalings of shape {tuple(scalings.shape)} for {len(prompts)} prompts: "
+                         "give one [L, E] row per prompt")
     texts = []
     for i in range(0, len(prompts), batch_size):
         batch = left_padded([Example(p, p) for p in prompts[i:i + batch_size]], pad)
@@ -309,10 +312,11 @@ def greedy_answers(model: Any, tokenizer: Any, prompts: list[list[int]], max_new
 
 def _task_scores(model: Any, tokenizer: Any, samples: list[EvalRecord], result: EvalResult, fixed: dict[str, Any],
                  arrow: Any, checker: Checker, budget: Callable[[EvalRecord], int], config: EvalConfig) -> None:
-    """Fill ``result``'s task scores and answers: each row answers ``samples``; oracle takes the own expert's.
+    """Fill ``result``'s task scores and answers: each row answers ``samples`` (an expert only its own domain's
+    with ``config.expert_answers == "own"``); oracle takes the own expert's.
 
     The rows whose scalings are fixed by hand (base, the experts, uniform) answer in shared batches, each
-    sequence with its own row's scalings (``[n, 1, L, E]``), so that a few answers per row do not each cost a
+    sequence with its own row's scalings (``[n, L, E]``), so that a few answers per row do not each cost a
     whole generation; X-LoRA and Arrow answer on their own.
     """
     names = set(model.xlora_config.expert_names)
@@ -328,7 +332,7 @@ def _task_scores(model: Any, tokenizer: Any, samples: list[EvalRecord], result: 
     for (runner, n_new), pairs in jobs.items():
         spec = None
         if runner == "fixed":
-            spec = torch.stack([model.resolve_scalings(fixed[row]) for row, _ in pairs]).unsqueeze(1)  # [n, 1, L, E]
+            spec = torch.stack([model.resolve_scalings(fixed[row]) for row, _ in pairs])  # [n, L, E]
         texts = greedy_answers(arrow if runner == ARROW else model, tokenizer, [samples[i].prompt_ids for _, i in pairs],
                                n_new, config.batch_size, spec)
         for (row, i), text in zip(pairs, texts):

@@ -2,8 +2,9 @@
 
 The numbers come from the library's evaluation engine (:mod:`xlora.analysis.evaluate`); the demo adds
 only its data (records of :mod:`xlora.demo.domains` as chat turns: a short system prompt, the user's
-prompt, the assistant's completion, exactly as the training data is), its answer checker
-(:func:`xlora.demo.domains.check`) and its answer budgets (graph triples get more tokens). Every
+prompt, the assistant's completion, exactly as the training data is; or records given in that shape, such as
+the science suite's), its answer checker (:func:`xlora.demo.domains.check` unless another is given) and its
+answer budgets (graph triples and long reference answers get more tokens). Every
 configuration is the same :class:`~xlora.model.XLoraModel` with other scalings: ``"zero"`` is the base
 model, an expert's name is that expert alone, ``"uniform"`` is ``1/E`` each, and ``None`` is X-LoRA;
 the engine adds ``oracle`` and PEFT's ``arrow`` when asked. The loss is the mean cross-entropy over the

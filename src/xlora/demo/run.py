@@ -227,7 +227,14 @@ def demo_sample(n_per_domain: int, split: str = DEMO_SPLIT) -> tuple[list[dict[s
     skip = {"mech_inverse"} | (set() if importlib.util.find_spec("tblite") else {"qm_inverse"})
     per_domain = []
     for d in suite.DOMAINS:
-        records = [r for r in suite.generate(d, split, n_per_domain + 16) if r["meta"].get("kind") not in skip]
+        available = suite.SIZES[split]
+        drawn = suite.generate(d, split, min(available, 2 * n_per_domain + 8))
+        records = [r for r in drawn if r["meta"].get("kind") not in skip]
+        if len(records) < n_per_domain and len(drawn) < available:
+            records = [r for r in suite.generate(d, split, available) if r["meta"].get("kind") not in skip]
+        if len(records) < n_per_domain:
+            raise ValueError(f"n_per_domain={n_per_domain}: the suite's {split} split has only {len(records)} {d} "
+                             f"records the demo can check quickly; use -n {len(records)} or fewer")
         per_domain.append(records[:n_per_domain])
     note = f"left out: the {' and '.join(sorted(skip))} records (their physics check is too slow or not installed)"
     return [r for group in zip(*per_domain) for r in group], note
@@ -238,7 +245,8 @@ def run_demo(retrain: bool = False, out_dir: str | os.PathLike | None = None, n_
     """The ``xlora demo`` command: evaluation table on a small sample, coloured answers, heatmaps, and the two
     science questions (a molecule's gap checked by GFN2-xTB run now, a peptide's peak force by recorded pulls).
 
-    Returns the exit status (0 ok, 1 when the model package or the assets are missing).
+    Returns the exit status (0 ok, 1 when the model package or the assets are missing, or ``n_per_domain``
+    exceeds what the split holds).
     """
     from xlora.analysis.eval_report import ORACLE
     from xlora.demo.evaluate import BASE, UNIFORM
@@ -249,13 +257,13 @@ def run_demo(retrain: bool = False, out_dir: str | os.PathLike | None = None, n_
     try:
         base = base_model_dir()
         assets = _retrain_assets() if retrain else SUITE_ASSETS
+        records, note = demo_sample(n_per_domain)
         model, tokenizer = load_demo(assets, base)
-    except (FileNotFoundError, ImportError) as err:
+    except (FileNotFoundError, ImportError, ValueError) as err:
         print(f"xlora demo: {err}")
         return 1
     print(f"X-LoRA over {base.name}: {model.num_experts} experts {model.xlora_config.expert_names}, "
           f"{model.num_layers} adapted modules (loaded in {time.perf_counter() - t0:.0f} s)")
-    records, note = demo_sample(n_per_domain)
     rows = [BASE, *model.xlora_config.expert_names, UNIFORM, ORACLE, XLORA]
     table = evaluate(model, tokenizer, DEMO_SPLIT, n_per_domain, n_generate, configs=rows,
                      max_new_tokens=ANSWER_TOKENS, progress=_progress(t0), records=records, checker=suite_checker,
