@@ -142,6 +142,8 @@ def main() -> int:
                          "domain's expert training records and the composite ones, more varied than head_train.jsonl")
     ap.add_argument("--lm-steps", type=int, default=100, help="the shipped head's: 100")
     ap.add_argument("--no-lm", action="store_true", help="distilled heads only")
+    ap.add_argument("--lm-ks", type=int, nargs="+", default=None, help="the k that also get an LM-trained head "
+                    "(default: every k)")
     ap.add_argument("--splits", nargs="+", default=["validation", "test_unseen"])
     ap.add_argument("--max-records", type=int, default=None, help="only the first N records of each split")
     ap.add_argument("--new", type=int, default=32)
@@ -156,7 +158,7 @@ def main() -> int:
     runs = {f"full k={N_LAYERS}": teacher_dir()}
     for k in args.ks:
         runs[f"distilled k={k}"] = distilled(k, data, work, args.distill_steps, args.distill_data)
-        if not args.no_lm:
+        if not args.no_lm and k in (args.lm_ks or args.ks):
             runs[f"lm k={k}"] = lm_trained(k, data, work, args.lm_steps)
     rows = {n: quality(n.replace(" ", "_").replace("=", ""), r, data, work, args.splits, args.max_records)
             for n, r in runs.items()}

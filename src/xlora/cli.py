@@ -170,7 +170,7 @@ def _add_demo_parsers(sub: argparse._SubParsersAction) -> None:
                    help="retrain the seven experts and the head from the shipped science rows first (several hours on "
                         "2 CPU cores; rerun to continue)")
     p.add_argument("--out", default=None, help="folder for the table and heatmaps (default: $XLORA_CACHE/demo)")
-    p.add_argument("-n", type=_positive, default=5, help="test_unseen records per domain for the losses (default: 5)")
+    p.add_argument("-n", type=_positive, default=4, help="test_unseen records per domain for the losses (default: 4)")
     p.add_argument("--n-generate", type=_positive, default=2, help="records per domain answered and scored (default: 2)")
     p.set_defaults(func=commands.demo)
 
