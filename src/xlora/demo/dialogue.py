@@ -226,7 +226,7 @@ def run_dialogue(topic: str, out_dir: str | os.PathLike, turns: int = 6, agent_a
                  max_new_tokens: int = 64, max_context: int = 512,
                  repetition_penalty: float = REPETITION_PENALTY) -> int:
     """The ``xlora dialogue`` command over the demo model (or X-LoRA directories ``assets`` / ``assets_b``)."""
-    from xlora.demo.run import load_demo
+    from xlora.demo.base_model import load_demo
 
     model, tokenizer = load_demo(assets, base_dir)
     model_b = load_demo(assets_b, base_dir)[0] if assets_b is not None else None

@@ -250,7 +250,7 @@ def run_graph(text_file: str | os.PathLike, out_dir: str | os.PathLike, assets: 
               base_dir: str | os.PathLike | None = None, chunk_chars: int = 600,
               max_new_tokens: int = MAX_NEW_TOKENS) -> int:
     """The ``xlora graph`` command over the demo model (or the X-LoRA directory ``assets``)."""
-    from xlora.demo.run import load_demo
+    from xlora.demo.base_model import load_demo
 
     path = Path(text_file)
     if not path.is_file():

@@ -22,33 +22,18 @@ import torch
 
 from xlora.analysis.evaluate import context_length
 from xlora.demo import domains
-from xlora.demo.base_model import base_model_dir, cache_root, load_base
+from xlora.demo.base_model import ASSETS, base_model_dir, cache_root, load_demo
 from xlora.demo.evaluate import XLORA, EvalTable, demo_records, evaluate, generate_answers, left_padded
 from xlora.files import atomic_write_text
 from xlora.generation import pad_token_id
-from xlora.saving import CONFIG_FILE
 from xlora.train.data import TokenizedExample
 
-ASSETS = Path(__file__).parent / "assets"
 SUITE_ASSETS = ASSETS / "suite"  # the demo's model: seven science experts and the head (retrain_suite)
 DEMO_SPLIT = "test_unseen"
 # the demo's answer budget: the longest reference answer of the non-graph test items is 21 tokens, plus the end of
 # turn (graph triples get GRAPH_NEW_TOKENS); an answer that fits scores as with any larger budget
 ANSWER_TOKENS = 24
 __all__ = ["evaluate_demo", "run_demo", "run_eval", "load_demo", "demo_sample", "ASSETS", "SUITE_ASSETS"]
-
-
-def load_demo(assets: str | os.PathLike | None = None, base_dir: str | os.PathLike | None = None) -> tuple[Any, Any]:
-    """``(XLoraModel, tokenizer)``: the X-LoRA directory ``assets`` (default: the shipped demo assets)
-    over the base model in ``base_dir`` (default: the converted SmolLM2 cache)."""
-    from xlora.model import XLoraModel
-
-    assets = Path(assets) if assets is not None else ASSETS
-    if not (assets / CONFIG_FILE).is_file():
-        raise FileNotFoundError(f"no X-LoRA demo assets in {assets} (xlora_config.json missing); "
-                                "retrain them with `xlora demo --retrain`")
-    base, tokenizer = load_base(base_dir)
-    return XLoraModel.from_pretrained(assets, base_model=base).eval(), tokenizer
 
 
 def evaluate_demo(model_dir_or_model: str | os.PathLike | Any, split: str = "test", n_per_domain: int = 32,

@@ -55,8 +55,7 @@ def evaluate_split(model_dir: str | os.PathLike, data_dir: str | os.PathLike, sp
     ``(model, tokenizer)`` of ``model_dir`` already loaded (several splits, one load)."""
     from xlora.analysis.eval_data import reference_answer
     from xlora.analysis.evaluate import EvalConfig, evaluate_files
-    from xlora.demo.base_model import base_model_dir, load_base
-    from xlora.demo.run import load_demo
+    from xlora.demo.base_model import base_model_dir, load_base, load_demo
     from xlora.train.data import tokenize_record
 
     if split not in SPLITS:
@@ -104,8 +103,7 @@ def main(argv: list[str] | None = None) -> None:
     a = p.parse_args(argv if argv is not None else sys.argv[1:])
     if a.threads:
         torch.set_num_threads(a.threads)
-    from xlora.demo.base_model import base_model_dir
-    from xlora.demo.run import load_demo
+    from xlora.demo.base_model import base_model_dir, load_demo
 
     loaded = load_demo(a.model_dir, base_model_dir())
     for split in a.splits:
