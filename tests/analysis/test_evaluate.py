@@ -12,8 +12,9 @@ from peft import ArrowConfig, PeftModel, create_arrow_model
 from transformers import AutoModelForCausalLM
 
 from xlora import XLoraConfig, XLoraModel
+from xlora.analysis.eval_answers import greedy_answers
 from xlora.analysis.eval_data import BadRecord, iter_eval_records
-from xlora.analysis.evaluate import EvalConfig, check_answer, greedy_answers
+from xlora.analysis.evaluate import EvalConfig, check_answer
 from xlora.analysis.evaluate import evaluate_files as engine_files
 from xlora.analysis.stats import token_entropy
 from xlora.train.data import tokenize_record
