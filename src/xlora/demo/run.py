@@ -20,10 +20,11 @@ from typing import Any
 
 import torch
 
+from xlora.analysis.eval_report import ORACLE
 from xlora.analysis.evaluate import context_length
 from xlora.demo import domains
 from xlora.demo.base_model import ASSETS, base_model_dir, cache_root, load_demo
-from xlora.demo.evaluate import XLORA, EvalTable, demo_records, evaluate, generate_answers, left_padded
+from xlora.demo.evaluate import BASE, UNIFORM, XLORA, EvalTable, demo_records, evaluate, generate_answers, left_padded
 from xlora.files import atomic_write_text
 from xlora.generation import pad_token_id
 from xlora.train.data import TokenizedExample
@@ -233,8 +234,6 @@ def run_demo(retrain: bool = False, out_dir: str | os.PathLike | None = None, n_
     Returns the exit status (0 ok, 1 when the model package or the assets are missing, or ``n_per_domain``
     exceeds what the split holds).
     """
-    from xlora.analysis.eval_report import ORACLE
-    from xlora.demo.evaluate import BASE, UNIFORM
     from xlora.demo.suite_eval import suite_checker
 
     out = Path(out_dir) if out_dir is not None else cache_root() / "demo"
