@@ -15,7 +15,8 @@ from safetensors.torch import load_file
 
 from xlora import XLoraModel
 from xlora.train.config import TrainConfig
-from xlora.train.data import TokenizedExample, build_dataset, collate
+from xlora.train.data import IGNORE_INDEX, TokenizedExample, build_dataset, collate
+from xlora.train.losses import with_routing_mask
 from xlora.train.routing import check_routing_targets, record_target, routing_cross_entropy, routing_targets
 from xlora.train.trainer import TrainingError, train
 
@@ -45,6 +46,34 @@ def test_cross_entropy_equals_a_hand_computation_with_padding_and_a_two_expert_t
     assert torch.equal(routing_cross_entropy(s2, mask, target), routing_cross_entropy(s, mask, target))
     # a batch without any target: 0, not a division by zero
     assert float(routing_cross_entropy(s, mask, torch.zeros(3, 3))) == 0.0
+
+
+def test_scored_routing_averages_only_the_positions_that_predict_completion_tokens():
+    g = torch.Generator().manual_seed(1)
+    s = torch.softmax(torch.randn(3, 5, 2, 3, generator=g), dim=-1)  # [b=3, t=5, L=2, E=3]
+    x = IGNORE_INDEX
+    batch = {"attention_mask": torch.tensor([[1, 1, 1, 1, 0], [1, 1, 1, 1, 1], [1, 1, 1, 0, 0]]),
+             "labels": torch.tensor([[x, x, 7, 8, x], [x, x, x, x, 9], [x, x, x, x, x]]),
+             "routing_target": torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]])}
+    scored = with_routing_mask(batch, "scored")
+    # position t predicts token t + 1: row 0 routes on positions 1, 2; row 1 on 3; row 2 has no scored token
+    assert scored["routing_mask"].tolist() == [[0, 1, 1, 0, 0], [0, 0, 0, 1, 0], [0, 0, 0, 0, 0]]
+    assert scored["routing_target"].tolist() == [[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 0.0]]
+    expected = -(math.log(float(s[0, 1:3, :, 0].mean())) + math.log(float(s[1, 3, :, 1].mean())))
+    got = routing_cross_entropy(s, scored["routing_mask"], scored["routing_target"], reduction="sum")
+    assert float(got) == pytest.approx(expected, abs=1e-6)
+    # the prompt's scalings do not enter the scored term
+    s2 = s.clone()
+    s2[:, 0] = torch.tensor([0.0, 0.0, 1.0])
+    assert torch.equal(routing_cross_entropy(s2, scored["routing_mask"], scored["routing_target"]),
+                       routing_cross_entropy(s, scored["routing_mask"], scored["routing_target"]))
+    everything = with_routing_mask(batch, "all")
+    assert torch.equal(everything["routing_mask"], batch["attention_mask"])
+    assert torch.equal(everything["routing_target"], batch["routing_target"])
+    no_target = {k: v for k, v in batch.items() if k != "routing_target"}
+    assert with_routing_mask(no_target, "scored") is no_target
+    with pytest.raises(ValueError, match=r"routing_tokens must be one of \('all', 'scored'\), got 'answer'"):
+        with_routing_mask(batch, "answer")
 
 
 def test_targets_from_records():
@@ -100,6 +129,8 @@ def test_bad_routing_options_name_the_field(tmp_path):
         TrainConfig.from_dict({**base, "routing_weight": 1, "packing": True})
     with pytest.raises(ValueError, match=r"routing_weight=1.0 needs enable_softmax=True"):
         TrainConfig.from_dict({**base, "routing_weight": 1, "enable_softmax": False})
+    with pytest.raises(ValueError, match=r"routing_tokens must be one of \('all', 'scored'\), got 'prompt': 'scored'"):
+        TrainConfig.from_dict({**base, "routing_tokens": "prompt"})
     assert TrainConfig.from_dict({**base, "packing": True}).routing_weight == 0.0
 
 

@@ -14,6 +14,7 @@ from xlora.config import XLoraConfig, check_bool, check_float, check_int
 
 _MIXED_PRECISION = ("no", "fp16", "bf16")
 _REGULARIZERS = ("none", "balance", "entropy")
+ROUTING_TOKENS = ("all", "scored")  # the tokens routing supervision averages (xlora.train.losses.with_routing_mask)
 
 
 @dataclass
@@ -64,6 +65,8 @@ class TrainConfig:
             ``p̄_i`` example i's scalings averaged over its tokens and layers, ``q_i`` one-hot on the expert its
             record names (or uniform over its ``experts`` list); see ``xlora.train.routing``.
         routing_key: the record field that names an example's expert for ``routing_weight``.
+        routing_tokens: the tokens whose scalings ``p̄_i`` averages: ``"all"`` (every real token) or
+            ``"scored"`` (the positions that predict completion tokens, where ``xlora eval`` measures routing).
         resume: continue from the newest valid checkpoint in ``output_dir``; only the fields in
             ``RESUMABLE_CHANGES`` (the schedule) may differ from the run's ``train_config.json``.
         overwrite: allow an existing non-empty ``output_dir`` that is not a resumable run of ours.
@@ -105,6 +108,7 @@ class TrainConfig:
     regularizer_weight: float = 0.0
     routing_weight: float = 0.0
     routing_key: str = "domain"
+    routing_tokens: str = "all"
     resume: bool = False
     overwrite: bool = False
     bundle: bool = False
@@ -155,6 +159,9 @@ class TrainConfig:
     def _check_routing(self) -> None:
         if not isinstance(self.routing_key, str) or not self.routing_key:
             raise ValueError(f"routing_key must be the name of a record field, e.g. 'domain'; got {self.routing_key!r}")
+        if self.routing_tokens not in ROUTING_TOKENS:
+            raise ValueError(f"routing_tokens must be one of {ROUTING_TOKENS}, got {self.routing_tokens!r}: 'scored' "
+                             "routes on the positions that predict completion tokens, 'all' on every real token")
         if self.routing_weight == 0:
             return
         if self.packing:

@@ -1,5 +1,5 @@
 """The terms of the head-training loss: next-token cross-entropy and the scalings regularizers (routing supervision
-is :mod:`xlora.train.routing`).
+is :mod:`xlora.train.routing`; :func:`with_routing_mask` picks the tokens it averages).
 
 Shapes: ``logits`` ``[b, t, V]``, ``labels`` and ``attention_mask`` ``[b, t]``, ``scalings`` ``[b, t, L, E]``
 (``L`` adapted modules, ``E`` experts).
@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from xlora.train.config import ROUTING_TOKENS
 from xlora.train.data import IGNORE_INDEX
 
 
@@ -22,6 +23,32 @@ def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 def loss_tokens(batch: dict[str, torch.Tensor]) -> int:
     """The number of tokens that take the next-token loss in ``batch``."""
     return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+
+
+def scored_positions(labels: torch.Tensor) -> torch.Tensor:
+    """``[b, t]`` bool: position ``t`` predicts a scored token (``labels[:, t + 1] != IGNORE_INDEX``); the last is 0."""
+    out = torch.zeros_like(labels, dtype=torch.bool)
+    out[:, :-1] = labels[:, 1:] != IGNORE_INDEX
+    return out
+
+
+def with_routing_mask(batch: dict[str, torch.Tensor], tokens: str) -> dict[str, torch.Tensor]:
+    """``batch`` with ``routing_mask`` ``[b, t]`` (the tokens whose scalings feed ``p̄``) and ``routing_target``
+    zeroed on the examples without such a token; unchanged when it has no ``routing_target``.
+
+    ``tokens="all"``: the attention mask. ``tokens="scored"``: ``mask[i, t] = 1`` iff ``labels[i, t + 1]`` is
+    scored (not ``IGNORE_INDEX``), i.e. position ``t`` predicts a completion token.
+    """
+    if tokens not in ROUTING_TOKENS:
+        raise ValueError(f"routing_tokens must be one of {ROUTING_TOKENS}, got {tokens!r}")
+    if "routing_target" not in batch:
+        return batch
+    if tokens == "all":
+        mask = batch["attention_mask"]
+    else:
+        mask = scored_positions(batch["labels"]).to(batch["attention_mask"].dtype)
+    target = batch["routing_target"] * (mask.sum(1, keepdim=True) > 0).to(batch["routing_target"].dtype)
+    return {**batch, "routing_mask": mask, "routing_target": target}
 
 
 def scalings_regularizer(scalings: torch.Tensor, mask: torch.Tensor, kind: str) -> torch.Tensor:

@@ -5,8 +5,12 @@ or several, ``{"experts": ["quantum", "mathematics"], ...}`` (the list wins when
 ``q`` over the ``E`` experts is one-hot on the named expert, or uniform over the listed ones. With
 ``TrainConfig.routing_weight = w > 0`` the trainer adds ``w · CE`` to the loss, where
 ``CE = mean over the examples with a target of -Σ_e q_e · log p̄_e`` and ``p̄`` is the example's scalings
-averaged over its real tokens (attention mask 1) and over the adapted modules. A record that names no expert,
-or any name that is not an expert, has no target and takes no routing loss.
+averaged over its routed tokens and over the adapted modules. ``TrainConfig.routing_tokens`` picks those tokens
+(:func:`xlora.train.losses.with_routing_mask`):
+``"all"`` (attention mask 1) or ``"scored"``, the positions that predict a scored (completion) token, which are
+the positions ``xlora eval`` measures routing on; the prompt's opening tokens (a system prompt, a greeting) say
+nothing about the domain, and over ``"all"`` they dominate ``p̄``. A record that names no expert, any name that is
+not an expert, or an example without a routed token has no target and takes no routing loss.
 """
 
 from __future__ import annotations

@@ -37,7 +37,7 @@ from xlora.train.checkpoints import (
 from xlora.train.config import TrainConfig
 from xlora.train.data import TokenizedExample, batch_order, collate
 from xlora.train.fsdp import sync_gradients
-from xlora.train.losses import loss_tokens, scalings_regularizer, token_loss_sum
+from xlora.train.losses import loss_tokens, scalings_regularizer, token_loss_sum, with_routing_mask
 from xlora.train.routing import routed_examples, routing_cross_entropy
 from xlora.train.setup import Run, TrainingError, setup
 
@@ -123,7 +123,7 @@ def train_step(run: Run, step: int) -> StepResult:
     """Optimizer step ``step`` (0-based): forward and backward over its micro-batches, clip, update."""
     acc, world = run.accelerator, run.accelerator.num_processes
     torch.manual_seed(run.cfg.seed * 1_000_003 + step * 1009 + acc.process_index)
-    batches = micro_batches(run, step)
+    batches = [(with_routing_mask(b, run.cfg.routing_tokens), w) for b, w in micro_batches(run, step)]
     mine = torch.tensor([sum(loss_tokens(b) * w for b, w in batches), sum(_routed(b) * w for b, w in batches)],
                         device=acc.device, dtype=torch.float64)
     counts = acc.reduce(mine, reduction="sum")  # loss tokens and routed examples of the step, all processes
@@ -141,7 +141,7 @@ def train_step(run: Run, step: int) -> StepResult:
                     reg = scalings_regularizer(out.scalings, batch["attention_mask"], run.cfg.regularizer)
                     loss = loss + run.cfg.regularizer_weight * reg / len(batches)
                 if "routing_target" in batch:  # mean over the step's routed examples, like the token loss
-                    routed = routing_cross_entropy(out.scalings, batch["attention_mask"], batch["routing_target"],
+                    routed = routing_cross_entropy(out.scalings, batch["routing_mask"], batch["routing_target"],
                                                    reduction="sum") * weight
                     loss = loss + run.cfg.routing_weight * routed * world / n_routed
                     routing_sum += routed.detach()
