@@ -18,7 +18,9 @@ from typing import Any
 
 from xlora.files import atomic_write_text
 
-SPLITS = ("validation", "test", "test_unseen", "composite")
+SPLITS = ("validation", "test", "test_unseen", "composite", "independent")
+# prompts written by hand by an author who had not read the suite's wording composer (see its README.md)
+INDEPENDENT = Path(__file__).parent / "assets" / "suite" / "independent" / "independent.jsonl"
 PHYSICS_TIME_BUDGET_S = 60.0  # one steered pull per mechanics inverse answer at most this long
 
 
@@ -50,7 +52,8 @@ def evaluate_split(model_dir: str | os.PathLike, data_dir: str | os.PathLike, sp
                    base_dir: str | os.PathLike | None = None, arrow: bool = True,
                    rows: list[str] | None = None, loaded: tuple[Any, Any] | None = None) -> Any:
     """Evaluate the X-LoRA directory ``model_dir`` (over the demo base in ``base_dir``) on
-    ``data_dir/<split>.jsonl``; ``generate`` greedy answers per domain are scored; ``rows`` limits the
+    ``data_dir/<split>.jsonl`` (``independent``: the shipped hand-written set unless ``data_dir`` has one);
+    ``generate`` greedy answers per domain are scored; ``rows`` limits the
     configurations (default: all of :func:`~xlora.analysis.evaluate.evaluate`); ``loaded``: the
     ``(model, tokenizer)`` of ``model_dir`` already loaded (several splits, one load)."""
     from xlora.analysis.eval_data import reference_answer
@@ -61,6 +64,8 @@ def evaluate_split(model_dir: str | os.PathLike, data_dir: str | os.PathLike, sp
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
     path = Path(data_dir) / f"{split}.jsonl"
+    if split == "independent" and not path.is_file():
+        path = INDEPENDENT
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist: write the suite's files first (retrain_suite phase 'data')")
     base = Path(base_dir) if base_dir is not None else base_model_dir()
