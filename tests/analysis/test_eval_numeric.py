@@ -55,9 +55,11 @@ def test_numeric_fit_parses_answers_and_counts_unparsed():
 def test_markdown_table_shows_r2_mae_and_parsed_counts():
     configs = {"xlora": {"numeric": {"t/gap": {"n": 4, "n_parsed": 3, "mae": 0.25, "mae_mean": 1.0, "r2": 0.5}}},
                "base": {"numeric": {"t/gap": {"n": 4, "n_parsed": 0, "mae": None, "mae_mean": None, "r2": None}}},
-               "uniform": {}}
+               "uniform": {},
+               "maths": {"numeric": {"t/gap": {"n": 4, "n_parsed": 4, "mae": 2.5e46, "mae_mean": 1.0, "r2": -1.26e90}}}}
     md = numeric_markdown(configs)
     assert "| xlora | 0.50 (0.25) 3/4 |" in md
+    assert "| maths | -1.3e+90 (2.5e+46) 4/4 |" in md  # an absurd answer does not print 90 digits
     assert "| base | no number (0/4) |" in md
     assert "| uniform | – |" in md
     assert numeric_markdown({"xlora": {}}) == ""

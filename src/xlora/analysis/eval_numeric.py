@@ -80,7 +80,7 @@ def numeric_markdown(configs: dict[str, dict[str, Any]]) -> str:
             if f is None or f["n_parsed"] == 0:
                 cells.append("–" if f is None else f"no number (0/{f['n']})")
                 continue
-            r2 = "n/a" if f["r2"] is None else f"{f['r2']:.2f}"
+            r2 = "n/a" if f["r2"] is None else f"{f['r2']:.2f}" if abs(f["r2"]) < 1e4 else f"{f['r2']:.2g}"
             cells.append(f"{r2} ({f['mae']:.3g}) {f['n_parsed']}/{f['n']}")
         out.append(f"| {row} | " + " | ".join(cells) + " |\n")
     return "".join(out)
