@@ -1,17 +1,20 @@
-"""Prompt granularity with the coefficients folded into A, against the base and the unfolded path.
+"""Prompt granularity as shipped (folded into A with a top-k head), against the base and the unfolded path.
 
 A SmolLM2-shaped random float32 Llama (see ``benchmarks/topk.py``) with five rank-8 experts on all
 seven projections (the demo's layout: 210 adapted modules), decoding at prompt granularity. Rows,
 per batch size, per decoded token (interleaved repetitions, rotating order, medians and max/min):
 
 - ``base``: ``disable_adapters()``, exactly the base model;
-- ``folded``: ``granularity="prompt"`` as shipped: ``A' = diag(c)·A`` per sequence, two matmuls;
-- ``unfolded``: the same fixed scalings passed as ``scalings=`` (the per-token coefficient path).
+- ``prompt``: ``granularity="prompt"`` as shipped: with ``--top-k K`` the chosen experts folded into ``A``
+  (``A' = diag(c)·A`` per sequence over their columns only, two matmuls per module); a dense head (the
+  default, as the demo ships) scales the shared ``A``'s output, since folding all experts measured no faster;
+- ``unfolded``: the same fixed scalings passed as ``scalings=`` (the per-token coefficient path, every expert).
 
-Then a ``torch.profiler`` table of one folded decoding step at batch 1 (where the time goes), and
-the exactness of folded against unfolded logits.
+Then a ``torch.profiler`` table of one ``prompt`` decoding step at batch 1 (where the time goes), and
+the exactness of ``prompt`` against ``unfolded`` logits.
 
     .venv/bin/python benchmarks/fold.py                 # ~2 min on 2 idle cores
+    .venv/bin/python benchmarks/fold.py --top-k 2       # the folded path: 2 of 5 experts
     .venv/bin/python benchmarks/fold.py --reps 2 --new 4 --batches 1
 """
 
@@ -31,8 +34,8 @@ from topk import smollm2_shaped, write_experts
 from xlora import XLoraModel
 
 
-def build(dirs: list[Path], E: int = 5) -> XLoraModel:
-    return topk.build(E, dirs, top_k=None)  # dense: every expert, as the demo ships
+def build(dirs: list[Path], E: int = 5, top_k: int | None = None) -> XLoraModel:
+    return topk.build(E, dirs, top_k=top_k)  # None: dense, every expert, as the demo ships
 
 
 @torch.inference_mode()
@@ -50,7 +53,7 @@ def decode(model: XLoraModel, ids: torch.Tensor, new: int, mode: str) -> tuple[f
         if mode == "base":
             with model.disable_adapters():
                 out = model(input_ids=nxt, cache=cache, logits_to_keep=1)
-        elif mode == "folded":
+        elif mode == "prompt":
             out = model(input_ids=nxt, cache=cache, logits_to_keep=1)
         else:
             out = model(input_ids=nxt, cache=cache, logits_to_keep=1, scalings=cache.fixed_scalings)
@@ -65,7 +68,7 @@ def profile(model: XLoraModel, ids: torch.Tensor) -> str:
 
     cache = model.new_cache(granularity="prompt")
     nxt = model(input_ids=ids, cache=cache, logits_to_keep=1).logits[:, -1:].argmax(-1)
-    model(input_ids=nxt, cache=cache, logits_to_keep=1)  # folds once
+    model(input_ids=nxt, cache=cache, logits_to_keep=1)  # folds once (top-k)
     with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
         for _ in range(3):
             model(input_ids=nxt, cache=cache, logits_to_keep=1)
@@ -78,11 +81,12 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--prompt", type=int, default=16)
     ap.add_argument("--new", type=int, default=16)
+    ap.add_argument("--top-k", type=int, default=None, help="a top-k head (default: dense, as the demo ships)")
     args = ap.parse_args()
     print(f"load: {os.getloadavg()}, torch threads {torch.get_num_threads()}")
     with tempfile.TemporaryDirectory() as tmp:
-        model = build(write_experts(smollm2_shaped(), Path(tmp), rank=8))
-    modes = ["base", "folded", "unfolded"]
+        model = build(write_experts(smollm2_shaped(), Path(tmp), rank=8), top_k=args.top_k)
+    modes = ["base", "prompt", "unfolded"]
     for b in args.batches:
         ids = torch.randint(0, 49152, (b, args.prompt), generator=torch.Generator().manual_seed(b))
         times: dict[str, list[float]] = {m: [] for m in modes}
@@ -98,8 +102,8 @@ def main() -> None:
             med = statistics.median(times[m])
             print(f"  {m:>8}: {med * 1e3:7.1f} ms/token  spread {max(times[m]) / min(times[m]):.2f}  "
                   f"{med / base:.2f}x base")
-        print(f"  max |folded - unfolded logits| = {(logits['folded'] - logits['unfolded']).abs().max().item():.1e}")
-    print("\none folded decoding step at batch 1 (3 steps profiled):")
+        print(f"  max |prompt - unfolded logits| = {(logits['prompt'] - logits['unfolded']).abs().max().item():.1e}")
+    print(f"\none prompt-granularity decoding step at batch 1, top_k={args.top_k} (3 steps profiled):")
     print(profile(model, torch.randint(0, 49152, (1, args.prompt), generator=torch.Generator().manual_seed(1))))
 
 

@@ -141,21 +141,34 @@ def test_prompt_granularity(llama, how):
         torch.testing.assert_close(got, want, rtol=0, atol=1e-4)
 
 
-def test_prompt_granularity_folds_the_fixed_coefficients_into_A_once(llama):
-    """Decoding steps use A' = diag(c)·A per sequence (no scaling op), as exact as the fixed-scalings path."""
-    model = build(llama)
+@pytest.mark.parametrize("top_k", [None, 1])
+def test_prompt_granularity_folds_the_chosen_experts_into_A_once_with_top_k(llama, top_k):
+    """With a top-k head, decoding steps use A' = diag(c)·A per sequence over the chosen experts' columns only;
+    a dense head keeps the shared A (folding measured no faster); both as exact as the fixed-scalings path."""
+    model = build(llama, top_k=top_k, enable_softmax_topk=top_k is not None)
     ids, mask = left_padded_batch(seed=3)
-    cache = model.new_cache(granularity="prompt")
+    cache = model.new_cache(granularity="prompt", prompt_scalings="last")
     out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=6, do_sample=False, cache=cache,
                          output_logits=True, return_dict_in_generate=True, pad_token_id=0, eos_token_id=None)
     layers = model.mixture_layers()
-    assert len(cache.folded) == model.num_layers == len(layers)
-    assert [f.A.shape for f in cache.folded] == [(3, *layer.lora_A.shape) for layer in layers]
-    assert all(f.B is layer.lora_B for f, layer in zip(cache.folded, layers))  # softmax scalings: every column
     fixed = cache.fixed_scalings  # [3, 1, L, E]
-    g = model.xlora_config.global_scaling_weight
-    torch.testing.assert_close(cache.folded[0].A[1], layers[0]._column_coefficients(fixed[1:2], g)[0, 0, :, None]
-                               * layers[0].lora_A, rtol=0, atol=0)
+    if top_k is None:
+        assert cache.folded is None
+    else:
+        assert len(cache.folded) == model.num_layers == len(layers)
+        assert int((fixed != 0).sum(-1).max()) == 1  # the last prompt token's top-1: one expert per sequence
+        g = model.xlora_config.global_scaling_weight
+        for f, layer in zip(cache.folded, layers):  # [b, R', in]: R' the most nonzero columns of a sequence, < R
+            kept_cols = int((layer._column_coefficients(fixed, g)[:, 0] != 0).sum(-1).max())
+            if kept_cols == 0:  # no chosen expert adapts this module: nothing to compute
+                assert f is None
+                continue
+            assert f.A.shape == (3, kept_cols, layer.lora_A.shape[1]) and kept_cols < layer.lora_A.shape[0]
+        i = next(i for i, f in enumerate(cache.folded) if f is not None)
+        coef = layers[i]._column_coefficients(fixed[1:2], g)[0, 0]  # [R]
+        kept = coef != 0
+        torch.testing.assert_close(cache.folded[i].A[1, :int(kept.sum())], coef[kept, None] * layers[i].lora_A[kept],
+                                   rtol=0, atol=0)
     with torch.no_grad():
         prompt_s = model(input_ids=ids, attention_mask=mask, position_ids=positions(mask)).scalings
 
@@ -166,9 +179,10 @@ def test_prompt_granularity_folds_the_fixed_coefficients_into_A_once(llama):
     assert torch.equal(out.sequences, ref_seq)
     for got, want in zip(out.logits, ref_logits):
         torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
-    rows = cache.folded[0].A.clone()
-    cache.batch_select_indices(torch.tensor([2, 0]))  # the cache operations move the folded rows too
-    assert torch.equal(cache.folded[0].A, rows[[2, 0]])
+    if top_k is not None:
+        rows = cache.folded[i].A.clone()
+        cache.batch_select_indices(torch.tensor([2, 0]))  # the cache operations move the folded rows too
+        assert torch.equal(cache.folded[i].A, rows[[2, 0]])
     cache.reset()
     assert cache.folded is None and cache.fixed_scalings is None
 

@@ -7,9 +7,11 @@ therefore exact with one cache per pass: :class:`XLoraCache` *is* the main pass'
 ``reset``) is applied to both. Each new token costs one incremental step of each pass.
 
 With ``granularity="prompt"`` the scalings are computed over the prompt once (the last prompt
-token's, or the mean over the prompt's real tokens) and held fixed: decoding runs the main pass only,
-with the fixed coefficients folded into each module's ``A`` once (``A' = diag(c)·A`` per sequence,
-only the columns with ``c ≠ 0``), so a step is two plain matmuls per module.
+token's, or the mean over the prompt's real tokens) and held fixed: decoding runs the main pass only. With a
+top-k head the fixed coefficients are folded into each module's ``A`` once (``A' = diag(c)·A`` per sequence,
+only the columns with ``c ≠ 0``), so a step computes only the chosen experts, in two plain matmuls per module.
+A dense head's steps scale the shared ``A``'s output instead: folding all ``E`` experts per sequence
+measured no faster at batch 1 and 6 % slower at batch 8 (``benchmarks/fold.py``, BENCHMARKS.md).
 """
 
 from __future__ import annotations
@@ -147,11 +149,11 @@ class XLoraGenerationMixin(GenerationMixin):
 
     def step_experts(self, inputs: dict[str, Any], cache: Cache | None,
                      ) -> tuple[torch.Tensor, tuple[FoldedExperts | None, ...] | None]:
-        """:meth:`step_scalings` and, on prompt granularity's decoding steps, every adapted module's
-        experts with the fixed scalings folded in (``None`` otherwise); folded once per cache."""
+        """:meth:`step_scalings` and, on prompt granularity's decoding steps with a top-k head, every adapted
+        module's chosen experts with the fixed scalings folded in (``None`` otherwise); folded once per cache."""
         decoding = isinstance(cache, XLoraCache) and cache.granularity == "prompt" and cache.fixed_scalings is not None
         s = self.step_scalings(inputs, cache)
-        if not decoding:
+        if not decoding or self.xlora_config.top_k is None:
             return s, None
         if cache.folded is None:
             fixed, g = cache.fixed_scalings[:, 0], self.xlora_config.global_scaling_weight  # [b, L, E]
