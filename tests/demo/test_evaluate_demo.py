@@ -51,7 +51,11 @@ def test_demo_table_equals_the_engine_on_the_exported_records(demo, tmp_path):
     # the oracle row is each domain's own expert; the targets ignore oracle and arrow (not single experts)
     assert table.loss["oracle"]["general"] == table.loss["general"]["general"]
     single = min(table.loss[c]["mixed"] for c in DOMS)
-    assert table.targets()[-1][1] == pytest.approx(table.loss["xlora"]["mixed"] - single)
+    targets = {what: (value, bound) for what, value, bound, _ in table.targets()}
+    assert targets["mixed loss - best single expert's"][0] == pytest.approx(table.loss["xlora"]["mixed"] - single)
+    x = table.loss["xlora"]["mixed"]
+    assert targets["mixed loss / uniform's"] == (pytest.approx(x / table.loss["uniform"]["mixed"]), 0.85)
+    assert targets["mixed loss / oracle's"] == (pytest.approx(x / table.loss["oracle"]["mixed"]), 1.0)
     md = table.to_markdown()
     assert "| oracle |" in md and "| arrow |" in md
     assert f"| mathematics | {table.routing['mathematics']['mathematics']:.3f} |" in md
