@@ -38,7 +38,8 @@ class XLoraCache(DynamicCache):
         self.granularity = granularity
         self.prompt_scalings = prompt_scalings
         self.fixed_scalings: torch.Tensor | None = None  # [b, 1, L, E] with prompt granularity
-        # per adapted module, its experts with fixed_scalings folded in (built at the first decoding step)
+        # per adapted module, its chosen experts with fixed_scalings folded in (a top-k head only; built at the
+        # first decoding step)
         self.folded: tuple[FoldedExperts | None, ...] | None = None
 
     def _folded_rows(self, fn: Any) -> None:

@@ -22,7 +22,7 @@ class ScalingState:
 
     ``top_k``: the scalings have at most ``k`` nonzero experts per token and layer (they come from a
     top-k head), so layers may compute only those (:meth:`chosen`). ``folded``: per layer, the
-    experts with fixed per-sequence coefficients folded in (prompt granularity's decoding steps;
+    experts with fixed per-sequence coefficients folded in (prompt granularity's decoding steps with a top-k head;
     ``None`` for a layer without any), which then replace ``scalings``.
     """
 

@@ -8,6 +8,9 @@ from collections import Counter
 
 import pytest
 
+pytest.importorskip("rdkit")  # the labels: RDKit descriptors and Biopython's ProtParam (the demo extra)
+pytest.importorskip("Bio")
+
 from xlora.demo.independent import PROMPTS, build_records
 from xlora.demo.suite_eval import INDEPENDENT, suite_checker
 

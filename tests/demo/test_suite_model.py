@@ -39,6 +39,8 @@ def test_the_shipped_files_describe_seven_experts_and_their_training():
     log = json.loads((SUITE / "training.json").read_text())
     assert set(log["experts"]) == set(suite.DOMAINS) and all(e["finished"] for e in log["experts"].values())
     assert json.loads((ROUTED / "training.json").read_text())["head"]["options"]["routing_weight"] == 0.5
+    shipped = log["head"]["options"]  # H5: routing supervision over the completion positions
+    assert (shipped["routing_weight"], shipped["routing_tokens"]) == (1.0, "scored")
 
 
 def _independent(domains: tuple[str, ...]) -> list[dict]:

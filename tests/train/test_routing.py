@@ -14,7 +14,7 @@ from peft import LoraConfig, get_peft_model
 from safetensors.torch import load_file
 
 from xlora import XLoraModel
-from xlora.train.config import TrainConfig
+from xlora.train.config import TrainConfig, resume_conflicts
 from xlora.train.data import IGNORE_INDEX, TokenizedExample, build_dataset, collate
 from xlora.train.losses import with_routing_mask
 from xlora.train.routing import check_routing_targets, record_target, routing_cross_entropy, routing_targets
@@ -132,6 +132,16 @@ def test_bad_routing_options_name_the_field(tmp_path):
     with pytest.raises(ValueError, match=r"routing_tokens must be one of \('all', 'scored'\), got 'prompt': 'scored'"):
         TrainConfig.from_dict({**base, "routing_tokens": "prompt"})
     assert TrainConfig.from_dict({**base, "packing": True}).routing_weight == 0.0
+
+
+def test_a_run_recorded_before_routing_tokens_resumes_only_with_all(tmp_path):
+    base = dict(base_model="m", train_file="t.jsonl", output_dir=str(tmp_path), experts={"lower": "a"},
+                routing_weight=1.0)
+    saved = TrainConfig.from_dict(base).to_dict()
+    del saved["routing_tokens"]  # a train_config.json written before the option existed: it averaged every token
+    assert resume_conflicts(saved, TrainConfig.from_dict(base)) == []
+    assert resume_conflicts(saved, TrainConfig.from_dict({**base, "routing_tokens": "scored"})) == [
+        "routing_tokens 'all' -> 'scored'"]
 
 
 # ------------------------------------------------------------------------------------ training

@@ -284,13 +284,16 @@ def _resolve_paths(data: dict[str, Any], folder: Path) -> dict[str, Any]:
 RESUMABLE_CHANGES = ("max_steps", "num_epochs", "save_every", "eval_every", "log_every", "keep_checkpoints",
                      "progress", "resume", "overwrite")
 _NOT_COMPARED = (*RESUMABLE_CHANGES, "output_dir")  # the run's own folder, however it is spelled
+# options added after runs were recorded: a run without the key ran with this value
+_UNRECORDED = {"routing_tokens": "all"}
 
 
 def resume_conflicts(saved: dict[str, Any], cfg: TrainConfig) -> list[str]:
     """The options of ``cfg`` that differ from a run's ``saved`` ones (its ``train_config.json``), each as
-    ``"name VALUE_OF_THE_RUN -> GIVEN_VALUE"``; keys the run did not record are not compared. Paths are equal
-    when they name the same file."""
+    ``"name VALUE_OF_THE_RUN -> GIVEN_VALUE"``; keys the run did not record are not compared, except those of
+    ``_UNRECORDED``, which take the value the run used. Paths are equal when they name the same file."""
     given = cfg.to_dict()
+    saved = {**_UNRECORDED, **saved}
     return [f"{name} {saved[name]!r} -> {given[name]!r}" for name in given
             if name in saved and name not in _NOT_COMPARED and not _same(saved[name], given[name])]
 

@@ -55,7 +55,9 @@ def routing_cross_entropy(scalings: torch.Tensor, mask: torch.Tensor, target: to
 
     Args:
         scalings: ``[b, t, L, E]``, each ``s[i, t, l]`` a distribution over the experts (softmax on).
-        mask: ``[b, t]`` attention mask, 1 on real tokens, 0 on padding.
+        mask: ``[b, t]`` routing mask: 1 on the tokens that feed ``p̄`` (the attention mask, or the scored positions
+            of :func:`xlora.train.losses.with_routing_mask`), 0 elsewhere. A row without any 1 must carry a zero
+            target (``with_routing_mask`` zeroes it), else its ``p̄`` is 0 and its loss ``-log 1e-9``.
         target: ``[b, E]``: ``q_i`` (rows summing to 1), or a zero row for an example without a target.
         reduction: ``"mean"`` over the examples with a target (0 if there is none) or ``"sum"`` over them.
 
