@@ -194,7 +194,8 @@ class XLoraModel(LifecycleMixin, XLoraGenerationMixin, PreTrainedModel):
         if fixed.dim() == 4:
             if fixed.shape[0] != b or fixed.shape[1] != t:
                 raise ValueError(
-                    f"fixed scalings of shape {tuple(fixed.shape)} do not match the input's batch {b} x length {t}"
+                    f"fixed scalings of shape {tuple(fixed.shape)} do not match the input's batch {b} x length {t}: "
+                    f"give [{b}, {t}, L, E] (one mixture per token), or [{b}, L, E] for one mixture per sequence"
                 )
             return fixed
         if fixed.dim() == 3:  # [b, L, E]: one mixture per sequence, at every position
