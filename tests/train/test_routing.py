@@ -62,6 +62,8 @@ def test_scored_routing_averages_only_the_positions_that_predict_completion_toke
     expected = -(math.log(float(s[0, 1:3, :, 0].mean())) + math.log(float(s[1, 3, :, 1].mean())))
     got = routing_cross_entropy(s, scored["routing_mask"], scored["routing_target"], reduction="sum")
     assert float(got) == pytest.approx(expected, abs=1e-6)
+    # the term itself gives a row without a routed token no loss, even with its target kept
+    assert torch.equal(routing_cross_entropy(s, scored["routing_mask"], batch["routing_target"], reduction="sum"), got)
     # the prompt's scalings do not enter the scored term
     s2 = s.clone()
     s2[:, 0] = torch.tensor([0.0, 0.0, 1.0])

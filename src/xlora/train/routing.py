@@ -56,8 +56,8 @@ def routing_cross_entropy(scalings: torch.Tensor, mask: torch.Tensor, target: to
     Args:
         scalings: ``[b, t, L, E]``, each ``s[i, t, l]`` a distribution over the experts (softmax on).
         mask: ``[b, t]`` routing mask: 1 on the tokens that feed ``p̄`` (the attention mask, or the scored positions
-            of :func:`xlora.train.losses.with_routing_mask`), 0 elsewhere. A row without any 1 must carry a zero
-            target (``with_routing_mask`` zeroes it), else its ``p̄`` is 0 and its loss ``-log 1e-9``.
+            of :func:`xlora.train.losses.with_routing_mask`), 0 elsewhere. A row without any 1 takes no loss
+            (``with_routing_mask`` also zeroes its target, so the trainer does not count it).
         target: ``[b, E]``: ``q_i`` (rows summing to 1), or a zero row for an example without a target.
         reduction: ``"mean"`` over the examples with a target (0 if there is none) or ``"sum"`` over them.
 
@@ -69,11 +69,11 @@ def routing_cross_entropy(scalings: torch.Tensor, mask: torch.Tensor, target: to
     s = scalings.float().mean(dim=2)  # [b, t, E], layers averaged
     m = mask.to(s.dtype).unsqueeze(-1)  # [b, t, 1]
     p = (s * m).sum(1) / m.sum(1).clamp_min(1)  # [b, E], over real tokens
-    q = target.to(s.dtype)
+    q = target.to(s.dtype) * (m.sum(1) > 0).to(s.dtype)  # a row without a routed token takes no loss
     ce = -(q * p.clamp_min(_LOG_FLOOR).log()).sum(-1)  # [b]; 0 on zero rows
     if reduction == "sum":
         return ce.sum()
-    return ce.sum() / routed_examples(target).clamp_min(1)
+    return ce.sum() / routed_examples(q).clamp_min(1)
 
 
 def routed_examples(target: torch.Tensor) -> torch.Tensor:
