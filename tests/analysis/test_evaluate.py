@@ -212,6 +212,9 @@ def test_answers_are_greedy_and_scored_by_the_checks(setup):
             assert a == greedy_answers(model, tok, [prompt], 4, 1, {"base": "zero", "xlora": None}.get(row, row))[0]
         assert res.configs[row]["task_score"]["mixed"] == sum(check_answer(r, a) for r, a in zip(samples, answers)) / 3
     assert res.answers["oracle"] == [res.answers["alpha"][0], res.answers["beta"][1], res.answers["gamma"][2]]
+    single = evaluate_files(model, tok, [data], EvalConfig(generate=1, max_new_tokens=4, answer_batch_size=1),
+                            rows=["base", "alpha", "xlora"], progress=False)  # default: 16 prompts per batch
+    assert all(single.answers[row] == res.answers[row] for row in ("base", "alpha", "xlora"))
     # a custom checker sees the raw record and the answer
     seen = []
     evaluate_files(model, tok, [data], EvalConfig(generate=1, max_new_tokens=2), rows=["base"], progress=False,
@@ -305,6 +308,9 @@ def test_eval_config_errors_name_the_field():
         EvalConfig(batch_size=0)
     with pytest.raises(ValueError, match=r"EvalConfig.max_records must be a positive integer or None"):
         EvalConfig(max_records=0)
+    with pytest.raises(ValueError, match=r"EvalConfig.answer_batch_size must be a positive integer or None "
+                                         r"\(2 x batch_size\), got 0"):
+        EvalConfig(answer_batch_size=0)
 
 
 def test_cli_eval_writes_the_three_files(setup, tmp_path, capsys):

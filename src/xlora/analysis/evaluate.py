@@ -61,6 +61,8 @@ class EvalConfig:
         max_new_tokens: tokens per generated answer.
         max_records: read at most this many records (None: all).
         batch_size: records per forward (left-padded).
+        answer_batch_size: prompts answered together (default ``2 × batch_size``): a decoding step's cost grows
+            little with the batch, so answers pay for fewer, larger batches; the prompts' forward is the same work.
         skip_bad: leave out bad records (and count them) instead of stopping at the first.
         expert_answers: ``"all"``: every expert answers every sampled record; ``"own"``: each expert answers
             only its own domain's records (``E`` times fewer expert answers; the oracle row is unchanged and the
@@ -73,6 +75,7 @@ class EvalConfig:
     max_new_tokens: int = 64
     max_records: int | None = None
     batch_size: int = 8
+    answer_batch_size: int | None = None
     skip_bad: bool = False
     expert_answers: str = "all"
 
@@ -81,6 +84,10 @@ class EvalConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise ValueError(f"EvalConfig.{name} must be an integer >= {low}, got {value!r}")
+        a = self.answer_batch_size
+        if a is not None and (isinstance(a, bool) or not isinstance(a, int) or a < 1):
+            raise ValueError(f"EvalConfig.answer_batch_size must be a positive integer or None (2 x batch_size), "
+                             f"got {a!r}")
         m = self.max_records
         if m is not None and (isinstance(m, bool) or not isinstance(m, int) or m < 1):
             raise ValueError(f"EvalConfig.max_records must be a positive integer or None (all), got {m!r}")
@@ -166,7 +173,7 @@ def evaluate(model: Any, tokenizer: Any, records: Iterable[EvalRecord], config: 
     if config.generate > 0:
         budget = max_new_tokens or (lambda r: config.max_new_tokens)
         task_scores(model, tokenizer, samples, result, fixed, arrow, checker or check_answer, budget,
-                    config.batch_size, config.expert_answers)
+                    config.answer_batch_size or 2 * config.batch_size, config.expert_answers)
     result.seconds = time.perf_counter() - t0
     if progress:
         print(f"evaluated {result.records} records, {len(result.configs)} rows in {result.seconds:.1f} s",
