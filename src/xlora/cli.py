@@ -171,7 +171,7 @@ def _add_demo_parsers(sub: argparse._SubParsersAction) -> None:
                         "2 CPU cores; rerun to continue)")
     p.add_argument("--out", default=None, help="folder for the table and heatmaps (default: $XLORA_CACHE/demo)")
     p.add_argument("-n", type=_positive, default=4, help="test_unseen records per domain for the losses (default: 4)")
-    p.add_argument("--n-generate", type=_positive, default=2, help="records per domain answered and scored (default: 2)")
+    p.add_argument("--n-generate", type=_positive, default=1, help="records per domain answered and scored (default: 1; each costs about 20 s)")
     p.set_defaults(func=commands.demo)
 
     p = sub.add_parser("eval", help="does the mixture help on my data? X-LoRA against the base, every expert, the "

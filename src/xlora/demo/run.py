@@ -227,7 +227,7 @@ def demo_sample(n_per_domain: int, split: str = DEMO_SPLIT) -> tuple[list[dict[s
 
 
 def run_demo(retrain: bool = False, out_dir: str | os.PathLike | None = None, n_per_domain: int = 4,
-             n_generate: int = 2) -> int:
+             n_generate: int = 1) -> int:
     """The ``xlora demo`` command: evaluation table on a small sample, coloured answers, heatmaps, and the two
     science questions (a molecule's gap checked by GFN2-xTB run now, a peptide's peak force by recorded pulls).
 
