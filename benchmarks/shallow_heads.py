@@ -49,7 +49,7 @@ def teacher_dir() -> Path:
     return ASSETS / "suite"
 
 
-def distilled(k: int, data: Path, work: Path, steps: int, train_files: list[str]) -> Path:
+def distilled(k: int, data: Path, work: Path, steps: int, train_files: list[str], positions: str = "all") -> Path:
     from xlora.demo.base_model import base_model_dir
     from xlora.train.distill import REPORT_FILE, DistillConfig, distill
 
@@ -60,7 +60,7 @@ def distilled(k: int, data: Path, work: Path, steps: int, train_files: list[str]
         distill(DistillConfig(teacher_dir=str(teacher_dir()), output_dir=str(out), scaling_pass_layers=k,
                               train_file=str(train_file), eval_file=str(data / "validation.jsonl"),
                               steps=steps, batch_size=8, learning_rate=1e-3, warmup_steps=10, overwrite=True,
-                              log_every=25, base_model=str(base_model_dir())))
+                              log_every=25, base_model=str(base_model_dir()), positions=positions))
     report = json.loads((out / REPORT_FILE).read_text())
     print(f"# distill k={k}: {report['seconds']:.0f} s, validation KL {report['initial']['kl']:.4f} -> "
           f"{report['final']['kl']:.4f}, top-1 agreement {report['initial']['top1']:.3f} -> "
@@ -144,6 +144,8 @@ def main() -> int:
     ap.add_argument("--no-lm", action="store_true", help="distilled heads only")
     ap.add_argument("--lm-ks", type=int, nargs="+", default=None, help="the k that also get an LM-trained head "
                     "(default: every k)")
+    ap.add_argument("--positions", choices=["all", "scored"], default="all",
+                    help="the tokens the distillation averages (DistillConfig.positions)")
     ap.add_argument("--splits", nargs="+", default=["validation", "test_unseen"])
     ap.add_argument("--max-records", type=int, default=None, help="only the first N records of each split")
     ap.add_argument("--new", type=int, default=32)
@@ -157,7 +159,7 @@ def main() -> int:
           f"{time.strftime('%Y-%m-%d %H:%M')}", flush=True)
     runs = {f"full k={N_LAYERS}": teacher_dir()}
     for k in args.ks:
-        runs[f"distilled k={k}"] = distilled(k, data, work, args.distill_steps, args.distill_data)
+        runs[f"distilled k={k}"] = distilled(k, data, work, args.distill_steps, args.distill_data, args.positions)
         if not args.no_lm and k in (args.lm_ks or args.ks):
             runs[f"lm k={k}"] = lm_trained(k, data, work, args.lm_steps)
     rows = {n: quality(n.replace(" ", "_").replace("=", ""), r, data, work, args.splits, args.max_records)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import random
@@ -136,8 +137,31 @@ def test_the_lm_loss_reaches_the_student_head(world):
     assert result.final["kl"] > 1e-4  # only the LM term moved it away from the teacher
 
 
+def test_scored_positions_distil_only_where_a_completion_token_is_predicted(world):
+    from xlora.train.distill import load_teacher, make_student, scalings_pair, step_loss
+
+    cfg = config(world, "positions", 1, positions="scored")
+    model, _ = load_teacher(cfg)
+    student = make_student(model, 1, "scratch")
+    ids = tokens(2, 9)
+    labels = ids.clone()
+    labels[0, :5], labels[1, :7] = -100, -100  # completions: tokens 5-8 and 7-8
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
+    with torch.no_grad():
+        loss, parts = step_loss(model, student, cfg, batch)
+        z_t, _, h_k = scalings_pair(model, 1, batch)
+        tau = model.xlora_config.softmax_temperature
+        p_t, p_s = torch.softmax(z_t.double() / tau, -1), torch.softmax(student.logits(h_k).double() / tau, -1)
+        kl = (p_t * (p_t.log() - p_s.log())).sum(-1).mean(-1)  # [b, t]
+        by_hand = (kl[0, 4:8].sum() + kl[1, 6:8].sum()) / 6  # positions 4-7 and 6-7 predict the completions
+        assert loss.item() == pytest.approx(by_hand.item(), rel=1e-9)
+        every = step_loss(model, student, dataclasses.replace(cfg, positions="all"), batch)[0]
+        assert every.item() == pytest.approx(kl.mean().item(), rel=1e-9) and abs(every.item() - loss.item()) > 1e-4
+
+
 @pytest.mark.parametrize("field, value", [("scaling_pass_layers", 0), ("loss", "l1"), ("steps", 0), ("init", "zero"),
-                                          ("learning_rate", 0.0), ("lm_weight", -1.0), ("batch_size", 0)])
+                                          ("learning_rate", 0.0), ("lm_weight", -1.0), ("batch_size", 0),
+                                          ("positions", "prompt")])
 def test_bad_values_are_refused_naming_the_field(world, field, value):
     kw = {"steps": 5, field: value}
     k = kw.pop("scaling_pass_layers", 1)

@@ -42,12 +42,14 @@ from xlora.generation import pad_token_id
 from xlora.head import ScalingHead
 from xlora.saving import CONFIG_FILE, HEAD_FILE
 from xlora.train.data import TokenizedExample, batch_order, build_dataset, collate
+from xlora.train.losses import scored_positions
 from xlora.train.trainer import lr_factor
 
 METRICS_FILE = "distill_metrics.jsonl"
 REPORT_FILE = "distill.json"
 LOSSES = ("kl", "mse")
 INITS = ("teacher", "scratch")
+POSITIONS = ("all", "scored")  # the tokens the distillation loss averages
 
 
 @dataclass
@@ -69,6 +71,9 @@ class DistillConfig:
         loss: ``"kl"`` (teacher || student over the experts, needs a softmax head) or ``"mse"`` on the scalings.
         temperature: distillation temperature τ of the KL (None: the teacher's softmax_temperature).
         lm_weight: weight of the LM loss of the X-LoRA forward with the student's scalings (0: pure distillation).
+        positions: the tokens the distillation loss averages: ``"all"`` (every real token) or ``"scored"`` (the
+            positions that predict a completion token: where an answer is written and ``xlora eval`` measures
+            routing; the prompt's scalings then only feed the LM loss, if any).
         init: ``"teacher"`` (start from the teacher head's weights) or ``"scratch"`` (a fresh head).
         chat: render prompt/completion records with the chat template, as ``xlora train --chat``.
         max_length: tokens per example (longer records are truncated).
@@ -92,6 +97,7 @@ class DistillConfig:
     loss: str = "kl"
     temperature: float | None = None
     lm_weight: float = 0.0
+    positions: str = "all"
     init: str = "teacher"
     chat: bool = False
     max_length: int = 512
@@ -121,6 +127,9 @@ class DistillConfig:
             raise ValueError(f"temperature must be > 0 (or None: the teacher's), got {self.temperature}")
         if self.loss not in LOSSES:
             raise ValueError(f"loss must be one of {LOSSES}, got {self.loss!r}: 'kl' for softmax heads, else 'mse'")
+        if self.positions not in POSITIONS:
+            raise ValueError(f"positions must be one of {POSITIONS}, got {self.positions!r}: 'scored' distils only "
+                             "the positions that predict a completion token")
         if self.init not in INITS:
             raise ValueError(f"init must be one of {INITS}, got {self.init!r}")
         for name in ("chat", "overwrite"):
@@ -251,6 +260,8 @@ def step_loss(model: XLoraModel, student: ScalingHead, cfg: DistillConfig,
     """The loss of one batch (with grad into ``student`` only) and its parts for the metrics."""
     z_t, s_t, h_k = scalings_pair(model, cfg.scaling_pass_layers, batch)
     mask = batch["attention_mask"]
+    if cfg.positions == "scored":
+        mask = mask * scored_positions(batch["labels"]).to(mask.dtype)  # [b, t]
     s_s = student(h_k)  # [b, t, L, E]
     if cfg.loss == "kl":
         tau = cfg.temperature or model.xlora_config.softmax_temperature
@@ -259,7 +270,7 @@ def step_loss(model: XLoraModel, student: ScalingHead, cfg: DistillConfig,
         loss = distill_mse(s_t, s_s, mask)
     parts = {cfg.loss: float(loss.detach()), "top1": float(top1_agreement(s_t, s_s.detach(), mask))}
     if cfg.lm_weight > 0:
-        out = model(input_ids=batch["input_ids"], attention_mask=mask, labels=batch["labels"], scalings=s_s)
+        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"], scalings=s_s)
         parts["lm"] = float(out.loss.detach())
         loss = loss + cfg.lm_weight * out.loss
     parts["loss"] = float(loss.detach())
