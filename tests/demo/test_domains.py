@@ -50,17 +50,17 @@ def test_items_carry_the_slots_the_composer_needs():
     pytest.importorskip("rdkit")
     pytest.importorskip("Bio")
     rng = random.Random(0)
-    item = domains._protein_forward(rng, False)
-    assert item.slots["x"] == item.key and item.slots["prop"] in domains._PROTEIN_PROPS
+    item = domains.protein_forward_task(rng, False)
+    assert item.slots["x"] == item.key and item.slots["prop"] in domains.PROTEIN_PROPS
     assert item.slots["unit"] == ("Da" if item.slots["prop"] == "mw" else "")
     for _ in range(40):
-        item = domains._math_task(rng, False)
+        item = domains.math_task(rng, False)
         if item.kind == "linear":
             s = item.slots
             assert item.key == f"Solve for x: {s['a']}x {s['pm']} {s['babs']} = {s['c']}."
             x = int(item.completion.removeprefix("x = "))
             assert s["a"] * x + (s["babs"] if s["pm"] == "+" else -s["babs"]) == s["c"]
-        item = domains._chem_inverse(rng, False)
+        item = domains.chem_inverse_task(rng, False)
         assert item.slots["exact"] == (item.meta["property"] in ("rings", "hbd"))
         assert item.slots["lo"] == f"{item.meta['lo']:g}"
 

@@ -100,10 +100,10 @@ def test_test_unseen_asks_held_out_items_in_new_words(domain):
 def test_the_item_key_is_the_original_wording():
     rng = random.Random(0)
     for _ in range(100):
-        item = domains._math_task(rng, False)
+        item = domains.math_task(rng, False)
         if item.kind != "arith":
             assert item.key == phrasings.templates(item.kind)[0].format(**item.slots)
-        item = domains._general_task(rng, False)
+        item = domains.general_task(rng, False)
         assert item.key == phrasings.templates(item.kind)[0].format(**item.slots)
 
 

@@ -64,14 +64,14 @@ def _fmt(value: float, decimals: int) -> str:
     return text[1:] if text.startswith("-") and float(text) == 0 else text  # never "-0.00"
 
 
-def _numeric(value: float, decimals: int, tol: float) -> tuple[str, dict[str, Any]]:
+def numeric_answer(value: float, decimals: int, tol: float) -> tuple[str, dict[str, Any]]:
     """Completion text and checker meta of a numeric forward task (``tol``: error at which the score is 0)."""
     text = _fmt(value, decimals)
     return text, {"kind": "numeric", "value": float(text), "decimals": decimals, "tol": tol}
 
 
 # ------------------------------------------------------------------------------------------ protein
-_PROTEIN_PROPS = {  # long name (the original wording), short name, decimals, tolerance (absolute; mw relative)
+PROTEIN_PROPS = {  # long name (the original wording), short name, decimals, tolerance (absolute; mw relative)
     "mw": ("molecular weight in Da", "molecular weight", 1, 0.05),
     "pi": ("isoelectric point (pI)", "isoelectric point", 2, 1.0),
     "gravy": ("GRAVY (grand average of hydropathy)", "GRAVY score", 3, 0.5),
@@ -83,11 +83,11 @@ def _random_sequence(rng: random.Random, lo: int = 8, hi: int = 24) -> str:
     return "".join(rng.choice(AMINO_ACIDS) for _ in range(rng.randint(lo, hi)))
 
 
-def _protein_forward(rng: random.Random, held_out: bool) -> Item:
-    seq, prop = _random_sequence(rng), rng.choice(list(_PROTEIN_PROPS))
-    long, short, decimals, tol = _PROTEIN_PROPS[prop]
+def protein_forward_task(rng: random.Random, held_out: bool) -> Item:
+    seq, prop = _random_sequence(rng), rng.choice(list(PROTEIN_PROPS))
+    long, short, decimals, tol = PROTEIN_PROPS[prop]
     value = protein_property(seq, prop)
-    text, meta = _numeric(value, decimals, tol * value if prop == "mw" else tol)
+    text, meta = numeric_answer(value, decimals, tol * value if prop == "mw" else tol)
     return Item(seq, "protein_forward", {"seq": seq, "long": long, "short": short, "decimals": decimals, "x": seq,
                                          "prop": prop, "unit": "Da" if prop == "mw" else ""}, text, meta)
 
@@ -95,12 +95,12 @@ def _protein_forward(rng: random.Random, held_out: bool) -> Item:
 _INVERSE_WIDTH = {"mw": 200.0, "pi": 1.0, "gravy": 0.6}
 
 
-def _protein_inverse(rng: random.Random, held_out: bool) -> Item:
+def protein_inverse_task(rng: random.Random, held_out: bool) -> Item:
     seq, prop = _random_sequence(rng), rng.choice(list(_INVERSE_WIDTH))
     value, width = protein_property(seq, prop), _INVERSE_WIDTH[prop]
     lo = round(value - rng.uniform(0.1, 0.9) * width, 1)
     hi = round(lo + width, 1)
-    long, short = _PROTEIN_PROPS[prop][:2]
+    long, short = PROTEIN_PROPS[prop][:2]
     slots = {"n": len(seq), "long": long, "short": short, "lo": f"{lo:g}", "hi": f"{hi:g}", "prop": prop,
              "unit": "Da" if prop == "mw" else ""}
     meta = {"kind": "protein_inverse", "property": prop, "lo": lo, "hi": hi, "length": len(seq)}
@@ -117,7 +117,7 @@ def _check_protein_inverse(meta: dict[str, Any], answer: str) -> float:
 
 
 # ---------------------------------------------------------------------------------------- chemistry
-_CHEM_FORWARD = {  # long name, short name (values) or noun (counts), decimals (None = count), tolerance
+CHEM_FORWARD = {  # long name, short name (values) or noun (counts), decimals (None = count), tolerance
     "mw": ("molecular weight in g/mol", "molecular weight", 2, 0.05),
     "logp": ("Crippen logP", "logP", 2, 1.0),
     "rings": ("", "rings", None, 0),
@@ -126,19 +126,19 @@ _CHEM_FORWARD = {  # long name, short name (values) or noun (counts), decimals (
 }
 
 
-def _chem_forward(rng: random.Random, held_out: bool) -> Item:
-    smiles, prop = rng.choice(molecule_pool()), rng.choice(list(_CHEM_FORWARD))
-    long, short, decimals, tol = _CHEM_FORWARD[prop]
+def chem_forward_task(rng: random.Random, held_out: bool) -> Item:
+    smiles, prop = rng.choice(molecule_pool()), rng.choice(list(CHEM_FORWARD))
+    long, short, decimals, tol = CHEM_FORWARD[prop]
     value = chem_property(mol_from_smiles(smiles), prop)
     if decimals is None:
         text, meta = str(int(value)), {"kind": "exact_int", "value": int(value)}
         return Item(smiles, "chem_count", {"s": smiles, "noun": short, "x": smiles, "prop": prop}, text, meta)
-    text, meta = _numeric(value, decimals, tol * value if prop == "mw" else tol)
+    text, meta = numeric_answer(value, decimals, tol * value if prop == "mw" else tol)
     return Item(smiles, "chem_value", {"s": smiles, "long": long, "short": short, "x": smiles, "prop": prop,
                                        "decimals": decimals, "unit": "g/mol" if prop == "mw" else ""}, text, meta)
 
 
-def _chem_inverse(rng: random.Random, held_out: bool) -> Item:
+def chem_inverse_task(rng: random.Random, held_out: bool) -> Item:
     smiles, prop = rng.choice(molecule_pool()), rng.choice(["mw", "logp", "rings", "hbd"])
     value = chem_property(mol_from_smiles(smiles), prop)
     if prop in ("rings", "hbd"):
@@ -165,7 +165,7 @@ def _check_chem_inverse(meta: dict[str, Any], answer: str) -> float:
 
 
 # -------------------------------------------------------------------------------------- mathematics
-def _math_task(rng: random.Random, held_out: bool) -> Item:
+def math_task(rng: random.Random, held_out: bool) -> Item:
     kind = rng.choice(["add", "sub", "mul", "expr", "mod", "frac", "linear"])
     if kind in ("add", "sub", "mul", "expr"):
         if kind == "mul":
@@ -200,7 +200,7 @@ def _math_item(kind: str, slots: dict[str, Any], completion: str, value: str) ->
 
 
 # ------------------------------------------------------------------------------------------ general
-def _general_task(rng: random.Random, held_out: bool) -> Item:
+def general_task(rng: random.Random, held_out: bool) -> Item:
     kind = rng.choice(["capital", "antonym", "upper", "sort", "count", "next", "date", "words"])
     exact = "exact_text"
     if kind == "capital":
@@ -233,21 +233,21 @@ def _general_task(rng: random.Random, held_out: bool) -> Item:
 
 
 # -------------------------------------------------------------------------------------------- graph
-def _graph_task(rng: random.Random, held_out: bool) -> Item:
+def graph_task(rng: random.Random, held_out: bool) -> Item:
     text, triples = passage(rng, held_out)
     return Item(text, "graph", {"p": text}, format_triples(triples), {"kind": "triples", "value": triples})
 
 
 TASKS: dict[str, list[tuple[str, Task, float]]] = {  # domain -> (task name, generator, weight)
-    "protein": [("protein_forward", _protein_forward, 0.7), ("protein_inverse", _protein_inverse, 0.3)],
-    "chemistry": [("chem_forward", _chem_forward, 0.7), ("chem_inverse", _chem_inverse, 0.3)],
-    "mathematics": [("math", _math_task, 1.0)],
-    "general": [("general", _general_task, 1.0)],
-    "graph": [("graph", _graph_task, 1.0)],
+    "protein": [("protein_forward", protein_forward_task, 0.7), ("protein_inverse", protein_inverse_task, 0.3)],
+    "chemistry": [("chem_forward", chem_forward_task, 0.7), ("chem_inverse", chem_inverse_task, 0.3)],
+    "mathematics": [("math", math_task, 1.0)],
+    "general": [("general", general_task, 1.0)],
+    "graph": [("graph", graph_task, 1.0)],
 }
 
 
-def _item_split(domain: str, key: str, held_out: bool, split_by: Callable[[str, str], str] = split_of) -> str:
+def item_split_of(domain: str, key: str, held_out: bool, split_by: Callable[[str, str], str] = split_of) -> str:
     """Graph passages are held out by their entities (test) or split train/validation by hash; the rest by
     ``split_by`` (the suite passes its key-space hash)."""
     if domain == "graph" and held_out:
@@ -280,7 +280,7 @@ def generate(domain: str, split: str, n: int, seed: int = 0) -> list[Record]:
                              f"(asked for n={n}); ask for fewer")
         i = rng.choices(range(len(names)), weights)[0]
         item = funcs[i](rng, held_out)
-        if _item_split(domain, item.key, held_out) != item_split:
+        if item_split_of(domain, item.key, held_out) != item_split:
             continue
         prompt, template = phrasings.phrase(item.kind, split, rng, **item.slots)
         if prompt in seen:

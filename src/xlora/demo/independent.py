@@ -70,9 +70,9 @@ def _protein(p: Record) -> Item:
     """ProtParam forward (the suite's decimals and tolerances) or an inverse range with a verified answer."""
     seq, prop = p["item"], p["property"]
     if p["task"] == "protein_forward":
-        _, _, decimals, tol = domains._PROTEIN_PROPS[prop]
+        _, _, decimals, tol = domains.PROTEIN_PROPS[prop]
         value = protein_property(seq, prop)
-        text, meta = domains._numeric(value, decimals, tol * value if prop == "mw" else tol)
+        text, meta = domains.numeric_answer(value, decimals, tol * value if prop == "mw" else tol)
         return Item(seq, "protein_forward", {"x": seq, "prop": prop}, text, meta)
     value = protein_property(seq, prop)
     if len(seq) != p["length"] or not p["lo"] <= value <= p["hi"]:
@@ -108,12 +108,12 @@ def _chemistry(p: Record) -> Item:
         meta = {"kind": "chem_inverse", "property": prop, "lo": p["lo"], "hi": p["hi"]}
         return Item(p["prompt"], "chem_inverse", {"prop": prop}, smiles, meta)
     smiles = p["item"]
-    _, _, decimals, tol = domains._CHEM_FORWARD[prop]
+    _, _, decimals, tol = domains.CHEM_FORWARD[prop]
     value = chem_property(mol_from_smiles(smiles), prop)
     if decimals is None:
         return Item(smiles, "chem_count", {"x": smiles, "prop": prop}, str(int(value)),
                     {"kind": "exact_int", "value": int(value)})
-    text, meta = domains._numeric(value, decimals, tol * value if prop == "mw" else tol)
+    text, meta = domains.numeric_answer(value, decimals, tol * value if prop == "mw" else tol)
     return Item(smiles, "chem_value", {"x": smiles, "prop": prop}, text, meta)
 
 
@@ -127,7 +127,7 @@ def _science(p: Record) -> Item:
     if row is None or row.get(p["property"]) is None:
         raise ValueError(f"{p['item']!r} has no {p['property']!r} in the science rows")
     one = {p["property"]: props[p["property"]]}
-    return science_tasks._forward(random.Random(0), [row], one, p["task"], key)  # one row, one property: no draw
+    return science_tasks.forward_item(random.Random(0), [row], one, p["task"], key)  # one row, one property: no draw
 
 
 def _qm_inverse(p: Record) -> Item:

@@ -98,7 +98,7 @@ def _record(domain: str, kind: str, row: dict[str, Any], prop: str, key_field: s
     """A suite ``test`` record asking ``row``'s ``prop``, in the kind's seen wording (seeded: always the same)."""
     props = science_tasks.QM_PROPS if kind == "qm_forward" else science_tasks.MECH_PROPS
     rng = random.Random(f"xlora-demo-question:{kind}")
-    item = science_tasks._forward(rng, [row], {prop: props[prop]}, kind, key_field)
+    item = science_tasks.forward_item(rng, [row], {prop: props[prop]}, kind, key_field)
     words = wording.compose(kind, "test", rng, item.slots)
     return suite.make_record(domain, "test", kind, item, words, f"{domain}-question")
 
@@ -111,7 +111,7 @@ def molecule_question(folder: str | Path | None = None) -> Question:
     """
     path = Path(folder or science_tasks.SCIENCE_DIR) / "molecules.jsonl.gz"
     rows = sorted((r for r in read_jsonl(path) if r.get("source") == MOLECULE_SOURCE and "skipped" not in r
-                   and science_tasks._finite(r.get("gap_ev"))), key=lambda r: r["smiles"])
+                   and science_tasks.finite_value(r.get("gap_ev"))), key=lambda r: r["smiles"])
     row = next((r for r in rows if science_tasks.split_of("quantum", r["smiles"]) == "test"), None)
     if row is None:
         raise ValueError(f"{path} has no test-split {MOLECULE_SOURCE} molecule with a gap_ev; regenerate the data "

@@ -73,7 +73,7 @@ class SciencePools:
         return pool
 
 
-def _finite(value: Any) -> bool:
+def finite_value(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
@@ -96,17 +96,17 @@ def load_pools(folder: str | None = None) -> SciencePools:
         smiles = _field(row, _SMILES_FIELDS)
         if "skipped" in row:  # a skipped input, recorded with its reason
             continue
-        if _finite(row.get("peak_force_pn")) and row.get("sequence"):
+        if finite_value(row.get("peak_force_pn")) and row.get("sequence"):
             pulls.setdefault(row["sequence"], []).append(row)
             continue
         qm = {p: _field(row, spec[0]) for p, spec in QM_PROPS.items()}
-        if smiles and all(_finite(v) for v in qm.values()):  # a molecule row carries xTB and measured values
+        if smiles and all(finite_value(v) for v in qm.values()):  # a molecule row carries xTB and measured values
             pools.qm.append({"smiles": smiles, **qm})
         measured = {p: _field(row, spec[0]) for p, spec in MEASURED_PROPS.items()}
-        if smiles and any(_finite(v) for v in measured.values()):
-            pools.measured.append({"smiles": smiles, **{p: v if _finite(v) else None for p, v in measured.items()}})
+        if smiles and any(finite_value(v) for v in measured.values()):
+            pools.measured.append({"smiles": smiles, **{p: v if finite_value(v) else None for p, v in measured.items()}})
     for seq, rs in pulls.items():
-        vals = {p: [r[spec[0][0]] for r in rs if _finite(r.get(spec[0][0]))] for p, spec in MECH_PROPS.items()}
+        vals = {p: [r[spec[0][0]] for r in rs if finite_value(r.get(spec[0][0]))] for p, spec in MECH_PROPS.items()}
         if all(vals.values()):
             pools.mechanics.append({"sequence": seq, "seeds": len(rs), **{p: sum(v) / len(v) for p, v in vals.items()}})
     for name in ("qm", "measured", "mechanics"):
@@ -122,7 +122,7 @@ def _numeric(value: float, decimals: int) -> tuple[str, float]:
     return text, float(text)
 
 
-def _forward(rng: random.Random, rows: list[dict[str, Any]], props: dict, kind: str, key_field: str) -> Item:
+def forward_item(rng: random.Random, rows: list[dict[str, Any]], props: dict, kind: str, key_field: str) -> Item:
     while True:  # a row may lack one property (a molecule with only logS): draw again
         row, prop = rng.choice(rows), rng.choice(sorted(props))
         if row.get(prop) is not None:
@@ -137,17 +137,17 @@ def _forward(rng: random.Random, rows: list[dict[str, Any]], props: dict, kind: 
 
 def qm_forward(rng: random.Random, pools: SciencePools) -> Item:
     """SMILES -> gap, HOMO, LUMO or dipole (xTB)."""
-    return _forward(rng, pools.rows("qm_forward"), QM_PROPS, "qm_forward", "smiles")
+    return forward_item(rng, pools.rows("qm_forward"), QM_PROPS, "qm_forward", "smiles")
 
 
 def measured(rng: random.Random, pools: SciencePools) -> Item:
     """SMILES -> measured hydration free energy or logS."""
-    return _forward(rng, pools.rows("measured"), MEASURED_PROPS, "measured", "smiles")
+    return forward_item(rng, pools.rows("measured"), MEASURED_PROPS, "measured", "smiles")
 
 
 def mech_forward(rng: random.Random, pools: SciencePools) -> Item:
     """Sequence -> steered-MD peak force or work (mean over seeds)."""
-    return _forward(rng, pools.rows("mech_forward"), MECH_PROPS, "mech_forward", "sequence")
+    return forward_item(rng, pools.rows("mech_forward"), MECH_PROPS, "mech_forward", "sequence")
 
 
 def _range(rng: random.Random, value: float, width: float, decimals: int) -> tuple[float, float]:

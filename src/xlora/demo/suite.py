@@ -55,16 +55,16 @@ def _new(task: Callable[[random.Random, science_tasks.SciencePools], Item]) -> S
 
 
 TASKS: dict[str, list[tuple[str, SuiteTask, float]]] = {  # domain -> (task name, generator, weight)
-    "protein": [("protein_forward", _old(domains._protein_forward), 0.7),
-                ("protein_inverse", _old(domains._protein_inverse), 0.3)],
+    "protein": [("protein_forward", _old(domains.protein_forward_task), 0.7),
+                ("protein_inverse", _old(domains.protein_inverse_task), 0.3)],
     "mechanics": [("mech_forward", _new(science_tasks.mech_forward), 0.75),
                   ("mech_inverse", _new(science_tasks.mech_inverse), 0.25)],
-    "chemistry": [("chem_forward", _old(domains._chem_forward), 0.45), ("chem_inverse", _old(domains._chem_inverse), 0.2),
+    "chemistry": [("chem_forward", _old(domains.chem_forward_task), 0.45), ("chem_inverse", _old(domains.chem_inverse_task), 0.2),
                   ("measured", _new(science_tasks.measured), 0.35)],
     "quantum": [("qm_forward", _new(science_tasks.qm_forward), 0.75), ("qm_inverse", _new(science_tasks.qm_inverse), 0.25)],
-    "mathematics": [("math", _old(domains._math_task), 1.0)],
-    "general": [("general", _old(domains._general_task), 1.0)],
-    "graph": [("graph", _old(domains._graph_task), 1.0)],
+    "mathematics": [("math", _old(domains.math_task), 1.0)],
+    "general": [("general", _old(domains.general_task), 1.0)],
+    "graph": [("graph", _old(domains.graph_task), 1.0)],
 }
 
 # (kind, property or None) -> xlora eval's check of a numeric/exact answer (tolerances: a good answer's error)
@@ -116,7 +116,7 @@ def generate(domain: str, split: str, n: int, seed: int = 0, data_dir: str | Non
                              f"(asked for n={n}); ask for fewer or add data")
         i = rng.choices(range(len(names)), weights)[0]
         item = funcs[i](rng, item_split == "test", pools)
-        if domains._item_split(domain, item.key, item_split == "test", split_of) != item_split:
+        if domains.item_split_of(domain, item.key, item_split == "test", split_of) != item_split:
             continue
         words = wording.compose(item.kind, split, rng, item.slots)
         if words.prompt in seen:
