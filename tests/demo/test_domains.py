@@ -91,6 +91,7 @@ def test_arithmetic_checker():
     assert domains.check(eq, "x = -6") == domains.check(eq, "-6") == 1.0
     assert domains.check(eq, "x = 6") == 0.0
     assert domains.check(eq, "y = -6") == domains.check(eq, "n=-6") == 1.0  # the composed wording renames x
+    assert domains.check(eq, "K = -6") == domains.check(eq, "X=-6") == 1.0  # a capital letter is a variable too
     frac = _rec("math", {"kind": "exact_number", "value": "3/4"})
     assert domains.check(frac, "3/4") == domains.check(frac, "6/8") == 1.0
     assert domains.check(frac, "4/3") == 0.0

@@ -47,7 +47,7 @@ DOMAINS = ("protein", "chemistry", "mathematics", "general", "graph")
 SPLITS = phrasings.SPLITS
 _SPLIT_BUCKETS = {"train": range(0, 16), "validation": range(16, 18), "test": range(18, 20)}  # of 20
 AMINO_ACIDS = "ACDEFGHIKLMNPQRSTVWY"
-_LEADING_NUMBER = re.compile(r"(?:[a-z]\s*=\s*)?([-+]?\d+(?:\.\d+)?(?:/\d+)?)(?![\w.]*\d)")
+_LEADING_NUMBER = re.compile(r"(?:[A-Za-z]\s*=\s*)?([-+]?\d+(?:\.\d+)?(?:/\d+)?)(?![\w.]*\d)")
 
 Record = dict[str, Any]
 Task = Callable[[random.Random, bool], Item]  # (rng, held_out) -> item
