@@ -186,6 +186,28 @@ def test_molecule_checker_scores_the_computed_value():
         check_molecule_property("CCO", "mw", 1, 2)
 
 
+LIDOCAINE = ("CCN(CC)CC(=O)Nc1c(C)cccc1C", "c1cc(c(NC(=O)CN(CC)CC)c(c1)C)C", "C(C)N(CC(Nc1c(cccc1C)C)=O)CC")
+
+
+def test_one_molecule_gets_one_value_however_it_is_written(tmp_path):
+    """ETKDG's conformer follows the atom order (lidocaine's HOMO: -9.34 to -9.96 eV over these writings); the
+    checker's properties do not: the shipped row for a shipped molecule, else xTB on the canonical SMILES."""
+    pytest.importorskip("tblite", reason="the science extra (tblite) is not installed")
+    from xlora.demo.sciencedata import molecules
+    from xlora.demo.sciencedata.checks import check_molecule_property
+
+    raw = [molecules.compute(w)["homo_ev"] for w in LIDOCAINE]
+    assert max(raw) - min(raw) > 0.3  # the writing moves the computed value
+    stored = next(r for r in molecules._table(str(molecules.SHIPPED)).values() if r["smiles"] == LIDOCAINE[0])
+    for w in LIDOCAINE:
+        props, where = molecules.checked_properties(w)
+        assert (props["homo_ev"], where) == (stored["homo_ev"], "table")
+        fresh, where = molecules.checked_properties(w, table=tmp_path / "none.jsonl")  # not in this table
+        assert (fresh["homo_ev"], where) == (molecules.compute(LIDOCAINE[0])["homo_ev"], "xtb")
+        lo = stored["homo_ev"] - 0.05
+        assert check_molecule_property(f"Try {w}.", "homo_ev", lo, lo + 0.1).score == 1.0
+
+
 def test_peptide_checker_simulates_the_answer_once(quick_pull):
     from xlora.demo.sciencedata.checks import check_peptide_force
     from xlora.demo.sciencedata.mechanics import PullProtocol

@@ -1,7 +1,8 @@
 """Physics checkers for inverse tasks: compute the property of a model's answer and score it.
 
-``check_molecule_property(answer, prop, lo, hi)`` runs the same RDKit + GFN2-xTB pipeline as the
-data (``molecules.compute``) on the proposed molecule; ``check_peptide_force(answer, lo, hi,
+``check_molecule_property(answer, prop, lo, hi)`` takes a proposed molecule of the shipped table at its
+stored value and runs the data's RDKit + GFN2-xTB pipeline on any other, from its canonical SMILES
+(``molecules.checked_properties``); ``check_peptide_force(answer, lo, hi,
 time_budget_s)`` runs one steered pull (``mechanics.pull``) on the proposed peptide. Both return a
 ``Check``: ``score`` 1.0 when the value lies in ``[lo, hi]``, falling linearly to 0 at one range
 width outside it; 0.0 with the reason shown when the answer cannot be read, cannot be computed
@@ -72,7 +73,7 @@ def check_molecule_property(answer: str, prop: str, lo: float, hi: float) -> Che
         except molecules.Skip:
             continue
         try:
-            props = molecules.compute(candidate)
+            props, _ = molecules.checked_properties(candidate)  # the shipped row, else xTB on the canonical SMILES
         except molecules.Skip as exc:
             return Check(0.0, f"not computable: {exc}", None, candidate)
         return _scored(props[prop], prop, lo, hi, props["smiles"])

@@ -29,6 +29,13 @@ table); 1 Hartree = 27.211386245988 eV and 1 e·Bohr = 2.541746473 D. Checked on
 experimental geometry: 2.27 D (experiment 1.85 D; GFN2-xTB is known to overestimate it), HOMO
 −12.18 eV, gap 14.63 eV.
 
+One geometry per molecule, and ETKDG's depends on the atom order: the shipped rows were computed from
+each source set's SMILES, and a flexible molecule written in another order can embed into another
+conformer (lidocaine's HOMO: −9.48 eV from ChEMBL's order, −9.94 eV from the canonical one).
+:func:`checked_properties`, what the inverse-task checker runs, therefore gives a molecule of the
+shipped table its stored row (the value the experts trained on) and computes any other molecule from
+its canonical SMILES, so that every writing of one molecule gets one value.
+
 Skipped and counted, by reason: ``parse`` (RDKit cannot read it), ``metal`` / ``element`` (an
 element outside H B C N O F Si P S Cl Se Br I), ``radical`` (unpaired electrons), ``too_large``
 (more than ``MAX_HEAVY`` heavy atoms), ``embed`` (no 3D geometry), ``mmff`` (no MMFF parameters),
@@ -37,6 +44,7 @@ element outside H B C N O F Si P S Cl Se Br I), ``radical`` (unpaired electrons)
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 from collections.abc import Callable, Iterator
@@ -145,6 +153,26 @@ def compute(smiles: str) -> dict:
     numbers, positions = geometry(mol)
     return {"smiles": canonical, "charge": charge, "n_heavy": mol.GetNumHeavyAtoms(),
             **xtb(numbers, positions, charge)}
+
+
+SHIPPED = Path(__file__).parents[1] / "assets" / "science" / "molecules.jsonl.gz"
+
+
+@functools.lru_cache(maxsize=2)
+def _table(path: str) -> dict[str, dict]:
+    from xlora.demo.sciencedata.store import read_jsonl
+
+    return {row["smiles"]: row for row in read_jsonl(path) if "skipped" not in row and row.get("smiles")}
+
+
+def checked_properties(smiles: str, table: str | Path = SHIPPED) -> tuple[dict, str]:
+    """``(properties, where)`` of the molecule ``smiles`` names, whatever its atom order: its row in
+    ``table`` (``where = "table"``), else :func:`compute` on its canonical SMILES (``"xtb"``); raises Skip."""
+    mol, canonical = parent(smiles)
+    row = _table(str(table)).get(canonical)
+    if row is not None:
+        return row, "table"
+    return compute(canonical), "xtb"
 
 
 def _safe_compute(smiles: str) -> tuple[dict | None, str | None]:
