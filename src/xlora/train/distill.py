@@ -71,9 +71,8 @@ class DistillConfig:
         loss: ``"kl"`` (teacher || student over the experts, needs a softmax head) or ``"mse"`` on the scalings.
         temperature: distillation temperature τ of the KL (None: the teacher's softmax_temperature).
         lm_weight: weight of the LM loss of the X-LoRA forward with the student's scalings (0: pure distillation).
-        positions: the tokens the distillation loss averages: ``"all"`` (every real token) or ``"scored"`` (the
-            positions that predict a completion token: where an answer is written and ``xlora eval`` measures
-            routing; the prompt's scalings then only feed the LM loss, if any).
+        positions: the tokens the distillation averages: ``"all"`` real tokens or ``"scored"`` (those predicting a
+            completion token, where ``xlora eval`` measures routing).
         init: ``"teacher"`` (start from the teacher head's weights) or ``"scratch"`` (a fresh head).
         chat: render prompt/completion records with the chat template, as ``xlora train --chat``.
         max_length: tokens per example (longer records are truncated).
@@ -128,8 +127,7 @@ class DistillConfig:
         if self.loss not in LOSSES:
             raise ValueError(f"loss must be one of {LOSSES}, got {self.loss!r}: 'kl' for softmax heads, else 'mse'")
         if self.positions not in POSITIONS:
-            raise ValueError(f"positions must be one of {POSITIONS}, got {self.positions!r}: 'scored' distils only "
-                             "the positions that predict a completion token")
+            raise ValueError(f"positions must be one of {POSITIONS}, got {self.positions!r}")
         if self.init not in INITS:
             raise ValueError(f"init must be one of {INITS}, got {self.init!r}")
         for name in ("chat", "overwrite"):
