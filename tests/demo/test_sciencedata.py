@@ -198,14 +198,20 @@ def test_one_molecule_gets_one_value_however_it_is_written(tmp_path):
 
     raw = [molecules.compute(w)["homo_ev"] for w in LIDOCAINE]
     assert max(raw) - min(raw) > 0.3  # the writing moves the computed value
-    stored = next(r for r in molecules._table(str(molecules.SHIPPED)).values() if r["smiles"] == LIDOCAINE[0])
+    stored = molecules.checked_properties(LIDOCAINE[0])[0]
     for w in LIDOCAINE:
         props, where = molecules.checked_properties(w)
         assert (props["homo_ev"], where) == (stored["homo_ev"], "table")
-        fresh, where = molecules.checked_properties(w, table=tmp_path / "none.jsonl")  # not in this table
+        fresh, where = molecules.checked_properties(w, table=None)  # computed: the canonical order
         assert (fresh["homo_ev"], where) == (molecules.compute(LIDOCAINE[0])["homo_ev"], "xtb")
         lo = stored["homo_ev"] - 0.05
-        assert check_molecule_property(f"Try {w}.", "homo_ev", lo, lo + 0.1).score == 1.0
+        checked = check_molecule_property(f"Try {w}.", "homo_ev", lo, lo + 0.1)
+        assert checked.score == 1.0 and checked.reason.endswith("(the shipped value)")
+    props, _ = molecules.checked_properties(LIDOCAINE[0])
+    props["homo_ev"] = 0.0  # a copy: the table is untouched
+    assert molecules.checked_properties(LIDOCAINE[0])[0]["homo_ev"] == stored["homo_ev"]
+    with pytest.raises(FileNotFoundError, match=r"table='.*none.jsonl' does not exist.*table=None"):
+        molecules.checked_properties("CCO", table=tmp_path / "none.jsonl")
 
 
 def test_peptide_checker_simulates_the_answer_once(quick_pull):

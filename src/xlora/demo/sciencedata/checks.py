@@ -73,10 +73,12 @@ def check_molecule_property(answer: str, prop: str, lo: float, hi: float) -> Che
         except molecules.Skip:
             continue
         try:
-            props, _ = molecules.checked_properties(candidate)  # the shipped row, else xTB on the canonical SMILES
+            props, where = molecules.checked_properties(candidate)  # the shipped row, else xTB on the canonical SMILES
         except molecules.Skip as exc:
             return Check(0.0, f"not computable: {exc}", None, candidate)
-        return _scored(props[prop], prop, lo, hi, props["smiles"])
+        checked = _scored(props[prop], prop, lo, hi, props["smiles"])
+        source = "the shipped value" if where == "table" else "GFN2-xTB now"
+        return Check(checked.score, f"{checked.reason} ({source})", checked.value, checked.answer)
     return Check(0.0, f"unparsable: no SMILES RDKit can read in {answer[:80]!r}", None, answer)
 
 

@@ -31,7 +31,7 @@ experimental geometry: 2.27 D (experiment 1.85 D; GFN2-xTB is known to overestim
 
 One geometry per molecule, and ETKDG's depends on the atom order: the shipped rows were computed from
 each source set's SMILES, and a flexible molecule written in another order can embed into another
-conformer (lidocaine's HOMO: −9.48 eV from ChEMBL's order, −9.94 eV from the canonical one).
+conformer (lidocaine's HOMO: −9.48 eV from the solubility set's order, −9.94 eV from the canonical one).
 :func:`checked_properties`, what the inverse-task checker runs, therefore gives a molecule of the
 shipped table its stored row (the value the experts trained on) and computes any other molecule from
 its canonical SMILES, so that every writing of one molecule gets one value.
@@ -158,20 +158,26 @@ def compute(smiles: str) -> dict:
 SHIPPED = Path(__file__).parents[1] / "assets" / "science" / "molecules.jsonl.gz"
 
 
-@functools.lru_cache(maxsize=2)
-def _table(path: str) -> dict[str, dict]:
+@functools.lru_cache(maxsize=4)
+def _table(path: Path, mtime_ns: int) -> dict[str, dict]:
     from xlora.demo.sciencedata.store import read_jsonl
 
     return {row["smiles"]: row for row in read_jsonl(path) if "skipped" not in row and row.get("smiles")}
 
 
-def checked_properties(smiles: str, table: str | Path = SHIPPED) -> tuple[dict, str]:
-    """``(properties, where)`` of the molecule ``smiles`` names, whatever its atom order: its row in
-    ``table`` (``where = "table"``), else :func:`compute` on its canonical SMILES (``"xtb"``); raises Skip."""
+def checked_properties(smiles: str, table: str | Path | None = SHIPPED) -> tuple[dict, str]:
+    """``(properties, where)`` of the molecule ``smiles`` names, whatever its atom order: a copy of its row in
+    ``table`` (``where = "table"``), else :func:`compute` on its canonical SMILES (``"xtb"``; also when
+    ``table`` is None). Raises Skip; FileNotFoundError when ``table`` is given but missing."""
     mol, canonical = parent(smiles)
-    row = _table(str(table)).get(canonical)
-    if row is not None:
-        return row, "table"
+    if table is not None:
+        path = Path(table).resolve()
+        if not path.is_file():
+            raise FileNotFoundError(f"table={str(table)!r} does not exist: give the molecules' rows "
+                                    "(molecules.jsonl.gz) or table=None to compute every molecule")
+        row = _table(path, path.stat().st_mtime_ns).get(canonical)
+        if row is not None:
+            return dict(row), "table"
     return compute(canonical), "xtb"
 
 
