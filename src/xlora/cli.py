@@ -206,7 +206,7 @@ def _add_eval_data_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-records", type=_positive, default=keep, metavar="N", help="read at most N records")
     g.add_argument("--batch-size", type=_positive, default=keep, help="records per forward (default 8)")
     g.add_argument("--answer-batch-size", type=_positive, default=keep, metavar="N",
-                   help="prompts answered together (default: 2 x --batch-size)")
+                   help="prompts answered together (default: 2 x --batch-size; on a GPU its KV cache is twice the size)")
     g.add_argument("--skip-bad", action="store_true", default=keep, help="skip and count bad records instead of stopping")
 
 

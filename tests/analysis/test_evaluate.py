@@ -222,6 +222,19 @@ def test_answers_are_greedy_and_scored_by_the_checks(setup):
     assert seen == ["alpha", "beta", "gamma"]
 
 
+def test_answers_are_batched_by_answer_batch_size(setup, monkeypatch):
+    import xlora.analysis.eval_answers as eval_answers
+
+    model, tok, _, _, data = setup
+    seen, greedy = [], eval_answers.greedy_answers
+    monkeypatch.setattr(eval_answers, "greedy_answers", lambda *a, **k: seen.append(a[4]) or greedy(*a, **k))
+    for config, size in ((EvalConfig(generate=1, max_new_tokens=2), 16), (EvalConfig(generate=1, max_new_tokens=2,
+                         batch_size=3), 6), (EvalConfig(generate=1, max_new_tokens=2, answer_batch_size=1), 1)):
+        seen.clear()
+        evaluate_files(model, tok, [data], config, rows=["base", "xlora"], progress=False)
+        assert seen and set(seen) == {size}, (config, seen)
+
+
 def test_experts_answering_only_their_own_domain_equal_the_all_answers_there(setup):
     model, tok, _, _, data = setup
     cfg = dict(generate=1, max_new_tokens=4)

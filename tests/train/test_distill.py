@@ -157,6 +157,10 @@ def test_scored_positions_distil_only_where_a_completion_token_is_predicted(worl
         assert loss.item() == pytest.approx(by_hand.item(), rel=1e-9)
         every = step_loss(model, student, dataclasses.replace(cfg, positions="all"), batch)[0]
         assert every.item() == pytest.approx(kl.mean().item(), rel=1e-9) and abs(every.item() - loss.item()) > 1e-4
+        with_lm, parts = step_loss(model, student, dataclasses.replace(cfg, lm_weight=1.0), batch)
+        lm = model(input_ids=ids, attention_mask=batch["attention_mask"], labels=labels, scalings=student(h_k)).loss
+        assert parts["lm"] == pytest.approx(lm.item(), rel=1e-6)  # the LM loss sees the whole sequence
+        assert with_lm.item() == pytest.approx(by_hand.item() + lm.item(), rel=1e-6)
 
 
 @pytest.mark.parametrize("field, value", [("scaling_pass_layers", 0), ("loss", "l1"), ("steps", 0), ("init", "zero"),

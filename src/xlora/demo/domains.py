@@ -307,8 +307,8 @@ def _first_token(answer: str) -> str:
 
 
 def _leading_number(answer: str) -> str | None:
-    """The number the answer starts with (after an optional ``x =``), or ``None``: garbage that merely
-    contains a digit somewhere earns nothing."""
+    """The number the answer starts with (after an optional one-letter variable, any case: ``x =``, ``K=``),
+    or ``None``: garbage that merely contains a digit somewhere earns nothing."""
     m = _LEADING_NUMBER.match(answer.strip().strip("`'\"").replace(",", ""))
     return m.group(1) if m else None
 

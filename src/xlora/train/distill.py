@@ -11,12 +11,12 @@ state after the first ``k`` layers (and the final norm) ``h_k``, both ``[b, t, h
     MSE = Σ_{b,t} m_bt · mean_{l,e} (s_S − s_T)² / Σ_{b,t} m_bt     # s = head(h): the applied scalings
     loss = KL (or MSE) + lm_weight · CE(X-LoRA forward with s_S)
 
-``m`` is the attention mask (1 on real tokens) and ``τ`` the distillation temperature (default the
-teacher's ``softmax_temperature``, so ``p`` are the scalings before any top-k). The KL is taken on
-log-probabilities for stability. Both scaling passes run without grad (the base is frozen): only the
-student head trains, and with ``lm_weight = 0`` no main pass runs at all, so a step costs about
-``1 + k/N`` base forwards. The reported KL and top-1 agreement (argmax over experts of the applied
-scalings, per real token and adapted module) are always at the model's own temperature.
+``m`` is the attention mask (1 on real tokens; with ``positions='scored'`` only those predicting a completion)
+and ``τ`` the distillation temperature (default the teacher's ``softmax_temperature``, so ``p`` are the
+scalings before any top-k). The KL is taken on log-probabilities for stability. Both scaling passes run
+without grad (the base is frozen): only the student head trains, and with ``lm_weight = 0`` no main pass runs
+at all, so a step costs about ``1 + k/N`` base forwards. The reported KL and top-1 agreement (argmax over
+experts of the applied scalings, per real token and module) are at the model's temperature, over every token.
 
 The output is a complete X-LoRA directory (``scaling_pass_layers = k``, the student head, the teacher's
 experts referenced as the teacher references them), plus ``distill_metrics.jsonl`` and ``distill.json``.
@@ -268,7 +268,7 @@ def step_loss(model: XLoraModel, student: ScalingHead, cfg: DistillConfig,
         loss = distill_mse(s_t, s_s, mask)
     parts = {cfg.loss: float(loss.detach()), "top1": float(top1_agreement(s_t, s_s.detach(), mask))}
     if cfg.lm_weight > 0:
-        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"], scalings=s_s)
+        out = model(**{k: batch[k] for k in ("input_ids", "attention_mask", "labels")}, scalings=s_s)  # every position
         parts["lm"] = float(out.loss.detach())
         loss = loss + cfg.lm_weight * out.loss
     parts["loss"] = float(loss.detach())
