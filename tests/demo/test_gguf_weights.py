@@ -154,7 +154,7 @@ def test_the_demo_model_converts_byte_for_byte_as_transformers_loader_does(tmp_p
     ours = convert_gguf(find_gguf(), tmp_path / "ours")
     reference = tmp_path / "reference"
     reference.mkdir()
-    _convert_with_transformers(find_gguf(), reference, check=False)
+    _convert_with_transformers(find_gguf(), reference, check=False, out=reference)
     names = sorted(p.name for p in reference.iterdir())
     assert sorted(p.name for p in ours.iterdir()) == names and "model.safetensors" in names
     for name in names:

@@ -68,7 +68,8 @@ STRANGER_DOMAINS = ("quantum", "mathematics", "graph")  # H5 routes all 8 of eac
 def test_the_mixture_beats_the_base_and_routes_a_strangers_prompts_by_content(models, tmp_path):
     model, _, tok = models
     configs, routing = _losses_and_routing_of(model, tok, _independent(STRANGER_DOMAINS), tmp_path)
-    for d in STRANGER_DOMAINS:  # measured: top-1 own 1.00 in each; loss 1.08-1.15 against the base's 1.97-4.01
+    for d in STRANGER_DOMAINS:  # measured: top-1 own 1.00 in each, every record's own expert ahead by >= 0.49 of
+        # mean scaling (no CPU's rounding flips that); loss 1.08-1.15 against the base's 1.97-4.01
         assert configs["xlora"]["loss"][d] < configs["base"]["loss"][d] - 0.5, configs
         assert routing["top1_own"][d] >= 0.8 and max(routing["mean"][d], key=routing["mean"][d].get) == d, routing
 
@@ -108,7 +109,9 @@ def test_the_shallow_head_runs_8_layers_and_keeps_the_full_heads_routing(models,
     records = _independent(("mathematics", "general", "graph"))
     _, full = _losses_and_routing_of(model, tok, records, tmp_path, rows=("xlora",))
     _, short_routing = _losses_and_routing_of(shallow, tok, records, tmp_path, rows=("xlora",))
-    for d in ("mathematics", "general", "graph"):  # issue 22: within 0.05 of the full head's (measured: 1.00 both)
+    # issue 22: within 0.05 of the full head's (measured: 1.00 both; the shallow head's own expert is ahead on every
+    # record by >= 0.085 of mean scaling, so the argmaxes do not hang on rounding)
+    for d in ("mathematics", "general", "graph"):
         assert abs(short_routing["top1_own"][d] - full["top1_own"][d]) <= 0.05, (short_routing, full)
     report = json.loads((SHALLOW / "distill.json").read_text())  # the distillation's own record: KL 1.875 -> 0.160
     assert report["final"]["top1"] > 0.85 and report["final"]["kl"] < 0.2 < report["initial"]["kl"]

@@ -84,13 +84,10 @@ class EvalConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise ValueError(f"EvalConfig.{name} must be an integer >= {low}, got {value!r}")
-        a = self.answer_batch_size
-        if a is not None and (isinstance(a, bool) or not isinstance(a, int) or a < 1):
-            raise ValueError(f"EvalConfig.answer_batch_size must be a positive integer or None (2 x batch_size), "
-                             f"got {a!r}")
-        m = self.max_records
-        if m is not None and (isinstance(m, bool) or not isinstance(m, int) or m < 1):
-            raise ValueError(f"EvalConfig.max_records must be a positive integer or None (all), got {m!r}")
+        for name, none in (("answer_batch_size", "2 x batch_size"), ("max_records", "all")):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ValueError(f"EvalConfig.{name} must be a positive integer or None ({none}), got {value!r}")
         if self.chat not in (None, True, False) or self.skip_bad not in (True, False):
             raise ValueError(f"EvalConfig.chat must be True, False or None and skip_bad a boolean, "
                              f"got chat={self.chat!r}, skip_bad={self.skip_bad!r}")

@@ -72,10 +72,9 @@ def convert_gguf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike, check
 
     A plain ``llama`` file is read by :mod:`xlora.demo.gguf_weights` (for the demo model byte-identical to
     transformers' loader, tested; 9 s instead of 21 s; ``check`` does not apply). Any other goes through
-    transformers:
-    it refuses to ``save_pretrained`` a model loaded from GGUF (it carries a ``quantization_config``), so
-    the dequantised weights are copied into a fresh model built from the config without it; with ``check``,
-    the saved directory is reloaded and its logits must equal the GGUF model's exactly.
+    transformers, which refuses to ``save_pretrained`` a model loaded from GGUF (it carries a
+    ``quantization_config``): the dequantised weights are copied into a fresh model built from the config
+    without it; with ``check``, the saved directory is reloaded and its logits must equal the GGUF model's.
     """
     try:
         import gguf
@@ -99,7 +98,8 @@ def convert_gguf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike, check
     return out
 
 
-def _convert_with_transformers(gguf_path: str | os.PathLike, tmp: Path, check: bool, out: Path | None = None) -> None:
+def _convert_with_transformers(gguf_path: str | os.PathLike, tmp: Path, check: bool, out: Path) -> None:
+    """Write into ``tmp`` through transformers' GGUF loader (``out``: the folder ``tmp`` becomes, for errors)."""
     from transformers import AutoModelForCausalLM
 
     model, tokenizer = load_gguf(gguf_path)
@@ -118,7 +118,7 @@ def _convert_with_transformers(gguf_path: str | os.PathLike, tmp: Path, check: b
             a, b = model(ids).logits, reloaded(ids).logits
         if not torch.equal(a, b):
             raise RuntimeError(f"the converted model's logits differ from the GGUF model's by "
-                               f"{(a - b).abs().max().item():.3g}; not writing {out or tmp}")
+                               f"{(a - b).abs().max().item():.3g}; not writing {out}")
 
 
 def base_model_dir(convert: bool = True) -> Path:

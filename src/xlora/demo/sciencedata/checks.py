@@ -11,6 +11,7 @@ width outside it; 0.0 with the reason shown when the answer cannot be read, cann
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from dataclasses import dataclass
 
@@ -69,16 +70,14 @@ def check_molecule_property(answer: str, prop: str, lo: float, hi: float) -> Che
         return Check(0.0, "unparsable: empty answer", None, answer)
     for candidate in _smiles_candidates(answer):
         try:
-            molecules.parent(candidate)
-        except molecules.Skip:
-            continue
-        try:
             props, where = molecules.checked_properties(candidate)  # the shipped row, else xTB on the canonical SMILES
         except molecules.Skip as exc:
+            if str(exc).startswith("parse:"):  # not a SMILES RDKit reads: the next token
+                continue
             return Check(0.0, f"not computable: {exc}", None, candidate)
         checked = _scored(props[prop], prop, lo, hi, props["smiles"])
         source = "the shipped value" if where == "table" else "GFN2-xTB now"
-        return Check(checked.score, f"{checked.reason} ({source})", checked.value, checked.answer)
+        return dataclasses.replace(checked, reason=f"{checked.reason} ({source})")
     return Check(0.0, f"unparsable: no SMILES RDKit can read in {answer[:80]!r}", None, answer)
 
 

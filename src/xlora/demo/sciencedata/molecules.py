@@ -169,7 +169,7 @@ def checked_properties(smiles: str, table: str | Path | None = SHIPPED) -> tuple
     """``(properties, where)`` of the molecule ``smiles`` names, whatever its atom order: a copy of its row in
     ``table`` (``where = "table"``), else :func:`compute` on its canonical SMILES (``"xtb"``; also when
     ``table`` is None). Raises Skip; FileNotFoundError when ``table`` is given but missing."""
-    mol, canonical = parent(smiles)
+    _, canonical = parent(smiles)
     if table is not None:
         path = Path(table).resolve()
         if not path.is_file():
