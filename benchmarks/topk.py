@@ -71,12 +71,13 @@ def build(E: int, dirs: list[Path], top_k: int | None = 2) -> XLoraModel:
 @contextmanager
 def dense_paths():
     """Switch the sparse paths off (every expert computed), for the dense rows."""
-    saved = MixtureLoraLinear.GATHER_SHARE, MixtureLoraLinear.GROUP_SHARE
+    saved = MixtureLoraLinear.GATHER_SHARE, MixtureLoraLinear.GROUP_SHARE, MixtureLoraLinear.ONE_TOKEN_SLICES
     MixtureLoraLinear.GATHER_SHARE = MixtureLoraLinear.GROUP_SHARE = float("inf")
+    MixtureLoraLinear.ONE_TOKEN_SLICES = False
     try:
         yield
     finally:
-        MixtureLoraLinear.GATHER_SHARE, MixtureLoraLinear.GROUP_SHARE = saved
+        MixtureLoraLinear.GATHER_SHARE, MixtureLoraLinear.GROUP_SHARE, MixtureLoraLinear.ONE_TOKEN_SLICES = saved
 
 
 @torch.inference_mode()

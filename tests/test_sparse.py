@@ -44,16 +44,18 @@ def topk_scalings(b: int, t: int, num: int, k: int, seed: int, favour: int | Non
 def calls(monkeypatch) -> list[str]:
     """Which sparse path each layer call took."""
     seen: list[str] = []
-    for name in ("gathered", "grouped"):
+    for name in ("gathered", "grouped", "sliced"):
         real = getattr(sparse, name)
         monkeypatch.setattr(sparse, name, lambda *a, _real=real, _name=name: seen.append(_name) or _real(*a))
     return seen
 
 
-# (experts, k, batch, length, path): few tokens at E = 64 gather; at least E tokens group; the rest is dense
-CASES = [(64, 2, 1, 1, "gathered"), (64, 1, 2, 1, "gathered"), (16, 2, 4, 4, "grouped"), (16, 2, 2, 9, "grouped"),
-         (64, 4, 4, 16, "grouped"), (16, 1, 2, 8, "grouped"), (16, 2, 1, 1, None), (64, 2, 3, 1, None),
-         (16, 2, 2, 7, None), (4, 2, 1, 1, None), (4, 2, 2, 9, None)]
+# (experts, k, batch, length, path): one token slices whatever E; few tokens at E = 64 gather; at least E
+# tokens group; the rest is dense
+CASES = [(64, 2, 1, 1, "sliced"), (16, 2, 1, 1, "sliced"), (4, 2, 1, 1, "sliced"), (4, 1, 1, 1, "sliced"),
+         (64, 1, 2, 1, "gathered"), (16, 2, 4, 4, "grouped"), (16, 2, 2, 9, "grouped"),
+         (64, 4, 4, 16, "grouped"), (16, 1, 2, 8, "grouped"), (64, 2, 3, 1, None),
+         (16, 2, 2, 7, None), (4, 2, 2, 9, None)]
 
 
 @pytest.mark.parametrize(("num", "k", "b", "t", "path"), CASES)
@@ -139,10 +141,11 @@ def test_fold_of_zero_scalings_is_none_and_a_batch_mismatch_is_refused():
 
 
 @pytest.mark.parametrize("granularity", ["token", "prompt"])
-@pytest.mark.parametrize("path", ["gathered", "grouped"])
+@pytest.mark.parametrize("path", ["gathered", "grouped", "sliced"])
 def test_top_k_generation_equals_the_dense_path(llama, monkeypatch, granularity, path, calls):
     """A top-2-of-3 head on the tiny Llama, left-padded batch of 3 with different choices per row: forcing
-    each sparse path (the tiny model is below both thresholds) gives the dense path's tokens and logits."""
+    each sparse path (the tiny model is below both thresholds) gives the dense path's tokens and logits.
+    ``sliced`` (one token per pass) decodes the first row alone."""
     from conftest import randomize_head
     from test_generation import left_padded_batch
 
@@ -153,18 +156,61 @@ def test_top_k_generation_equals_the_dense_path(llama, monkeypatch, granularity,
     model = XLoraModel(llama.base(), config).eval()
     randomize_head(model, 5, 2.0)  # a router whose choice differs between the rows
     ids, mask = left_padded_batch(seed=3)
+    if path == "sliced":
+        ids, mask = ids[1:2, int((mask[1] == 0).sum()):], mask[1:2, int((mask[1] == 0).sum()):]
     kwargs = dict(input_ids=ids, attention_mask=mask, max_new_tokens=6, do_sample=False, granularity=granularity,
                   output_logits=True, return_dict_in_generate=True, pad_token_id=0, eos_token_id=None)
+    monkeypatch.setattr(MixtureLoraLinear, "ONE_TOKEN_SLICES", False)
     dense = model.generate(**kwargs)
     assert calls == []
-    monkeypatch.setattr(MixtureLoraLinear, "GATHER_SHARE", 0 if path == "gathered" else 10**9)
-    monkeypatch.setattr(MixtureLoraLinear, "GROUP_SHARE", 0)
+    if path == "sliced":
+        monkeypatch.setattr(MixtureLoraLinear, "ONE_TOKEN_SLICES", True)
+    else:
+        monkeypatch.setattr(MixtureLoraLinear, "GATHER_SHARE", 0 if path == "gathered" else 10**9)
+        monkeypatch.setattr(MixtureLoraLinear, "GROUP_SHARE", 0)
     recorder = StepRecorder()
     got = model.generate(**kwargs, observer=recorder)
     steps = 1 if granularity == "prompt" else 6  # prompt granularity decodes with the folded experts
-    assert set(calls) == {path} and len(calls) == steps * model.num_layers
-    chosen = (torch.cat(recorder.steps, 1)[:, :, 0] != 0)  # [3, t, E]: each token's two experts (layer 0)
-    assert chosen.sum(-1).eq(2).all() and len({tuple(r.tolist()) for r in chosen[:, -1]}) > 1
+    if path == "sliced":  # the prompt is not one token (dense), prompt granularity folds: only token steps
+        steps = 0 if granularity == "prompt" else 5
+    assert set(calls) == ({path} if steps else set()) and len(calls) == steps * model.num_layers
+    chosen = (torch.cat(recorder.steps, 1)[:, :, 0] != 0)  # [b, t, E]: each token's two experts (layer 0)
+    assert chosen.sum(-1).eq(2).all()
+    if path == "sliced":  # the single row changes its choice along the way
+        assert len({tuple(r.tolist()) for r in chosen[0]}) > 1
+    else:
+        assert len({tuple(r.tolist()) for r in chosen[:, -1]}) > 1
     assert torch.equal(got.sequences, dense.sequences)
     for a, b in zip(got.logits, dense.logits):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
+
+
+def test_one_token_with_gradients_to_the_scalings_does_not_slice(calls):
+    """The sliced path reads the scalings as Python numbers, so a pass that trains the head must not take it."""
+    layer, state = layer_of(64)
+    x = torch.randn(1, 1, IN, generator=torch.Generator().manual_seed(8))
+    grads = []
+    for top_k in (None, 2):
+        s = topk_scalings(1, 1, 64, 2, seed=9).requires_grad_(True)
+        with state.use(scalings=s, top_k=top_k):
+            layer(x).square().sum().backward()
+        grads.append(s.grad[0, 0, 1][s[0, 0, 1] != 0])
+    assert calls == ["gathered"] and grads[0].abs().min() > 0
+    torch.testing.assert_close(grads[1], grads[0], rtol=0, atol=1e-5)
+
+
+def test_sliced_experts_in_another_dtype_than_the_base_output(calls):
+    """Float32 experts on a float64 base layer: the chosen experts' sum is cast back to the base's dtype."""
+    torch.manual_seed(0)
+    state = ScalingState()
+    base = nn.Linear(IN, OUT).double().requires_grad_(False)
+    layer = MixtureLoraLinear(base, 1, 16, experts(16), state, dtype=torch.float32).eval()
+    x = torch.randn(1, 1, IN, dtype=torch.float64, generator=torch.Generator().manual_seed(10))
+    s = topk_scalings(1, 1, 16, 2, seed=11)
+    with state.use(scalings=s):
+        dense = layer(x)
+    with state.use(scalings=s, top_k=2):
+        got = layer(x)
+    assert calls == ["sliced"] and got.dtype == torch.float64
+    torch.testing.assert_close(got, dense, rtol=0, atol=1e-5)
+    assert (dense - base(x)).abs().max() > 0.05

@@ -36,6 +36,7 @@ class ScalingState:
         self.top_k: int | None = None
         self.folded: tuple[sparse.FoldedExperts | None, ...] | None = None
         self._chosen: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._chosen_one: list[list[tuple[float, int]]] | None = None
 
     @contextmanager
     def use(
@@ -43,15 +44,14 @@ class ScalingState:
         coefficients: torch.Tensor | None = None, top_k: int | None = None,
         folded: tuple[sparse.FoldedExperts | None, ...] | None = None,
     ) -> Iterator[None]:
-        saved = (self.scalings, self.constant, self.global_weight, self.coefficients, self.top_k, self.folded,
-                 self._chosen)
+        saved = dict(vars(self))
         self.scalings, self.constant, self.global_weight = scalings, constant, global_weight
-        self.coefficients, self.top_k, self.folded, self._chosen = coefficients, top_k, folded, None
+        self.coefficients, self.top_k, self.folded = coefficients, top_k, folded
+        self._chosen = self._chosen_one = None
         try:
             yield
         finally:
-            (self.scalings, self.constant, self.global_weight, self.coefficients, self.top_k, self.folded,
-             self._chosen) = saved
+            vars(self).update(saved)
 
     def chosen(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``(values, experts)``, both ``[b, t, L, k]``: the ``top_k`` largest ``|s|`` per token and layer
@@ -60,6 +60,14 @@ class ScalingState:
             experts = self.scalings.abs().topk(self.top_k, dim=-1).indices  # [b, t, L, k]
             self._chosen = (self.scalings.gather(-1, experts), experts)
         return self._chosen
+
+    def chosen_one(self) -> list[list[tuple[float, int]]]:
+        """For a pass over one token (``b = t = 1``): per layer, the chosen ``(scaling, expert)`` pairs as
+        Python numbers, read from the device once per pass for all layers."""
+        if self._chosen_one is None:
+            values, experts = self.chosen()
+            self._chosen_one = [list(zip(v, e)) for v, e in zip(values[0, 0].tolist(), experts[0, 0].tolist())]
+        return self._chosen_one
 
     def checkpoint_contexts(self) -> tuple[AbstractContextManager[None], AbstractContextManager[None]]:
         """``context_fn`` for ``torch.utils.checkpoint`` (non-reentrant): the recomputation in the
@@ -177,12 +185,10 @@ class MixtureLoraLinear(nn.Module):
         self._no_dropout = all(p == 0.0 for p, _ in self._dropout_groups)
         self._init_sparse(num_experts, col_scale)
 
-    # Sparse top-k pays when it skips most of the work: gather when the chosen columns are at most
-    # 1/GATHER_SHARE of R (one 576x1536 module, one token: E = 64 top-2 0.63x dense, E = 16 1.11x, so
-    # 16), group by expert when the chosen experts are at most 1/GROUP_SHARE of E_l and the tokens
-    # at least E_l (fewer: the per-expert loop costs more than the dense matmuls).
-    GATHER_SHARE = 16
-    GROUP_SHARE = 4
+    # Sparse top-k: one token takes views of the chosen experts' A and B whatever E (ONE_TOKEN_SLICES);
+    # more tokens gather when the chosen columns are <= 1/GATHER_SHARE of R, and group by expert when the
+    # chosen experts are <= 1/GROUP_SHARE of E_l and the tokens >= E_l (else the dense matmuls are cheaper).
+    GATHER_SHARE, GROUP_SHARE, ONE_TOKEN_SLICES = 16, 4, True
 
     def _init_sparse(self, num_experts: int, col_scale: torch.Tensor) -> None:
         """Tables from a global expert index to this module's columns (local index ``E_l`` = not here)."""
@@ -193,6 +199,8 @@ class MixtureLoraLinear(nn.Module):
         colscale = torch.zeros(E_l + 1, r_max, dtype=torch.float64)
         starts = [0, *torch.tensor(self.expert_ranks).cumsum(0).tolist()]
         self._spans = list(zip(starts[:-1], starts[1:]))
+        # global expert -> (its columns, α/r) for the one-token path (sparse.sliced)
+        self._span_of = {g: (c0, c1, float(col_scale[c0])) for g, (c0, c1) in zip(self.expert_ids, self._spans)}
         for e, (c0, c1) in enumerate(self._spans):
             cols[e, : c1 - c0] = torch.arange(c0, c1)
             colscale[e, : c1 - c0] = col_scale[c0:c1]
@@ -201,6 +209,17 @@ class MixtureLoraLinear(nn.Module):
         self.register_buffer("expert_cols", cols.to(device), persistent=False)
         self.register_buffer("expert_colscale", colscale.to(device, dtype), persistent=False)
         self.register_buffer("expert_scale_or_0", colscale[:, 0].to(device, dtype), persistent=False)
+
+    def _one_token(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor | None:
+        """Top-k scalings, one token (``b = t = 1``), no gradient to the scalings: ``y`` plus the chosen
+        experts' sum by :func:`sparse.sliced`; else ``None``."""
+        state = self.state
+        if (state.top_k is None or state.scalings is None or x.numel() != x.shape[-1] or not self.ONE_TOKEN_SLICES
+                or (self.training and not self._no_dropout) or (torch.is_grad_enabled() and state.scalings.requires_grad)):
+            return None
+        out = sparse.sliced(self._cast(x).reshape(1, -1), y.reshape(1, -1), self.lora_A, self.lora_B,
+                            state.chosen_one()[self.layer_index], self._span_of, state.global_weight)
+        return out.view(y.shape)
 
     def _sparse(self, x: torch.Tensor) -> torch.Tensor | None:
         """With top-k scalings, ``g·Σ_{chosen e} s_e·α_e/r_e·B_e·A_e·x`` ``[..., out]`` computed for the
@@ -272,6 +291,9 @@ class MixtureLoraLinear(nn.Module):
             h, B = sparse.folded_down(self._cast(x), folded), folded.B  # [b, t, R']
             B = B[0] if B.dim() == 3 and B.shape[0] == 1 else B
         else:
+            one = self._one_token(x, y)
+            if one is not None:
+                return one
             delta = self._sparse(x)
             if delta is not None:
                 return y + delta.to(y.dtype)

@@ -9,6 +9,9 @@ only in which work they skip:
   (decoding) when ``k·r_max`` is a small part of ``R``.
 - :func:`grouped`: the (token, expert) pairs are sorted by expert and every chosen expert runs its own
   two matmuls on its tokens only. Pays for many tokens (prefill) when ``k`` is a small part of ``E``.
+- :func:`sliced`: one token (batch-1 decoding): each chosen expert's rows of ``A`` and columns of ``B``
+  are views (contiguous slices, nothing copied) and its coefficient a Python number, so a chosen
+  expert costs two matmuls and nothing else, whatever ``E``.
 - :func:`fold`: with scalings fixed per sequence (prompt granularity) the coefficients are folded into
   ``A`` once, ``A' = diag(c)·A`` per sequence, keeping only the columns with ``c ≠ 0``; each decoding
   step is then two plain matmuls with no scaling op.
@@ -75,6 +78,28 @@ def gathered(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, cols: torch.Tens
     if n == 1:
         return F.linear(h, b[:, 0])  # [1, out]
     return torch.bmm(h.unsqueeze(1), b.permute(1, 2, 0)).squeeze(1)  # [n, out]
+
+
+def sliced(x: torch.Tensor, y: torch.Tensor, A: torch.Tensor, B: torch.Tensor, chosen: list[tuple[float, int]],
+           spans: dict[int, tuple[int, int, float]], weight: float) -> torch.Tensor:
+    """One token: ``x`` ``[1, in]`` (the experts' dtype), ``y`` ``[1, out]`` (the base output), the chosen
+    ``(s, e)`` pairs, and ``spans[e] = (c0, c1, α/r)`` for the experts with columns here ->
+    ``y + Σ_{chosen e} weight·s·α/r · B[:, c0:c1] · (A[c0:c1] · x)``: one ``linear`` and one ``addmm`` per
+    chosen expert, on views of ``A`` and ``B`` (nothing gathered)."""
+    fused = y.dtype == A.dtype
+    delta = y if fused else None
+    for s, e in chosen:
+        if s == 0 or e not in spans:
+            continue
+        c0, c1, scale = spans[e]
+        h = F.linear(x, A[c0:c1])  # [1, r]
+        if delta is None:
+            delta = F.linear(h, B[:, c0:c1]) * (s * scale * weight)
+        else:
+            delta = torch.addmm(delta, h, B[:, c0:c1].t(), alpha=s * scale * weight)
+    if fused or delta is None:
+        return y if delta is None else delta
+    return y + delta.to(y.dtype)
 
 
 def grouped(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, local: torch.Tensor, weight: torch.Tensor,
