@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_generation import build, left_padded_batch, positions, reference_greedy
+from decoding import build, left_padded_batch, positions, reference_greedy
 
 from xlora.generation import reduce_prompt_scalings
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import randomize_head, tokens
-from test_generation import left_padded_batch, reference_greedy
+from decoding import left_padded_batch, reference_greedy
 
 from xlora import XLoraConfig, XLoraModel
 

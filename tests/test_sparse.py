@@ -147,7 +147,7 @@ def test_top_k_generation_equals_the_dense_path(llama, monkeypatch, granularity,
     each sparse path (the tiny model is below both thresholds) gives the dense path's tokens and logits.
     ``sliced`` (one token per pass) decodes the first row alone."""
     from conftest import randomize_head
-    from test_generation import left_padded_batch
+    from decoding import left_padded_batch
 
     from xlora import XLoraConfig, XLoraModel
 
