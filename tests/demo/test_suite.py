@@ -146,3 +146,17 @@ def test_split_files_have_the_trainer_shapes_and_counts(rows, tmp_path):
     assert first["domain"] == "protein"  # interleaved in the domain order
     again = suite.write_splits(tmp_path / "again", sizes, data_dir=rows)
     assert {k: v["sha256"] for k, v in again["files"].items()} == {k: v["sha256"] for k, v in files.items()}
+    # the head's composite records take no routing label; composite_train.jsonl keeps them
+    head = [json.loads(x) for x in (tmp_path / "head_train.jsonl").read_text().splitlines()]
+    comp = [json.loads(x) for x in (tmp_path / "composite_train.jsonl").read_text().splitlines()]
+    assert all(len(r["experts"]) == 2 for r in comp) and head[-len(comp):] == [
+        {k: v for k, v in r.items() if k != "experts"} for r in comp]
+    assert manifest["head_casings"] == list(wording.CASINGS)
+
+
+def test_the_heads_draw_takes_every_casing_and_the_experts_splits_no_all_caps(rows):
+    for domain in ("mathematics", "chemistry"):
+        head = suite.generate(domain, "train", 60, seed=1, data_dir=rows, casings=suite.HEAD_CASINGS)
+        assert {r["wording"]["casing"] for r in head} == set(wording.CASINGS)
+        for split in ("train", "validation", "test"):
+            assert "upper" not in {r["wording"]["casing"] for r in suite.generate(domain, split, 30, data_dir=rows)}

@@ -93,9 +93,11 @@ def make_record(domain: str, split: str, task: str, item: Item, words: wording.W
             "frame": words.frame, "wording": words.parts, "check": check_spec(item), "meta": meta}
 
 
-def generate(domain: str, split: str, n: int, seed: int = 0, data_dir: str | None = None) -> list[Record]:
+def generate(domain: str, split: str, n: int, seed: int = 0, data_dir: str | None = None,
+             casings: tuple[str, ...] | None = None) -> list[Record]:
     """``n`` records of ``domain`` in ``split`` with distinct prompts; a pure function of the arguments and
-    the data files (``data_dir``: the science rows' folder, default the shipped one).
+    the data files (``data_dir``: the science rows' folder, default the shipped one); ``casings``: see
+    :func:`~xlora.demo.wording.compose`.
 
     Raises:
         ValueError: unknown domain or split, ``n < 0``, missing data rows, or fewer than ``n`` distinct
@@ -118,7 +120,7 @@ def generate(domain: str, split: str, n: int, seed: int = 0, data_dir: str | Non
         item = funcs[i](rng, item_split == "test", pools)
         if domains.item_split_of(domain, item.key, item_split == "test", split_of) != item_split:
             continue
-        words = wording.compose(item.kind, split, rng, item.slots)
+        words = wording.compose(item.kind, split, rng, item.slots, casings)
         if words.prompt in seen:
             continue
         seen.add(words.prompt)
@@ -127,9 +129,9 @@ def generate(domain: str, split: str, n: int, seed: int = 0, data_dir: str | Non
 
 
 def generate_mixture(split: str, n_per_domain: int, seed: int = 0, domain_names: tuple[str, ...] = DOMAINS,
-                     data_dir: str | None = None) -> list[Record]:
+                     data_dir: str | None = None, casings: tuple[str, ...] | None = None) -> list[Record]:
     """``n_per_domain`` records of each domain, interleaved round-robin (domain order fixed)."""
-    per = [generate(d, split, n_per_domain, seed, data_dir) for d in domain_names]
+    per = [generate(d, split, n_per_domain, seed, data_dir, casings) for d in domain_names]
     return [recs[i] for i in range(n_per_domain) for recs in per]
 
 
@@ -152,6 +154,11 @@ def check(record: Record, answer: str, time_budget_s: float = 120.0) -> float:
 SIZES = {"train": 800, "validation": 48, "test": 48, "test_unseen": 48}
 COMPOSITE_SIZES = {"composite": 16, "composite_train": 64}  # per composite kind (3 kinds)
 HEAD_PER_DOMAIN = 160  # the head's own draw of the train split (another seed than the experts')
+# The head's draw takes every casing, ALL CAPS too (the experts' splits and test never see it): on test_unseen,
+# where it was held out, a head that had never seen it sent 37 of 42 all-caps mechanics, chemistry and
+# mathematics prompts to another expert (capitals read like a peptide sequence). Frames, aliases, verbs,
+# nouns, units, contexts and variables stay held out from it.
+HEAD_CASINGS = wording.CASINGS
 SEED = 0
 
 
@@ -191,11 +198,14 @@ def write_splits(out_dir: str | Path, sizes: dict[str, int] | None = None, seed:
         except ValueError as err:
             files[f"{split}.jsonl"], missing[split] = [], str(err)
     head = generate_mixture("train", HEAD_PER_DOMAIN, seed + 1, tuple(d for d in domain_names if files[f"train/{d}.jsonl"]),
-                            data_dir)
-    files["head_train.jsonl"] = head + files["composite_train.jsonl"]
+                            data_dir, HEAD_CASINGS)
+    # composite records train the head on the LM loss only: routing them by their two-expert labels cost the
+    # composite loss (BENCHMARKS, H3 against H5)
+    files["head_train.jsonl"] = head + [{k: v for k, v in r.items() if k != "experts"}
+                                        for r in files["composite_train.jsonl"]]
     manifest: dict[str, Any] = {"seed": seed, "sizes": sizes, "composite_sizes": COMPOSITE_SIZES,
-                                "head_per_domain": HEAD_PER_DOMAIN, "domains": list(domain_names), "missing": missing,
-                                "files": {}}
+                                "head_per_domain": HEAD_PER_DOMAIN, "head_casings": list(HEAD_CASINGS),
+                                "domains": list(domain_names), "missing": missing, "files": {}}
     for name, records in files.items():
         text = "".join(json.dumps(training_record(r)) + "\n" for r in records)
         path = out / name

@@ -34,6 +34,7 @@ from xlora.demo.phrasings import SEEN, UNSEEN, which_for
 
 PARTS = ("verb", "prop", "thing", "unit_clause", "unit_word", "dec", "want", "v", "eqn")
 _PART = re.compile(r"\{(" + "|".join(PARTS) + r")\}")
+CASINGS = ("as written", "lower", "upper")  # every casing _restyle knows, seen or not
 CONTENT_PARTS = ("v",)  # chosen like a part, filled like content: no casing touches an equation's variable
 
 
@@ -162,16 +163,21 @@ def _restyle(template: str, casing: str, ending: str) -> str:
     return text
 
 
-def compose(kind: str, split: str, rng: random.Random, slots: dict[str, Any]) -> Wording:
+def compose(kind: str, split: str, rng: random.Random, slots: dict[str, Any],
+            casings: tuple[str, ...] | None = None) -> Wording:
     """Compose a prompt of ``kind`` for ``split`` (see the module doc) around the item's ``slots``.
 
     ``slots`` holds the content slots the frames name (``x``, ``n``, ``lo``, ``hi``, ``decimals``, ``e``, ...)
     and the item's ``prop`` (a key of ``PROPERTY_ALIASES``), ``unit`` (a key of ``UNITS``) and, for
-    inverse tasks, ``exact`` (an exact count instead of a range).
+    inverse tasks, ``exact`` (an exact count instead of a range). ``casings``: draw the casing from these
+    instead of the split's pool (the scaling head's data takes all of :data:`CASINGS`; every other part
+    keeps its split's pool).
 
     Raises:
-        ValueError: an unknown kind, property, or a frame slot that ``slots`` lacks (named).
+        ValueError: an unknown kind, property, casing, or a frame slot that ``slots`` lacks (named).
     """
+    if casings is not None and (not casings or set(casings) - set(CASINGS)):
+        raise ValueError(f"casings={casings!r}: give a non-empty tuple drawn from {CASINGS}")
     which = which_for(split)
     fams, held, prefix = families(kind)
     spec = KINDS[kind]
@@ -181,7 +187,7 @@ def compose(kind: str, split: str, rng: random.Random, slots: dict[str, Any]) ->
     chosen: dict[str, str] = {}
     body = _resolve(fams[family][index], spec, slots, which, rng, chosen)
     context, closing = rng.choice(_pool(vocab.CONTEXTS, which)), rng.choice(_pool(vocab.CLOSINGS, which))
-    casing, ending = rng.choice(_pool(vocab.CASINGS, which)), rng.choice(_pool(vocab.ENDINGS, which))
+    casing, ending = rng.choice(casings or _pool(vocab.CASINGS, which)), rng.choice(_pool(vocab.ENDINGS, which))
     sep = "\n" if "\n" in body else " "
     text = (context + sep if context else "") + body.strip() + (sep + closing if closing else "")
     template = _restyle(text, casing, ending)
