@@ -158,6 +158,8 @@ def test_suite_head_trains_on_the_head_file_and_resumes(base_dir, tmp_path):
     cfg = json.loads((tmp_path / "out" / "xlora_config.json").read_text())
     assert cfg["experts"] == {d: f"experts/{d}" for d in suite.DOMAINS}
     assert json.loads((tmp_path / "out" / "data_manifest.json").read_text())["domains"] == list(suite.DOMAINS)
+    options = log["runs"][-1]["settings"]["options"]  # the shipped suite head's recipe by default
+    assert (options["routing_weight"], options["routing_tokens"]) == (1.0, "scored")
     log = retrain_suite.retrain_suite(tmp_path / "out", tmp_path / "data", ("head",), head_steps=3, base_dir=base_dir)
     assert log["head"]["resumed"] and log["head"]["steps"] == 3
     assert [r["phase"] for r in log["runs"]] == ["data", "experts", "head", "head"]

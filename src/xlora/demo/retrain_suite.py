@@ -12,7 +12,8 @@ runs the phases in order:
   ``OUT_DIR/experts/<d>``, checkpointed every 20 steps to ``OUT_DIR/experts/<d>.ckpt.safetensors``;
 - ``head``: the X-LoRA head on ``DATA_DIR/head_train.jsonl`` (every domain's train split in its own draw, plus
   ``composite_train``), validated on ``DATA_DIR/validation.jsonl``, checkpointed every 25 steps in
-  ``OUT_DIR/head_run``.
+  ``OUT_DIR/head_run``; by default the shipped head's recipe (:data:`SUITE_HEAD_STEPS` steps, the demo's
+  :data:`~xlora.demo.retrain.HEAD_OPTIONS` with :data:`SUITE_HEAD_OPTIONS`).
 
 Rerunning the same command skips finished experts, continues a stopped one from its checkpoint (the same
 weights as an uninterrupted run, unless its data file changed: then it restarts, said in the log) and
@@ -117,6 +118,10 @@ def train_suite_expert(out: Path, data: Path, domain: str, steps: int | None, ba
     return stats
 
 
+SUITE_HEAD_STEPS = 400  # the shipped suite head's (H9 in BENCHMARKS)
+SUITE_HEAD_OPTIONS: dict[str, Any] = {"routing_weight": 1.0, "routing_tokens": "scored"}
+
+
 def _phase(phase: str) -> tuple[str, tuple[str, ...]]:
     if phase in ("data", "data:refresh", "head"):
         return phase, ()
@@ -134,7 +139,7 @@ def _phase(phase: str) -> tuple[str, tuple[str, ...]]:
 
 def retrain_suite(out_dir: str | os.PathLike, data_dir: str | os.PathLike,
                   phases: tuple[str, ...] = ("data", "experts", "head"), *, rows: str | os.PathLike | None = None,
-                  expert_steps: int | None = None, head_steps: int = HEAD_STEPS,
+                  expert_steps: int | None = None, head_steps: int = SUITE_HEAD_STEPS,
                   head_options: dict[str, Any] | None = None, base_dir: str | os.PathLike | None = None
                   ) -> dict[str, Any]:
     """Run the phases (see the module doc) into ``out_dir``; returns and writes ``out_dir/training.json``.
@@ -144,6 +149,7 @@ def retrain_suite(out_dir: str | os.PathLike, data_dir: str | os.PathLike,
             the data folder's own ``rows/`` snapshot.
     """
     plan = [(p, *_phase(p)) for p in phases]
+    head_options = {**SUITE_HEAD_OPTIONS, **(head_options or {})}
     out, data = Path(out_dir), Path(data_dir)
     if any(kind.startswith("data") for _, kind, _ in plan) and rows is None and not (data / "rows").is_dir():
         raise ValueError(f"the data phase needs rows=... (the science rows' folder); {data / 'rows'} does not exist")
@@ -172,7 +178,7 @@ def retrain_suite(out_dir: str | os.PathLike, data_dir: str | os.PathLike,
             result = log["head"] = train_head(out, base, head_steps, out / "head_run", options=head_options,
                                               domain_names=suite.DOMAINS,
                                               files=(data / "head_train.jsonl", data / "validation.jsonl"))
-            settings.update({"options": {**HEAD_OPTIONS, **(head_options or {})}, "steps": head_steps})
+            settings.update({"options": {**HEAD_OPTIONS, **head_options}, "steps": head_steps})
             shutil.copyfile(data / "manifest.json", out / "data_manifest.json")
         log.setdefault("runs", []).append({"phase": phase, "started": started,
                                            "seconds": round(time.perf_counter() - t0, 1), "settings": settings,
@@ -212,7 +218,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--rows", default=None, help="folder of the science rows (*.jsonl[.gz]) the data phase snapshots")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     p.add_argument("--expert-steps", type=int, default=None)
-    p.add_argument("--head-steps", type=int, default=HEAD_STEPS)
+    p.add_argument("--head-steps", type=int, default=None,
+                   help=f"default: {SUITE_HEAD_STEPS} with --suite (the shipped suite head's), else {HEAD_STEPS}")
     p.add_argument("--head-option", action="append", default=[], metavar="KEY=JSON",
                    help="override a head option (any XLoraConfig/TrainConfig key), e.g. routing_weight=0.5; repeatable")
     a = p.parse_intermixed_args(argv if argv is not None else sys.argv[1:])  # phases may follow the options
@@ -222,10 +229,11 @@ def main(argv: list[str] | None = None) -> None:
     signal.signal(signal.SIGINT, request_stop)
     if a.suite is None:
         retrain(a.out_dir, tuple(a.phases) or ("experts", "head"), expert_steps=a.expert_steps,
-                head_steps=a.head_steps, head_options=parse_head_options(a.head_option))
+                head_steps=a.head_steps or HEAD_STEPS, head_options=parse_head_options(a.head_option))
         return
     retrain_suite(a.out_dir, a.suite, tuple(a.phases) or ("data", "experts", "head"), rows=a.rows,
-                  expert_steps=a.expert_steps, head_steps=a.head_steps, head_options=parse_head_options(a.head_option))
+                  expert_steps=a.expert_steps, head_steps=a.head_steps or SUITE_HEAD_STEPS,
+                  head_options=parse_head_options(a.head_option))
 
 
 if __name__ == "__main__":

@@ -153,7 +153,7 @@ def check(record: Record, answer: str, time_budget_s: float = 120.0) -> float:
 # ------------------------------------------------------------------------------------------- files
 SIZES = {"train": 800, "validation": 48, "test": 48, "test_unseen": 48}
 COMPOSITE_SIZES = {"composite": 16, "composite_train": 64}  # per composite kind (3 kinds)
-HEAD_PER_DOMAIN = 160  # the head's own draw of the train split (another seed than the experts')
+HEAD_PER_DOMAIN = 320  # the head's own draw of the train split (another seed than the experts')
 # The head's draw takes every casing, ALL CAPS too (the experts' splits and test never see it): on test_unseen,
 # where it was held out, a head that had never seen it sent 37 of 42 all-caps mechanics, chemistry and
 # mathematics prompts to another expert (capitals read like a peptide sequence). Frames, aliases, verbs,
