@@ -214,3 +214,12 @@ def test_sliced_experts_in_another_dtype_than_the_base_output(calls):
     assert calls == ["sliced"] and got.dtype == torch.float64
     torch.testing.assert_close(got, dense, rtol=0, atol=1e-5)
     assert (dense - base(x)).abs().max() > 0.05
+
+
+def test_one_token_of_input_with_scalings_for_several_tokens_does_not_slice(calls):
+    """An input of one token under scalings of several (e.g. a module past ``logits_to_keep``) must not quietly
+    take the first token's scalings: the one-token path checks the scalings' shape, not only the input's."""
+    layer, state = layer_of(64)
+    with state.use(scalings=topk_scalings(1, 5, 64, 2, seed=12), top_k=2), pytest.raises(RuntimeError):
+        layer(torch.randn(1, 1, IN))
+    assert "sliced" not in calls

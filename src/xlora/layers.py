@@ -215,7 +215,8 @@ class MixtureLoraLinear(nn.Module):
         experts' sum by :func:`sparse.sliced`; else ``None``."""
         state = self.state
         if (state.top_k is None or state.scalings is None or x.numel() != x.shape[-1] or not self.ONE_TOKEN_SLICES
-                or (self.training and not self._no_dropout) or (torch.is_grad_enabled() and state.scalings.requires_grad)):
+                or state.scalings.shape[:2].numel() != 1 or (self.training and not self._no_dropout)
+                or (torch.is_grad_enabled() and state.scalings.requires_grad)):
             return None
         out = sparse.sliced(self._cast(x).reshape(1, -1), y.reshape(1, -1), self.lora_A, self.lora_B,
                             state.chosen_one()[self.layer_index], self._span_of, state.global_weight)

@@ -172,6 +172,8 @@ def test_the_command_line_takes_phases_after_the_options(tmp_path):
         main([str(tmp_path / "out"), "--suite", str(tmp_path / "data"), "--threads", "1", "data", "hed"])
     with pytest.raises(ValueError, match="unknown retraining phase 'hed'"):
         main([str(tmp_path / "out"), "experts", "--threads", "1", "hed"])
+    with pytest.raises(SystemExit):  # argparse's error: "--head-steps must be >= 1, got 0"
+        main([str(tmp_path / "out"), "--suite", str(tmp_path / "data"), "head", "--head-steps", "0"])
     assert not (tmp_path / "out").exists()
 
 

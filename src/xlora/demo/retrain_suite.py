@@ -119,7 +119,7 @@ def train_suite_expert(out: Path, data: Path, domain: str, steps: int | None, ba
 
 
 SUITE_HEAD_STEPS = 400  # the shipped suite head's (H9 in BENCHMARKS)
-SUITE_HEAD_OPTIONS: dict[str, Any] = {"routing_weight": 1.0, "routing_tokens": "scored"}
+SUITE_HEAD_OPTIONS: dict[str, Any] = {"routing_weight": 1.0, "routing_tokens": "scored", "eval_every": SUITE_HEAD_STEPS}
 
 
 def _phase(phase: str) -> tuple[str, tuple[str, ...]]:
@@ -223,16 +223,19 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--head-option", action="append", default=[], metavar="KEY=JSON",
                    help="override a head option (any XLoraConfig/TrainConfig key), e.g. routing_weight=0.5; repeatable")
     a = p.parse_intermixed_args(argv if argv is not None else sys.argv[1:])  # phases may follow the options
+    if a.head_steps is not None and a.head_steps < 1:
+        p.error(f"--head-steps must be >= 1, got {a.head_steps}")
     if a.threads:
         torch.set_num_threads(a.threads)
     signal.signal(signal.SIGTERM, request_stop)  # kill / Ctrl-C: checkpoint after the current step, then exit
     signal.signal(signal.SIGINT, request_stop)
     if a.suite is None:
         retrain(a.out_dir, tuple(a.phases) or ("experts", "head"), expert_steps=a.expert_steps,
-                head_steps=a.head_steps or HEAD_STEPS, head_options=parse_head_options(a.head_option))
+                head_steps=HEAD_STEPS if a.head_steps is None else a.head_steps,
+                head_options=parse_head_options(a.head_option))
         return
     retrain_suite(a.out_dir, a.suite, tuple(a.phases) or ("data", "experts", "head"), rows=a.rows,
-                  expert_steps=a.expert_steps, head_steps=a.head_steps or SUITE_HEAD_STEPS,
+                  expert_steps=a.expert_steps, head_steps=SUITE_HEAD_STEPS if a.head_steps is None else a.head_steps,
                   head_options=parse_head_options(a.head_option))
 
 

@@ -200,7 +200,7 @@ def write_splits(out_dir: str | Path, sizes: dict[str, int] | None = None, seed:
     head = generate_mixture("train", HEAD_PER_DOMAIN, seed + 1, tuple(d for d in domain_names if files[f"train/{d}.jsonl"]),
                             data_dir, HEAD_CASINGS)
     # composite records train the head on the LM loss only: routing them by their two-expert labels cost the
-    # composite loss (BENCHMARKS, H3 against H5)
+    # composite loss (BENCHMARKS, H3 against H5); their domain "composite" names no expert, so no routing target
     files["head_train.jsonl"] = head + [{k: v for k, v in r.items() if k != "experts"}
                                         for r in files["composite_train.jsonl"]]
     manifest: dict[str, Any] = {"seed": seed, "sizes": sizes, "composite_sizes": COMPOSITE_SIZES,

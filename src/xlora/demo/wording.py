@@ -34,7 +34,7 @@ from xlora.demo.phrasings import SEEN, UNSEEN, which_for
 
 PARTS = ("verb", "prop", "thing", "unit_clause", "unit_word", "dec", "want", "v", "eqn")
 _PART = re.compile(r"\{(" + "|".join(PARTS) + r")\}")
-CASINGS = ("as written", "lower", "upper")  # every casing _restyle knows, seen or not
+CASINGS = tuple(dict.fromkeys(vocab.CASINGS[0] + vocab.CASINGS[1]))  # every casing, seen or not
 CONTENT_PARTS = ("v",)  # chosen like a part, filled like content: no casing touches an equation's variable
 
 
