@@ -106,12 +106,12 @@ def test_casing_never_touches_the_content():
 def test_casings_override_only_the_casing_of_a_seen_split():
     """The head's data draws every casing on the seen side: ALL CAPS, with every other part still seen."""
     slots = {"x": "c1ccc(Cl)cc1", "prop": "gap", "unit": "eV", "decimals": 2}
-    plain = [wording.compose("qm_forward", "train", random.Random(3), slots)]
+    plain = wording.compose("qm_forward", "train", random.Random(3), slots)
     upper = wording.compose("qm_forward", "train", random.Random(3), slots, casings=("upper",))
-    assert plain[0].parts["casing"] != "upper" and upper.parts["casing"] == "upper" and upper.which == "seen"
+    assert plain.parts["casing"] != "upper" and upper.parts["casing"] == "upper" and upper.which == "seen"
     assert {k: v for k, v in upper.parts.items() if k != "casing"} == \
-        {k: v for k, v in plain[0].parts.items() if k != "casing"}  # one draw each: the same other parts
-    assert upper.prompt.replace("c1ccc(Cl)cc1", "").isupper() and upper.prompt.upper() == plain[0].prompt.upper()
+        {k: v for k, v in plain.parts.items() if k != "casing"}  # one draw each: the same other parts
+    assert upper.prompt.replace("c1ccc(Cl)cc1", "").isupper() and upper.prompt.upper() == plain.prompt.upper()
     rng = random.Random(4)
     drawn = {wording.compose("arith", "train", rng, {"e": "2 + 3"}, wording.CASINGS).parts["casing"]
              for _ in range(60)}
