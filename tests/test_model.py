@@ -301,3 +301,29 @@ def test_a_saved_head_with_non_finite_values_is_refused(llama, tmp_path, bad):
     save_file(state, str(head))
     with pytest.raises(ValueError, match=re.escape(f"{str(head)!r}: tensor {name!r} holds 1 non-finite value(s)")):
         XLoraModel.from_pretrained(tmp_path / "ckpt", base_model=llama.base())
+
+
+def test_an_expert_on_the_output_layer(llama, tmp_path):
+    """Experts that adapt ``lm_head`` (saved by PEFT without the embedding copy): one-hot scalings equal PEFT's
+    adapter; ``logits_to_keep`` (an int, as ``generate`` passes at prefill, or indices) gives exactly the kept
+    slice of the full logits; cached greedy decoding gives the tokens of full recomputation."""
+    from decoding import left_padded_batch, reference_greedy
+
+    base, experts = llama.base(), {}
+    for i, targets in enumerate((["q_proj", "lm_head"], ["v_proj", "lm_head"])):
+        torch.manual_seed(i + 1)
+        cfg = peft.LoraConfig(r=4, lora_alpha=8, target_modules=targets, init_lora_weights=False)
+        peft.get_peft_model(llama.base(), cfg).save_pretrained(str(tmp_path / f"e{i}"), save_embedding_layers=False)
+        experts[f"e{i}"] = str(tmp_path / f"e{i}")
+    model = XLoraModel(llama.base(), XLoraConfig(experts=experts, head_hidden_size=16)).eval()
+    randomize_head(model, seed=5)
+    x = tokens()
+    ref = PeftModel.from_pretrained(base, experts["e0"]).eval()(x).logits
+    torch.testing.assert_close(model(x, scalings="e0").logits, ref, rtol=0, atol=1e-5)
+    full = model(x).logits
+    assert torch.equal(model(x, logits_to_keep=1).logits, full[:, -1:])
+    assert torch.equal(model(x, logits_to_keep=torch.tensor([0, 3])).logits, full[:, [0, 3]])
+    ids, mask = left_padded_batch()
+    expected, _, _ = reference_greedy(model, ids, mask, steps=5)
+    out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=5, do_sample=False, pad_token_id=0)
+    assert torch.equal(out, expected)

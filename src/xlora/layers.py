@@ -30,8 +30,7 @@ class ScalingState:
         self.scalings: torch.Tensor | None = None
         self.constant: float | None = None
         self.global_weight: float = 1.0
-        # Optional precomputed per-column coefficients [b, t, L, R_max] (see ColumnTable): one gather
-        # per forward instead of a few small ops in each of the L layers.
+        # optional per-column coefficients [b, t, L, R_max] (ColumnTable): one gather per pass for all layers
         self.coefficients: torch.Tensor | None = None
         self.top_k: int | None = None
         self.folded: tuple[sparse.FoldedExperts | None, ...] | None = None
@@ -215,7 +214,7 @@ class MixtureLoraLinear(nn.Module):
         experts' sum by :func:`sparse.sliced`; else ``None``."""
         state = self.state
         if (state.top_k is None or state.scalings is None or x.numel() != x.shape[-1] or not self.ONE_TOKEN_SLICES
-                or state.scalings.shape[:2].numel() != 1 or (self.training and not self._no_dropout)
+                or (self.training and not self._no_dropout)
                 or (torch.is_grad_enabled() and state.scalings.requires_grad)):
             return None
         out = sparse.sliced(self._cast(x).reshape(1, -1), y.reshape(1, -1), self.lora_A, self.lora_B,
@@ -284,7 +283,10 @@ class MixtureLoraLinear(nn.Module):
         return s.to(self.col_scale.dtype) * (self.col_scale * global_weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.base_layer(x)
+        y, s = self.base_layer(x), self.state.scalings
+        if s is not None and x.numel() != s.shape[0] * s.shape[1] * x.shape[-1]:
+            raise ValueError(f"{self.extra_repr()}: input of {tuple(x.shape[:-1])} tokens under scalings for "
+                             f"{tuple(s.shape[:2])}: a module must see every position the scalings were made for")
         if self.state.folded is not None:  # fixed per-sequence coefficients already in A: two plain matmuls
             folded = self.state.folded[self.layer_index]
             if folded is None:
@@ -344,7 +346,5 @@ class MixtureLoraLinear(nn.Module):
         return out
 
     def extra_repr(self) -> str:
-        return (
-            f"in={self.in_features}, out={self.out_features}, layer_index={self.layer_index}, "
-            f"experts={self.expert_ids}, ranks={self.expert_ranks}"
-        )
+        return (f"in={self.in_features}, out={self.out_features}, layer_index={self.layer_index}, "
+                f"experts={self.expert_ids}, ranks={self.expert_ranks}")

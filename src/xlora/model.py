@@ -83,6 +83,7 @@ class XLoraModel(LifecycleMixin, XLoraGenerationMixin, PreTrainedModel):
         self.state = ScalingState()
         self.adapted_modules = self._inject(experts)
         self.columns = ColumnTable(self.mixture_layers())
+        self._output_adapted = isinstance(base_model.get_output_embeddings(), MixtureLoraLinear)
         # The fused layers now own the weights; keep only each expert's name, path and config.
         self.experts: list[LoraExpert] = [dataclasses.replace(e, modules={}) for e in experts]
         L = len(self.adapted_modules)
@@ -282,11 +283,14 @@ class XLoraModel(LifecycleMixin, XLoraGenerationMixin, PreTrainedModel):
             observer.record(s, input_ids, attention_mask)
         g = self.xlora_config.global_scaling_weight
         top_k = self.xlora_config.top_k if fixed is None else None  # the head's scalings: k nonzero at most
+        # an expert on the output layer needs every position its scalings cover: its logits are cut after it
+        keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+        cut = self._output_adapted and not (isinstance(logits_to_keep, int) and logits_to_keep == 0)
         with self.state.use(scalings=s, global_weight=g, top_k=top_k, folded=folded,
                             coefficients=None if folded else self.columns.coefficients(s, g)):
-            out = self.base_model(**main)
-        return XLoraOutput(loss=out.loss, logits=out.logits, cache=out.cache, hidden_states=out.hidden_states,
-                           attentions=out.attentions, scalings=s)
+            out = self.base_model(**(dict(main, logits_to_keep=0) if cut else main))
+        return XLoraOutput(loss=out.loss, logits=out.logits[:, keep] if cut else out.logits, cache=out.cache,
+                           hidden_states=out.hidden_states, attentions=out.attentions, scalings=s)
 
     def _cache_for(self, cache: Cache | None, use_cache: bool | None) -> tuple[Cache | None, bool]:
         """The cache a forward uses: the caller's, a new one for ``use_cache=True``, or none."""
