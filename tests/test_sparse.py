@@ -224,3 +224,24 @@ def test_one_token_of_input_with_scalings_for_several_tokens_does_not_slice(call
             pytest.raises(ValueError, match=r"input of \(1, 1\) tokens under scalings for \(1, 5\)"):
         layer(torch.randn(1, 1, IN))
     assert "sliced" not in calls
+
+
+def test_sliced_fp16_experts_scale_before_the_up_projection(calls):
+    """Float16 experts on a float32 base whose ``h·Bᵀ`` exceeds float16's range (~6.5e4) before the small
+    scaling: the one-token path scales ``h`` first, as the dense path, and both stay finite and equal."""
+    state = ScalingState()
+    base = nn.Linear(IN, OUT).requires_grad_(False)
+    big = {e: LoraModuleWeights(A=torch.full((2, IN), 20.0), B=torch.full((OUT, 2), 200.0), scale=1.0, dropout=0.0)
+           for e in range(4)}  # h = 20·Σx per column; h·Bᵀ = 2·200·h ≈ 1e5 for Σx = 12
+    layer = MixtureLoraLinear(base, 1, 4, big, state, dtype=torch.float16).eval()
+    x = torch.ones(1, 1, IN)
+    s = torch.zeros(1, 1, L, 4)
+    s[..., 1], s[..., 3] = 1e-3, 2e-3  # two chosen experts
+    with state.use(scalings=s):
+        dense = layer(x)
+    with state.use(scalings=s, top_k=2):
+        got = layer(x)
+    expected = base(x) + 3e-3 * 2 * 200 * 20 * IN  # g·Σ s·α/r · B·A·x, exactly
+    assert calls == ["sliced"]
+    torch.testing.assert_close(dense, expected, rtol=2e-3, atol=0)
+    torch.testing.assert_close(got, expected, rtol=2e-3, atol=0)

@@ -92,11 +92,10 @@ def sliced(x: torch.Tensor, y: torch.Tensor, A: torch.Tensor, B: torch.Tensor, c
         if s == 0 or e not in spans:
             continue
         c0, c1, scale = spans[e]
-        h = F.linear(x, A[c0:c1])  # [1, r]
-        if delta is None:
-            delta = F.linear(h, B[:, c0:c1]) * (s * scale * weight)
-        else:
-            delta = torch.addmm(delta, h, B[:, c0:c1].t(), alpha=s * scale * weight)
+        c, h = s * scale * weight, F.linear(x, A[c0:c1])  # h: [1, r]
+        if not fused:  # experts in another dtype than the output (fp16 on a float32 base): scale h before B,
+            h, c = h * c, 1.0  # as the dense path does, so that h·Bᵀ cannot overflow before it is scaled
+        delta = F.linear(h, B[:, c0:c1]) if delta is None else torch.addmm(delta, h, B[:, c0:c1].t(), alpha=c)
     if fused or delta is None:
         return y if delta is None else delta
     return y + delta.to(y.dtype)
