@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 from xlora import XLoraModel
 from xlora.train.config import TrainConfig, resume_conflicts
 from xlora.train.data import IGNORE_INDEX, TokenizedExample, build_dataset, collate
-from xlora.train.losses import with_routing_mask
+from xlora.train.losses import loss_tokens, with_routing_mask, without_routed_lm
 from xlora.train.routing import check_routing_targets, record_target, routing_cross_entropy, routing_targets
 from xlora.train.trainer import TrainingError, train
 
@@ -78,6 +78,21 @@ def test_scored_routing_averages_only_the_positions_that_predict_completion_toke
         with_routing_mask(batch, "answer")
 
 
+def test_unrouted_lm_masks_exactly_the_labels_of_the_routed_examples():
+    labels = torch.tensor([[IGNORE_INDEX, 5, 6, 7], [IGNORE_INDEX, IGNORE_INDEX, 8, 9], [IGNORE_INDEX, 4, 4, 4],
+                           [IGNORE_INDEX, IGNORE_INDEX, IGNORE_INDEX, IGNORE_INDEX]])
+    batch = {"input_ids": torch.ones(4, 4, dtype=torch.long), "attention_mask": torch.ones(4, 4, dtype=torch.long),
+             "labels": labels, "routing_target": torch.tensor([[1.0, 0, 0], [0, 0.5, 0.5], [0, 0, 0], [0, 1.0, 0]])}
+    scored = with_routing_mask(batch, "scored")  # row 3 has no scored position: its target is dropped
+    out = without_routed_lm(scored)
+    assert out["labels"].tolist() == [[IGNORE_INDEX] * 4, [IGNORE_INDEX] * 4, [IGNORE_INDEX, 4, 4, 4],
+                                      [IGNORE_INDEX] * 4]
+    assert loss_tokens(out) == 3 and loss_tokens(batch) == 8
+    assert torch.equal(out["routing_mask"], scored["routing_mask"]) and torch.equal(batch["labels"], labels)
+    no_target = {k: v for k, v in batch.items() if k != "routing_target"}
+    assert without_routed_lm(no_target) is no_target
+
+
 def test_targets_from_records():
     assert record_target({"domain": "lower"}, "domain") == ("lower",)
     assert record_target({"domain": "composite", "experts": ["lower", "digit"]}, "domain") == ("lower", "digit")
@@ -134,6 +149,20 @@ def test_bad_routing_options_name_the_field(tmp_path):
     with pytest.raises(ValueError, match=r"routing_tokens must be one of \('all', 'scored'\), got 'prompt': 'scored'"):
         TrainConfig.from_dict({**base, "routing_tokens": "prompt"})
     assert TrainConfig.from_dict({**base, "packing": True}).routing_weight == 0.0
+
+
+def test_bad_lm_examples_name_the_field(tmp_path):
+    base = dict(base_model="m", train_file="t.jsonl", output_dir=str(tmp_path), experts={"lower": "a"})
+    with pytest.raises(ValueError, match=r"lm_examples must be one of \('all', 'unrouted'\), got 'routed'"):
+        TrainConfig.from_dict({**base, "routing_weight": 1.0, "lm_examples": "routed"})
+    with pytest.raises(ValueError, match=r"lm_examples='unrouted' leaves the routed examples to routing_weight, "
+                                         r"which is 0"):
+        TrainConfig.from_dict({**base, "lm_examples": "unrouted"})
+    saved = TrainConfig.from_dict({**base, "routing_weight": 1.0}).to_dict()
+    del saved["lm_examples"]  # recorded before the option: every example took the next-token loss
+    assert resume_conflicts(saved, TrainConfig.from_dict({**base, "routing_weight": 1.0})) == []
+    assert resume_conflicts(saved, TrainConfig.from_dict({**base, "routing_weight": 1.0, "lm_examples": "unrouted"})) \
+        == ["lm_examples 'all' -> 'unrouted'"]
 
 
 def test_a_run_recorded_before_routing_tokens_resumes_only_with_all(tmp_path):
@@ -244,3 +273,16 @@ def test_weight_without_any_labelled_record_is_refused_before_writing(world, tmp
     with pytest.raises(ValueError, match=r"no training record names an expert in 'domain'.*found are \[\]"):
         train(config(world, tmp_path / "run", train_file=world["plain"], routing_weight=1.0))
     assert not (tmp_path / "run").exists()
+
+
+def test_unrouted_lm_trains_the_routed_examples_by_their_labels_alone(world, tmp_path):
+    """Every record of the file is routed: with ``lm_examples="unrouted"`` no example takes the next-token loss
+    (the logged loss is exactly 0 at every step) and the head still learns each domain's expert from its label."""
+    rng = random.Random(1)
+    routed = tmp_path / "routed.jsonl"
+    routed.write_text("".join(json.dumps({"text": text(d, rng), "domain": d}) + "\n" for d in EXPERTS for _ in range(30)))
+    out = tmp_path / "run"
+    train(config(world, out, train_file=str(routed), learning_rate=1e-1, routing_weight=1.0, lm_examples="unrouted"))
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["loss"] for r in records if "routing_loss" in r] == [0.0] * 6
+    assert min(own_expert_share(out, world).values()) > 0.6

@@ -15,6 +15,7 @@ from xlora.config import XLoraConfig, check_bool, check_float, check_int
 _MIXED_PRECISION = ("no", "fp16", "bf16")
 _REGULARIZERS = ("none", "balance", "entropy")
 ROUTING_TOKENS = ("all", "scored")  # the tokens routing supervision averages (xlora.train.losses.with_routing_mask)
+LM_EXAMPLES = ("all", "unrouted")  # the examples that take the next-token loss (xlora.train.losses.without_routed_lm)
 
 
 @dataclass
@@ -67,6 +68,9 @@ class TrainConfig:
         routing_key: the record field that names an example's expert for ``routing_weight``.
         routing_tokens: the tokens whose scalings ``p̄_i`` averages: ``"all"`` (every real token) or
             ``"scored"`` (the positions that predict completion tokens, where ``xlora eval`` measures routing).
+        lm_examples: which examples take the next-token loss: ``"all"``, or ``"unrouted"`` (only those without a
+            routing target, e.g. composite records; the routed ones train the head through ``routing_weight``
+            alone, which keeps a linear head's routing on unfamiliar wording: BENCHMARKS, H13).
         resume: continue from the newest valid checkpoint in ``output_dir``; only the fields in
             ``RESUMABLE_CHANGES`` (the schedule) may differ from the run's ``train_config.json``.
         overwrite: allow an existing non-empty ``output_dir`` that is not a resumable run of ours.
@@ -109,6 +113,7 @@ class TrainConfig:
     routing_weight: float = 0.0
     routing_key: str = "domain"
     routing_tokens: str = "all"
+    lm_examples: str = "all"
     resume: bool = False
     overwrite: bool = False
     bundle: bool = False
@@ -162,7 +167,12 @@ class TrainConfig:
         if self.routing_tokens not in ROUTING_TOKENS:
             raise ValueError(f"routing_tokens must be one of {ROUTING_TOKENS}, got {self.routing_tokens!r}: 'scored' "
                              "routes on the positions that predict completion tokens, 'all' on every real token")
+        if self.lm_examples not in LM_EXAMPLES:
+            raise ValueError(f"lm_examples must be one of {LM_EXAMPLES}, got {self.lm_examples!r}")
         if self.routing_weight == 0:
+            if self.lm_examples == "unrouted":
+                raise ValueError("lm_examples='unrouted' leaves the routed examples to routing_weight, which is 0: "
+                                 "set routing_weight > 0 or lm_examples='all'")
             return
         if self.packing:
             raise ValueError(f"routing_weight={self.routing_weight} needs one record per example, but packing=True "
@@ -285,7 +295,7 @@ RESUMABLE_CHANGES = ("max_steps", "num_epochs", "save_every", "eval_every", "log
                      "progress", "resume", "overwrite")
 _NOT_COMPARED = (*RESUMABLE_CHANGES, "output_dir")  # the run's own folder, however it is spelled
 # options added after runs were recorded: a run without the key ran with this value
-_UNRECORDED = {"routing_tokens": "all"}
+_UNRECORDED = {"routing_tokens": "all", "lm_examples": "all"}
 
 
 def resume_conflicts(saved: dict[str, Any], cfg: TrainConfig) -> list[str]:

@@ -51,6 +51,15 @@ def with_routing_mask(batch: dict[str, torch.Tensor], tokens: str) -> dict[str, 
     return {**batch, "routing_mask": mask, "routing_target": target}
 
 
+def without_routed_lm(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``batch`` (after :func:`with_routing_mask`) whose examples with a routing target take no next-token loss:
+    their labels become ``IGNORE_INDEX`` (``TrainConfig.lm_examples = "unrouted"``); unchanged without targets."""
+    if "routing_target" not in batch:
+        return batch
+    routed = batch["routing_target"].sum(-1) > 0  # [b]
+    return {**batch, "labels": batch["labels"].masked_fill(routed.unsqueeze(1), IGNORE_INDEX)}
+
+
 def scalings_regularizer(scalings: torch.Tensor, mask: torch.Tensor, kind: str) -> torch.Tensor:
     """``balance``: ``E·Σ_e p̄_e²`` of the token-mean scalings; ``entropy``: mean per-token entropy."""
     s = scalings.float().mean(dim=2)  # [b, t, E], layers averaged
