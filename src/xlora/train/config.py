@@ -70,7 +70,7 @@ class TrainConfig:
             ``"scored"`` (the positions that predict completion tokens, where ``xlora eval`` measures routing).
         lm_examples: which examples take the next-token loss: ``"all"``, or ``"unrouted"`` (only those without a
             routing target, e.g. composite records; the routed ones train the head through ``routing_weight``
-            alone, which keeps a linear head's routing on unfamiliar wording: BENCHMARKS, H13).
+            alone; BENCHMARKS, "Routing-only heads", measures it on the science suite).
         resume: continue from the newest valid checkpoint in ``output_dir``; only the fields in
             ``RESUMABLE_CHANGES`` (the schedule) may differ from the run's ``train_config.json``.
         overwrite: allow an existing non-empty ``output_dir`` that is not a resumable run of ours.
