@@ -221,7 +221,7 @@ def test_one_token_of_input_with_scalings_for_several_tokens_does_not_slice(call
     take the first token's scalings: the one-token path checks the scalings' shape, not only the input's."""
     layer, state = layer_of(64)
     with state.use(scalings=topk_scalings(1, 5, 64, 2, seed=12), top_k=2), \
-            pytest.raises(ValueError, match=r"input of \(1, 1\) tokens under scalings for \(1, 5\)"):
+            pytest.raises(ValueError, match=r"input of 1 tokens under scalings for 5"):
         layer(torch.randn(1, 1, IN))
     assert "sliced" not in calls
 

@@ -214,7 +214,7 @@ class MixtureLoraLinear(nn.Module):
         experts' sum by :func:`sparse.sliced`; else ``None``."""
         state = self.state
         if (state.top_k is None or state.scalings is None or x.numel() != x.shape[-1] or not self.ONE_TOKEN_SLICES
-                or (self.training and not self._no_dropout)
+                or state.scalings.shape[:2].numel() != 1 or (self.training and not self._no_dropout)
                 or (torch.is_grad_enabled() and state.scalings.requires_grad)):
             return None
         out = sparse.sliced(self._cast(x).reshape(1, -1), y.reshape(1, -1), self.lora_A, self.lora_B,
@@ -284,9 +284,9 @@ class MixtureLoraLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y, s = self.base_layer(x), self.state.scalings
-        if s is not None and x.numel() != s.shape[0] * s.shape[1] * x.shape[-1]:
-            raise ValueError(f"{self.extra_repr()}: input of {tuple(x.shape[:-1])} tokens under scalings for "
-                             f"{tuple(s.shape[:2])}: a module must see every position the scalings were made for")
+        if s is not None and x.dim() == 3 and s.shape[1] not in (1, x.shape[1]):  # one token's scalings broadcast
+            raise ValueError(f"{self.extra_repr()}: input of {x.shape[1]} tokens under scalings for {s.shape[1]}: "
+                             "a module must see every position the scalings were made for")
         if self.state.folded is not None:  # fixed per-sequence coefficients already in A: two plain matmuls
             folded = self.state.folded[self.layer_index]
             if folded is None:
