@@ -286,7 +286,7 @@ class MixtureLoraLinear(nn.Module):
         y, s = self.base_layer(x), self.state.scalings
         if s is not None and x.dim() == 3 and s.shape[1] not in (1, x.shape[1]):  # one token's scalings broadcast
             raise ValueError(f"{self.extra_repr()}: input of {x.shape[1]} tokens under scalings for {s.shape[1]}: "
-                             "a module must see every position the scalings were made for")
+                             "pass scalings for the input's tokens (or one token's, applied to all of them)")
         if self.state.folded is not None:  # fixed per-sequence coefficients already in A: two plain matmuls
             folded = self.state.folded[self.layer_index]
             if folded is None:

@@ -165,15 +165,16 @@ def test_suite_head_trains_on_the_head_file_and_resumes(base_dir, tmp_path):
     assert [r["phase"] for r in log["runs"]] == ["data", "experts", "head", "head"]
 
 
-def test_the_command_line_takes_phases_after_the_options(tmp_path):
+def test_the_command_line_takes_phases_after_the_options(tmp_path, capsys):
     from xlora.demo.retrain_suite import main
 
     with pytest.raises(ValueError, match="unknown suite phase 'hed'"):
         main([str(tmp_path / "out"), "--suite", str(tmp_path / "data"), "--threads", "1", "data", "hed"])
     with pytest.raises(ValueError, match="unknown retraining phase 'hed'"):
         main([str(tmp_path / "out"), "experts", "--threads", "1", "hed"])
-    with pytest.raises(SystemExit):  # argparse's error: "--head-steps must be >= 1, got 0"
+    with pytest.raises(SystemExit):
         main([str(tmp_path / "out"), "--suite", str(tmp_path / "data"), "head", "--head-steps", "0"])
+    assert "--head-steps must be >= 1, got 0" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
 
 
