@@ -111,6 +111,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=1500)
     ap.add_argument("--wds", type=float, nargs="+", default=[0.0, 0.1, 1.0], help="AdamW weight decays")
     ap.add_argument("--seeds", type=int, default=2)
+    ap.add_argument("--save", type=Path, default=None, help="write the linear fit of the first --wds, seed 0, as an "
+                    "X-LoRA directory over the shipped suite's experts (H11 in BENCHMARKS: --wds 0.1)")
     args = ap.parse_args()
     torch.set_num_threads(2)
 
@@ -134,7 +136,25 @@ def main() -> None:
     for kind in ("linear", "mlp"):
         for wd in args.wds:
             for seed in range(args.seeds):
-                row(f"{kind}, wd {wd:g}, seed {seed}", fit(train, kind, wd, args.steps, seed))
+                head = fit(train, kind, wd, args.steps, seed)
+                row(f"{kind}, wd {wd:g}, seed {seed}", head)
+                if args.save and (kind, wd, seed) == ("linear", args.wds[0], 0):
+                    save(head, args.save)
+
+
+def save(head: nn.Module, out: Path) -> None:
+    """``head`` (linear) as an X-LoRA directory: the shipped suite's config with ``head_depth = 1``, its experts
+    by absolute path."""
+    from safetensors.torch import save_file
+
+    from xlora.demo.run import ASSETS
+
+    cfg = json.loads((ASSETS / "suite" / "xlora_config.json").read_text())
+    cfg["head_depth"] = 1
+    cfg["experts"] = {d: str((ASSETS / "suite" / p).resolve()) for d, p in cfg["experts"].items()}
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "xlora_config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+    save_file({f"layers.{k}": v.contiguous() for k, v in head.state_dict().items()}, str(out / "xlora_head.safetensors"))
 
 
 if __name__ == "__main__":
