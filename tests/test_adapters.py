@@ -436,6 +436,35 @@ def test_embedding_target_is_refused(tmp_path, base):
     )
 
 
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_an_output_layer_adapter_saved_with_its_base_copy(tmp_path, base):
+    """PEFT's default save of an ``lm_head`` LoRA adds ``lm_head.base_layer.weight`` (a copy of the frozen base
+    weight): it loads exactly as the copy-less save when the copy equals the base, and is refused, naming the key
+    and the fix, when it does not (another base)."""
+    kw = dict(seed=3, target_modules=["q_proj", "lm_head"])
+    with_copy = peft_adapter(base, tmp_path / "auto", **kw)
+    key = "base_model.model.lm_head.base_layer.weight"
+    assert key in load_file(str(with_copy / WEIGHTS_NAME))  # what PEFT writes by default
+    torch.manual_seed(3)
+    plain = get_peft_model(copy.deepcopy(base), LoraConfig(init_lora_weights=False, r=2, lora_alpha=4,
+                                                            target_modules=["q_proj", "lm_head"]))
+    plain.save_pretrained(str(tmp_path / "plain"), save_embedding_layers=False)
+    a, b = load_expert("e", with_copy, base), load_expert("e", tmp_path / "plain", base)
+    assert sorted(a.modules) == sorted(b.modules) and "lm_head" in a.modules
+    for m in a.modules:
+        assert torch.equal(a.modules[m].A, b.modules[m].A) and torch.equal(a.modules[m].B, b.modules[m].B)
+    assert load_expert("e", with_copy, copy.deepcopy(base).to(torch.bfloat16)).modules.keys() == a.modules.keys()
+
+    def nudge(sd):
+        sd[key] = sd[key].clone()
+        sd[key][0, 0] += 1.0
+        return sd
+    rewrite_weights(with_copy, nudge)
+    with pytest.raises(ValueError, match=re.escape(f"expert 'e': key {key!r} is a saved copy of module 'lm_head'"
+                                                   "'s base weight, and it differs from this base model's")):
+        load_expert("e", with_copy, base)
+
+
 @pytest.mark.parametrize("key, value, what", [
     ("modules_to_save", ["lm_head"], "modules_to_save (fully trained copies of modules)"),
     ("layer_replication", [[0, 2]], "layer_replication"),

@@ -155,9 +155,10 @@ def load_expert(name: str, path: str | Path, base_model: nn.Module) -> LoraExper
     cfg = read_adapter_config(name, path)
     raw = _read_weights(name, path)
     _refuse_variants(name, raw)
+    all_modules = dict(base_model.named_modules())
+    raw = _drop_base_copies(name, raw, all_modules)
     pairs = _pair_keys(name, path, raw)
     targets = adaptable_modules(base_model)
-    all_modules = dict(base_model.named_modules())
     modules: dict[str, LoraModuleWeights] = {}
     for module, ab in pairs.items():
         if set(ab) != {"A", "B"}:
@@ -191,6 +192,32 @@ def _refuse_variants(name: str, raw: dict[str, torch.Tensor]) -> None:
             raise ValueError(f"expert {name!r}: key {key!r} is a DoRA magnitude; DoRA is not supported")
         if key.endswith(".lora_B.bias"):
             raise ValueError(f"expert {name!r}: key {key!r} is a LoRA bias; retrain the expert with lora_bias=False")
+
+
+def _drop_base_copies(name: str, raw: dict[str, torch.Tensor], modules: dict[str, nn.Module]) -> dict[str, torch.Tensor]:
+    """Drop ``<module>.base_layer.weight``: the copy of an adapted embedding-like module (``lm_head``) that PEFT
+    saves by default (``save_embedding_layers="auto"``). It is dropped only when it equals the base's weight
+    exactly (after casting to the base's dtype), so an adapter made for another base is still refused."""
+    kept = {}
+    for key, tensor in raw.items():
+        if not (key.startswith(_PREFIX) and key.endswith(".base_layer.weight")):
+            kept[key] = tensor
+            continue
+        module = key[len(_PREFIX):-len(".base_layer.weight")]
+        weight = getattr(modules.get(module), "weight", None)
+        if not isinstance(weight, torch.Tensor) or not weight.is_floating_point() or type(weight) not in (
+                torch.Tensor, nn.Parameter) or weight.shape != tensor.shape:
+            raise ValueError(
+                f"expert {name!r}: key {key!r} is a saved copy of module {module!r}'s base weight "
+                f"{tuple(tensor.shape)}, which cannot be checked against this base model's module "
+                f"({type(modules.get(module)).__name__}); re-save the adapter with "
+                "save_pretrained(..., save_embedding_layers=False)")
+        if not torch.equal(tensor.to(device=weight.device, dtype=weight.dtype), weight.detach()):
+            raise ValueError(
+                f"expert {name!r}: key {key!r} is a saved copy of module {module!r}'s base weight, and it differs "
+                "from this base model's: the adapter was made for another base model (or with a trained "
+                f"{module!r}); load the base it was trained on")
+    return kept
 
 
 def _pair_keys(name: str, path: Path, raw: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
