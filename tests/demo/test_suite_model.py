@@ -39,7 +39,7 @@ def test_the_shipped_files_describe_seven_experts_and_their_training():
     log = json.loads((SUITE / "training.json").read_text())
     assert set(log["experts"]) == set(suite.DOMAINS) and all(e["finished"] for e in log["experts"].values())
     assert json.loads((ROUTED / "training.json").read_text())["head"]["options"]["routing_weight"] == 0.5
-    shipped = log["head"]["options"]  # H9: routing supervision over the completion positions
+    shipped = log["head"]["options"]  # H16: routing supervision over the completion positions
     assert (shipped["routing_weight"], shipped["routing_tokens"]) == (1.0, "scored")
 
 
@@ -62,15 +62,14 @@ def _losses_and_routing_of(model, tok, records, tmp_path, rows=("base", "xlora")
     return result.configs, result.routing
 
 
-STRANGER_DOMAINS = ("quantum", "mathematics", "graph")  # H9 routes 7, 8 and 8 of 8 own on the independent set
+STRANGER_DOMAINS = ("quantum", "mathematics", "graph")  # H16 routes 7, 8 and 8 of 8 own there
 
 
 def test_the_mixture_beats_the_base_and_routes_a_strangers_prompts_by_content(models, tmp_path):
     model, _, tok = models
     configs, routing = _losses_and_routing_of(model, tok, _independent(STRANGER_DOMAINS), tmp_path)
-    for d in STRANGER_DOMAINS:  # measured: top-1 own 0.88, 1.00, 1.00; the own expert of every routed record ahead
-        # by >= 0.08 of mean scaling, 0.88 in mathematics and graph (no CPU's rounding flips that); loss 0.52-1.08
-        # against the base's 1.97-4.01
+    for d in STRANGER_DOMAINS:  # measured (H16): top-1 own 0.88, 1.00, 1.00; the own expert of every routed record
+        # ahead by >= 0.41 of mean scaling, >= 0.96 in mathematics and graph (no CPU's rounding flips that)
         assert configs["xlora"]["loss"][d] < configs["base"]["loss"][d] - 0.5, configs
         assert routing["top1_own"][d] >= 0.8 and max(routing["mean"][d], key=routing["mean"][d].get) == d, routing
 
