@@ -110,8 +110,8 @@ def test_the_shallow_head_runs_8_layers_and_keeps_the_full_heads_routing(models,
     _, full = _losses_and_routing_of(model, tok, records, tmp_path, rows=("xlora",))
     _, short_routing = _losses_and_routing_of(shallow, tok, records, tmp_path, rows=("xlora",))
     # issue 22: within 0.05 of the full head's (measured: 1.00 both; the shallow head's own expert is ahead on every
-    # record by >= 0.048 of mean scaling, so the argmaxes do not hang on rounding)
+    # record by >= 0.47 of mean scaling in mathematics and graph and >= 0.008 in mechanics, far above rounding)
     for d in ("mechanics", "mathematics", "graph"):
         assert abs(short_routing["top1_own"][d] - full["top1_own"][d]) <= 0.05, (short_routing, full)
-    report = json.loads((SHALLOW / "distill.json").read_text())  # the distillation's own record: KL 2.296 -> 0.203
+    report = json.loads((SHALLOW / "distill.json").read_text())  # the distillation's own record: KL 2.636 -> 0.213
     assert report["final"]["top1"] > 0.85 and report["final"]["kl"] < 0.25 < report["initial"]["kl"]
