@@ -198,25 +198,24 @@ def _drop_base_copies(name: str, raw: dict[str, torch.Tensor], modules: dict[str
     """Drop ``<module>.base_layer.weight``: the copy of an adapted embedding-like module (``lm_head``) that PEFT
     saves by default (``save_embedding_layers="auto"``). It is dropped only when it equals the base's weight
     exactly (after casting to the base's dtype), so an adapter made for another base is still refused."""
-    kept = {}
+    suffix, kept = ".base_layer.weight", {}
     for key, tensor in raw.items():
-        if not (key.startswith(_PREFIX) and key.endswith(".base_layer.weight")):
+        if not (key.startswith(_PREFIX) and key.endswith(suffix)):
             kept[key] = tensor
             continue
-        module = key[len(_PREFIX):-len(".base_layer.weight")]
+        module = key[len(_PREFIX):-len(suffix)]
         weight = getattr(modules.get(module), "weight", None)
-        if not isinstance(weight, torch.Tensor) or not weight.is_floating_point() or type(weight) not in (
-                torch.Tensor, nn.Parameter) or weight.shape != tensor.shape:
+        if module in modules and (type(weight) not in (torch.Tensor, nn.Parameter) or not weight.is_floating_point()):
             raise ValueError(
-                f"expert {name!r}: key {key!r} is a saved copy of module {module!r}'s base weight "
-                f"{tuple(tensor.shape)}, which cannot be checked against this base model's module "
-                f"({type(modules.get(module)).__name__}); re-save the adapter with "
-                "save_pretrained(..., save_embedding_layers=False)")
-        if not torch.equal(tensor.to(device=weight.device, dtype=weight.dtype), weight.detach()):
+                f"expert {name!r}: key {key!r} is a saved copy of module {module!r}'s base weight, which cannot be "
+                f"checked against this base model's {type(modules[module]).__name__} (quantised?); re-save the "
+                "adapter with save_pretrained(..., save_embedding_layers=False)")
+        if weight is None or weight.shape != tensor.shape or not torch.equal(
+                tensor.to(device=weight.device, dtype=weight.dtype), weight.detach()):
             raise ValueError(
                 f"expert {name!r}: key {key!r} is a saved copy of module {module!r}'s base weight, and it differs "
-                "from this base model's: the adapter was made for another base model (or with a trained "
-                f"{module!r}); load the base it was trained on")
+                "from this base model's (or the module is missing): the adapter was made for another base model "
+                f"(or with a trained {module!r}); load the base it was trained on")
     return kept
 
 
