@@ -33,7 +33,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from routing_probe import make_head, own_top1, shipped_head
+from routing_probe import make_head, own_top1, save, shipped_head
 from torch import nn
 
 from xlora.demo.suite import DOMAINS
@@ -117,19 +117,6 @@ def averaged(heads: list[nn.Module]) -> nn.Module:
     return out
 
 
-def save(head: nn.Module, out: Path, teacher_dir: Path, layers: int) -> None:
-    """``head`` as an X-LoRA directory: the teacher's config (its experts by absolute path), this depth and ``k``."""
-    from safetensors.torch import save_file
-
-    cfg = json.loads((teacher_dir / "xlora_config.json").read_text())
-    cfg["head_depth"] = sum(isinstance(m, nn.Linear) for m in head)
-    cfg["scaling_pass_layers"] = None if layers == N_LAYERS else layers
-    cfg["experts"] = {d: str((teacher_dir / p).resolve()) for d, p in cfg["experts"].items()}
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "xlora_config.json").write_text(json.dumps(cfg, indent=2) + "\n")
-    save_file({f"layers.{k}": v.contiguous() for k, v in head.state_dict().items()}, str(out / "xlora_head.safetensors"))
-
-
 def main() -> None:
     from xlora.demo.run import ASSETS
 
@@ -169,7 +156,7 @@ def main() -> None:
         head = averaged(heads) if len(heads) > 1 else heads[0]
         row(spec, head)
         if args.save:
-            save(head, args.save / spec.replace(",", "_"), args.teacher, args.layers)
+            save(head, args.save / spec.replace(",", "_"), args.teacher, None if args.layers == N_LAYERS else args.layers)
 
 
 if __name__ == "__main__":

@@ -142,16 +142,18 @@ def main() -> None:
                     save(head, args.save)
 
 
-def save(head: nn.Module, out: Path) -> None:
-    """``head`` (linear) as an X-LoRA directory: the shipped suite's config with ``head_depth = 1``, its experts
-    by absolute path."""
+def save(head: nn.Module, out: Path, like: Path | None = None, layers: int | None = None) -> None:
+    """``head`` (a ``make_head`` Sequential) as an X-LoRA directory: the config of ``like`` (default: the shipped
+    suite) with ``head_depth`` = its Linear layers and ``scaling_pass_layers = layers``, the experts by absolute path."""
     from safetensors.torch import save_file
 
     from xlora.demo.run import ASSETS
 
-    cfg = json.loads((ASSETS / "suite" / "xlora_config.json").read_text())
-    cfg["head_depth"] = 1
-    cfg["experts"] = {d: str((ASSETS / "suite" / p).resolve()) for d, p in cfg["experts"].items()}
+    like = like or ASSETS / "suite"
+    cfg = json.loads((like / "xlora_config.json").read_text())
+    cfg["head_depth"] = sum(isinstance(m, nn.Linear) for m in head)
+    cfg["scaling_pass_layers"] = layers
+    cfg["experts"] = {d: str((like / p).resolve()) for d, p in cfg["experts"].items()}
     out.mkdir(parents=True, exist_ok=True)
     (out / "xlora_config.json").write_text(json.dumps(cfg, indent=2) + "\n")
     save_file({f"layers.{k}": v.contiguous() for k, v in head.state_dict().items()}, str(out / "xlora_head.safetensors"))
