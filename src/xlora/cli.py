@@ -291,8 +291,13 @@ def _add_distill_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--loss", choices=["kl", "mse"], default=keep, help="KL(teacher || student) or MSE (default: kl)")
     p.add_argument("--temperature", type=float, default=keep, help="KL temperature (default: the teacher's)")
     p.add_argument("--lm-weight", type=_non_negative, default=keep, help="add this times the LM loss (default: 0)")
-    p.add_argument("--positions", choices=["all", "scored"], default=keep,
-                   help="tokens the distillation averages: all (default) or scored (those predicting a completion)")
+    p.add_argument("--positions", choices=["all", "scored", "unrouted"], default=keep,
+                   help="tokens the distillation averages: all (default), scored (those predicting a completion) or "
+                        "unrouted (those taking no routing loss)")
+    p.add_argument("--routing-weight", type=_non_negative, default=keep,
+                   help="add this times the routing cross-entropy of the records naming their expert (default: 0)")
+    p.add_argument("--routing-key", default=keep, help="the record field naming the expert (default: domain)")
+    p.add_argument("--weight-decay", type=_non_negative, default=keep, help="AdamW weight decay (default: 0)")
     p.add_argument("--init", choices=["teacher", "scratch"], default=keep,
                    help="start from the teacher head's weights or a fresh head (default: teacher)")
     p.add_argument("--chat", action=argparse.BooleanOptionalAction, default=keep,

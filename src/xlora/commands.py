@@ -173,8 +173,10 @@ def distill(args: argparse.Namespace) -> int:
     result = distill_head(cfg)
     first, last = result.initial, result.final
     kl = f"KL {first['kl']:.4f} -> {last['kl']:.4f}, " if "kl" in last else ""
+    own = (f", own-expert routing {first['own_top1']:.3f} -> {last['own_top1']:.3f} (teacher "
+           f"{last['teacher_own_top1']:.3f}, {last['routed_records']} records)") if "own_top1" in last else ""
     print(f"distilled {result.steps} steps in {result.seconds:.1f} s: {kl}top-1 agreement {first['top1']:.3f} -> "
-          f"{last['top1']:.3f}; student in {result.output_dir}")
+          f"{last['top1']:.3f}{own}; student in {result.output_dir}")
     return 0
 
 

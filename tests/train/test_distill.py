@@ -46,8 +46,9 @@ def world(tmp_path_factory):
 
 
 def config(world, out: str, k: int, **kw) -> DistillConfig:
-    options = dict(eval_file=world["eval"], steps=5, batch_size=8, learning_rate=1e-2, log_every=1000)
-    return DistillConfig(world["teacher"], str(world["root"] / out), k, world["train"], **{**options, **kw})
+    options = dict(train_file=world["train"], eval_file=world["eval"], steps=5, batch_size=8, learning_rate=1e-2,
+                   log_every=1000)
+    return DistillConfig(world["teacher"], str(world["root"] / out), k, **{**options, **kw})
 
 
 def metrics(out: Path) -> list[dict]:
@@ -163,9 +164,79 @@ def test_scored_positions_distil_only_where_a_completion_token_is_predicted(worl
         assert with_lm.item() == pytest.approx(by_hand.item() + lm.item(), rel=1e-6)
 
 
+SETS = {"alpha": "abcdefgh", "beta": "ijklmnop", "gamma": "0123456789"}  # each expert's prompts use its own characters
+
+
+def write_labelled(path: Path, n: int, seed: int, unlabelled: int = 0) -> str:
+    """``n`` prompt/completion records naming their expert in ``domain``, then ``unlabelled`` text records."""
+    rng = random.Random(seed)
+    lines = []
+    for _ in range(n):
+        name = rng.choice(sorted(SETS))
+        chars = SETS[name]
+        lines.append(json.dumps({"prompt": "".join(rng.choice(chars) for _ in range(rng.randint(5, 12))),
+                                 "completion": "".join(rng.choice(chars) for _ in range(4)), "domain": name}))
+    lines += [json.dumps({"text": "".join(rng.choice("qrstuvwxyz .,") for _ in range(rng.randint(6, 20)))})
+              for _ in range(unlabelled)]
+    path.write_text("\n".join(lines) + "\n")
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def labelled(world):
+    return {"train": write_labelled(world["root"] / "labelled.jsonl", 48, 0, unlabelled=16),
+            "eval": write_labelled(world["root"] / "labelled_eval.jsonl", 24, 1)}
+
+
+def test_routing_labels_correct_a_trained_head_at_its_own_depth(world, labelled):
+    """k = N from the teacher: the routing term moves the head where the labels speak (the suite head H16's recipe)."""
+    result = distill(config(world, "corrected", 2, train_file=labelled["train"], eval_file=labelled["eval"], steps=60,
+                            learning_rate=2e-2, routing_weight=1.0, positions="unrouted", weight_decay=0.1))
+    first, last = result.initial, result.final
+    assert first["kl"] < 1e-6 and first["own_top1"] == first["teacher_own_top1"] < 0.2  # the random teacher misroutes
+    assert last["own_top1"] >= 0.5 and last["teacher_own_top1"] == first["teacher_own_top1"], last  # measured 0.625
+    assert first["routed_records"] == 24
+    steps = metrics(result.output_dir)
+    assert all(abs(m["loss"] - m["kl"] - m["routing"]) < 1e-9 for m in steps)
+    assert sum(m["routing"] for m in steps[-10:]) < 0.7 * sum(m["routing"] for m in steps[:10])
+    report = json.loads((result.output_dir / REPORT_FILE).read_text())["settings"]
+    assert (report["routing_weight"], report["positions"], report["weight_decay"]) == (1.0, "unrouted", 0.1)
+
+
+def test_the_routing_term_is_the_cross_entropy_over_scored_positions_and_the_kl_skips_them(world, labelled):
+    from xlora.train.distill import Batches, load_teacher, make_student, scalings_pair, step_loss
+    from xlora.train.distill_losses import distill_kl
+    from xlora.train.routing import routing_cross_entropy
+
+    cfg = config(world, "parts", 2, train_file=labelled["train"], routing_weight=0.5, positions="unrouted")
+    model, tokenizer = load_teacher(cfg)
+    student = make_student(model, 2, "scratch")
+    examples = build_dataset(labelled["train"], tokenizer, 512, routing_key="domain")[0]
+    batch = Batches(0, model.xlora_config.expert_names, 8).collate(examples[40:52], model.device)  # 8 routed, 4 not
+    assert int((batch["routing_target"].sum(-1) > 0).sum()) == 8
+    with torch.no_grad():
+        loss, parts = step_loss(model, student, cfg, batch)
+        z_t, _, h_k = scalings_pair(model, 2, batch)
+        scored = torch.zeros_like(batch["labels"], dtype=torch.bool)
+        scored[:, :-1] = batch["labels"][:, 1:] != -100
+        routed = batch["routing_target"].sum(-1, keepdim=True) > 0
+        kl_mask = batch["attention_mask"].bool() & ~(scored & routed)
+        kl = distill_kl(z_t, student.logits(h_k), kl_mask, model.xlora_config.softmax_temperature)
+        ce = routing_cross_entropy(student(h_k), scored.long(), batch["routing_target"])
+    assert parts["kl"] == pytest.approx(kl.item(), rel=1e-12) and parts["routing"] == pytest.approx(ce.item(), rel=1e-6)
+    assert loss.item() == pytest.approx(kl.item() + 0.5 * ce.item(), rel=1e-6) and ce.item() > 0.1
+
+
+def test_routing_that_no_record_can_feed_is_refused_before_anything_is_written(world):
+    with pytest.raises(ValueError, match=r"routing_weight=1.0 but no training record names an expert in 'domain'"):
+        distill(config(world, "no_labels", 1, routing_weight=1.0))
+    assert not (world["root"] / "no_labels").exists()
+
+
 @pytest.mark.parametrize("field, value", [("scaling_pass_layers", 0), ("loss", "l1"), ("steps", 0), ("init", "zero"),
                                           ("learning_rate", 0.0), ("lm_weight", -1.0), ("batch_size", 0),
-                                          ("positions", "prompt")])
+                                          ("positions", "prompt"), ("positions", "unrouted"), ("routing_weight", -1.0),
+                                          ("weight_decay", -0.1), ("routing_key", "")])
 def test_bad_values_are_refused_naming_the_field(world, field, value):
     kw = {"steps": 5, field: value}
     k = kw.pop("scaling_pass_layers", 1)
@@ -197,6 +268,23 @@ def test_the_cli_writes_the_student_directory(world, capsys):
     assert main(argv) == 2  # a non-empty OUTPUT_DIR needs --overwrite
     assert "is not empty; pass overwrite=True (--overwrite)" in capsys.readouterr().err
     assert main([*argv, "--overwrite"]) == 0
+
+
+def test_the_cli_passes_the_routing_flags_and_prints_the_routing(world, labelled, capsys):
+    out = world["root"] / "cli_routing"
+    argv = ["distill", world["teacher"], str(out), "--layers", "2", "--data", labelled["train"], "--eval",
+            labelled["eval"], "--steps", "2", "--routing-weight", "0.5", "--routing-key", "domain", "--positions",
+            "unrouted", "--weight-decay", "0.01"]
+    assert main(argv) == 0
+    report = json.loads((out / REPORT_FILE).read_text())
+    settings, final = report["settings"], report["final"]
+    assert (settings["routing_weight"], settings["routing_key"], settings["positions"], settings["weight_decay"]) == (
+        0.5, "domain", "unrouted", 0.01)
+    assert f"own-expert routing {report['initial']['own_top1']:.3f} -> {final['own_top1']:.3f} (teacher " \
+           f"{final['teacher_own_top1']:.3f}, 24 records)" in capsys.readouterr().out
+    unweighted = [a for i, a in enumerate(argv) if "--routing-weight" not in argv[max(i - 1, 0):i + 1]]
+    assert main([*unweighted, "--overwrite"]) == 2  # --positions unrouted without a routing weight
+    assert "positions='unrouted' leaves the routed positions to routing_weight, which is 0" in capsys.readouterr().err
 
 
 def test_distill_help_imports_no_torch():

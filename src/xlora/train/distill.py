@@ -9,11 +9,14 @@ state after the first ``k`` layers (and the final norm) ``h_k``, both ``[b, t, h
     log p_T = log_softmax(z_T / τ),  log p_S = log_softmax(z_S / τ)   over E
     KL  = Σ_{b,t} m_bt · mean_l Σ_e p_T (log p_T − log p_S) / Σ_{b,t} m_bt
     MSE = Σ_{b,t} m_bt · mean_{l,e} (s_S − s_T)² / Σ_{b,t} m_bt     # s = head(h): the applied scalings
-    loss = KL (or MSE) + lm_weight · CE(X-LoRA forward with s_S)
+    loss = KL (or MSE) + lm_weight · CE(X-LoRA forward with s_S) + routing_weight · CE_route(s_S)
 
-``m`` is the attention mask (1 on real tokens; with ``positions='scored'`` only those predicting a completion)
-and ``τ`` the distillation temperature (default the teacher's ``softmax_temperature``, so ``p`` are the
-scalings before any top-k). The KL is taken on log-probabilities for stability. Both scaling passes run
+``m`` is the attention mask (1 on real tokens; with ``positions='scored'`` only those predicting a completion;
+with ``'unrouted'`` those that take no routing loss), ``τ`` the distillation temperature (default the teacher's
+``softmax_temperature``, so ``p`` are the scalings before any top-k), and ``CE_route`` the routing supervision of
+:mod:`xlora.train.routing` over the scored positions of the records that name their expert (``routing_key``).
+With ``k = N``, ``init='teacher'``, ``positions='unrouted'`` and a routing weight this *corrects* a trained head:
+it moves where the labels speak and keeps the teacher's scalings everywhere else (the suite head H16's recipe). The KL is taken on log-probabilities for stability. Both scaling passes run
 without grad (the base is frozen): only the student head trains, and with ``lm_weight = 0`` no main pass runs
 at all, so a step costs about ``1 + k/N`` base forwards. The reported KL and top-1 agreement (argmax over
 experts of the applied scalings, per real token and module) are at the model's temperature, over every token.
@@ -24,7 +27,6 @@ experts referenced as the teacher references them), plus ``distill_metrics.jsonl
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import time
@@ -33,113 +35,21 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from xlora import XLoraConfig, XLoraModel
-from xlora.config import check_bool, check_float, check_int
 from xlora.files import atomic_save_safetensors, atomic_write_text
 from xlora.generation import pad_token_id
 from xlora.head import ScalingHead
 from xlora.saving import CONFIG_FILE, HEAD_FILE
 from xlora.train.data import TokenizedExample, batch_order, build_dataset, collate
-from xlora.train.losses import scored_positions
+from xlora.train.distill_config import DistillConfig
+from xlora.train.distill_losses import distill_kl, distill_mask, distill_mse, own_top1, top1_agreement
+from xlora.train.losses import with_routing_mask
+from xlora.train.routing import check_routing_targets, routing_cross_entropy
 from xlora.train.trainer import lr_factor
 
 METRICS_FILE = "distill_metrics.jsonl"
 REPORT_FILE = "distill.json"
-LOSSES = ("kl", "mse")
-INITS = ("teacher", "scratch")
-POSITIONS = ("all", "scored")  # the tokens the distillation loss averages
-
-
-@dataclass
-class DistillConfig:
-    """Distilling a teacher X-LoRA's head into a head over the first ``k`` decoder layers.
-
-    Args:
-        teacher_dir: an X-LoRA directory (any format xlora reads) whose head is the teacher.
-        output_dir: where the student X-LoRA directory goes (not the teacher's).
-        scaling_pass_layers: ``k``, the decoder layers the student's scaling pass runs (1..N).
-        train_file: records of any shape ``xlora train`` reads (text, prompt/completion, messages).
-        eval_file: held-out records for the initial and final KL and top-1 agreement (default: train_file).
-        steps: optimizer steps.
-        batch_size: examples per step.
-        learning_rate: AdamW's peak learning rate (linear warm-up, then cosine decay to 0).
-        warmup_steps: steps of linear warm-up.
-        max_grad_norm: gradient clipping (0 disables).
-        seed: seeds the data order, a scratch head's weights and dropout.
-        loss: ``"kl"`` (teacher || student over the experts, needs a softmax head) or ``"mse"`` on the scalings.
-        temperature: distillation temperature τ of the KL (None: the teacher's softmax_temperature).
-        lm_weight: weight of the LM loss of the X-LoRA forward with the student's scalings (0: pure distillation).
-        positions: the tokens the distillation averages: ``"all"`` real tokens or ``"scored"`` (those predicting a
-            completion token, where ``xlora eval`` measures routing).
-        init: ``"teacher"`` (start from the teacher head's weights) or ``"scratch"`` (a fresh head).
-        chat: render prompt/completion records with the chat template, as ``xlora train --chat``.
-        max_length: tokens per example (longer records are truncated).
-        base_model: base model folder (None: the one the teacher records).
-        device: ``"cpu"``, ``"cuda"``, ... (None: cuda when available, else cpu).
-        overwrite: allow a non-empty output_dir (the student's files in it are replaced).
-        log_every: print a progress line every this many steps.
-    """
-
-    teacher_dir: str
-    output_dir: str
-    scaling_pass_layers: int
-    train_file: str
-    eval_file: str | None = None
-    steps: int = 500
-    batch_size: int = 8
-    learning_rate: float = 1e-3
-    warmup_steps: int = 0
-    max_grad_norm: float = 1.0
-    seed: int = 0
-    loss: str = "kl"
-    temperature: float | None = None
-    lm_weight: float = 0.0
-    positions: str = "all"
-    init: str = "teacher"
-    chat: bool = False
-    max_length: int = 512
-    base_model: str | None = None
-    device: str | None = None
-    overwrite: bool = False
-    log_every: int = 50
-
-    def __post_init__(self) -> None:
-        for name in ("teacher_dir", "output_dir", "train_file"):
-            value = getattr(self, name)
-            if not isinstance(value, (str, os.PathLike)) or not str(value):
-                raise ValueError(f"{name} is required, got {value!r}: give a path")
-            setattr(self, name, str(value))
-        check_int("scaling_pass_layers", self.scaling_pass_layers, 1)
-        for name, minimum in (("steps", 1), ("batch_size", 1), ("warmup_steps", 0), ("seed", 0), ("max_length", 2),
-                              ("log_every", 1)):
-            check_int(name, getattr(self, name), minimum)
-        for name in ("learning_rate", "max_grad_norm", "lm_weight"):
-            setattr(self, name, check_float(name, getattr(self, name)))
-        if self.learning_rate <= 0:
-            raise ValueError(f"learning_rate must be > 0, got {self.learning_rate}: e.g. 1e-3")
-        for name in ("max_grad_norm", "lm_weight"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
-        if self.temperature is not None and check_float("temperature", self.temperature) <= 0:
-            raise ValueError(f"temperature must be > 0 (or None: the teacher's), got {self.temperature}")
-        if self.loss not in LOSSES:
-            raise ValueError(f"loss must be one of {LOSSES}, got {self.loss!r}: 'kl' for softmax heads, else 'mse'")
-        if self.positions not in POSITIONS:
-            raise ValueError(f"positions must be one of {POSITIONS}, got {self.positions!r}")
-        if self.init not in INITS:
-            raise ValueError(f"init must be one of {INITS}, got {self.init!r}")
-        for name in ("chat", "overwrite"):
-            check_bool(name, getattr(self, name))
-        if Path(self.output_dir).resolve() == Path(self.teacher_dir).resolve():
-            raise ValueError(f"output_dir={self.output_dir!r} is the teacher's directory: the student would "
-                             "overwrite the teacher's head; give another folder")
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-
 @dataclass
 class DistillResult:
     """What :func:`distill` did: steps, seconds, and KL / top-1 agreement on the eval data before and after."""
@@ -160,18 +70,17 @@ def distill(cfg: DistillConfig) -> DistillResult:
     if out.exists() and any(out.iterdir()) and not cfg.overwrite:
         raise ValueError(f"output_dir {str(out)!r} is not empty; pass overwrite=True (--overwrite) or another folder")
     model, tokenizer = load_teacher(cfg)
-    train_set = build_dataset(cfg.train_file, tokenizer, cfg.max_length, chat=cfg.chat)[0]
-    eval_set = build_dataset(cfg.eval_file, tokenizer, cfg.max_length, chat=cfg.chat)[0] if cfg.eval_file else train_set
+    train_set, eval_set, experts = datasets(cfg, tokenizer, model.xlora_config.expert_names)
     torch.manual_seed(cfg.seed)
     student = make_student(model, cfg.scaling_pass_layers, cfg.init)
-    pad, k = pad_token_id(tokenizer), cfg.scaling_pass_layers
-    initial = evaluate_student(model, student, k, eval_set, cfg.batch_size, pad)
+    batches = Batches(pad_token_id(tokenizer), experts, cfg.batch_size)
+    initial = evaluate_student(model, student, cfg.scaling_pass_layers, eval_set, batches)
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     with open(out / METRICS_FILE, "w", encoding="utf-8") as metrics:
-        run_steps(model, student, cfg, train_set, pad, metrics)
+        run_steps(model, student, cfg, train_set, batches, metrics)
     seconds = time.perf_counter() - start
-    final = evaluate_student(model, student, k, eval_set, cfg.batch_size, pad)
+    final = evaluate_student(model, student, cfg.scaling_pass_layers, eval_set, batches)
     save_student(model, student, cfg, out)
     tokenizer.save_pretrained(str(out))
     report = {"settings": cfg.to_dict(), "seconds": seconds, "num_decoder_layers": decoder_depth(model),
@@ -180,6 +89,32 @@ def distill(cfg: DistillConfig) -> DistillResult:
               "eval_on": "eval_file" if cfg.eval_file else "train_file", "initial": initial, "final": final}
     atomic_write_text(out / REPORT_FILE, json.dumps(report, indent=2) + "\n")
     return DistillResult(out, cfg.steps, seconds, initial, final)
+
+
+@dataclass(frozen=True)
+class Batches:
+    """How examples become a batch on the model's device: the pad id, the experts whose routing targets travel
+    with the batch (None: routing off) and the batch size."""
+
+    pad: int
+    experts: list[str] | None
+    size: int
+
+    def collate(self, examples: list[TokenizedExample], device: torch.device) -> dict[str, torch.Tensor]:
+        return {k: v.to(device) for k, v in collate(examples, self.pad, experts=self.experts).items()}
+
+
+def datasets(cfg: DistillConfig, tokenizer: Any,
+             experts: list[str]) -> tuple[list[TokenizedExample], list[TokenizedExample], list[str] | None]:
+    """The train and eval examples and, with routing on, the experts their targets name (refused if none does)."""
+    key = cfg.routing_key if cfg.routing_weight > 0 else None
+    train_set = build_dataset(cfg.train_file, tokenizer, cfg.max_length, chat=cfg.chat, routing_key=key)[0]
+    eval_set = build_dataset(cfg.eval_file, tokenizer, cfg.max_length, chat=cfg.chat, routing_key=key)[0] \
+        if cfg.eval_file else train_set
+    if key is None:
+        return train_set, eval_set, None
+    check_routing_targets([e.target for e in train_set], experts, key, cfg.routing_weight)
+    return train_set, eval_set, list(experts)
 
 
 def load_teacher(cfg: DistillConfig) -> tuple[XLoraModel, Any]:
@@ -194,6 +129,9 @@ def load_teacher(cfg: DistillConfig) -> tuple[XLoraModel, Any]:
     if cfg.loss == "kl" and not model.xlora_config.enable_softmax:
         raise ValueError("loss='kl' needs a teacher whose head ends in a softmax (enable_softmax=True): its "
                          "scalings are then a distribution over the experts; use loss='mse'")
+    if cfg.routing_weight > 0 and not model.xlora_config.enable_softmax:
+        raise ValueError(f"routing_weight={cfg.routing_weight} needs a head that ends in a softmax (enable_softmax="
+                         "True): the term is a cross-entropy of the scalings as a distribution; set routing_weight=0")
     device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
     return model.to(device).eval(), tokenizer
 
@@ -217,49 +155,28 @@ def make_student(model: XLoraModel, k: int, init: str) -> ScalingHead:
 
 def scalings_pair(model: XLoraModel, k: int,
                   batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(z_T, s_T, h_k)``: the teacher's logits and scalings (float32, ``[b, t, L, E]``) and the student's input."""
+    """``(z_T, s_T, h_k)``: the teacher's logits and scalings (float32, ``[b, t, L, E]``) and the student's input
+    (the teacher's own input when ``k`` is the teacher's depth: one scaling pass, not two)."""
     inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
     head = model.head
     with torch.no_grad():
-        h_n = model.scaling_pass(**inputs).to(head.layers[0].weight.dtype)  # [b, t, hidden]
+        h_n = model.scaling_pass(**inputs)  # [b, t, hidden]
+        h_k = h_n.float() if k == teacher_depth(model) else model.scaling_pass(layers=k, **inputs).float()
+        h_n = h_n.to(head.layers[0].weight.dtype)
         z_t, s_t = head.logits(h_n).float(), head(h_n).float()
-        h_k = model.scaling_pass(layers=k, **inputs).float()  # [b, t, hidden]
     return z_t, s_t, h_k
 
 
-def masked_mean(per_token: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Mean of ``per_token`` ``[b, t]`` over the positions where ``mask`` ``[b, t]`` is 1."""
-    m = mask.to(per_token.dtype)
-    return (per_token * m).sum() / m.sum().clamp_min(1)
-
-
-def distill_kl(z_t: torch.Tensor, z_s: torch.Tensor, mask: torch.Tensor, temperature: float) -> torch.Tensor:
-    """``mean over real tokens and l of Σ_e p_T log(p_T / p_S)``, ``p = softmax(z / temperature)``; z ``[b, t, L, E]``."""
-    # float64: near the optimum a float32 KL's gradient is rounding noise, which Adam scales up to lr-sized steps
-    log_t = torch.log_softmax(z_t.double() / temperature, dim=-1)
-    log_s = torch.log_softmax(z_s.double() / temperature, dim=-1)
-    kl = F.kl_div(log_s, log_t, log_target=True, reduction="none").sum(-1)  # [b, t, L]
-    return masked_mean(kl.mean(-1), mask)
-
-
-def distill_mse(s_t: torch.Tensor, s_s: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """``mean over real tokens of mean_{l,e} (s_S − s_T)²``; s ``[b, t, L, E]``."""
-    return masked_mean((s_s - s_t).pow(2).mean((-2, -1)), mask)
-
-
-def top1_agreement(s_t: torch.Tensor, s_s: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Share of (real token, adapted module) pairs where both scalings ``[b, t, L, E]`` pick the same top expert."""
-    same = (s_t.argmax(-1) == s_s.argmax(-1)).float().mean(-1)  # [b, t]
-    return masked_mean(same, mask)
+def teacher_depth(model: XLoraModel) -> int:
+    """The decoder layers the teacher's own scaling pass runs."""
+    return model.xlora_config.scaling_pass_layers or decoder_depth(model)
 
 
 def step_loss(model: XLoraModel, student: ScalingHead, cfg: DistillConfig,
               batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
     """The loss of one batch (with grad into ``student`` only) and its parts for the metrics."""
     z_t, s_t, h_k = scalings_pair(model, cfg.scaling_pass_layers, batch)
-    mask = batch["attention_mask"]
-    if cfg.positions == "scored":
-        mask = mask * scored_positions(batch["labels"]).to(mask.dtype)  # [b, t]
+    mask = distill_mask(batch, cfg.positions)  # [b, t]
     s_s = student(h_k)  # [b, t, L, E]
     if cfg.loss == "kl":
         tau = cfg.temperature or model.xlora_config.softmax_temperature
@@ -271,22 +188,27 @@ def step_loss(model: XLoraModel, student: ScalingHead, cfg: DistillConfig,
         out = model(**{k: batch[k] for k in ("input_ids", "attention_mask", "labels")}, scalings=s_s)  # every position
         parts["lm"] = float(out.loss.detach())
         loss = loss + cfg.lm_weight * out.loss
+    if cfg.routing_weight > 0:
+        routed = with_routing_mask(batch, "scored")  # p̄ over the scored positions, as xlora eval scores routing
+        route = routing_cross_entropy(s_s, routed["routing_mask"], routed["routing_target"])
+        parts["routing"] = float(route.detach())
+        loss = loss + cfg.routing_weight * route
     parts["loss"] = float(loss.detach())
     return loss, parts
 
 
 def run_steps(model: XLoraModel, student: ScalingHead, cfg: DistillConfig, examples: list[TokenizedExample],
-              pad: int, metrics: Any) -> None:
+              batches: Batches, metrics: Any) -> None:
     """``cfg.steps`` AdamW steps on ``student``; one JSON line per step to ``metrics`` (step, loss, top1, lr)."""
     params = list(student.parameters())
-    optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=0.0)
+    optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
     lengths = [len(e.input_ids) for e in examples]
     per_epoch = -(-len(examples) // cfg.batch_size)
     student.train()
     for step in range(cfg.steps):
         epoch, pos = divmod(step, per_epoch)
         indices = batch_order(lengths, cfg.batch_size, cfg.seed, epoch, group_by_length=True)[pos]
-        batch = {k: v.to(model.device) for k, v in collate([examples[i] for i in indices], pad).items()}
+        batch = batches.collate([examples[i] for i in indices], model.device)
         loss, parts = step_loss(model, student, cfg, batch)
         if not torch.isfinite(loss):
             raise ValueError(f"the distillation loss became {loss.item()} at step {step + 1}; lower learning_rate")
@@ -306,15 +228,17 @@ def run_steps(model: XLoraModel, student: ScalingHead, cfg: DistillConfig, examp
 
 
 def evaluate_student(model: XLoraModel, student: ScalingHead, k: int, examples: list[TokenizedExample],
-                     batch_size: int, pad: int) -> dict[str, float]:
+                     batches: Batches) -> dict[str, float]:
     """KL (at the model's temperature, softmax heads only), MSE and top-1 agreement with the teacher,
-    averaged over every real token of ``examples``; the student in eval mode (no dropout)."""
+    averaged over every real token of ``examples``; the student in eval mode (no dropout). With routing on also
+    ``own_top1`` and ``teacher_own_top1``: the share of the records naming one expert that the student (the
+    teacher) routes to it (:func:`~xlora.train.distill_losses.own_top1`)."""
     was_training, tau = student.training, model.xlora_config.softmax_temperature
     student.eval()
-    sums, tokens = {"kl": 0.0, "mse": 0.0, "top1": 0.0}, 0
+    sums, tokens, own = {"kl": 0.0, "mse": 0.0, "top1": 0.0}, 0, [0, 0, 0]  # own: student hits, teacher hits, records
     with torch.no_grad():
-        for i in range(0, len(examples), batch_size):
-            batch = {key: v.to(model.device) for key, v in collate(examples[i:i + batch_size], pad).items()}
+        for i in range(0, len(examples), batches.size):
+            batch = batches.collate(examples[i:i + batches.size], model.device)
             z_t, s_t, h_k = scalings_pair(model, k, batch)
             mask, s_s = batch["attention_mask"], student(h_k)
             n = int(mask.sum())
@@ -323,10 +247,15 @@ def evaluate_student(model: XLoraModel, student: ScalingHead, k: int, examples: 
             sums["mse"] += float(distill_mse(s_t, s_s, mask)) * n
             sums["top1"] += float(top1_agreement(s_t, s_s, mask)) * n
             tokens += n
+            if batches.experts is not None:
+                (hits, records), (teacher_hits, _) = own_top1(s_s, batch), own_top1(s_t, batch)
+                own = [own[0] + hits, own[1] + teacher_hits, own[2] + records]
     student.train(was_training)
     result = {name: value / max(tokens, 1) for name, value in sums.items()}
     if not model.xlora_config.enable_softmax:
         del result["kl"]
+    if own[2]:
+        result.update(own_top1=own[0] / own[2], teacher_own_top1=own[1] / own[2], routed_records=own[2])
     return {**result, "tokens": tokens}
 
 

@@ -1,0 +1,116 @@
+"""The settings of :func:`xlora.train.distill.distill`: a typed config that refuses bad values naming the field."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from xlora.config import check_bool, check_float, check_int
+from xlora.train.distill_losses import POSITIONS
+
+LOSSES = ("kl", "mse")
+INITS = ("teacher", "scratch")
+
+
+@dataclass
+class DistillConfig:
+    """Distilling a teacher X-LoRA's head into a head over the first ``k`` decoder layers.
+
+    Args:
+        teacher_dir: an X-LoRA directory (any format xlora reads) whose head is the teacher.
+        output_dir: where the student X-LoRA directory goes (not the teacher's).
+        scaling_pass_layers: ``k``, the decoder layers the student's scaling pass runs (1..N).
+        train_file: records of any shape ``xlora train`` reads (text, prompt/completion, messages).
+        eval_file: held-out records for the initial and final KL and top-1 agreement (default: train_file).
+        steps: optimizer steps.
+        batch_size: examples per step.
+        learning_rate: AdamW's peak learning rate (linear warm-up, then cosine decay to 0).
+        warmup_steps: steps of linear warm-up.
+        weight_decay: AdamW's decoupled weight decay.
+        max_grad_norm: gradient clipping (0 disables).
+        seed: seeds the data order, a scratch head's weights and dropout.
+        loss: ``"kl"`` (teacher || student over the experts, needs a softmax head) or ``"mse"`` on the scalings.
+        temperature: distillation temperature τ of the KL (None: the teacher's softmax_temperature).
+        lm_weight: weight of the LM loss of the X-LoRA forward with the student's scalings (0: pure distillation).
+        positions: the tokens the distillation averages: ``"all"`` real tokens, ``"scored"`` (those predicting a
+            completion token, where ``xlora eval`` measures routing) or ``"unrouted"`` (those taking no routing
+            loss: needs ``routing_weight > 0``).
+        routing_weight: weight of routing supervision (0: off): ``CE = -log p̄_S[own]`` per record that names its
+            expert, ``p̄_S`` the student's scalings averaged over the record's scored positions and the modules.
+        routing_key: the record field that names its expert (or a list under ``experts``; as ``xlora train``).
+        init: ``"teacher"`` (start from the teacher head's weights) or ``"scratch"`` (a fresh head).
+        chat: render prompt/completion records with the chat template, as ``xlora train --chat``.
+        max_length: tokens per example (longer records are truncated).
+        base_model: base model folder (None: the one the teacher records).
+        device: ``"cpu"``, ``"cuda"``, ... (None: cuda when available, else cpu).
+        overwrite: allow a non-empty output_dir (the student's files in it are replaced).
+        log_every: print a progress line every this many steps.
+    """
+
+    teacher_dir: str
+    output_dir: str
+    scaling_pass_layers: int
+    train_file: str
+    eval_file: str | None = None
+    steps: int = 500
+    batch_size: int = 8
+    learning_rate: float = 1e-3
+    warmup_steps: int = 0
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    seed: int = 0
+    loss: str = "kl"
+    temperature: float | None = None
+    lm_weight: float = 0.0
+    positions: str = "all"
+    routing_weight: float = 0.0
+    routing_key: str = "domain"
+    init: str = "teacher"
+    chat: bool = False
+    max_length: int = 512
+    base_model: str | None = None
+    device: str | None = None
+    overwrite: bool = False
+    log_every: int = 50
+
+    def __post_init__(self) -> None:
+        for name in ("teacher_dir", "output_dir", "train_file"):
+            value = getattr(self, name)
+            if not isinstance(value, (str, os.PathLike)) or not str(value):
+                raise ValueError(f"{name} is required, got {value!r}: give a path")
+            setattr(self, name, str(value))
+        check_int("scaling_pass_layers", self.scaling_pass_layers, 1)
+        for name, minimum in (("steps", 1), ("batch_size", 1), ("warmup_steps", 0), ("seed", 0), ("max_length", 2),
+                              ("log_every", 1)):
+            check_int(name, getattr(self, name), minimum)
+        for name in ("learning_rate", "weight_decay", "max_grad_norm", "lm_weight", "routing_weight"):
+            setattr(self, name, check_float(name, getattr(self, name)))
+        if self.learning_rate <= 0:
+            raise ValueError(f"learning_rate must be > 0, got {self.learning_rate}: e.g. 1e-3")
+        for name in ("weight_decay", "max_grad_norm", "lm_weight", "routing_weight"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.temperature is not None and check_float("temperature", self.temperature) <= 0:
+            raise ValueError(f"temperature must be > 0 (or None: the teacher's), got {self.temperature}")
+        if self.loss not in LOSSES:
+            raise ValueError(f"loss must be one of {LOSSES}, got {self.loss!r}: 'kl' for softmax heads, else 'mse'")
+        if self.positions not in POSITIONS:
+            raise ValueError(f"positions must be one of {POSITIONS}, got {self.positions!r}")
+        if self.positions == "unrouted" and self.routing_weight == 0:
+            raise ValueError("positions='unrouted' leaves the routed positions to routing_weight, which is 0: set "
+                             "routing_weight > 0 (--routing-weight) or positions='all'")
+        if not isinstance(self.routing_key, str) or not self.routing_key:
+            raise ValueError(f"routing_key must be the name of a record field, e.g. 'domain'; got {self.routing_key!r}")
+        if self.init not in INITS:
+            raise ValueError(f"init must be one of {INITS}, got {self.init!r}")
+        for name in ("chat", "overwrite"):
+            check_bool(name, getattr(self, name))
+        if Path(self.output_dir).resolve() == Path(self.teacher_dir).resolve():
+            raise ValueError(f"output_dir={self.output_dir!r} is the teacher's directory: the student would "
+                             "overwrite the teacher's head; give another folder")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
