@@ -455,15 +455,15 @@ def test_an_output_layer_adapter_saved_with_its_base_copy(tmp_path, base):
         assert torch.equal(a.modules[m].A, b.modules[m].A) and torch.equal(a.modules[m].B, b.modules[m].B)
     in_bf16 = load_expert("e", with_copy, copy.deepcopy(base).to(torch.bfloat16))  # the copy is compared in bf16
     assert all(torch.equal(in_bf16.modules[m].A, a.modules[m].A) for m in a.modules)
-    differs = re.escape("'s base weight, and it differs from this base model's (or the module is missing)")
+    differs = re.escape(", and it differs from this base model's (or the module is missing)")
 
     def nudge(sd):
         sd[key] = sd[key].clone()
         sd[key][0, 0] += 1.0
         return sd
     rewrite_weights(with_copy, nudge)
-    with pytest.raises(ValueError, match=re.escape(f"expert 'e': key {key!r} is a saved copy of module 'lm_head'")
-                       + differs):
+    with pytest.raises(ValueError, match=re.escape(f"expert 'e': key {key!r} is a saved copy of the base weight of "
+                                                   "module 'lm_head'") + differs):
         load_expert("e", with_copy, base)
     rewrite_weights(with_copy, lambda sd: {**sd, key: sd[key][:-1]})  # another vocabulary: shapes differ
     with pytest.raises(ValueError, match=differs):
@@ -521,3 +521,22 @@ def test_non_finite_expert_weights_are_refused_naming_the_tensor(tmp_path, llama
     with pytest.raises(ValueError, match=re.escape(f"expert 'chem': {str(path / WEIGHTS_NAME)!r} tensor {key!r} "
                                                    f"holds 1 non-finite value(s) ({kind} among them")):
         load_expert("chem", path, base)
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_a_base_copy_against_a_quantised_output_layer_is_refused_with_the_resave_fix(tmp_path, base):
+    """The saved ``lm_head`` copy cannot be compared with a quantised base's ``lm_head`` (its weight is not a plain
+    float tensor): refused, naming the key and ``save_embedding_layers=False``, rather than guessed."""
+    pytest.importorskip("torchao", reason="torchao is not installed (pip install xlora[quant])")
+    from torchao.quantization import Int8WeightOnlyConfig, quantize_
+
+    with_copy = peft_adapter(base, tmp_path / "auto", seed=3, target_modules=["q_proj", "lm_head"])
+    quantised = copy.deepcopy(base)
+    quantize_(quantised, Int8WeightOnlyConfig(), filter_fn=lambda module, fqn: fqn == "lm_head")
+    assert type(quantised.lm_head.weight) not in (torch.Tensor, torch.nn.Parameter)  # really quantised
+    key = "base_model.model.lm_head.base_layer.weight"
+    with pytest.raises(ValueError, match=re.escape(
+            f"expert 'e': key {key!r} is a saved copy of the base weight of module 'lm_head', which cannot be checked "
+            "against this base model's Linear (quantised?); re-save the adapter with save_pretrained(..., "
+            "save_embedding_layers=False)")):
+        load_expert("e", with_copy, quantised)

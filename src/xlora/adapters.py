@@ -207,13 +207,13 @@ def _drop_base_copies(name: str, raw: dict[str, torch.Tensor], modules: dict[str
         weight = getattr(modules.get(module), "weight", None)
         if module in modules and (type(weight) not in (torch.Tensor, nn.Parameter) or not weight.is_floating_point()):
             raise ValueError(
-                f"expert {name!r}: key {key!r} is a saved copy of module {module!r}'s base weight, which cannot be "
+                f"expert {name!r}: key {key!r} is a saved copy of the base weight of module {module!r}, which cannot be "
                 f"checked against this base model's {type(modules[module]).__name__} (quantised?); re-save the "
                 "adapter with save_pretrained(..., save_embedding_layers=False)")
         if weight is None or weight.shape != tensor.shape or not torch.equal(
                 tensor.to(device=weight.device, dtype=weight.dtype), weight.detach()):
             raise ValueError(
-                f"expert {name!r}: key {key!r} is a saved copy of module {module!r}'s base weight, and it differs "
+                f"expert {name!r}: key {key!r} is a saved copy of the base weight of module {module!r}, and it differs "
                 "from this base model's (or the module is missing): the adapter was made for another base model "
                 f"(or with a trained {module!r}); load the base it was trained on")
     return kept

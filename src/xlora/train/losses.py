@@ -51,6 +51,13 @@ def with_routing_mask(batch: dict[str, torch.Tensor], tokens: str) -> dict[str, 
     return {**batch, "routing_mask": mask, "routing_target": target}
 
 
+def step_batch(batch: dict[str, torch.Tensor], routing_tokens: str, lm_examples: str) -> dict[str, torch.Tensor]:
+    """``batch`` as a training step takes it: :func:`with_routing_mask`, then with ``lm_examples="unrouted"``
+    :func:`without_routed_lm`."""
+    batch = with_routing_mask(batch, routing_tokens)
+    return without_routed_lm(batch) if lm_examples == "unrouted" else batch
+
+
 def without_routed_lm(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """``batch`` (after :func:`with_routing_mask`) whose examples with a routing target take no next-token loss:
     their labels become ``IGNORE_INDEX`` (``TrainConfig.lm_examples = "unrouted"``); unchanged without targets."""

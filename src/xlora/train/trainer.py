@@ -37,7 +37,7 @@ from xlora.train.checkpoints import (
 from xlora.train.config import TrainConfig
 from xlora.train.data import TokenizedExample, batch_order, collate
 from xlora.train.fsdp import sync_gradients
-from xlora.train.losses import loss_tokens, scalings_regularizer, token_loss_sum, with_routing_mask, without_routed_lm
+from xlora.train.losses import loss_tokens, scalings_regularizer, step_batch, token_loss_sum
 from xlora.train.routing import routed_examples, routing_cross_entropy
 from xlora.train.setup import Run, TrainingError, setup
 
@@ -123,8 +123,7 @@ def train_step(run: Run, step: int) -> StepResult:
     """Optimizer step ``step`` (0-based): forward and backward over its micro-batches, clip, update."""
     acc, world = run.accelerator, run.accelerator.num_processes
     torch.manual_seed(run.cfg.seed * 1_000_003 + step * 1009 + acc.process_index)
-    batches = [(with_routing_mask(b, run.cfg.routing_tokens), w) for b, w in micro_batches(run, step)]
-    batches = [(without_routed_lm(b) if run.cfg.lm_examples == "unrouted" else b, w) for b, w in batches]
+    batches = [(step_batch(b, run.cfg.routing_tokens, run.cfg.lm_examples), w) for b, w in micro_batches(run, step)]
     mine = torch.tensor([sum(loss_tokens(b) * w for b, w in batches), sum(_routed(b) * w for b, w in batches)],
                         device=acc.device, dtype=torch.float64)
     counts = acc.reduce(mine, reduction="sum")  # loss tokens and routed examples of the step, all processes
