@@ -260,12 +260,14 @@ def evaluate_student(model: XLoraModel, student: ScalingHead, k: int, examples: 
 
 
 def save_student(model: XLoraModel, student: ScalingHead, cfg: DistillConfig, out: Path) -> None:
-    """Write ``xlora_config.json`` (``scaling_pass_layers = k``) and ``xlora_head.safetensors`` to ``out``.
+    """Write ``xlora_config.json`` (``scaling_pass_layers = k``; ``None``, every layer, when ``k = N``) and
+    ``xlora_head.safetensors`` to ``out``.
 
     The experts are referenced as the teacher references them: an absolute path as it is, a relative
     one rewritten relative to ``out`` so that it names the same folder.
     """
-    config = XLoraConfig.from_dict({**model.xlora_config.to_dict(), "scaling_pass_layers": cfg.scaling_pass_layers})
+    k = None if cfg.scaling_pass_layers == decoder_depth(model) else cfg.scaling_pass_layers
+    config = XLoraConfig.from_dict({**model.xlora_config.to_dict(), "scaling_pass_layers": k})
     experts = {}
     for expert in model.experts:
         given = model.xlora_config.experts[expert.name]
