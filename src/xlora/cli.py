@@ -278,8 +278,9 @@ def _add_distill_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("distill", help="train a head over the first K decoder layers to give a teacher X-LoRA's scalings")
     p.add_argument("teacher_dir", help="the teacher: an X-LoRA directory (its head runs all its layers)")
     p.add_argument("output_dir", help="where the student X-LoRA directory goes")
-    p.add_argument("--layers", dest="scaling_pass_layers", type=_positive, required=True, metavar="K",
-                   help="decoder layers of the student's scaling pass (1..N)")
+    p.add_argument("--layers", dest="scaling_pass_layers", type=_positive, default=argparse.SUPPRESS, metavar="K",
+                   help="decoder layers of the student's scaling pass (1..N; default: all N, to correct a head at "
+                        "its own depth with --routing-weight)")
     p.add_argument("--data", dest="train_file", required=True, metavar="FILE", help="training records (as xlora train)")
     keep = argparse.SUPPRESS
     p.add_argument("--eval", dest="eval_file", default=keep, metavar="FILE",

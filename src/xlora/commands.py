@@ -168,7 +168,8 @@ def distill(args: argparse.Namespace) -> int:
     from xlora.train.distill import DistillConfig
     from xlora.train.distill import distill as distill_head
 
-    given = vars(args)  # the flags given, under DistillConfig's names (the others keep its defaults)
+    # the flags given, under DistillConfig's names (the others keep its defaults; no --layers: every layer)
+    given = {"scaling_pass_layers": None, **vars(args)}
     cfg = DistillConfig(**{f.name: given[f.name] for f in dataclasses.fields(DistillConfig) if f.name in given})
     result = distill_head(cfg)
     first, last = result.initial, result.final

@@ -129,6 +129,8 @@ def _retrain_suite(tmp_path, phases):
     (_retrain_suite, ("data", "hed"), r"unknown suite phase 'hed'"),
     (_retrain_suite, ("expert:quantum,protien",), r"names unknown domains \['protien'\]"),
     (_retrain_suite, ("data",), r"the data phase needs rows"),
+    (_retrain_suite, ("correct",), r"the correct phase corrects the head phase's model, and .* does not exist: run "
+                                   r"the head phase first"),
 ])
 def test_retraining_refuses_bad_phases_before_anything(tmp_path, command, phases, message):
     with pytest.raises(ValueError, match=message):
@@ -163,6 +165,17 @@ def test_suite_head_trains_on_the_head_file_and_resumes(base_dir, tmp_path):
     log = retrain_suite.retrain_suite(tmp_path / "out", tmp_path / "data", ("head",), head_steps=3, base_dir=base_dir)
     assert log["head"]["resumed"] and log["head"]["steps"] == 3
     assert [r["phase"] for r in log["runs"]] == ["data", "experts", "head", "head"]
+    log = retrain_suite.retrain_suite(tmp_path / "out", tmp_path / "data", ("correct",), correct_steps=2,
+                                      base_dir=base_dir)
+    corrected = tmp_path / "out" / "corrected"
+    assert log["corrected"]["steps"] == 2 and log["runs"][-1]["phase"] == "correct"
+    cfg = json.loads((corrected / "xlora_config.json").read_text())
+    assert cfg["experts"] == {d: f"../experts/{d}" for d in suite.DOMAINS} and cfg["scaling_pass_layers"] is None
+    report = json.loads((corrected / "distill.json").read_text())
+    assert {k: report["settings"][k] for k in retrain_suite.SUITE_CORRECT_OPTIONS} == retrain_suite.SUITE_CORRECT_OPTIONS
+    assert report["settings"]["train_file"].endswith("head_train.jsonl") and report["final"]["routed_records"] == 12  # of 14: the two
+    # graph passages lose their completion to max_length=192
+    assert report["initial"]["own_top1"] == report["initial"]["teacher_own_top1"]  # it starts as the head phase's
 
 
 def test_the_command_line_takes_phases_after_the_options(tmp_path, capsys):

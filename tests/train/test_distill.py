@@ -272,7 +272,7 @@ def test_the_cli_writes_the_student_directory(world, capsys):
 
 def test_the_cli_passes_the_routing_flags_and_prints_the_routing(world, labelled, capsys):
     out = world["root"] / "cli_routing"
-    argv = ["distill", world["teacher"], str(out), "--layers", "2", "--data", labelled["train"], "--eval",
+    argv = ["distill", world["teacher"], str(out), "--data", labelled["train"], "--eval",  # no --layers: all 2
             labelled["eval"], "--steps", "2", "--routing-weight", "0.5", "--routing-key", "domain", "--positions",
             "unrouted", "--weight-decay", "0.01"]
     assert main(argv) == 0
@@ -280,6 +280,7 @@ def test_the_cli_passes_the_routing_flags_and_prints_the_routing(world, labelled
     settings, final = report["settings"], report["final"]
     assert (settings["routing_weight"], settings["routing_key"], settings["positions"], settings["weight_decay"]) == (
         0.5, "domain", "unrouted", 0.01)
+    assert settings["scaling_pass_layers"] == 2 and XLoraModel.from_pretrained(out).xlora_config.scaling_pass_layers is None
     assert f"own-expert routing {report['initial']['own_top1']:.3f} -> {final['own_top1']:.3f} (teacher " \
            f"{final['teacher_own_top1']:.3f}, 24 records)" in capsys.readouterr().out
     unweighted = [a for i, a in enumerate(argv) if "--routing-weight" not in argv[max(i - 1, 0):i + 1]]

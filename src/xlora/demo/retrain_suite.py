@@ -1,6 +1,7 @@
 """Retraining on the science suite's files: a data snapshot, seven experts, then the head; a stop loses nothing.
 
-``python -m xlora.demo.retrain_suite OUT_DIR [data] [experts | expert:<d>,...] [head] --suite DATA_DIR --rows ROWS``
+``python -m xlora.demo.retrain_suite OUT_DIR [data] [experts | expert:<d>,...] [head] [correct] --suite DATA_DIR
+--rows ROWS``
 runs the phases in order:
 
 - ``data``: snapshot the science rows under ``ROWS`` (``*.jsonl`` run files or ``*.jsonl.gz``) into
@@ -13,7 +14,11 @@ runs the phases in order:
 - ``head``: the X-LoRA head on ``DATA_DIR/head_train.jsonl`` (every domain's train split in its own draw, plus
   ``composite_train``), validated on ``DATA_DIR/validation.jsonl``, checkpointed every 25 steps in
   ``OUT_DIR/head_run``; by default the shipped head's recipe (:data:`SUITE_HEAD_STEPS` steps, the demo's
-  :data:`~xlora.demo.retrain.HEAD_OPTIONS` with :data:`SUITE_HEAD_OPTIONS`).
+  :data:`~xlora.demo.retrain.HEAD_OPTIONS` with :data:`SUITE_HEAD_OPTIONS`);
+- ``correct``: that head corrected by the records' routing labels at its own depth (``xlora distill`` with
+  :data:`SUITE_CORRECT_OPTIONS`: routing cross-entropy on the labelled records' scored positions, KL to the
+  head everywhere else; :data:`SUITE_CORRECT_STEPS` steps), written as a complete X-LoRA directory to
+  ``OUT_DIR/corrected`` (the experts by relative path). Not checkpointed: a stop reruns it (~19 min on 2 cores).
 
 Rerunning the same command skips finished experts, continues a stopped one from its checkpoint (the same
 weights as an uninterrupted run, unless its data file changed: then it restarts, said in the log) and
@@ -122,15 +127,35 @@ SUITE_HEAD_STEPS = 400  # the shipped suite head's (H9 in BENCHMARKS)
 SUITE_HEAD_OPTIONS: dict[str, Any] = {"routing_weight": 1.0, "routing_tokens": "scored", "eval_every": SUITE_HEAD_STEPS}
 
 
+SUITE_CORRECT_STEPS = 1000
+SUITE_CORRECT_OPTIONS: dict[str, Any] = {"routing_weight": 1.0, "positions": "unrouted", "weight_decay": 0.1,
+                                         "learning_rate": 5e-4, "batch_size": 8, "max_length": 192}
+CORRECTED = "corrected"  # OUT_DIR/corrected: the correct phase's model
+CONFIG = "xlora_config.json"
+
+
+def correct_head(out: Path, data: Path, base: Path | None, steps: int) -> dict[str, Any]:
+    """The ``correct`` phase (see the module doc): ``out``'s head corrected into ``out/corrected``."""
+    from xlora.train.distill import DistillConfig, distill
+
+    cfg = DistillConfig(teacher_dir=str(out), output_dir=str(out / CORRECTED), scaling_pass_layers=None,
+                        train_file=str(data / "head_train.jsonl"), eval_file=str(data / "validation.jsonl"),
+                        steps=steps, base_model=str(base or base_model_dir()), overwrite=True, log_every=50,
+                        **SUITE_CORRECT_OPTIONS)
+    result = distill(cfg)
+    return {"output_dir": str(result.output_dir), "steps": result.steps, "seconds": round(result.seconds, 1),
+            "initial": result.initial, "final": result.final}
+
+
 def _phase(phase: str) -> tuple[str, tuple[str, ...]]:
-    if phase in ("data", "data:refresh", "head"):
+    if phase in ("data", "data:refresh", "head", "correct"):
         return phase, ()
     if phase == "experts":
         return "experts", ORDER
     names = tuple(n for n in phase.split(":", 1)[1].split(",") if n) if phase.startswith("expert:") else ()
     if not names:
         raise ValueError(f"unknown suite phase {phase!r}; use 'data', 'data:refresh', 'experts', "
-                         f"'expert:<domain>[,...]' or 'head'")
+                         f"'expert:<domain>[,...]', 'head' or 'correct'")
     unknown = [n for n in names if n not in suite.DOMAINS]
     if unknown:
         raise ValueError(f"suite phase {phase!r} names unknown domains {unknown}; choose from {list(suite.DOMAINS)}")
@@ -138,8 +163,9 @@ def _phase(phase: str) -> tuple[str, tuple[str, ...]]:
 
 
 def retrain_suite(out_dir: str | os.PathLike, data_dir: str | os.PathLike,
-                  phases: tuple[str, ...] = ("data", "experts", "head"), *, rows: str | os.PathLike | None = None,
-                  expert_steps: int | None = None, head_steps: int = SUITE_HEAD_STEPS,
+                  phases: tuple[str, ...] = ("data", "experts", "head", "correct"), *,
+                  rows: str | os.PathLike | None = None, expert_steps: int | None = None,
+                  head_steps: int = SUITE_HEAD_STEPS, correct_steps: int = SUITE_CORRECT_STEPS,
                   head_options: dict[str, Any] | None = None, base_dir: str | os.PathLike | None = None
                   ) -> dict[str, Any]:
     """Run the phases (see the module doc) into ``out_dir``; returns and writes ``out_dir/training.json``.
@@ -153,6 +179,9 @@ def retrain_suite(out_dir: str | os.PathLike, data_dir: str | os.PathLike,
     out, data = Path(out_dir), Path(data_dir)
     if any(kind.startswith("data") for _, kind, _ in plan) and rows is None and not (data / "rows").is_dir():
         raise ValueError(f"the data phase needs rows=... (the science rows' folder); {data / 'rows'} does not exist")
+    if any(kind == "correct" for _, kind, _ in plan) and "head" not in phases and not (out / CONFIG).is_file():
+        raise ValueError(f"the correct phase corrects the head phase's model, and {out / CONFIG} does not exist: "
+                         "run the head phase first")
     out.mkdir(parents=True, exist_ok=True)
     log_path = out / "training.json"
     log = json.loads(log_path.read_text()) if log_path.is_file() else {}
@@ -174,6 +203,9 @@ def retrain_suite(out_dir: str | os.PathLike, data_dir: str | os.PathLike,
                 prior = log.get("experts", {}).get(d)
                 result[d] = log.setdefault("experts", {})[d] = train_suite_expert(out, data, d, expert_steps, base, prior)
                 atomic_write_text(log_path, json.dumps(log, indent=2) + "\n")
+        elif kind == "correct":
+            result = log["corrected"] = correct_head(out, data, base, correct_steps)
+            settings.update({"options": SUITE_CORRECT_OPTIONS, "steps": correct_steps})
         else:
             result = log["head"] = train_head(out, base, head_steps, out / "head_run", options=head_options,
                                               domain_names=suite.DOMAINS,
@@ -207,7 +239,7 @@ def main(argv: list[str] | None = None) -> None:
 
     Without ``--suite``: the five-domain demo assets (phases ``experts``, ``expert:<d>,...``, ``head``). With
     ``--suite``: the science suite (:mod:`xlora.demo.retrain_suite`; phases ``data``, ``experts``,
-    ``expert:<d>,...``, ``head``), checkpointed so that a rerun of the same command continues where it stopped.
+    ``expert:<d>,...``, ``head``, ``correct``), checkpointed so that a rerun of the same command continues where it stopped.
     """
     import argparse
 
@@ -220,11 +252,14 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--expert-steps", type=int, default=None)
     p.add_argument("--head-steps", type=int, default=None,
                    help=f"default: {SUITE_HEAD_STEPS} with --suite (the shipped suite head's), else {HEAD_STEPS}")
+    p.add_argument("--correct-steps", type=int, default=SUITE_CORRECT_STEPS,
+                   help=f"steps of the correct phase (default: {SUITE_CORRECT_STEPS}, the shipped suite head's)")
     p.add_argument("--head-option", action="append", default=[], metavar="KEY=JSON",
                    help="override a head option (any XLoraConfig/TrainConfig key), e.g. routing_weight=0.5; repeatable")
     a = p.parse_intermixed_args(argv if argv is not None else sys.argv[1:])  # phases may follow the options
-    if a.head_steps is not None and a.head_steps < 1:
-        p.error(f"--head-steps must be >= 1, got {a.head_steps}")
+    for flag, value in (("--head-steps", a.head_steps), ("--correct-steps", a.correct_steps)):
+        if value is not None and value < 1:
+            p.error(f"{flag} must be >= 1, got {value}")
     if a.threads:
         torch.set_num_threads(a.threads)
     signal.signal(signal.SIGTERM, request_stop)  # kill / Ctrl-C: checkpoint after the current step, then exit
@@ -234,9 +269,9 @@ def main(argv: list[str] | None = None) -> None:
                 head_steps=HEAD_STEPS if a.head_steps is None else a.head_steps,
                 head_options=parse_head_options(a.head_option))
         return
-    retrain_suite(a.out_dir, a.suite, tuple(a.phases) or ("data", "experts", "head"), rows=a.rows,
+    retrain_suite(a.out_dir, a.suite, tuple(a.phases) or ("data", "experts", "head", "correct"), rows=a.rows,
                   expert_steps=a.expert_steps, head_steps=SUITE_HEAD_STEPS if a.head_steps is None else a.head_steps,
-                  head_options=parse_head_options(a.head_option))
+                  head_options=parse_head_options(a.head_option), correct_steps=a.correct_steps)
 
 
 if __name__ == "__main__":

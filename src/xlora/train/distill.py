@@ -27,6 +27,7 @@ experts referenced as the teacher references them), plus ``distill_metrics.jsonl
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import time
@@ -70,6 +71,8 @@ def distill(cfg: DistillConfig) -> DistillResult:
     if out.exists() and any(out.iterdir()) and not cfg.overwrite:
         raise ValueError(f"output_dir {str(out)!r} is not empty; pass overwrite=True (--overwrite) or another folder")
     model, tokenizer = load_teacher(cfg)
+    if cfg.scaling_pass_layers is None:  # every layer
+        cfg = dataclasses.replace(cfg, scaling_pass_layers=decoder_depth(model))
     train_set, eval_set, experts = datasets(cfg, tokenizer, model.xlora_config.expert_names)
     torch.manual_seed(cfg.seed)
     student = make_student(model, cfg.scaling_pass_layers, cfg.init)
@@ -123,7 +126,7 @@ def load_teacher(cfg: DistillConfig) -> tuple[XLoraModel, Any]:
 
     model, tokenizer = load_model_and_tokenizer(cfg.teacher_dir, base_model=cfg.base_model)
     n = decoder_depth(model)
-    if cfg.scaling_pass_layers > n:
+    if cfg.scaling_pass_layers is not None and cfg.scaling_pass_layers > n:
         raise ValueError(f"scaling_pass_layers={cfg.scaling_pass_layers} exceeds the base model's {n} decoder "
                          f"layers; use 1..{n}")
     if cfg.loss == "kl" and not model.xlora_config.enable_softmax:

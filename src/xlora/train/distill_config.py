@@ -22,7 +22,8 @@ class DistillConfig:
     Args:
         teacher_dir: an X-LoRA directory (any format xlora reads) whose head is the teacher.
         output_dir: where the student X-LoRA directory goes (not the teacher's).
-        scaling_pass_layers: ``k``, the decoder layers the student's scaling pass runs (1..N).
+        scaling_pass_layers: ``k``, the decoder layers the student's scaling pass runs (1..N; None: all N, to
+            correct a head at its own depth, e.g. with ``routing_weight``).
         train_file: records of any shape ``xlora train`` reads (text, prompt/completion, messages).
         eval_file: held-out records for the initial and final KL and top-1 agreement (default: train_file).
         steps: optimizer steps.
@@ -52,7 +53,7 @@ class DistillConfig:
 
     teacher_dir: str
     output_dir: str
-    scaling_pass_layers: int
+    scaling_pass_layers: int | None
     train_file: str
     eval_file: str | None = None
     steps: int = 500
@@ -82,7 +83,8 @@ class DistillConfig:
             if not isinstance(value, (str, os.PathLike)) or not str(value):
                 raise ValueError(f"{name} is required, got {value!r}: give a path")
             setattr(self, name, str(value))
-        check_int("scaling_pass_layers", self.scaling_pass_layers, 1)
+        if self.scaling_pass_layers is not None:
+            check_int("scaling_pass_layers", self.scaling_pass_layers, 1)
         for name, minimum in (("steps", 1), ("batch_size", 1), ("warmup_steps", 0), ("seed", 0), ("max_length", 2),
                               ("log_every", 1)):
             check_int(name, getattr(self, name), minimum)
