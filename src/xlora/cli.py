@@ -299,6 +299,8 @@ def _add_distill_parser(sub: argparse._SubParsersAction) -> None:
                    help="add this times the routing cross-entropy of the records naming their expert (default: 0)")
     p.add_argument("--routing-key", default=keep, help="the record field naming the expert (default: domain)")
     p.add_argument("--weight-decay", type=_non_negative, default=keep, help="AdamW weight decay (default: 0)")
+    p.add_argument("--save-every", type=_count, default=keep,
+                   help="checkpoint every N steps into OUTPUT_DIR; a rerun continues from it (default: 50; 0: never)")
     p.add_argument("--init", choices=["teacher", "scratch"], default=keep,
                    help="start from the teacher head's weights or a fresh head (default: teacher)")
     p.add_argument("--chat", action=argparse.BooleanOptionalAction, default=keep,

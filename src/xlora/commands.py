@@ -164,14 +164,24 @@ def train(args: argparse.Namespace) -> int:
 
 def distill(args: argparse.Namespace) -> int:
     import dataclasses
+    import signal
+    import threading
 
     from xlora.train.distill import DistillConfig
     from xlora.train.distill import distill as distill_head
+    from xlora.train.loop_checkpoint import STOP, request_stop
 
     # the flags given, under DistillConfig's names (the others keep its defaults; no --layers: every layer)
     given = {"scaling_pass_layers": None, **vars(args)}
     cfg = DistillConfig(**{f.name: given[f.name] for f in dataclasses.fields(DistillConfig) if f.name in given})
-    result = distill_head(cfg)
+    handled = (signal.SIGTERM, signal.SIGINT) if threading.current_thread() is threading.main_thread() else ()
+    before = {sig: signal.signal(sig, request_stop) for sig in handled}  # kill / Ctrl-C: checkpoint, then exit
+    try:
+        result = distill_head(cfg)
+    finally:
+        for sig, handler in before.items():
+            signal.signal(sig, handler)
+        STOP.clear()
     first, last = result.initial, result.final
     kl = f"KL {first['kl']:.4f} -> {last['kl']:.4f}, " if "kl" in last else ""
     own = (f", own-expert routing {first['own_top1']:.3f} -> {last['own_top1']:.3f} (teacher "

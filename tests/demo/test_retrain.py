@@ -52,18 +52,19 @@ def test_a_stopped_expert_resumes_to_the_same_weights(base_dir, tmp_path):
 
 
 def test_a_stop_request_checkpoints_the_finished_step_and_exits(base_dir, tmp_path):
-    from xlora.demo import expert_checkpoint, retrain
+    from xlora.demo import retrain
+    from xlora.train import loop_checkpoint
 
     records = domains.generate("mathematics", "train", 12)
     kw = {"steps": 5, "batch_size": 4, "targets": ["q_proj", "v_proj"], "log_every": 10, "data_id": "d"}
     retrain.train_expert(base_dir, records, tmp_path / "whole", **kw)
     ckpt = tmp_path / "c.safetensors"
-    expert_checkpoint.request_stop()  # what SIGTERM does in the command
+    loop_checkpoint.request_stop()  # what SIGTERM does in the command
     try:
         with pytest.raises(SystemExit, match=r"stopped after step 1/5"):
             retrain.train_expert(base_dir, records, tmp_path / "split", checkpoint=ckpt, **kw)
     finally:
-        expert_checkpoint.STOP.clear()
+        loop_checkpoint.STOP.clear()
     assert ckpt.is_file() and not (tmp_path / "split").exists()
     rest = retrain.train_expert(base_dir, records, tmp_path / "split", checkpoint=ckpt, **kw)
     assert rest["resumed_from"] == 1 and rest["finished"]

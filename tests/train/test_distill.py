@@ -46,9 +46,9 @@ def world(tmp_path_factory):
 
 
 def config(world, out: str, k: int, **kw) -> DistillConfig:
-    options = dict(train_file=world["train"], eval_file=world["eval"], steps=5, batch_size=8, learning_rate=1e-2,
-                   log_every=1000)
-    return DistillConfig(world["teacher"], str(world["root"] / out), k, **{**options, **kw})
+    options = dict(teacher_dir=world["teacher"], train_file=world["train"], eval_file=world["eval"], steps=5,
+                   batch_size=8, learning_rate=1e-2, log_every=1000)
+    return DistillConfig(output_dir=str(world["root"] / out), scaling_pass_layers=k, **{**options, **kw})
 
 
 def metrics(out: Path) -> list[dict]:
@@ -266,7 +266,8 @@ def test_the_cli_writes_the_student_directory(world, capsys):
     assert (report["loss"], report["init"], report["batch_size"], report["learning_rate"]) == ("mse", "scratch", 4, 0.01)
     assert XLoraModel.from_pretrained(out).xlora_config.scaling_pass_layers == 1
     assert main(argv) == 2  # a non-empty OUTPUT_DIR needs --overwrite
-    assert "is not empty; pass overwrite=True (--overwrite)" in capsys.readouterr().err
+    assert "is not empty (and holds no checkpoint of this run to resume); pass overwrite=True (--overwrite)" in \
+        capsys.readouterr().err
     assert main([*argv, "--overwrite"]) == 0
 
 
@@ -286,6 +287,40 @@ def test_the_cli_passes_the_routing_flags_and_prints_the_routing(world, labelled
     unweighted = [a for i, a in enumerate(argv) if "--routing-weight" not in argv[max(i - 1, 0):i + 1]]
     assert main([*unweighted, "--overwrite"]) == 2  # --positions unrouted without a routing weight
     assert "positions='unrouted' leaves the routed positions to routing_weight, which is 0" in capsys.readouterr().err
+
+
+def test_a_stopped_run_resumes_to_the_same_head_and_metrics(world, capsys):
+    """Stopped after step 1 of 6 (what SIGTERM asks for) and rerun: the same head, bit for bit, and the same
+    metrics as an uninterrupted run, dropout included (its RNG travels with the checkpoint)."""
+    from safetensors.torch import load_file
+
+    from xlora.train.distill import CHECKPOINT_FILE
+    from xlora.train.loop_checkpoint import STOP
+
+    experts = {n: str(p) for n, p in world["setup"].expert_dirs.items()}
+    config_ = XLoraConfig(experts=experts, head_depth=2, head_hidden_size=16, head_dropout=0.3)  # draws random numbers
+    teacher = XLoraModel(world["setup"].base(), config_).eval()
+    randomize_head(teacher, seed=6, std=0.7)
+    teacher.save_pretrained(world["root"] / "teacher_dropout", bundle=True)
+    kw = dict(teacher_dir=str(world["root"] / "teacher_dropout"), steps=6, save_every=2, learning_rate=5e-2)
+    whole = distill(config(world, "whole", 1, **kw))
+    STOP.set()
+    try:
+        with pytest.raises(SystemExit, match=r"distill stopped after step 1/6; rerun the same command to continue"):
+            distill(config(world, "split", 1, **kw))
+    finally:
+        STOP.clear()
+    split = world["root"] / "split"
+    assert (split / CHECKPOINT_FILE).is_file() and [m["step"] for m in metrics(split)] == [1]
+    with pytest.raises(ValueError, match="is not empty \\(and holds no checkpoint of this run to resume\\)"):
+        distill(config(world, "split", 1, **{**kw, "learning_rate": 1e-2}))  # other settings: not this run
+    rest = distill(config(world, "split", 1, **kw))
+    assert "distill: resuming at step 1/6" in capsys.readouterr().out
+    a, b = load_file(str(whole.output_dir / "xlora_head.safetensors")), load_file(str(split / "xlora_head.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert metrics(split) == metrics(whole.output_dir)
+    assert rest.final == whole.final and not (split / CHECKPOINT_FILE).exists()
+    assert not (whole.output_dir / CHECKPOINT_FILE).exists()  # removed once the run is complete
 
 
 def test_distill_help_imports_no_torch():

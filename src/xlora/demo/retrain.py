@@ -33,11 +33,11 @@ import torch
 from xlora.demo import domains
 from xlora.demo.base_model import base_model_dir, cache_root, load_base
 from xlora.demo.evaluate import chat_messages, completion_loss, left_padded
-from xlora.demo.expert_checkpoint import STOP, load_checkpoint, save_checkpoint
 from xlora.files import atomic_save_safetensors, atomic_write_text
 from xlora.generation import pad_token_id
 from xlora.saving import CONFIG_FILE, HEAD_FILE
 from xlora.train.data import tokenize_record
+from xlora.train.loop_checkpoint import STOP, load_checkpoint, save_checkpoint
 
 EXPERT_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj"]
 EXPERT_STEPS, EXPERT_BATCH, EXPERT_LR, EXPERT_RANK = 160, 8, 1e-3, 8

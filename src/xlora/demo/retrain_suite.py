@@ -18,7 +18,7 @@ runs the phases in order:
 - ``correct``: that head corrected by the records' routing labels at its own depth (``xlora distill`` with
   :data:`SUITE_CORRECT_OPTIONS`: routing cross-entropy on the labelled records' scored positions, KL to the
   head everywhere else; :data:`SUITE_CORRECT_STEPS` steps), written as a complete X-LoRA directory to
-  ``OUT_DIR/corrected`` (the experts by relative path). Not checkpointed: a stop reruns it (~19 min on 2 cores).
+  ``OUT_DIR/corrected`` (the experts by relative path), checkpointed every 50 steps there (~19 min on 2 cores).
 
 Rerunning the same command skips finished experts, continues a stopped one from its checkpoint (the same
 weights as an uninterrupted run, unless its data file changed: then it restarts, said in the log) and
@@ -43,7 +43,6 @@ import torch
 
 from xlora.demo import science_tasks, suite
 from xlora.demo.base_model import base_model_dir
-from xlora.demo.expert_checkpoint import request_stop
 from xlora.demo.retrain import (
     EXPERT_BATCH,
     EXPERT_LR,
@@ -57,6 +56,7 @@ from xlora.demo.retrain import (
     train_head,
 )
 from xlora.files import atomic_write, atomic_write_text
+from xlora.train.loop_checkpoint import request_stop
 from xlora.train.records import iter_records
 
 ROW_FILES = ("molecules", "peptides")  # the run files of xlora.demo.sciencedata (and the packed assets)

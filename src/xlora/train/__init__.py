@@ -4,7 +4,8 @@ Modules: ``config`` (:class:`TrainConfig`), ``records`` (reading data files, str
 (tokenizing with loss masks, packing, collating), ``batching`` (the epoch's batch order), ``setup`` (load
 and check everything, then prepare the output directory), ``trainer`` (the loop: one step, evaluation,
 checkpointing, the final save), ``losses`` (token loss, scalings regularizers), ``routing`` (the optional
-routing-supervision term), ``checkpoints`` (atomic, crash-safe save and prune, resume) and ``distill``
+routing-supervision term), ``checkpoints`` (atomic, crash-safe save and prune, resume), ``loop_checkpoint``
+(one-file checkpoints of a small loop, and the stop request) and ``distill``
 with ``distill_config`` and ``distill_losses`` (a head trained on a teacher head's scalings, optionally with routing
 labels: a shallow scaling pass's head, or a trained head corrected; ``xlora distill``). Needs the ``train``
 extra (``pip install xlora[train]``).

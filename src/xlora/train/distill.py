@@ -45,11 +45,13 @@ from xlora.saving import CONFIG_FILE, HEAD_FILE
 from xlora.train.data import TokenizedExample, batch_order, build_dataset, collate
 from xlora.train.distill_config import DistillConfig
 from xlora.train.distill_losses import distill_kl, distill_mask, distill_mse, own_top1, top1_agreement
+from xlora.train.loop_checkpoint import STOP, load_checkpoint, save_checkpoint
 from xlora.train.losses import with_routing_mask
 from xlora.train.routing import check_routing_targets, routing_cross_entropy
 from xlora.train.trainer import lr_factor
 
 METRICS_FILE = "distill_metrics.jsonl"
+CHECKPOINT_FILE = "distill_checkpoint.safetensors"  # while a run is unfinished: its student, AdamW and RNG
 REPORT_FILE = "distill.json"
 @dataclass
 class DistillResult:
@@ -67,9 +69,11 @@ def distill(cfg: DistillConfig) -> DistillResult:
 
     Everything (teacher, data, ``k``) is loaded and checked before anything is written.
     """
-    out = Path(cfg.output_dir)
-    if out.exists() and any(out.iterdir()) and not cfg.overwrite:
-        raise ValueError(f"output_dir {str(out)!r} is not empty; pass overwrite=True (--overwrite) or another folder")
+    out, settings = Path(cfg.output_dir), resume_settings(cfg)
+    resumable = saved_settings(out / CHECKPOINT_FILE) == settings
+    if out.exists() and any(out.iterdir()) and not cfg.overwrite and not resumable:
+        raise ValueError(f"output_dir {str(out)!r} is not empty (and holds no checkpoint of this run to resume); pass "
+                         "overwrite=True (--overwrite) or another folder")
     model, tokenizer = load_teacher(cfg)
     if cfg.scaling_pass_layers is None:  # every layer
         cfg = dataclasses.replace(cfg, scaling_pass_layers=decoder_depth(model))
@@ -79,10 +83,7 @@ def distill(cfg: DistillConfig) -> DistillResult:
     batches = Batches(pad_token_id(tokenizer), experts, cfg.batch_size)
     initial = evaluate_student(model, student, cfg.scaling_pass_layers, eval_set, batches)
     out.mkdir(parents=True, exist_ok=True)
-    start = time.perf_counter()
-    with open(out / METRICS_FILE, "w", encoding="utf-8") as metrics:
-        run_steps(model, student, cfg, train_set, batches, metrics)
-    seconds = time.perf_counter() - start
+    seconds = run_steps(model, student, cfg, train_set, batches, settings)
     final = evaluate_student(model, student, cfg.scaling_pass_layers, eval_set, batches)
     save_student(model, student, cfg, out)
     tokenizer.save_pretrained(str(out))
@@ -91,7 +92,23 @@ def distill(cfg: DistillConfig) -> DistillResult:
               "train_examples": len(train_set), "eval_examples": len(eval_set),
               "eval_on": "eval_file" if cfg.eval_file else "train_file", "initial": initial, "final": final}
     atomic_write_text(out / REPORT_FILE, json.dumps(report, indent=2) + "\n")
+    (out / CHECKPOINT_FILE).unlink(missing_ok=True)  # the run is complete
     return DistillResult(out, cfg.steps, seconds, initial, final)
+
+
+def resume_settings(cfg: DistillConfig) -> dict[str, Any]:
+    """The settings a checkpoint must have been written with to be resumed (all but how the run is watched)."""
+    return {k: v for k, v in cfg.to_dict().items() if k not in ("overwrite", "log_every", "device", "save_every")}
+
+
+def saved_settings(path: Path) -> dict[str, Any] | None:
+    """The settings a checkpoint file was written with (None: no such file)."""
+    from safetensors import safe_open
+
+    if not path.is_file():
+        return None
+    with safe_open(str(path), "pt") as f:
+        return json.loads(f.metadata()["state"])["settings"]
 
 
 @dataclass(frozen=True)
@@ -201,14 +218,21 @@ def step_loss(model: XLoraModel, student: ScalingHead, cfg: DistillConfig,
 
 
 def run_steps(model: XLoraModel, student: ScalingHead, cfg: DistillConfig, examples: list[TokenizedExample],
-              batches: Batches, metrics: Any) -> None:
-    """``cfg.steps`` AdamW steps on ``student``; one JSON line per step to ``metrics`` (step, loss, top1, lr)."""
-    params = list(student.parameters())
+              batches: Batches, settings: dict[str, Any]) -> float:
+    """``cfg.steps`` AdamW steps on ``student``, continuing a checkpoint of this run if there is one; one JSON line
+    per step to ``METRICS_FILE`` (step, loss parts, top1, lr); a checkpoint every ``save_every`` steps and when a
+    stop is requested (then ``SystemExit``). Returns the seconds the steps took, over every call of the run."""
+    params, out = list(student.parameters()), Path(cfg.output_dir)
     optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    state = load_checkpoint(out / CHECKPOINT_FILE, params, optimizer, settings) or {"step": 0, "seconds": 0.0}
+    if state["step"]:
+        torch.set_rng_state(torch.tensor(state["rng"], dtype=torch.uint8))  # dropout continues as if never stopped
+        print(f"distill: resuming at step {state['step']}/{cfg.steps} from {out / CHECKPOINT_FILE}", flush=True)
     lengths = [len(e.input_ids) for e in examples]
     per_epoch = -(-len(examples) // cfg.batch_size)
+    metrics, start = open_metrics(out / METRICS_FILE, state["step"]), time.perf_counter()
     student.train()
-    for step in range(cfg.steps):
+    for step in range(state["step"], cfg.steps):
         epoch, pos = divmod(step, per_epoch)
         indices = batch_order(lengths, cfg.batch_size, cfg.seed, epoch, group_by_length=True)[pos]
         batch = batches.collate([examples[i] for i in indices], model.device)
@@ -227,7 +251,27 @@ def run_steps(model: XLoraModel, student: ScalingHead, cfg: DistillConfig, examp
         if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
             metrics.flush()
             print(f"distill step {step + 1}/{cfg.steps}: {cfg.loss} {parts[cfg.loss]:.5f} top1 {parts['top1']:.3f}")
+        stop = STOP.is_set() and step + 1 < cfg.steps
+        if cfg.save_every and step + 1 < cfg.steps and ((step + 1) % cfg.save_every == 0 or stop):
+            metrics.flush()
+            save_checkpoint(out / CHECKPOINT_FILE, params, optimizer, {
+                "step": step + 1, "seconds": state["seconds"] + time.perf_counter() - start, "settings": settings,
+                "rng": torch.get_rng_state().tolist()})
+        if stop:
+            metrics.close()
+            raise SystemExit(f"distill stopped after step {step + 1}/{cfg.steps}; rerun the same command to continue")
+    metrics.close()
     student.eval()
+    return state["seconds"] + time.perf_counter() - start
+
+
+def open_metrics(path: Path, step: int) -> Any:
+    """``path`` opened to append step ``step + 1`` on: lines of later steps (written after the checkpoint) dropped."""
+    kept = [line for line in path.read_text().splitlines(keepends=True) if json.loads(line)["step"] <= step] \
+        if step and path.is_file() else []
+    handle = open(path, "w", encoding="utf-8")  # noqa: SIM115 (closed by run_steps)
+    handle.writelines(kept)
+    return handle
 
 
 def evaluate_student(model: XLoraModel, student: ScalingHead, k: int, examples: list[TokenizedExample],

@@ -49,6 +49,8 @@ class DistillConfig:
         device: ``"cpu"``, ``"cuda"``, ... (None: cuda when available, else cpu).
         overwrite: allow a non-empty output_dir (the student's files in it are replaced).
         log_every: print a progress line every this many steps.
+        save_every: checkpoint the run every this many steps (0: never) to ``output_dir``; rerunning the same
+            settings continues from it, to the same head as an uninterrupted run.
     """
 
     teacher_dir: str
@@ -76,6 +78,7 @@ class DistillConfig:
     device: str | None = None
     overwrite: bool = False
     log_every: int = 50
+    save_every: int = 50
 
     def __post_init__(self) -> None:
         for name in ("teacher_dir", "output_dir", "train_file"):
@@ -86,7 +89,7 @@ class DistillConfig:
         if self.scaling_pass_layers is not None:
             check_int("scaling_pass_layers", self.scaling_pass_layers, 1)
         for name, minimum in (("steps", 1), ("batch_size", 1), ("warmup_steps", 0), ("seed", 0), ("max_length", 2),
-                              ("log_every", 1)):
+                              ("log_every", 1), ("save_every", 0)):
             check_int(name, getattr(self, name), minimum)
         for name in ("learning_rate", "weight_decay", "max_grad_norm", "lm_weight", "routing_weight"):
             setattr(self, name, check_float(name, getattr(self, name)))

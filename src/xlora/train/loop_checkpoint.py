@@ -1,7 +1,7 @@
-"""Checkpoints of the demo's expert training loop (:func:`xlora.demo.retrain.train_expert`): one atomic
-safetensors file with the LoRA weights, AdamW's state and the loop's state (step, batch order, RNG, losses,
-settings) as JSON metadata; and the stop request a signal handler sets so the loop saves and exits at the
-end of a step (a checkpoint is never taken mid-step)."""
+"""One-file checkpoints of a small training loop — the demo's experts (:func:`xlora.demo.retrain.train_expert`)
+and distillation (:mod:`xlora.train.distill`): one atomic safetensors file with the trained parameters, AdamW's
+state and the loop's state (step, batch order, RNG, settings) as JSON metadata; and the stop request a signal
+handler sets so the loop saves and exits at the end of a step (a checkpoint is never taken mid-step)."""
 
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ def request_stop(signum: int | None = None, frame: Any = None) -> None:
 
 def save_checkpoint(path: Path, params: list[torch.nn.Parameter], opt: torch.optim.Optimizer,
                     state: dict[str, Any]) -> None:
-    """One safetensors file (atomic): the LoRA weights, AdamW's moments, and ``state`` (step, order, RNG, losses,
+    """One safetensors file (atomic): the parameters, AdamW's moments, and ``state`` (step, order, RNG, losses,
     settings) as JSON metadata, so a stop after it loses nothing."""
     tensors, groups = optimizer_to_tensors(opt)
     tensors = {f"opt.{k}": v for k, v in tensors.items()}
