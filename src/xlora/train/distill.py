@@ -16,13 +16,15 @@ with ``'unrouted'`` those that take no routing loss), ``τ`` the distillation te
 ``softmax_temperature``, so ``p`` are the scalings before any top-k), and ``CE_route`` the routing supervision of
 :mod:`xlora.train.routing` over the scored positions of the records that name their expert (``routing_key``).
 With ``k = N``, ``init='teacher'``, ``positions='unrouted'`` and a routing weight this *corrects* a trained head:
-it moves where the labels speak and keeps the teacher's scalings everywhere else (the suite head H16's recipe). The KL is taken on log-probabilities for stability. Both scaling passes run
-without grad (the base is frozen): only the student head trains, and with ``lm_weight = 0`` no main pass runs
-at all, so a step costs about ``1 + k/N`` base forwards. The reported KL and top-1 agreement (argmax over
-experts of the applied scalings, per real token and module) are at the model's temperature, over every token.
+it moves where the labels speak and keeps the teacher's scalings everywhere else (the suite head H16's recipe).
+The KL is taken on log-probabilities for stability. Both scaling passes run without grad (the base is frozen):
+only the student head trains, and with ``lm_weight = 0`` no main pass runs at all, so a step costs about
+``1 + k/N`` base forwards (one when ``k`` is the teacher's depth). The reported KL and top-1 agreement (argmax
+over experts of the applied scalings, per real token and module) are at the model's temperature, over every token.
 
 The output is a complete X-LoRA directory (``scaling_pass_layers = k``, the student head, the teacher's
-experts referenced as the teacher references them), plus ``distill_metrics.jsonl`` and ``distill.json``.
+experts referenced as the teacher references them), plus ``distill_metrics.jsonl`` and ``distill.json``; while
+a run is unfinished, ``distill_checkpoint.safetensors`` lets a rerun of the same settings continue it.
 """
 
 from __future__ import annotations
@@ -53,6 +55,8 @@ from xlora.train.trainer import lr_factor
 METRICS_FILE = "distill_metrics.jsonl"
 CHECKPOINT_FILE = "distill_checkpoint.safetensors"  # while a run is unfinished: its student, AdamW and RNG
 REPORT_FILE = "distill.json"
+
+
 @dataclass
 class DistillResult:
     """What :func:`distill` did: steps, seconds, and KL / top-1 agreement on the eval data before and after."""
