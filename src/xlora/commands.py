@@ -174,13 +174,18 @@ def distill(args: argparse.Namespace) -> int:
     # the flags given, under DistillConfig's names (the others keep its defaults; no --layers: every layer)
     given = {"scaling_pass_layers": None, **vars(args)}
     cfg = DistillConfig(**{f.name: given[f.name] for f in dataclasses.fields(DistillConfig) if f.name in given})
+    def on_signal(signum: int, frame: object) -> None:  # kill / Ctrl-C: checkpoint after this step, then exit
+        if STOP.is_set():  # asked a second time (e.g. while loading or evaluating, where no step ends): stop now
+            raise KeyboardInterrupt
+        request_stop()
+
     handled = (signal.SIGTERM, signal.SIGINT) if threading.current_thread() is threading.main_thread() else ()
-    before = {sig: signal.signal(sig, request_stop) for sig in handled}  # kill / Ctrl-C: checkpoint, then exit
+    before = {sig: signal.signal(sig, on_signal) for sig in handled}
     try:
         result = distill_head(cfg)
     finally:
         for sig, handler in before.items():
-            signal.signal(sig, handler)
+            signal.signal(sig, signal.SIG_DFL if handler is None else handler)
         STOP.clear()
     first, last = result.initial, result.final
     kl = f"KL {first['kl']:.4f} -> {last['kl']:.4f}, " if "kl" in last else ""

@@ -323,6 +323,40 @@ def test_a_stopped_run_resumes_to_the_same_head_and_metrics(world, capsys):
     assert not (whole.output_dir / CHECKPOINT_FILE).exists()  # removed once the run is complete
 
 
+def test_a_killed_runs_later_and_cut_metrics_lines_are_dropped_on_resume(world):
+    """A kill after the checkpoint of step 2 may leave step 3's line and half of step 4's: the resumed run keeps
+    exactly steps 1-2 from the file, and ends with the uninterrupted run's metrics."""
+    from xlora.train.distill import CHECKPOINT_FILE
+    from xlora.train.loop_checkpoint import STOP
+
+    kw = dict(steps=5, save_every=0, learning_rate=5e-2)
+    whole = distill(config(world, "whole_cut", 1, **kw))
+    out = world["root"] / "cut"
+    for _ in range(2):  # a stop request checkpoints even with save_every=0: after step 1, then after step 2
+        STOP.set()
+        try:
+            with pytest.raises(SystemExit, match="stopped after step"):
+                distill(config(world, "cut", 1, **kw))
+        finally:
+            STOP.clear()
+    assert [m["step"] for m in metrics(out)] == [1, 2] and (out / CHECKPOINT_FILE).is_file()
+    lines = (out / METRICS_FILE).read_text()
+    (out / METRICS_FILE).write_text(lines + json.dumps({"step": 3, "loss": 9.0}) + "\n" + '{"step": 4, "lo')
+    distill(config(world, "cut", 1, **kw))
+    assert metrics(out) == metrics(whole.output_dir)
+
+
+def test_a_changed_teacher_or_data_file_is_another_run(world, tmp_path):
+    from xlora.train.distill import resume_settings
+
+    data = tmp_path / "train.jsonl"
+    data.write_text(Path(world["train"]).read_text())
+    first = resume_settings(config(world, "x", 1, train_file=str(data)))
+    assert resume_settings(config(world, "x", 1, train_file=str(data))) == first
+    data.write_text(Path(world["train"]).read_text() + json.dumps({"text": "one more"}) + "\n")
+    assert resume_settings(config(world, "x", 1, train_file=str(data)))["inputs_sha256"] != first["inputs_sha256"]
+
+
 def test_distill_help_imports_no_torch():
     code = ("import sys\nfrom xlora.cli import main\ntry:\n    main(['distill', '--help'])\nexcept SystemExit:\n"
             "    pass\nprint('HEAVY', sorted(m for m in ('torch', 'transformers') if m in sys.modules), file=sys.stderr)\n")

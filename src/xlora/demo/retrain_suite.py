@@ -18,7 +18,8 @@ runs the phases in order:
 - ``correct``: that head corrected by the records' routing labels at its own depth (``xlora distill`` with
   :data:`SUITE_CORRECT_OPTIONS`: routing cross-entropy on the labelled records' scored positions, KL to the
   head everywhere else; :data:`SUITE_CORRECT_STEPS` steps), written as a complete X-LoRA directory to
-  ``OUT_DIR/corrected`` (the experts by relative path), checkpointed every 50 steps there (~19 min on 2 cores).
+  ``OUT_DIR/corrected`` (the experts by relative path), checkpointed every 50 steps there (~19 min on 2 cores); a
+  finished correction is redone when the phase runs again (its teacher may have changed).
 
 Rerunning the same command skips finished experts, continues a stopped one from its checkpoint (the same
 weights as an uninterrupted run, unless its data file changed: then it restarts, said in the log) and

@@ -30,6 +30,7 @@ a run is unfinished, ``distill_checkpoint.safetensors`` lets a rerun of the same
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 import time
@@ -47,7 +48,15 @@ from xlora.saving import CONFIG_FILE, HEAD_FILE
 from xlora.train.data import TokenizedExample, batch_order, build_dataset, collate
 from xlora.train.distill_config import DistillConfig
 from xlora.train.distill_losses import distill_kl, distill_mask, distill_mse, own_top1, top1_agreement
-from xlora.train.loop_checkpoint import STOP, load_checkpoint, save_checkpoint
+from xlora.train.loop_checkpoint import (
+    STOP,
+    load_checkpoint,
+    open_metrics,
+    rng_state,
+    save_checkpoint,
+    saved_settings,
+    set_rng,
+)
 from xlora.train.losses import with_routing_mask
 from xlora.train.routing import check_routing_targets, routing_cross_entropy
 from xlora.train.trainer import lr_factor
@@ -101,18 +110,16 @@ def distill(cfg: DistillConfig) -> DistillResult:
 
 
 def resume_settings(cfg: DistillConfig) -> dict[str, Any]:
-    """The settings a checkpoint must have been written with to be resumed (all but how the run is watched)."""
-    return {k: v for k, v in cfg.to_dict().items() if k not in ("overwrite", "log_every", "device", "save_every")}
+    """The settings a checkpoint must have been written with to be resumed: all but how the run is watched, plus
+    the sha256 of the teacher folder's files and of the data files (a changed head or data file is another run)."""
+    digest = hashlib.sha256()
+    teacher = Path(cfg.teacher_dir)
+    files = sorted(p for p in teacher.iterdir() if p.is_file()) if teacher.is_dir() else []
+    for path in [*files, Path(cfg.train_file), *([Path(cfg.eval_file)] if cfg.eval_file else [])]:
+        digest.update(path.name.encode() + (hashlib.sha256(path.read_bytes()).digest() if path.is_file() else b"-"))
+    return {**{k: v for k, v in cfg.to_dict().items() if k not in ("overwrite", "log_every", "save_every")},
+            "inputs_sha256": digest.hexdigest()}
 
-
-def saved_settings(path: Path) -> dict[str, Any] | None:
-    """The settings a checkpoint file was written with (None: no such file)."""
-    from safetensors import safe_open
-
-    if not path.is_file():
-        return None
-    with safe_open(str(path), "pt") as f:
-        return json.loads(f.metadata()["state"])["settings"]
 
 
 @dataclass(frozen=True)
@@ -230,7 +237,7 @@ def run_steps(model: XLoraModel, student: ScalingHead, cfg: DistillConfig, examp
     optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
     state = load_checkpoint(out / CHECKPOINT_FILE, params, optimizer, settings) or {"step": 0, "seconds": 0.0}
     if state["step"]:
-        torch.set_rng_state(torch.tensor(state["rng"], dtype=torch.uint8))  # dropout continues as if never stopped
+        set_rng(state, model.device)  # dropout continues as if never stopped
         print(f"distill: resuming at step {state['step']}/{cfg.steps} from {out / CHECKPOINT_FILE}", flush=True)
     lengths = [len(e.input_ids) for e in examples]
     per_epoch = -(-len(examples) // cfg.batch_size)
@@ -256,11 +263,11 @@ def run_steps(model: XLoraModel, student: ScalingHead, cfg: DistillConfig, examp
             metrics.flush()
             print(f"distill step {step + 1}/{cfg.steps}: {cfg.loss} {parts[cfg.loss]:.5f} top1 {parts['top1']:.3f}")
         stop = STOP.is_set() and step + 1 < cfg.steps
-        if cfg.save_every and step + 1 < cfg.steps and ((step + 1) % cfg.save_every == 0 or stop):
+        if stop or (cfg.save_every and step + 1 < cfg.steps and (step + 1) % cfg.save_every == 0):
             metrics.flush()
             save_checkpoint(out / CHECKPOINT_FILE, params, optimizer, {
                 "step": step + 1, "seconds": state["seconds"] + time.perf_counter() - start, "settings": settings,
-                "rng": torch.get_rng_state().tolist()})
+                **rng_state(model.device)})
         if stop:
             metrics.close()
             raise SystemExit(f"distill stopped after step {step + 1}/{cfg.steps}; rerun the same command to continue")
@@ -268,14 +275,6 @@ def run_steps(model: XLoraModel, student: ScalingHead, cfg: DistillConfig, examp
     student.eval()
     return state["seconds"] + time.perf_counter() - start
 
-
-def open_metrics(path: Path, step: int) -> Any:
-    """``path`` opened to append step ``step + 1`` on: lines of later steps (written after the checkpoint) dropped."""
-    kept = [line for line in path.read_text().splitlines(keepends=True) if json.loads(line)["step"] <= step] \
-        if step and path.is_file() else []
-    handle = open(path, "w", encoding="utf-8")  # noqa: SIM115 (closed by run_steps)
-    handle.writelines(kept)
-    return handle
 
 
 def evaluate_student(model: XLoraModel, student: ScalingHead, k: int, examples: list[TokenizedExample],

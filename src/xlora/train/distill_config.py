@@ -47,10 +47,12 @@ class DistillConfig:
         max_length: tokens per example (longer records are truncated).
         base_model: base model folder (None: the one the teacher records).
         device: ``"cpu"``, ``"cuda"``, ... (None: cuda when available, else cpu).
-        overwrite: allow a non-empty output_dir (the student's files in it are replaced).
+        overwrite: allow a non-empty output_dir (the student's files in it are replaced; a checkpoint there of
+            these settings and inputs is still resumed, not restarted).
         log_every: print a progress line every this many steps.
-        save_every: checkpoint the run every this many steps (0: never) to ``output_dir``; rerunning the same
-            settings continues from it, to the same head as an uninterrupted run.
+        save_every: checkpoint the run every this many steps (0: only on a stop request) to ``output_dir``;
+            rerunning the same settings on the same teacher and data continues from it, to the same head as an
+            uninterrupted run (the CPU's and the CUDA device's random state are restored).
     """
 
     teacher_dir: str

@@ -51,3 +51,43 @@ def load_checkpoint(path: Path, params: list[torch.nn.Parameter], opt: torch.opt
             p.copy_(tensors[f"param.{i}"])
     optimizer_from_tensors(opt, {k[4:]: v for k, v in tensors.items() if k.startswith("opt.")}, state["groups"])
     return state
+
+
+def saved_settings(path: Path) -> dict[str, Any] | None:
+    """The settings a checkpoint file was written with (None: no such file)."""
+    from safetensors import safe_open
+
+    if not path.is_file():
+        return None
+    with safe_open(str(path), "pt") as f:
+        return json.loads(f.metadata()["state"])["settings"]
+
+
+def rng_state(device: torch.device) -> dict[str, list[int]]:
+    """The random generators dropout draws from (the CPU's, and the device's on CUDA), as lists for JSON."""
+    state = {"rng": torch.get_rng_state().tolist()}
+    if device.type == "cuda":
+        state["cuda_rng"] = torch.cuda.get_rng_state(device).tolist()
+    return state
+
+
+def set_rng(state: dict[str, Any], device: torch.device) -> None:
+    """Restore what :func:`rng_state` recorded."""
+    torch.set_rng_state(torch.tensor(state["rng"], dtype=torch.uint8))
+    if "cuda_rng" in state and device.type == "cuda":
+        torch.cuda.set_rng_state(torch.tensor(state["cuda_rng"], dtype=torch.uint8), device)
+
+
+def open_metrics(path: Path, step: int) -> Any:
+    """``path`` opened to append step ``step + 1`` on: only the first ``step`` complete lines are kept (later ones
+    were written after the checkpoint; a kill may have cut the last one short)."""
+    kept = []
+    for line in path.read_text().splitlines(keepends=True) if step and path.is_file() else []:
+        try:
+            if line.endswith("\n") and json.loads(line)["step"] == len(kept) + 1 <= step:
+                kept.append(line)
+        except (json.JSONDecodeError, KeyError, TypeError):
+            break
+    handle = open(path, "w", encoding="utf-8")  # noqa: SIM115 (closed by run_steps)
+    handle.writelines(kept)
+    return handle
