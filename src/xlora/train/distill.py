@@ -19,7 +19,7 @@ With ``k = N``, ``init='teacher'``, ``positions='unrouted'`` and a routing weigh
 it moves where the labels speak and keeps the teacher's scalings everywhere else (the suite head H16's recipe).
 The KL is taken on log-probabilities for stability. Both scaling passes run without grad (the base is frozen):
 only the student head trains, and with ``lm_weight = 0`` no main pass runs at all, so a step costs about
-``1 + k/N`` base forwards (one when ``k`` is the teacher's depth). The reported KL and top-1 agreement (argmax
+``(k_T + k)/N`` base forwards (``k_T`` the teacher's depth; ``k_T/N`` when ``k = k_T``, one pass). The reported KL and top-1 agreement (argmax
 over experts of the applied scalings, per real token and module) are at the model's temperature, over every token.
 
 The output is a complete X-LoRA directory (``scaling_pass_layers = k``, the student head, the teacher's

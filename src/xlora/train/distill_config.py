@@ -25,7 +25,8 @@ class DistillConfig:
         scaling_pass_layers: ``k``, the decoder layers the student's scaling pass runs (1..N; None: all N, to
             correct a head at its own depth, e.g. with ``routing_weight``).
         train_file: records of any shape ``xlora train`` reads (text, prompt/completion, messages).
-        eval_file: held-out records for the initial and final KL and top-1 agreement (default: train_file).
+        eval_file: held-out records for the initial and final KL and top-1 agreement, and with routing on the
+            student's and teacher's own-expert routing (default: train_file).
         steps: optimizer steps.
         batch_size: examples per step.
         learning_rate: AdamW's peak learning rate (linear warm-up, then cosine decay to 0).
