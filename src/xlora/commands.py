@@ -164,29 +164,16 @@ def train(args: argparse.Namespace) -> int:
 
 def distill(args: argparse.Namespace) -> int:
     import dataclasses
-    import signal
-    import threading
 
     from xlora.train.distill import DistillConfig
     from xlora.train.distill import distill as distill_head
-    from xlora.train.loop_checkpoint import STOP, request_stop
+    from xlora.train.loop_checkpoint import stop_on_signals
 
     # the flags given, under DistillConfig's names (the others keep its defaults; no --layers: every layer)
     given = {"scaling_pass_layers": None, **vars(args)}
     cfg = DistillConfig(**{f.name: given[f.name] for f in dataclasses.fields(DistillConfig) if f.name in given})
-    def on_signal(signum: int, frame: object) -> None:  # kill / Ctrl-C: checkpoint after this step, then exit
-        if STOP.is_set():  # asked a second time (e.g. while loading or evaluating, where no step ends): stop now
-            raise KeyboardInterrupt
-        request_stop()
-
-    handled = (signal.SIGTERM, signal.SIGINT) if threading.current_thread() is threading.main_thread() else ()
-    before = {sig: signal.signal(sig, on_signal) for sig in handled}
-    try:
+    with stop_on_signals():  # kill / Ctrl-C: checkpoint after this step, then exit
         result = distill_head(cfg)
-    finally:
-        for sig, handler in before.items():
-            signal.signal(sig, signal.SIG_DFL if handler is None else handler)
-        STOP.clear()
     first, last = result.initial, result.final
     kl = f"KL {first['kl']:.4f} -> {last['kl']:.4f}, " if "kl" in last else ""
     own = (f", own-expert routing {first['own_top1']:.3f} -> {last['own_top1']:.3f} (teacher "

@@ -34,7 +34,6 @@ import hashlib
 import json
 import os
 import shutil
-import signal
 import sys
 import time
 from pathlib import Path
@@ -57,7 +56,8 @@ from xlora.demo.retrain import (
     train_head,
 )
 from xlora.files import atomic_write, atomic_write_text
-from xlora.train.loop_checkpoint import request_stop
+from xlora.saving import CONFIG_FILE
+from xlora.train.loop_checkpoint import stop_on_signals
 from xlora.train.records import iter_records
 
 ROW_FILES = ("molecules", "peptides")  # the run files of xlora.demo.sciencedata (and the packed assets)
@@ -132,7 +132,6 @@ SUITE_CORRECT_STEPS = 1000
 SUITE_CORRECT_OPTIONS: dict[str, Any] = {"routing_weight": 1.0, "positions": "unrouted", "weight_decay": 0.1,
                                          "learning_rate": 5e-4, "batch_size": 8, "max_length": 192}
 CORRECTED = "corrected"  # OUT_DIR/corrected: the correct phase's model
-CONFIG = "xlora_config.json"
 
 
 def correct_head(out: Path, data: Path, base: Path | None, steps: int) -> dict[str, Any]:
@@ -180,8 +179,8 @@ def retrain_suite(out_dir: str | os.PathLike, data_dir: str | os.PathLike,
     out, data = Path(out_dir), Path(data_dir)
     if any(kind.startswith("data") for _, kind, _ in plan) and rows is None and not (data / "rows").is_dir():
         raise ValueError(f"the data phase needs rows=... (the science rows' folder); {data / 'rows'} does not exist")
-    if any(kind == "correct" for _, kind, _ in plan) and "head" not in phases and not (out / CONFIG).is_file():
-        raise ValueError(f"the correct phase corrects the head phase's model, and {out / CONFIG} does not exist: "
+    if any(kind == "correct" for _, kind, _ in plan) and "head" not in phases and not (out / CONFIG_FILE).is_file():
+        raise ValueError(f"the correct phase corrects the head phase's model, and {out / CONFIG_FILE} does not exist: "
                          "run the head phase first")
     out.mkdir(parents=True, exist_ok=True)
     log_path = out / "training.json"
@@ -263,16 +262,16 @@ def main(argv: list[str] | None = None) -> None:
             p.error(f"{flag} must be >= 1, got {value}")
     if a.threads:
         torch.set_num_threads(a.threads)
-    signal.signal(signal.SIGTERM, request_stop)  # kill / Ctrl-C: checkpoint after the current step, then exit
-    signal.signal(signal.SIGINT, request_stop)
-    if a.suite is None:
-        retrain(a.out_dir, tuple(a.phases) or ("experts", "head"), expert_steps=a.expert_steps,
-                head_steps=HEAD_STEPS if a.head_steps is None else a.head_steps,
-                head_options=parse_head_options(a.head_option))
-        return
-    retrain_suite(a.out_dir, a.suite, tuple(a.phases) or ("data", "experts", "head", "correct"), rows=a.rows,
-                  expert_steps=a.expert_steps, head_steps=SUITE_HEAD_STEPS if a.head_steps is None else a.head_steps,
-                  head_options=parse_head_options(a.head_option), correct_steps=a.correct_steps)
+    with stop_on_signals():  # kill / Ctrl-C: checkpoint after the current step, then exit
+        if a.suite is None:
+            retrain(a.out_dir, tuple(a.phases) or ("experts", "head"), expert_steps=a.expert_steps,
+                    head_steps=HEAD_STEPS if a.head_steps is None else a.head_steps,
+                    head_options=parse_head_options(a.head_option))
+            return
+        retrain_suite(a.out_dir, a.suite, tuple(a.phases) or ("data", "experts", "head", "correct"), rows=a.rows,
+                      expert_steps=a.expert_steps,
+                      head_steps=SUITE_HEAD_STEPS if a.head_steps is None else a.head_steps,
+                      head_options=parse_head_options(a.head_option), correct_steps=a.correct_steps)
 
 
 if __name__ == "__main__":

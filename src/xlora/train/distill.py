@@ -101,7 +101,7 @@ def distill(cfg: DistillConfig) -> DistillResult:
     save_student(model, student, cfg, out)
     tokenizer.save_pretrained(str(out))
     report = {"settings": cfg.to_dict(), "seconds": seconds, "num_decoder_layers": decoder_depth(model),
-              "teacher_layers": model.xlora_config.scaling_pass_layers or decoder_depth(model),
+              "teacher_layers": teacher_depth(model),
               "train_examples": len(train_set), "eval_examples": len(eval_set),
               "eval_on": "eval_file" if cfg.eval_file else "train_file", "initial": initial, "final": final}
     atomic_write_text(out / REPORT_FILE, json.dumps(report, indent=2) + "\n")
@@ -119,7 +119,6 @@ def resume_settings(cfg: DistillConfig) -> dict[str, Any]:
         digest.update(path.name.encode() + (hashlib.sha256(path.read_bytes()).digest() if path.is_file() else b"-"))
     return {**{k: v for k, v in cfg.to_dict().items() if k not in ("overwrite", "log_every", "save_every")},
             "inputs_sha256": digest.hexdigest()}
-
 
 
 @dataclass(frozen=True)

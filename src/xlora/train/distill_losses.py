@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from xlora.train.losses import scored_positions, with_routing_mask
+from xlora.train.routing import mean_scalings
 
 POSITIONS = ("all", "scored", "unrouted")  # the tokens the distillation loss averages
 
@@ -72,8 +73,7 @@ def own_top1(scalings: torch.Tensor, batch: dict[str, torch.Tensor]) -> tuple[in
     expert as the argmax of ``p̄`` (scalings averaged over the scored positions and modules), as ``xlora eval``
     scores routing."""
     routed = with_routing_mask(batch, "scored")
-    target, mask = routed["routing_target"], routed["routing_mask"].to(scalings.dtype).unsqueeze(-1)  # [b, E], [b, t, 1]
-    p = (scalings.mean(2) * mask).sum(1)  # [b, E]; the argmax of the sum is that of the mean
+    target, p = routed["routing_target"], mean_scalings(scalings, routed["routing_mask"])  # [b, E] each
     single = (target > 0).sum(-1) == 1  # one named expert (a list of several is not scored)
     hits = (p.argmax(-1) == target.argmax(-1)) & single
     return int(hits.sum()), int(single.sum())

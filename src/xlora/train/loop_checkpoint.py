@@ -6,7 +6,10 @@ handler sets so the loop saves and exits at the end of a step (a checkpoint is n
 from __future__ import annotations
 
 import json
+import signal
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +24,27 @@ STOP = threading.Event()  # set by SIGTERM/SIGINT in the command: training stops
 def request_stop(signum: int | None = None, frame: Any = None) -> None:
     """Ask a checkpointed training loop to save and exit after its current step (a signal handler)."""
     STOP.set()
+
+
+@contextmanager
+def stop_on_signals() -> Iterator[None]:
+    """Inside, SIGTERM / Ctrl-C ask a checkpointed loop to save after its current step and exit
+    (:func:`request_stop`); a second one stops at once (``KeyboardInterrupt``: e.g. while loading, where no step
+    ends). The previous handlers and a clear :data:`STOP` are restored on the way out. Outside the main thread
+    (where Python cannot install handlers) it does nothing."""
+    def on_signal(signum: int, frame: Any) -> None:
+        if STOP.is_set():
+            raise KeyboardInterrupt
+        request_stop()
+
+    handled = (signal.SIGTERM, signal.SIGINT) if threading.current_thread() is threading.main_thread() else ()
+    before = {sig: signal.signal(sig, on_signal) for sig in handled}
+    try:
+        yield
+    finally:
+        for sig, handler in before.items():
+            signal.signal(sig, signal.SIG_DFL if handler is None else handler)
+        STOP.clear()
 
 
 def save_checkpoint(path: Path, params: list[torch.nn.Parameter], opt: torch.optim.Optimizer,

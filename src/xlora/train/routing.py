@@ -66,14 +66,20 @@ def routing_cross_entropy(scalings: torch.Tensor, mask: torch.Tensor, target: to
     """
     if reduction not in ("mean", "sum"):
         raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
-    s = scalings.float().mean(dim=2)  # [b, t, E], layers averaged
-    m = mask.to(s.dtype).unsqueeze(-1)  # [b, t, 1]
-    p = (s * m).sum(1) / m.sum(1).clamp_min(1)  # [b, E], over real tokens
-    q = target.to(s.dtype) * (m.sum(1) > 0).to(s.dtype)  # a row without a routed token takes no loss
+    p = mean_scalings(scalings, mask)  # [b, E]
+    q = target.float() * (mask.sum(1, keepdim=True) > 0).float()  # a row without a routed token takes no loss
     ce = -(q * p.clamp_min(_LOG_FLOOR).log()).sum(-1)  # [b]; 0 on zero rows
     if reduction == "sum":
         return ce.sum()
     return ce.sum() / routed_examples(q).clamp_min(1)
+
+
+def mean_scalings(scalings: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``p̄`` ``[b, E]`` (float32): ``scalings`` ``[b, t, L, E]`` averaged over the modules and over the tokens where
+    ``mask`` ``[b, t]`` is 1 (a row without any: zeros)."""
+    s = scalings.float().mean(dim=2)  # [b, t, E], layers averaged
+    m = mask.to(s.dtype).unsqueeze(-1)  # [b, t, 1]
+    return (s * m).sum(1) / m.sum(1).clamp_min(1)
 
 
 def routed_examples(target: torch.Tensor) -> torch.Tensor:
