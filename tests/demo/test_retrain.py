@@ -177,6 +177,14 @@ def test_suite_head_trains_on_the_head_file_and_resumes(base_dir, tmp_path):
     assert report["settings"]["train_file"].endswith("head_train.jsonl") and report["final"]["routed_records"] == 12  # of 14: the two
     # graph passages lose their completion to max_length=192
     assert report["initial"]["own_top1"] == report["initial"]["teacher_own_top1"]  # it starts as the head phase's
+    head = (corrected / "xlora_head.safetensors").read_bytes()
+    log = retrain_suite.retrain_suite(tmp_path / "out", tmp_path / "data", ("data", "correct"), correct_steps=2,
+                                      base_dir=base_dir)  # the data phase rewrites training.json, not the teacher
+    assert log["corrected"]["skipped"].startswith("finished before") and log["corrected"]["final"] == report["final"]
+    assert (corrected / "xlora_head.safetensors").read_bytes() == head
+    log = retrain_suite.retrain_suite(tmp_path / "out", tmp_path / "data", ("correct",), correct_steps=3,
+                                      base_dir=base_dir)  # other settings: run again
+    assert "skipped" not in log["corrected"] and log["corrected"]["steps"] == 3
 
 
 def test_the_command_line_takes_phases_after_the_options(tmp_path, capsys):

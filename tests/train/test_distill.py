@@ -323,6 +323,37 @@ def test_a_stopped_run_resumes_to_the_same_head_and_metrics(world, capsys):
     assert not (whole.output_dir / CHECKPOINT_FILE).exists()  # removed once the run is complete
 
 
+def test_a_crash_resumes_from_the_last_periodic_checkpoint(world, capsys, monkeypatch):
+    """save_every=2 and a crash inside step 5 (no stop request): the checkpoint of step 4 is there, and the rerun
+    continues from it to the uninterrupted run's head and metrics."""
+    from safetensors.torch import load_file
+
+    import xlora.train.distill as distill_module
+    from xlora.train.distill import CHECKPOINT_FILE
+    from xlora.train.loop_checkpoint import saved_settings
+
+    kw = dict(steps=6, save_every=2, learning_rate=5e-2)
+    whole = distill(config(world, "whole_crash", 1, **kw))
+    calls, step_loss = [], distill_module.step_loss
+
+    def crashing(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 5:
+            raise RuntimeError("power cut")
+        return step_loss(*args, **kwargs)
+
+    monkeypatch.setattr(distill_module, "step_loss", crashing)
+    with pytest.raises(RuntimeError, match="power cut"):
+        distill(config(world, "crash", 1, **kw))
+    monkeypatch.undo()
+    out = world["root"] / "crash"
+    assert saved_settings(out / CHECKPOINT_FILE) is not None and [m["step"] for m in metrics(out)] == [1, 2, 3, 4]
+    distill(config(world, "crash", 1, **kw))
+    assert "distill: resuming at step 4/6" in capsys.readouterr().out
+    a, b = load_file(str(whole.output_dir / "xlora_head.safetensors")), load_file(str(out / "xlora_head.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a) and metrics(out) == metrics(whole.output_dir)
+
+
 def test_a_killed_runs_later_and_cut_metrics_lines_are_dropped_on_resume(world):
     """A kill after the checkpoint of step 2 may leave step 3's line and half of step 4's: the resumed run keeps
     exactly steps 1-2 from the file, and ends with the uninterrupted run's metrics."""
@@ -355,6 +386,24 @@ def test_a_changed_teacher_or_data_file_is_another_run(world, tmp_path):
     assert resume_settings(config(world, "x", 1, train_file=str(data))) == first
     data.write_text(Path(world["train"]).read_text() + json.dumps({"text": "one more"}) + "\n")
     assert resume_settings(config(world, "x", 1, train_file=str(data)))["inputs_sha256"] != first["inputs_sha256"]
+
+
+
+def test_the_teachers_experts_count_in_its_fingerprint_and_its_run_logs_do_not(world, tmp_path):
+    import shutil
+
+    from xlora.train.distill import resume_settings
+
+    teacher = tmp_path / "teacher"
+    shutil.copytree(world["teacher"], teacher)
+    first = resume_settings(config(world, "x", 1, teacher_dir=str(teacher)))["inputs_sha256"]
+    (teacher / "training.json").write_text("{}")  # a pipeline's log beside the model
+    (teacher / "head_metrics.jsonl").write_text("{}\n")
+    assert resume_settings(config(world, "x", 1, teacher_dir=str(teacher)))["inputs_sha256"] == first
+    experts = json.loads((teacher / "xlora_config.json").read_text())["experts"]
+    weights = teacher / next(iter(experts.values())) / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes() + b" ")  # another expert: another teacher
+    assert resume_settings(config(world, "x", 1, teacher_dir=str(teacher)))["inputs_sha256"] != first
 
 
 def test_distill_help_imports_no_torch():

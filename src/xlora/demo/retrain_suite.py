@@ -19,7 +19,7 @@ runs the phases in order:
   :data:`SUITE_CORRECT_OPTIONS`: routing cross-entropy on the labelled records' scored positions, KL to the
   head everywhere else; :data:`SUITE_CORRECT_STEPS` steps), written as a complete X-LoRA directory to
   ``OUT_DIR/corrected`` (the experts by relative path), checkpointed every 50 steps there (~19 min on 2 cores); a
-  finished correction is redone when the phase runs again (its teacher may have changed).
+  finished correction of the same head, experts, data and settings is kept when the phase runs again.
 
 Rerunning the same command skips finished experts, continues a stopped one from its checkpoint (the same
 weights as an uninterrupted run, unless its data file changed: then it restarts, said in the log) and
@@ -136,12 +136,16 @@ CORRECTED = "corrected"  # OUT_DIR/corrected: the correct phase's model
 
 def correct_head(out: Path, data: Path, base: Path | None, steps: int) -> dict[str, Any]:
     """The ``correct`` phase (see the module doc): ``out``'s head corrected into ``out/corrected``."""
-    from xlora.train.distill import DistillConfig, distill
+    from xlora.train.distill import DistillConfig, distill, finished_report
 
     cfg = DistillConfig(teacher_dir=str(out), output_dir=str(out / CORRECTED), scaling_pass_layers=None,
                         train_file=str(data / "head_train.jsonl"), eval_file=str(data / "validation.jsonl"),
                         steps=steps, base_model=str(base or base_model_dir()), overwrite=True, log_every=50,
                         **SUITE_CORRECT_OPTIONS)
+    done = finished_report(cfg)
+    if done is not None:
+        return {"output_dir": cfg.output_dir, "steps": steps, "seconds": done["seconds"], "initial": done["initial"],
+                "final": done["final"], "skipped": "finished before with this head, experts, data and settings"}
     result = distill(cfg)
     return {"output_dir": str(result.output_dir), "steps": result.steps, "seconds": round(result.seconds, 1),
             "initial": result.initial, "final": result.final}

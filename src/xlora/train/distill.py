@@ -30,7 +30,6 @@ a run is unfinished, ``distill_checkpoint.safetensors`` lets a rerun of the same
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import os
 import time
@@ -46,7 +45,7 @@ from xlora.generation import pad_token_id
 from xlora.head import ScalingHead
 from xlora.saving import CONFIG_FILE, HEAD_FILE
 from xlora.train.data import TokenizedExample, batch_order, build_dataset, collate
-from xlora.train.distill_config import DistillConfig
+from xlora.train.distill_config import DistillConfig, resume_settings
 from xlora.train.distill_losses import distill_kl, distill_mask, distill_mse, own_top1, top1_agreement
 from xlora.train.loop_checkpoint import (
     STOP,
@@ -100,7 +99,8 @@ def distill(cfg: DistillConfig) -> DistillResult:
     final = evaluate_student(model, student, cfg.scaling_pass_layers, eval_set, batches)
     save_student(model, student, cfg, out)
     tokenizer.save_pretrained(str(out))
-    report = {"settings": cfg.to_dict(), "seconds": seconds, "num_decoder_layers": decoder_depth(model),
+    report = {"settings": cfg.to_dict(), "resume_settings": settings, "seconds": seconds,
+              "num_decoder_layers": decoder_depth(model),
               "teacher_layers": teacher_depth(model),
               "train_examples": len(train_set), "eval_examples": len(eval_set),
               "eval_on": "eval_file" if cfg.eval_file else "train_file", "initial": initial, "final": final}
@@ -109,16 +109,16 @@ def distill(cfg: DistillConfig) -> DistillResult:
     return DistillResult(out, cfg.steps, seconds, initial, final)
 
 
-def resume_settings(cfg: DistillConfig) -> dict[str, Any]:
-    """The settings a checkpoint must have been written with to be resumed: all but how the run is watched, plus
-    the sha256 of the teacher folder's files and of the data files (a changed head or data file is another run)."""
-    digest = hashlib.sha256()
-    teacher = Path(cfg.teacher_dir)
-    files = sorted(p for p in teacher.iterdir() if p.is_file()) if teacher.is_dir() else []
-    for path in [*files, Path(cfg.train_file), *([Path(cfg.eval_file)] if cfg.eval_file else [])]:
-        digest.update(path.name.encode() + (hashlib.sha256(path.read_bytes()).digest() if path.is_file() else b"-"))
-    return {**{k: v for k, v in cfg.to_dict().items() if k not in ("overwrite", "log_every", "save_every")},
-            "inputs_sha256": digest.hexdigest()}
+def finished_report(cfg: DistillConfig) -> dict[str, Any] | None:
+    """The report of a *complete* run in ``cfg.output_dir`` with these settings and inputs (None if there is none):
+    a caller that would only redo it (a pipeline rerun) can keep it."""
+    path = Path(cfg.output_dir) / REPORT_FILE
+    try:
+        report = json.loads(path.read_text()) if path.is_file() else None
+    except (OSError, json.JSONDecodeError):
+        return None
+    ok = report is not None and report.get("resume_settings") == resume_settings(cfg)
+    return report if ok and (Path(cfg.output_dir) / HEAD_FILE).is_file() else None
 
 
 @dataclass(frozen=True)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,6 +14,7 @@ from xlora.config import check_bool, check_float, check_int
 from xlora.train.distill_losses import POSITIONS
 
 LOSSES = ("kl", "mse")
+RUN_LOGS = ("training.json",)  # written beside a model by the runs that train it (and *.jsonl): not the model
 INITS = ("teacher", "scratch")
 
 
@@ -122,3 +125,33 @@ class DistillConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+def resume_settings(cfg: DistillConfig) -> dict[str, Any]:
+    """The settings a checkpoint (or a finished report) must have been written with to be this run: all but how
+    the run is watched, plus the sha256 of the teacher's files (:func:`teacher_files`) and of the data files."""
+    digest = hashlib.sha256()
+    for path in [*teacher_files(Path(cfg.teacher_dir)), Path(cfg.train_file), *([Path(cfg.eval_file)] if cfg.eval_file
+                                                                             else [])]:
+        digest.update(path.name.encode() + (hashlib.sha256(path.read_bytes()).digest() if path.is_file() else b"-"))
+    return {**{k: v for k, v in cfg.to_dict().items() if k not in ("overwrite", "log_every", "save_every")},
+            "inputs_sha256": digest.hexdigest()}
+
+
+def teacher_files(teacher: Path) -> list[Path]:
+    """The files that make the teacher: its folder's files but the run logs (``*.jsonl``, :data:`RUN_LOGS`, which a
+    pipeline rewrites between phases) and, for an xlora directory, those of every expert folder it names."""
+    def model_files(folder: Path) -> list[Path]:
+        return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix != ".jsonl" and p.name not in RUN_LOGS)
+
+    if not teacher.is_dir():
+        return []
+    files = model_files(teacher)
+    try:
+        experts = json.loads((teacher / "xlora_config.json").read_text()).get("experts", {})  # saving.CONFIG_FILE
+    except (OSError, ValueError, AttributeError):
+        experts = {}
+    for path in experts.values() if isinstance(experts, dict) else ():
+        folder = Path(path) if Path(path).is_absolute() else teacher / path
+        files += model_files(folder) if folder.is_dir() else []
+    return files
