@@ -301,8 +301,9 @@ def _add_distill_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--weight-decay", type=_non_negative, default=keep, help="AdamW weight decay (default: 0)")
     p.add_argument("--save-every", type=_count, default=keep,
                    help="checkpoint every N steps into OUTPUT_DIR; a rerun continues from it (default: 50; 0: never)")
-    p.add_argument("--init", choices=["teacher", "scratch"], default=keep,
-                   help="start from the teacher head's weights or a fresh head (default: teacher)")
+    p.add_argument("--init", default=keep, metavar="teacher|scratch|DIR",
+                   help="start from the teacher head's weights, a fresh head, or the head of the X-LoRA directory DIR "
+                        "(same head shape; e.g. an earlier student) (default: teacher)")
     p.add_argument("--chat", action=argparse.BooleanOptionalAction, default=keep,
                    help="render prompt/completion records with the chat template, as xlora train --chat (default: no)")
     p.add_argument("--max-length", type=_positive, default=keep, help="tokens per example (default: 512)")

@@ -125,6 +125,18 @@ def test_the_saved_student_reloads_with_k_and_gives_the_reported_numbers(world, 
     assert report["teacher_layers"] == 2 and report["eval_on"] == "eval_file" and report["seconds"] > 0
 
 
+def test_a_student_goes_on_from_an_earlier_students_head(world, shallow):
+    """init=DIR starts from that folder's head: the first evaluation is the earlier run's last, to the bit."""
+    result = distill(config(world, "again", 1, init=str(shallow.output_dir), steps=2, learning_rate=1e-3))
+    assert result.initial == shallow.final and result.final["kl"] < shallow.final["kl"] * 1.5
+    other = XLoraConfig(experts={n: str(p) for n, p in world["setup"].expert_dirs.items()}, head_depth=2,
+                        head_hidden_size=8)  # another head shape over the same experts
+    XLoraModel(world["setup"].base(), other).save_pretrained(world["root"] / "narrow", bundle=True)
+    with pytest.raises(ValueError, match=r"init='.*narrow': its head's tensors .* are not the student's"):
+        distill(config(world, "from_narrow", 1, init=str(world["root"] / "narrow")))
+    assert not (world["root"] / "from_narrow").exists()
+
+
 def student_tokenizer(out: Path):
     from transformers import AutoTokenizer
 

@@ -175,11 +175,21 @@ def decoder_depth(model: XLoraModel) -> int:
 
 
 def make_student(model: XLoraModel, k: int, init: str) -> ScalingHead:
-    """A float32 head of the teacher's shape for ``scaling_pass_layers = k``: the teacher's weights or fresh ones."""
+    """A float32 head of the teacher's shape for ``scaling_pass_layers = k``: the teacher's weights, fresh ones, or
+    those of the X-LoRA directory ``init`` (refused unless its head has the same tensors and shapes)."""
+    from safetensors.torch import load_file
+
     cfg = XLoraConfig.from_dict({**model.xlora_config.to_dict(), "scaling_pass_layers": k})
     student = ScalingHead(cfg, cfg.hidden_size, model.num_layers, model.num_experts).to(model.device, torch.float32)
-    if init == "teacher":
-        student.load_state_dict({n: t.float() for n, t in model.head.state_dict().items()})
+    if init == "scratch":
+        return student
+    state = model.head.state_dict() if init == "teacher" else load_file(str(Path(init) / HEAD_FILE))
+    want = {n: tuple(t.shape) for n, t in student.state_dict().items()}
+    got = {n: tuple(t.shape) for n, t in state.items()}
+    if got != want:
+        raise ValueError(f"init={init!r}: its head's tensors {got} are not the student's {want} (the teacher's head "
+                         "settings over the same experts); start from 'teacher' or 'scratch'")
+    student.load_state_dict({n: t.float() for n, t in state.items()})
     return student
 
 

@@ -14,6 +14,7 @@ from xlora.config import check_bool, check_float, check_int
 from xlora.train.distill_losses import POSITIONS
 
 LOSSES = ("kl", "mse")
+HEAD_FILE = "xlora_head.safetensors"  # saving.HEAD_FILE (saving imports torch; the CLI's --help does not)
 RUN_LOGS = ("training.json",)  # written beside a model by the runs that train it (and *.jsonl): not the model
 INITS = ("teacher", "scratch")
 
@@ -46,7 +47,9 @@ class DistillConfig:
         routing_weight: weight of routing supervision (0: off): ``CE = -log p̄_S[own]`` per record that names its
             expert, ``p̄_S`` the student's scalings averaged over the record's scored positions and the modules.
         routing_key: the record field that names its expert (or a list under ``experts``; as ``xlora train``).
-        init: ``"teacher"`` (start from the teacher head's weights) or ``"scratch"`` (a fresh head).
+        init: ``"teacher"`` (start from the teacher head's weights), ``"scratch"`` (a fresh head), or an X-LoRA
+            directory whose head has the student's shape (e.g. an earlier student, to go on from it against the
+            teacher with another recipe).
         chat: render prompt/completion records with the chat template, as ``xlora train --chat``.
         max_length: tokens per example (longer records are truncated).
         base_model: base model folder (None: the one the teacher records).
@@ -115,8 +118,11 @@ class DistillConfig:
                              "routing_weight > 0 (--routing-weight) or positions='all'")
         if not isinstance(self.routing_key, str) or not self.routing_key:
             raise ValueError(f"routing_key must be the name of a record field, e.g. 'domain'; got {self.routing_key!r}")
-        if self.init not in INITS:
-            raise ValueError(f"init must be one of {INITS}, got {self.init!r}")
+        if not isinstance(self.init, (str, os.PathLike)) or (
+                str(self.init) not in INITS and not (Path(self.init) / HEAD_FILE).is_file()):
+            raise ValueError(f"init must be one of {INITS} or an X-LoRA directory holding {HEAD_FILE}, got "
+                             f"{self.init!r}")
+        self.init = str(self.init)
         for name in ("chat", "overwrite"):
             check_bool(name, getattr(self, name))
         if Path(self.output_dir).resolve() == Path(self.teacher_dir).resolve():
@@ -131,8 +137,10 @@ def resume_settings(cfg: DistillConfig) -> dict[str, Any]:
     """The settings a checkpoint (or a finished report) must have been written with to be this run: all but how
     the run is watched, plus the sha256 of the teacher's files (:func:`teacher_files`) and of the data files."""
     digest = hashlib.sha256()
-    for path in [*teacher_files(Path(cfg.teacher_dir)), Path(cfg.train_file), *([Path(cfg.eval_file)] if cfg.eval_file
-                                                                             else [])]:
+    inputs = [*teacher_files(Path(cfg.teacher_dir)), Path(cfg.train_file)]
+    inputs += [Path(cfg.eval_file)] if cfg.eval_file else []
+    inputs += [Path(cfg.init) / HEAD_FILE] if cfg.init not in INITS else []
+    for path in inputs:
         digest.update(path.name.encode() + (hashlib.sha256(path.read_bytes()).digest() if path.is_file() else b"-"))
     return {**{k: v for k, v in cfg.to_dict().items() if k not in ("overwrite", "log_every", "save_every")},
             "inputs_sha256": digest.hexdigest()}
