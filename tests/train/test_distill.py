@@ -360,7 +360,10 @@ def test_a_crash_resumes_from_the_last_periodic_checkpoint(world, capsys, monkey
     monkeypatch.undo()
     out = world["root"] / "crash"
     assert saved_settings(out / CHECKPOINT_FILE) is not None and [m["step"] for m in metrics(out)] == [1, 2, 3, 4]
-    distill(config(world, "crash", 1, **kw))
+    evaluations, evaluate = [], distill_module.evaluate_student
+    monkeypatch.setattr(distill_module, "evaluate_student", lambda *a: evaluations.append(1) or evaluate(*a))
+    rest = distill(config(world, "crash", 1, **kw))
+    assert len(evaluations) == 1 and rest.initial == whole.initial  # the initial evaluation came with the checkpoint
     assert "distill: resuming at step 4/6" in capsys.readouterr().out
     a, b = load_file(str(whole.output_dir / "xlora_head.safetensors")), load_file(str(out / "xlora_head.safetensors"))
     assert all(torch.equal(a[k], b[k]) for k in a) and metrics(out) == metrics(whole.output_dir)

@@ -53,7 +53,7 @@ from xlora.train.loop_checkpoint import (
     open_metrics,
     rng_state,
     save_checkpoint,
-    saved_settings,
+    saved_state,
     set_rng,
 )
 from xlora.train.losses import with_routing_mask
@@ -82,7 +82,8 @@ def distill(cfg: DistillConfig) -> DistillResult:
     Everything (teacher, data, ``k``) is loaded and checked before anything is written.
     """
     out, settings = Path(cfg.output_dir), resume_settings(cfg)
-    resumable = saved_settings(out / CHECKPOINT_FILE) == settings
+    saved = saved_state(out / CHECKPOINT_FILE)
+    resumable = saved is not None and saved["settings"] == settings
     if out.exists() and any(out.iterdir()) and not cfg.overwrite and not resumable:
         raise ValueError(f"output_dir {str(out)!r} is not empty (and holds no checkpoint of this run to resume); pass "
                          "overwrite=True (--overwrite) or another folder")
@@ -93,9 +94,12 @@ def distill(cfg: DistillConfig) -> DistillResult:
     torch.manual_seed(cfg.seed)
     student = make_student(model, cfg.scaling_pass_layers, cfg.init)
     batches = Batches(pad_token_id(tokenizer), experts, cfg.batch_size)
-    initial = evaluate_student(model, student, cfg.scaling_pass_layers, eval_set, batches)
+    if resumable and "initial" in saved:  # evaluated when the run started: the same head, data and settings
+        initial = saved["initial"]
+    else:
+        initial = evaluate_student(model, student, cfg.scaling_pass_layers, eval_set, batches)
     out.mkdir(parents=True, exist_ok=True)
-    seconds = run_steps(model, student, cfg, train_set, batches, settings)
+    seconds = run_steps(model, student, cfg, train_set, batches, {"settings": settings, "initial": initial})
     final = evaluate_student(model, student, cfg.scaling_pass_layers, eval_set, batches)
     save_student(model, student, cfg, out)
     tokenizer.save_pretrained(str(out))
@@ -238,13 +242,14 @@ def step_loss(model: XLoraModel, student: ScalingHead, cfg: DistillConfig,
 
 
 def run_steps(model: XLoraModel, student: ScalingHead, cfg: DistillConfig, examples: list[TokenizedExample],
-              batches: Batches, settings: dict[str, Any]) -> float:
+              batches: Batches, run: dict[str, Any]) -> float:
     """``cfg.steps`` AdamW steps on ``student``, continuing a checkpoint of this run if there is one; one JSON line
     per step to ``METRICS_FILE`` (step, loss parts, top1, lr); a checkpoint every ``save_every`` steps and when a
-    stop is requested (then ``SystemExit``). Returns the seconds the steps took, over every call of the run."""
+    stop is requested (then ``SystemExit``); ``run`` (its ``settings`` and ``initial`` evaluation) travels in the
+    checkpoint. Returns the seconds the steps took, over every call of the run."""
     params, out = list(student.parameters()), Path(cfg.output_dir)
     optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
-    state = load_checkpoint(out / CHECKPOINT_FILE, params, optimizer, settings) or {"step": 0, "seconds": 0.0}
+    state = load_checkpoint(out / CHECKPOINT_FILE, params, optimizer, run["settings"]) or {"step": 0, "seconds": 0.0}
     if state["step"]:
         set_rng(state, model.device)  # dropout continues as if never stopped
         print(f"distill: resuming at step {state['step']}/{cfg.steps} from {out / CHECKPOINT_FILE}", flush=True)
@@ -275,7 +280,7 @@ def run_steps(model: XLoraModel, student: ScalingHead, cfg: DistillConfig, examp
         if stop or (cfg.save_every and step + 1 < cfg.steps and (step + 1) % cfg.save_every == 0):
             metrics.flush()
             save_checkpoint(out / CHECKPOINT_FILE, params, optimizer, {
-                "step": step + 1, "seconds": state["seconds"] + time.perf_counter() - start, "settings": settings,
+                "step": step + 1, "seconds": state["seconds"] + time.perf_counter() - start, **run,
                 **rng_state(model.device)})
         if stop:
             metrics.close()

@@ -77,14 +77,20 @@ def load_checkpoint(path: Path, params: list[torch.nn.Parameter], opt: torch.opt
     return state
 
 
-def saved_settings(path: Path) -> dict[str, Any] | None:
-    """The settings a checkpoint file was written with (None: no such file)."""
+def saved_state(path: Path) -> dict[str, Any] | None:
+    """The loop state a checkpoint file was written with (step, settings, ...; None: no such file), tensors unread."""
     from safetensors import safe_open
 
     if not path.is_file():
         return None
     with safe_open(str(path), "pt") as f:
-        return json.loads(f.metadata()["state"])["settings"]
+        return json.loads(f.metadata()["state"])
+
+
+def saved_settings(path: Path) -> dict[str, Any] | None:
+    """The settings a checkpoint file was written with (None: no such file)."""
+    state = saved_state(path)
+    return None if state is None else state["settings"]
 
 
 def rng_state(device: torch.device) -> dict[str, list[int]]:
