@@ -309,3 +309,86 @@ def test_demo_runs_the_seven_expert_science_model(tmp_path, capsys):
     assert all(set(table["score"][e]) == {e} for e in experts)
     assert sum(f"[{d}]" in printed for d in experts) == 7 and "reference: 415 pN" in printed
     assert len(list(tmp_path.glob("answer*-tokens-p01.png"))) == 7
+
+
+def _error(argv, capsys) -> str:
+    """Run the command, expecting the one-line error of a refused input (exit 2); return stderr."""
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and err.count("\n") == 1, err
+    return err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["generate", "MISSING", ""], "prompt is empty"),
+    (["generate", "MISSING", "  "], "prompt is empty"),
+    (["inspect", "MISSING", ""], "prompt is empty"),
+    (["generate", "MISSING", "hi", "--top-p", "0.5"], "--top-p 0.5 applies to sampling, and --temperature is 0"),
+    (["eval", "MISSING", "--data", "x.jsonl", "-n", "3"], "-n applies to the demo's evaluation"),
+    (["eval", "MISSING", "--data", "x.jsonl", "--splits", "test"], "--splits applies to the demo's evaluation"),
+    (["eval", "--generate", "2"], "--generate applies to xlora eval MODEL_DIR --data FILE"),
+    (["dialogue", "--topic", " "], "--topic is empty"),
+])
+def test_inputs_that_cannot_work_are_refused_before_loading_anything(argv, message, capsys):
+    assert message in _error(argv, capsys)
+
+
+def test_an_output_folder_that_is_a_file_or_unwritable_is_refused_before_the_work(tmp_path, capsys):
+    """--out names a file, or a place no folder can be made: refused naming the flag, before any model loads
+    (MISSING would fail the load)."""
+    file = tmp_path / "results.jsonl"
+    file.write_text("keep me\n")
+    for argv in (["eval", "MISSING", "--data", "x.jsonl", "--out", str(file)], ["eval", "--out", str(file)],
+                 ["inspect", "MISSING", "hi", "--out", str(file)], ["dialogue", "--topic", "t", "--out", str(file)],
+                 ["graph", str(file), "--out", str(file)]):
+        assert f"--out {str(file)!r} is a file, not a folder" in _error(argv, capsys), argv
+    blocked = str(file / "sub")  # under a file: no folder can be made there
+    assert f"--out {blocked!r}: cannot create the folder" in _error(["inspect", "MISSING", "hi", "--out", blocked],
+                                                                     capsys)
+    assert file.read_text() == "keep me\n"
+
+
+def test_graph_refuses_empty_and_non_utf8_text_before_loading(tmp_path, capsys):
+    empty, binary = tmp_path / "empty.txt", tmp_path / "bin.txt"
+    empty.write_text(" \n\t\n")
+    binary.write_bytes(b"caf\xe9 \xff\xfe")
+    out = str(tmp_path / "g")
+    assert "holds no text (empty or only whitespace)" in _error(["graph", str(empty), "--out", out], capsys)
+    assert "is not UTF-8 text (byte 3" in _error(["graph", str(binary), "--out", out], capsys)
+    assert "is a folder; give a UTF-8 text file" in _error(["graph", str(tmp_path), "--out", out], capsys)
+
+
+def test_convert_keeps_the_source_and_a_non_empty_folder(saved_model, tmp_path, capsys):
+    busy = tmp_path / "busy"
+    busy.mkdir()
+    (busy / "notes.txt").write_text("mine")
+    assert "is not empty; give a new folder or pass overwrite=True (--overwrite)" in _error(
+        ["convert", str(saved_model), str(busy)], capsys)
+    assert "is the source folder" in _error(["convert", str(saved_model), str(saved_model), "--to", "peft"], capsys)
+    assert "is a file; give a new folder" in _error(["convert", str(saved_model), str(busy / "notes.txt")], capsys)
+    assert sorted(p.name for p in busy.iterdir()) == ["notes.txt"] and (busy / "notes.txt").read_text() == "mine"
+    assert main(["convert", str(saved_model), str(busy), "--overwrite"]) == 0
+    assert {"notes.txt", "xlora_config.json", "xlora_head.safetensors"} <= {p.name for p in busy.iterdir()}
+
+
+def test_model_folder_and_base_errors_say_what_was_given(saved_model, tmp_path, capsys):
+    file = tmp_path / "good.jsonl"
+    file.write_text("{}\n")
+    assert "X-LoRA directory" in (err := _error(["generate", str(file), "hi"], capsys)) and "is a file" in err
+    err = _error(["generate", str(saved_model), "hi", "--base", str(tmp_path / "nowhere")], capsys)
+    assert "it was given as the base" in err and "names it as its base" not in err
+
+
+def test_example_sequence_length_must_be_positive(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["example", "--seq-len", "0"])
+    assert exc.value.code == 2 and "expected a positive integer, got '0'" in capsys.readouterr().err
+
+
+def test_the_library_refuses_a_prompt_of_no_tokens(saved_model):
+    from xlora.generation import generate_text
+    from xlora.pretrained import load_model_and_tokenizer
+
+    model, tok = load_model_and_tokenizer(saved_model)
+    with pytest.raises(ValueError, match=r"^prompt '' gives no tokens"):
+        generate_text(model, tok, "")

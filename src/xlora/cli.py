@@ -110,6 +110,7 @@ def _add_format_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--to", choices=["ours", "peft", "original", "mistralrs"], default="ours")
     p.add_argument("--base", default=None, help="base model path (default: the one recorded in SRC)")
     p.add_argument("--ordering", default=None, help="mistral.rs ordering file, when it is not inside SRC")
+    p.add_argument("--overwrite", action="store_true", help="write into a non-empty DST (its other files are kept)")
     p.set_defaults(func=commands.convert)
 
     p = sub.add_parser("export-mistralrs", help="write mistral.rs's X-LoRA layout and print the command that serves it")
@@ -161,7 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _add_demo_parsers(sub: argparse._SubParsersAction) -> None:
     """``example``, ``demo`` and ``eval``: the in-process example and the embedded demo (xlora.demo)."""
     p = sub.add_parser("example", help="build a tiny model and two experts in-process and print the X-LoRA scalings")
-    p.add_argument("--seq-len", type=int, default=8, help="number of tokens in the example sequence")
+    p.add_argument("--seq-len", type=_positive, default=8, help="number of tokens in the example sequence")
     p.set_defaults(func=commands.example)
 
     p = sub.add_parser("demo", help="the embedded demo: SmolLM2-135M with seven science experts (protein, mechanics, "
@@ -180,12 +181,16 @@ def _add_demo_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("model_dir", nargs="?", default=None, help="an X-LoRA directory in any format xlora reads")
     p.add_argument("--out", default="xlora-eval", help="folder for eval.md, eval.json, eval.png (default: xlora-eval)")
     _add_eval_data_flags(p)
-    p.add_argument("-n", type=_positive, default=64, help="test records per domain for the losses (default: 64)")
-    p.add_argument("--n-generate", type=_positive, default=16, help="records per domain answered and scored (default: 16)")
-    p.add_argument("--splits", nargs="+", choices=["test", "test_unseen", "validation"], default=["test", "test_unseen"],
+    g = p.add_argument_group("the demo's evaluation (without MODEL_DIR)")
+    keep, demo = argparse.SUPPRESS, commands.DEMO_EVAL_DEFAULTS  # absent unless given: refused with MODEL_DIR
+    g.add_argument("-n", type=_positive, default=keep, help=f"test records per domain for the losses (default: {demo['n']})")
+    g.add_argument("--n-generate", type=_positive, default=keep,
+                   help=f"records per domain answered and scored (default: {demo['n_generate']})")
+    g.add_argument("--splits", nargs="+", choices=["test", "test_unseen", "validation"], default=keep,
                    help="test: seen phrasings; test_unseen: held-out phrasings (default: both)")
-    p.add_argument("--graph-n", type=_count, default=32, help="held-out passages for the triple F1 table (0: skip)")
-    p.add_argument("--assets", default=None, help="an X-LoRA directory over the demo base (default: the shipped one)")
+    g.add_argument("--graph-n", type=_count, default=keep,
+                   help=f"held-out passages for the triple F1 table (0: skip; default: {demo['graph_n']})")
+    g.add_argument("--assets", default=keep, help="an X-LoRA directory over the demo base (default: the shipped one)")
     p.set_defaults(func=commands.evaluate)
 
 

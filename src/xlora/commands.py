@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
+from pathlib import Path
 from typing import Any
 
 
@@ -20,18 +22,37 @@ def demo(args: argparse.Namespace) -> int:
     return run_demo(retrain=args.retrain, out_dir=args.out, n_per_domain=args.n, n_generate=args.n_generate)
 
 
+DEMO_EVAL_DEFAULTS: dict[str, Any] = {"n": 64, "n_generate": 16, "splits": ["test", "test_unseen"], "graph_n": 32,
+                                      "assets": None}  # `xlora eval` without MODEL_DIR: the demo's evaluation
+
+
 def evaluate(args: argparse.Namespace) -> int:
+    from xlora.files import output_folder
+
+    given = vars(args)
     if args.model_dir is not None or args.data is not None:
+        demo_only = [name for name in DEMO_EVAL_DEFAULTS if name in given]
+        if demo_only:
+            flag = "-n" if demo_only[0] == "n" else "--" + demo_only[0].replace("_", "-")
+            raise ValueError(f"{flag} applies to the demo's evaluation (xlora eval without MODEL_DIR); with MODEL_DIR "
+                             "--data FILE use --max-records N, --generate N and your own files instead")
+        output_folder("--out", args.out)
         return eval_model(args)
+    from xlora.analysis.evaluate import EvalConfig
+
+    model_only = [f.name for f in dataclasses.fields(EvalConfig) if f.name in given]
+    if model_only or args.base is not None:
+        flag = "--" + (model_only[0] if model_only else "base").replace("_", "-")
+        raise ValueError(f"{flag} applies to xlora eval MODEL_DIR --data FILE; without MODEL_DIR the demo's "
+                         "evaluation runs (its flags: -n, --n-generate, --splits, --graph-n, --assets)")
     from xlora.demo.run import run_eval
 
-    return run_eval(args.out, n_per_domain=args.n, n_generate=args.n_generate, splits=tuple(args.splits),
-                    assets=args.assets, graph_n=args.graph_n)
+    demo = {**DEMO_EVAL_DEFAULTS, **{k: given[k] for k in DEMO_EVAL_DEFAULTS if k in given}}
+    return run_eval(output_folder("--out", args.out), n_per_domain=demo["n"], n_generate=demo["n_generate"],
+                    splits=tuple(demo["splits"]), assets=demo["assets"], graph_n=demo["graph_n"])
 
 
 def eval_model(args: argparse.Namespace) -> int:
-    import dataclasses
-
     from xlora.analysis.evaluate import EvalConfig, run_eval
     from xlora.train.data import tokenize_record  # the trainer's record parsing: one for training and evaluation
     from xlora.train.records import iter_records
@@ -48,14 +69,19 @@ def eval_model(args: argparse.Namespace) -> int:
 
 def graph(args: argparse.Namespace) -> int:
     from xlora.demo.graph import run_graph
+    from xlora.files import output_folder
 
-    return run_graph(args.text_file, args.out, assets=args.assets, base_dir=args.base, chunk_chars=args.chunk_chars,
+    return run_graph(args.text_file, output_folder("--out", args.out), assets=args.assets, base_dir=args.base, chunk_chars=args.chunk_chars,
                      max_new_tokens=args.max_new_tokens)
 
 
 def dialogue(args: argparse.Namespace) -> int:
     from xlora.demo.dialogue import REPETITION_PENALTY, run_dialogue
+    from xlora.files import output_folder
 
+    if not args.topic.strip():
+        raise ValueError("--topic is empty; say what the agents discuss, e.g. --topic 'spider silk mechanics'")
+    output_folder("--out", args.out)
     penalty = REPETITION_PENALTY if args.repetition_penalty is None else args.repetition_penalty
     return run_dialogue(args.topic, args.out, turns=args.turns, agent_a=args.agent_a, agent_b=args.agent_b,
                         assets=args.assets, assets_b=args.assets_b, base_dir=args.base,
@@ -66,6 +92,11 @@ def generate(args: argparse.Namespace) -> int:
     from xlora.generation import generate_text
     from xlora.pretrained import load_model_and_tokenizer
 
+    if not args.prompt.strip():
+        raise ValueError("prompt is empty; give the text to continue (or a question, with --chat)")
+    if args.temperature == 0 and args.top_p != 1.0:
+        raise ValueError(f"--top-p {args.top_p} applies to sampling, and --temperature is 0 (greedy); set "
+                         "--temperature > 0 (e.g. 0.7) or leave --top-p out")
     if args.seed is not None:
         import torch
 
@@ -110,14 +141,16 @@ def base_kwargs(args: argparse.Namespace) -> dict:
 
 def inspect(args: argparse.Namespace) -> int:
     from xlora.analysis.inspect import run_inspect
+    from xlora.files import output_folder
 
-    run_inspect(args.model_dir, args.prompt, generate=args.generate, out_dir=args.out, chat=args.chat,
+    if not args.prompt.strip():
+        raise ValueError("prompt is empty; give the text whose experts to show")
+    run_inspect(args.model_dir, args.prompt, generate=args.generate, out_dir=output_folder("--out", args.out), chat=args.chat,
                 base_model=args.base, per_page=args.per_page)
     return 0
 
 
 def serve(args: argparse.Namespace) -> int:
-    import dataclasses
     import os
     from pathlib import Path
 
@@ -163,8 +196,6 @@ def train(args: argparse.Namespace) -> int:
 
 
 def distill(args: argparse.Namespace) -> int:
-    import dataclasses
-
     from xlora.train.distill import DistillConfig
     from xlora.train.distill import distill as distill_head
     from xlora.train.loop_checkpoint import stop_on_signals
@@ -186,14 +217,18 @@ def distill(args: argparse.Namespace) -> int:
 def convert(args: argparse.Namespace) -> int:
     from xlora.pretrained import convert as convert_dir
 
-    kind = convert_dir(args.src, args.dst, base_model=args.base, to=args.to, ordering=args.ordering)
+    kind = convert_dir(args.src, args.dst, base_model=args.base, to=args.to, ordering=args.ordering,
+                       overwrite=args.overwrite)
     print(f"read {args.src} ({kind} format), wrote {args.dst} ({args.to} format)")
     return 0
 
 
 def export_mistralrs(args: argparse.Namespace) -> int:
+    from xlora.files import output_folder
     from xlora.pretrained import export_mistralrs as export_dir
 
+    if Path(args.out).exists() and not Path(args.out).is_dir():
+        output_folder("out", args.out)  # refuses the file, naming it
     print(export_dir(args.model_dir, args.out, base_model=args.base, base_model_id=args.base_model_id,
                      tgt_non_granular_index=args.tgt_non_granular_index))
     return 0

@@ -20,14 +20,30 @@ def atomic_write(path: Path, write: Callable[[str], None]) -> None:
     os.close(fd)
     umask = os.umask(0)
     os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the file the usual permissions
     try:
         write(tmp)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600 (and a writer may replace the file): the usual permissions
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def output_folder(flag: str, path: str | os.PathLike) -> Path:
+    """The folder ``path`` a command will write to, created now, before any long work: a file there or a place
+    that cannot be written is refused naming ``flag`` (instead of failing after the work, losing it)."""
+    folder = Path(path)
+    if folder.exists() and not folder.is_dir():
+        raise ValueError(f"{flag} {str(folder)!r} is a file, not a folder; give a folder (created if missing)")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ValueError(f"{flag} {str(folder)!r}: cannot create the folder ({err.strerror}); choose a writable "
+                         "path") from None
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise ValueError(f"{flag} {str(folder)!r} is not writable; choose a writable folder")
+    return folder
 
 
 def atomic_write_text(path: Path, text: str) -> None:

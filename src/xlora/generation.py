@@ -256,6 +256,8 @@ def generate_text(model: Any, tokenizer: Any, prompt: str, *, chat: bool = False
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     enc = encode_prompt(tokenizer, prompt, chat=chat, device=model.device)
+    if enc["input_ids"].shape[1] == 0:
+        raise ValueError(f"prompt {prompt!r} gives no tokens; give some text (or chat=True: the template adds tokens)")
     pad = pad_token_id(tokenizer)
     streamer = _CallbackStreamer(tokenizer, stream) if stream is not None else None
     recorder = StepRecorder()

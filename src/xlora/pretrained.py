@@ -35,8 +35,20 @@ def load_model_and_tokenizer(directory: str | os.PathLike, base_model: str | Non
 
 
 def convert(src: str | os.PathLike, dst: str | os.PathLike, base_model: Any = None, to: str = "ours",
-            ordering: str | os.PathLike | None = None) -> str:
-    """Read ``src`` (any format) and write it to ``dst`` in format ``to`` (experts bundled); returns ``src``'s format."""
+            ordering: str | os.PathLike | None = None, overwrite: bool = False) -> str:
+    """Read ``src`` (any format) and write it to ``dst`` in format ``to`` (experts bundled); returns ``src``'s format.
+
+    Raises:
+        ValueError: ``dst`` is ``src``, a file, or a non-empty folder without ``overwrite`` (checked before loading).
+    """
+    out = Path(dst)
+    if out.resolve() == Path(src).resolve():
+        raise ValueError(f"dst {str(dst)!r} is the source folder; converting in place would mix two formats in "
+                         "one folder: give a new folder")
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"dst {str(dst)!r} is a file; give a new folder")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise ValueError(f"dst {str(dst)!r} is not empty; give a new folder or pass overwrite=True (--overwrite)")
     kind = "mistralrs" if ordering is not None else formats.detect(src)
     model = XLoraModel.from_pretrained(src, base_model=base_model, ordering=ordering)
     model.save_pretrained(dst, bundle=True, format=to)

@@ -84,6 +84,8 @@ def load_model(cls: type[nn.Module], directory: str | os.PathLike,
         model_kwargs: passed to ``AutoModelForCausalLM.from_pretrained`` (e.g. ``dtype``).
     """
     directory = Path(directory)
+    if directory.is_file():
+        raise ValueError(f"X-LoRA directory {str(directory)!r} is a file; give the folder save_pretrained wrote")
     if not directory.is_dir():
         raise FileNotFoundError(f"X-LoRA directory {str(directory)!r} does not exist")
     kind = "mistralrs" if ordering is not None else formats.detect(directory)
@@ -108,7 +110,7 @@ def resolve_base(base_model: PreTrainedModel | str | os.PathLike | None, cfg: XL
                              "base_model=... (CLI: --base PATH)")
     if isinstance(base_model, PreTrainedModel):
         return base_model
-    return load_base(str(base_model), directory, **model_kwargs)
+    return load_base(str(base_model), directory, given=base_model != cfg.base_model_name_or_path, **model_kwargs)
 
 
 def read_head_state(head_file: Path, expected: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -188,8 +190,9 @@ def base_load_kwargs(dtype: str | None = None, load_in_8bit: bool = False, load_
     return kwargs
 
 
-def load_base(name: str, directory: Path, **model_kwargs: Any) -> PreTrainedModel:
-    """The base model recorded in (or given for) the X-LoRA directory ``directory``."""
-    fix = (f"{str(directory)!r} names it as its base; pass the local base model folder with base_model=... "
-           "(CLI: --base PATH)")
+def load_base(name: str, directory: Path, given: bool = False, **model_kwargs: Any) -> PreTrainedModel:
+    """The base model recorded in (``given=False``) or given for the X-LoRA directory ``directory``."""
+    fix = ("it was given as the base (base_model=..., CLI: --base PATH); give the local folder of the base model"
+           if given else f"{str(directory)!r} names it as its base; pass the local base model folder with "
+           "base_model=... (CLI: --base PATH)")
     return load_local(AutoModelForCausalLM, name, "the base model", fix, **model_kwargs).eval()

@@ -154,7 +154,7 @@ def test_load_demo_from_a_directory(demo, tmp_path):
         assert torch.equal(loaded(ids).logits, model(ids).logits)
     table = evaluate_demo(root / "xlora", "test", 1, None, base_dir=base_dir, n_generate=0, domain_names=DOMS)
     assert table.score == {} and set(table.loss) == {"base", *DOMS, "uniform", "xlora"}
-    with pytest.raises(FileNotFoundError, match="no X-LoRA demo assets"):
+    with pytest.raises(FileNotFoundError, match="is not an X-LoRA directory"):
         load_demo(tmp_path, base_dir)
     with pytest.raises(ValueError, match="tokenizer"):
         evaluate_demo(model, "test", 1)

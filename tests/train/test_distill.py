@@ -256,6 +256,19 @@ def test_bad_values_are_refused_naming_the_field(world, field, value):
         config(world, "bad", k, **kw)
 
 
+def test_a_device_torch_cannot_use_and_missing_files_are_refused_naming_the_setting(world):
+    with pytest.raises(ValueError, match=r"^device must be a torch device such as 'cpu'.*got 'gpu'"):
+        distill(config(world, "dev", 1, device="gpu"))
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match=r"^device='cuda' but this torch .* has no CUDA device; use 'cpu'"):
+            distill(config(world, "dev", 1, device="cuda"))
+    with pytest.raises(FileNotFoundError, match=r"^eval_file \(--eval\) '.*nope\.jsonl' does not exist"):
+        distill(config(world, "dev", 1, eval_file=str(world["root"] / "nope.jsonl")))
+    assert not (world["root"] / "dev").exists()
+    with pytest.raises(ValueError, match=r"^output_dir '.*train\.jsonl' is a file, not a folder"):
+        DistillConfig(world["teacher"], world["train"], 1, world["train"])
+
+
 def test_k_beyond_the_base_and_the_teachers_own_folder_are_refused(world):
     with pytest.raises(ValueError, match=r"scaling_pass_layers=3 exceeds the base model's 2 decoder layers; use 1..2"):
         distill(config(world, "too_deep", 3))

@@ -485,3 +485,14 @@ def test_resuming_a_finished_run_says_so_through_the_cli_and_a_config_file(world
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith(f"xlora train: error: cannot resume {str(out)!r}")
     assert "head_hidden_size 2048 -> 64. Only max_steps" in err
+
+
+def test_a_missing_data_file_is_named_by_its_setting_and_an_output_file_refused(world, tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"^eval_file \(--eval-file\) '.*nope\.jsonl' does not exist"):
+        train(config(world, tmp_path / "run", eval_file=str(tmp_path / "nope.jsonl")))
+    with pytest.raises(FileNotFoundError, match=r"^train_file \(--train-file\) '.*nope\.jsonl' does not exist"):
+        train(config(world, tmp_path / "run", train_file=str(tmp_path / "nope.jsonl")))
+    assert not (tmp_path / "run").exists()
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ValueError, match=r"^output_dir '.*file' is a file, not a folder"):
+        config(world, tmp_path / "file")

@@ -277,6 +277,9 @@ def build_arrow(model: Any, arrow_base: Callable[[], Any] | None, top_k: int) ->
     except ImportError:
         return None, "this PEFT has no Arrow router (it needs peft >= 0.17 with ArrowConfig)"
     k = min(top_k, model.num_experts)
+    if k < top_k:  # said, not silent: the Arrow row mixes every expert
+        print(f"xlora eval: arrow_top_k={top_k} (--arrow-top-k) exceeds the model's {k} experts; Arrow mixes all {k}",
+              file=sys.stderr)
     try:  # rng_seed: the prototypes' power iteration starts from a seeded vector (reproducible rows)
         arrow = create_arrow_model(arrow_base(), [str(e.path) for e in model.experts],
                                    ArrowConfig(top_k=k, rng_seed=0))

@@ -152,6 +152,9 @@ def load_demo(assets: str | os.PathLike | None = None, base_dir: str | os.PathLi
     from xlora.model import XLoraModel
     from xlora.saving import CONFIG_FILE
 
+    if assets is not None and not (Path(assets) / CONFIG_FILE).is_file():
+        raise FileNotFoundError(f"assets {str(assets)!r} is not an X-LoRA directory ({CONFIG_FILE} missing); give a "
+                                "folder written by save_pretrained or xlora train (CLI: --assets DIR)")
     assets = Path(assets) if assets is not None else ASSETS
     if not (assets / CONFIG_FILE).is_file():
         raise FileNotFoundError(f"no X-LoRA demo assets in {assets} (xlora_config.json missing); "

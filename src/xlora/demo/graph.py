@@ -253,9 +253,17 @@ def run_graph(text_file: str | os.PathLike, out_dir: str | os.PathLike, assets: 
     from xlora.demo.base_model import load_demo
 
     path = Path(text_file)
+    if path.is_dir():
+        raise ValueError(f"text_file {str(path)!r} is a folder; give a UTF-8 text file")
     if not path.is_file():
         raise FileNotFoundError(f"text file {str(path)!r} does not exist")
-    text = path.read_text(encoding="utf-8", errors="replace")
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise ValueError(f"text_file {str(path)!r} is not UTF-8 text (byte {err.start}: {err.reason}); give a UTF-8 "
+                         "text file (e.g. convert it with iconv)") from None
+    if not text.strip():
+        raise ValueError(f"text_file {str(path)!r} holds no text (empty or only whitespace); give the passage to read")
     model, tokenizer = load_demo(assets, base_dir)
     g, extraction, paths = make_graph(model, tokenizer, text, out_dir, chunk_chars, max_new_tokens)
     counts = graph_json(g, extraction, model.xlora_config.expert_names)["edges_per_expert"]

@@ -123,6 +123,8 @@ class TrainConfig:
         for name in ("base_model", "train_file", "output_dir"):
             if not isinstance(getattr(self, name), str) or not getattr(self, name):
                 raise ValueError(f"{name} is required (got {getattr(self, name)!r}), e.g. --{name.replace('_', '-')} PATH")
+        if Path(self.output_dir).is_file():
+            raise ValueError(f"output_dir {self.output_dir!r} is a file, not a folder; give a folder (--output-dir)")
         if self.xlora is None:
             raise ValueError(f"xlora (the X-LoRA options) is required: at least the experts, {EXPERTS_HOWTO}")
         if isinstance(self.xlora, dict):

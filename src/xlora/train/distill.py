@@ -57,6 +57,7 @@ from xlora.train.loop_checkpoint import (
     set_rng,
 )
 from xlora.train.losses import with_routing_mask
+from xlora.train.records import require_file
 from xlora.train.routing import check_routing_targets, routing_cross_entropy
 from xlora.train.trainer import lr_factor
 
@@ -87,6 +88,10 @@ def distill(cfg: DistillConfig) -> DistillResult:
     if out.exists() and any(out.iterdir()) and not cfg.overwrite and not resumable:
         raise ValueError(f"output_dir {str(out)!r} is not empty (and holds no checkpoint of this run to resume); pass "
                          "overwrite=True (--overwrite) or another folder")
+    cfg.torch_device()  # a bad device or data path is refused before the teacher loads
+    for path, what in ((cfg.train_file, "train_file (--data)"), (cfg.eval_file, "eval_file (--eval)")):
+        if path is not None:
+            require_file(path, what)
     model, tokenizer = load_teacher(cfg)
     if cfg.scaling_pass_layers is None:  # every layer
         cfg = dataclasses.replace(cfg, scaling_pass_layers=decoder_depth(model))
@@ -166,8 +171,7 @@ def load_teacher(cfg: DistillConfig) -> tuple[XLoraModel, Any]:
     if cfg.routing_weight > 0 and not model.xlora_config.enable_softmax:
         raise ValueError(f"routing_weight={cfg.routing_weight} needs a head that ends in a softmax (enable_softmax="
                          "True): the term is a cross-entropy of the scalings as a distribution; set routing_weight=0")
-    device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    return model.to(device).eval(), tokenizer
+    return model.to(cfg.torch_device()).eval(), tokenizer
 
 
 def decoder_depth(model: XLoraModel) -> int:

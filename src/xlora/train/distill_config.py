@@ -95,6 +95,8 @@ class DistillConfig:
             if not isinstance(value, (str, os.PathLike)) or not str(value):
                 raise ValueError(f"{name} is required, got {value!r}: give a path")
             setattr(self, name, str(value))
+        if Path(self.output_dir).is_file():
+            raise ValueError(f"output_dir {self.output_dir!r} is a file, not a folder; give a folder")
         if self.scaling_pass_layers is not None:
             check_int("scaling_pass_layers", self.scaling_pass_layers, 1)
         for name, minimum in (("steps", 1), ("batch_size", 1), ("warmup_steps", 0), ("seed", 0), ("max_length", 2),
@@ -128,6 +130,23 @@ class DistillConfig:
         if Path(self.output_dir).resolve() == Path(self.teacher_dir).resolve():
             raise ValueError(f"output_dir={self.output_dir!r} is the teacher's directory: the student would "
                              "overwrite the teacher's head; give another folder")
+
+    def torch_device(self) -> Any:
+        """``device`` as a ``torch.device`` (None: cuda when available, else cpu); refused naming the field when torch
+        cannot parse it or has no CUDA for it."""
+        import torch
+
+        if self.device is None:
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        try:
+            device = torch.device(self.device)
+        except (RuntimeError, TypeError):
+            raise ValueError(f"device must be a torch device such as 'cpu', 'cuda' or 'cuda:1', got {self.device!r}") \
+                from None
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"device={self.device!r} but this torch ({torch.__version__}) has no CUDA device; use "
+                             "'cpu' (--device cpu) or leave it out")
+        return device
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -18,6 +18,13 @@ _DATASETS_FORMATS: dict[str, tuple[str, dict[str, Any]]] = {
 }
 
 
+def require_file(path: str | Path, what: str) -> None:
+    """Refuse a data file that is not there, naming the setting that gave it (``what``, e.g. "eval_file
+    (--eval-file)"), before anything is loaded."""
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"{what} {str(path)!r} does not exist (or is not a file); check the path")
+
+
 def iter_records(path: str | Path) -> Iterator[dict]:
     """Yield the training records of ``path`` in file order.
 

@@ -38,6 +38,7 @@ from xlora.train.config import TrainConfig
 from xlora.train.data import DatasetStats, TokenizedExample, build_dataset
 from xlora.train.errors import TrainingError
 from xlora.train.fsdp import BUNDLE_REFUSED, fsdp_requested, shard
+from xlora.train.records import require_file
 from xlora.train.routing import check_routing_targets
 
 _FIX_BASE = "set base_model (--base-model) to a local model folder"
@@ -97,6 +98,9 @@ def setup(cfg: TrainConfig) -> Run:
     if sharded and cfg.bundle:  # refused before any model is loaded
         raise TrainingError(BUNDLE_REFUSED)
     precision = make_precision(cfg.mixed_precision, accelerator)
+    require_file(cfg.train_file, "train_file (--train-file)")
+    if cfg.eval_file:
+        require_file(cfg.eval_file, "eval_file (--eval-file)")
     tokenizer = load_local(AutoTokenizer, cfg.base_model, "the base model's tokenizer", _FIX_BASE)
     torch.manual_seed(cfg.seed)
     routing_key = cfg.routing_key if cfg.routing_weight > 0 else None
