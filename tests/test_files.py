@@ -12,8 +12,8 @@ from safetensors.torch import load_file
 from xlora.files import atomic_save_safetensors, atomic_write_text, output_folder
 
 
-def test_output_folder_is_created_and_a_file_or_blocked_path_refused(tmp_path):
-    assert output_folder("--out", tmp_path / "a" / "b") == tmp_path / "a" / "b" and (tmp_path / "a" / "b").is_dir()
+def test_output_folder_is_checked_without_being_created_and_a_file_or_blocked_path_refused(tmp_path):
+    assert output_folder("--out", tmp_path / "a" / "b") == tmp_path / "a" / "b" and not (tmp_path / "a").exists()
     (tmp_path / "f").write_text("x")
     with pytest.raises(ValueError, match=r"^--out '.*f' is a file, not a folder"):
         output_folder("--out", tmp_path / "f")

@@ -31,18 +31,21 @@ def atomic_write(path: Path, write: Callable[[str], None]) -> None:
 
 
 def output_folder(flag: str, path: str | os.PathLike) -> Path:
-    """The folder ``path`` a command will write to, created now, before any long work: a file there or a place
-    that cannot be written is refused naming ``flag`` (instead of failing after the work, losing it)."""
+    """The folder ``path`` a command will write to, checked before any long work (nothing is created): a file
+    there, or a place where no folder can be made or written, is refused naming ``flag`` (instead of failing after
+    the work and losing it)."""
     folder = Path(path)
     if folder.exists() and not folder.is_dir():
         raise ValueError(f"{flag} {str(folder)!r} is a file, not a folder; give a folder (created if missing)")
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise ValueError(f"{flag} {str(folder)!r}: cannot create the folder ({err.strerror}); choose a writable "
-                         "path") from None
-    if not os.access(folder, os.W_OK | os.X_OK):
-        raise ValueError(f"{flag} {str(folder)!r} is not writable; choose a writable folder")
+    parent = folder
+    while not parent.exists() and parent != parent.parent:  # the nearest existing folder above it
+        parent = parent.parent
+    if not parent.is_dir():
+        raise ValueError(f"{flag} {str(folder)!r}: cannot create the folder ({str(parent)!r} is a file); choose a "
+                         "writable path")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        what = "is not writable" if parent == folder else f"cannot be created ({str(parent)!r} is not writable)"
+        raise ValueError(f"{flag} {str(folder)!r} {what}; choose a writable path")
     return folder
 
 
