@@ -300,6 +300,9 @@ def _add_distill_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--positions", choices=["all", "scored", "unrouted"], default=keep,
                    help="tokens the distillation averages: all (default), scored (those predicting a completion) or "
                         "unrouted (those taking no routing loss)")
+    p.add_argument("--scored-weight", type=_non_negative, default=keep,
+                   help="add this times the KL (or MSE) over the scored positions only, where answers are routed "
+                        "(default: 0)")
     p.add_argument("--routing-weight", type=_non_negative, default=keep,
                    help="add this times the routing cross-entropy of the records naming their expert (default: 0)")
     p.add_argument("--routing-key", default=keep, help="the record field naming the expert (default: domain)")

@@ -239,6 +239,32 @@ def test_the_routing_term_is_the_cross_entropy_over_scored_positions_and_the_kl_
     assert loss.item() == pytest.approx(kl.item() + 0.5 * ce.item(), rel=1e-6) and ce.item() > 0.1
 
 
+@pytest.mark.parametrize("loss_kind", ["kl", "mse"])
+def test_the_scored_term_adds_the_distillation_over_the_answer_positions(world, labelled, loss_kind):
+    """loss = term over every real token + w · the same term over the scored positions only (by hand)."""
+    from xlora.train.distill import Batches, load_teacher, make_student, scalings_pair, step_loss
+    from xlora.train.distill_losses import distill_kl, distill_mse
+
+    cfg = config(world, "scored_parts", 1, train_file=labelled["train"], scored_weight=2.0, loss=loss_kind)
+    model, tokenizer = load_teacher(cfg)
+    student = make_student(model, 1, "scratch")
+    examples = build_dataset(labelled["train"], tokenizer, 512)[0]
+    batch = Batches(0, None, 8).collate(examples[40:52], model.device)
+    with torch.no_grad():
+        loss, parts = step_loss(model, student, cfg, batch)
+        z_t, s_t, h_k = scalings_pair(model, 1, batch)
+        scored = torch.zeros_like(batch["labels"], dtype=torch.bool)
+        scored[:, :-1] = batch["labels"][:, 1:] != -100
+        tau = model.xlora_config.softmax_temperature
+        term = (lambda m: distill_kl(z_t, student.logits(h_k), m, tau)) if loss_kind == "kl" else \
+            (lambda m: distill_mse(s_t, student(h_k), m))
+        every, answers = term(batch["attention_mask"]), term(scored & batch["attention_mask"].bool())
+    assert 0 < int(scored.sum()) < int(batch["attention_mask"].sum())  # a strict subset of the tokens
+    assert parts[loss_kind] == pytest.approx(every.item(), rel=1e-6)
+    assert parts["scored"] == pytest.approx(answers.item(), rel=1e-6) and answers.item() != pytest.approx(every.item())
+    assert loss.item() == pytest.approx(every.item() + 2.0 * answers.item(), rel=1e-6)
+
+
 def test_routing_that_no_record_can_feed_is_refused_before_anything_is_written(world):
     with pytest.raises(ValueError, match=r"routing_weight=1.0 but no training record names an expert in 'domain'"):
         distill(config(world, "no_labels", 1, routing_weight=1.0))
@@ -248,7 +274,7 @@ def test_routing_that_no_record_can_feed_is_refused_before_anything_is_written(w
 @pytest.mark.parametrize("field, value", [("scaling_pass_layers", 0), ("loss", "l1"), ("steps", 0), ("init", "zero"),
                                           ("learning_rate", 0.0), ("lm_weight", -1.0), ("batch_size", 0),
                                           ("positions", "prompt"), ("positions", "unrouted"), ("routing_weight", -1.0),
-                                          ("weight_decay", -0.1), ("routing_key", "")])
+                                          ("weight_decay", -0.1), ("routing_key", ""), ("scored_weight", -1.0)])
 def test_bad_values_are_refused_naming_the_field(world, field, value):
     kw = {"steps": 5, field: value}
     k = kw.pop("scaling_pass_layers", 1)
@@ -300,12 +326,13 @@ def test_the_cli_passes_the_routing_flags_and_prints_the_routing(world, labelled
     out = world["root"] / "cli_routing"
     argv = ["distill", world["teacher"], str(out), "--data", labelled["train"], "--eval",  # no --layers: all 2
             labelled["eval"], "--steps", "2", "--routing-weight", "0.5", "--routing-key", "domain", "--positions",
-            "unrouted", "--weight-decay", "0.01"]
+            "unrouted", "--weight-decay", "0.01", "--scored-weight", "0.25"]
     assert main(argv) == 0
     report = json.loads((out / REPORT_FILE).read_text())
     settings, final = report["settings"], report["final"]
-    assert (settings["routing_weight"], settings["routing_key"], settings["positions"], settings["weight_decay"]) == (
-        0.5, "domain", "unrouted", 0.01)
+    assert (settings["routing_weight"], settings["routing_key"], settings["positions"], settings["weight_decay"],
+            settings["scored_weight"]) == (0.5, "domain", "unrouted", 0.01, 0.25)
+    assert all("scored" in m for m in metrics(out))
     assert settings["scaling_pass_layers"] == 2 and XLoraModel.from_pretrained(out).xlora_config.scaling_pass_layers is None
     assert f"own-expert routing {report['initial']['own_top1']:.3f} -> {final['own_top1']:.3f} (teacher " \
            f"{final['teacher_own_top1']:.3f}, 24 records)" in capsys.readouterr().out

@@ -9,10 +9,11 @@ state after the first ``k`` layers (and the final norm) ``h_k``, both ``[b, t, h
     log p_T = log_softmax(z_T / τ),  log p_S = log_softmax(z_S / τ)   over E
     KL  = Σ_{b,t} m_bt · mean_l Σ_e p_T (log p_T − log p_S) / Σ_{b,t} m_bt
     MSE = Σ_{b,t} m_bt · mean_{l,e} (s_S − s_T)² / Σ_{b,t} m_bt     # s = head(h): the applied scalings
-    loss = KL (or MSE) + lm_weight · CE(X-LoRA forward with s_S) + routing_weight · CE_route(s_S)
+    loss = KL (or MSE) + scored_weight · KL_scored + lm_weight · CE(X-LoRA forward with s_S) + routing_weight · CE_route
 
 ``m`` is the attention mask (1 on real tokens; with ``positions='scored'`` only those predicting a completion;
-with ``'unrouted'`` those that take no routing loss), ``τ`` the distillation temperature (default the teacher's
+with ``'unrouted'`` those that take no routing loss), ``KL_scored`` the same term with ``m`` the scored positions
+(a second term, so the few answer positions weigh more than their share of tokens), ``τ`` the distillation temperature (default the teacher's
 ``softmax_temperature``, so ``p`` are the scalings before any top-k), and ``CE_route`` the routing supervision of
 :mod:`xlora.train.routing` over the scored positions of the records that name their expert (``routing_key``).
 With ``k = N``, ``init='teacher'``, ``positions='unrouted'`` and a routing weight this *corrects* a trained head:
@@ -226,12 +227,18 @@ def step_loss(model: XLoraModel, student: ScalingHead, cfg: DistillConfig,
     z_t, s_t, h_k = scalings_pair(model, cfg.scaling_pass_layers, batch)
     mask = distill_mask(batch, cfg.positions)  # [b, t]
     s_s = student(h_k)  # [b, t, L, E]
-    if cfg.loss == "kl":
-        tau = cfg.temperature or model.xlora_config.softmax_temperature
-        loss = distill_kl(z_t, student.logits(h_k), mask, tau)
-    else:
-        loss = distill_mse(s_t, s_s, mask)
+    tau = cfg.temperature or model.xlora_config.softmax_temperature
+    z_s = student.logits(h_k) if cfg.loss == "kl" else None
+
+    def match(where: torch.Tensor) -> torch.Tensor:  # the distillation term over the positions `where`
+        return distill_kl(z_t, z_s, where, tau) if cfg.loss == "kl" else distill_mse(s_t, s_s, where)
+
+    loss = match(mask)
     parts = {cfg.loss: float(loss.detach()), "top1": float(top1_agreement(s_t, s_s.detach(), mask))}
+    if cfg.scored_weight > 0:
+        scored = match(distill_mask(batch, "scored"))
+        parts["scored"] = float(scored.detach())
+        loss = loss + cfg.scored_weight * scored
     if cfg.lm_weight > 0:
         out = model(**{k: batch[k] for k in ("input_ids", "attention_mask", "labels")}, scalings=s_s)  # every position
         parts["lm"] = float(out.loss.detach())

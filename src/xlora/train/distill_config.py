@@ -44,6 +44,9 @@ class DistillConfig:
         positions: the tokens the distillation averages: ``"all"`` real tokens, ``"scored"`` (those predicting a
             completion token, where ``xlora eval`` measures routing) or ``"unrouted"`` (those taking no routing
             loss: needs ``routing_weight > 0``).
+        scored_weight: weight of a second distillation term over the scored positions only (those predicting a
+            completion token, where answers are routed), added to the one over ``positions`` (0: off): it prices
+            the answer positions that a KL averaged over every token barely sees.
         routing_weight: weight of routing supervision (0: off): ``CE = -log p̄_S[own]`` per record that names its
             expert, ``p̄_S`` the student's scalings averaged over the record's scored positions and the modules.
         routing_key: the record field that names its expert (or a list under ``experts``; as ``xlora train``).
@@ -78,6 +81,7 @@ class DistillConfig:
     temperature: float | None = None
     lm_weight: float = 0.0
     positions: str = "all"
+    scored_weight: float = 0.0
     routing_weight: float = 0.0
     routing_key: str = "domain"
     init: str = "teacher"
@@ -102,11 +106,11 @@ class DistillConfig:
         for name, minimum in (("steps", 1), ("batch_size", 1), ("warmup_steps", 0), ("seed", 0), ("max_length", 2),
                               ("log_every", 1), ("save_every", 0)):
             check_int(name, getattr(self, name), minimum)
-        for name in ("learning_rate", "weight_decay", "max_grad_norm", "lm_weight", "routing_weight"):
+        for name in ("learning_rate", "weight_decay", "max_grad_norm", "lm_weight", "routing_weight", "scored_weight"):
             setattr(self, name, check_float(name, getattr(self, name)))
         if self.learning_rate <= 0:
             raise ValueError(f"learning_rate must be > 0, got {self.learning_rate}: e.g. 1e-3")
-        for name in ("weight_decay", "max_grad_norm", "lm_weight", "routing_weight"):
+        for name in ("weight_decay", "max_grad_norm", "lm_weight", "routing_weight", "scored_weight"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.temperature is not None and check_float("temperature", self.temperature) <= 0:
