@@ -136,7 +136,26 @@ def empty_answer_hint(tokenizer: Any, ids: list[int]) -> str:
 def base_kwargs(args: argparse.Namespace) -> dict:
     from xlora.saving import base_load_kwargs
 
+    if args.load_in_8bit:  # bitsandbytes logs its float16 cast on every 8-bit matmul (840 lines for 2 tokens): once
+        import logging
+
+        logger = logging.getLogger("bitsandbytes.autograd._functions")
+        if not any(isinstance(f, _Once) for f in logger.filters):
+            logger.addFilter(_Once())
     return base_load_kwargs(args.dtype, args.load_in_8bit, args.load_in_4bit)
+
+
+class _Once:
+    """A logging filter that lets each distinct message through once."""
+
+    def __init__(self) -> None:
+        self.seen: set[str] = set()
+
+    def filter(self, record: Any) -> bool:
+        message = record.getMessage()
+        first = message not in self.seen
+        self.seen.add(message)
+        return first
 
 
 def inspect(args: argparse.Namespace) -> int:
