@@ -136,7 +136,8 @@ CORRECTED = "corrected"  # OUT_DIR/corrected: the correct phase's model
 
 def correct_head(out: Path, data: Path, base: Path | None, steps: int) -> dict[str, Any]:
     """The ``correct`` phase (see the module doc): ``out``'s head corrected into ``out/corrected``."""
-    from xlora.train.distill import DistillConfig, distill, finished_report
+    from xlora.train.distill import DistillConfig, distill
+    from xlora.train.distill_config import finished_report
 
     cfg = DistillConfig(teacher_dir=str(out), output_dir=str(out / CORRECTED), scaling_pass_layers=None,
                         train_file=str(data / "head_train.jsonl"), eval_file=str(data / "validation.jsonl"),

@@ -46,7 +46,7 @@ from xlora.generation import pad_token_id
 from xlora.head import ScalingHead
 from xlora.saving import CONFIG_FILE, HEAD_FILE
 from xlora.train.data import TokenizedExample, batch_order, build_dataset, collate
-from xlora.train.distill_config import DistillConfig, resume_settings
+from xlora.train.distill_config import REPORT_FILE, DistillConfig, resume_settings
 from xlora.train.distill_losses import distill_kl, distill_mask, distill_mse, own_top1, top1_agreement
 from xlora.train.loop_checkpoint import (
     STOP,
@@ -64,7 +64,6 @@ from xlora.train.trainer import lr_factor
 
 METRICS_FILE = "distill_metrics.jsonl"
 CHECKPOINT_FILE = "distill_checkpoint.safetensors"  # while a run is unfinished: its student, AdamW and RNG
-REPORT_FILE = "distill.json"
 
 
 @dataclass
@@ -117,18 +116,6 @@ def distill(cfg: DistillConfig) -> DistillResult:
     atomic_write_text(out / REPORT_FILE, json.dumps(report, indent=2) + "\n")
     (out / CHECKPOINT_FILE).unlink(missing_ok=True)  # the run is complete
     return DistillResult(out, cfg.steps, seconds, initial, final)
-
-
-def finished_report(cfg: DistillConfig) -> dict[str, Any] | None:
-    """The report of a *complete* run in ``cfg.output_dir`` with these settings and inputs (None if there is none):
-    a caller that would only redo it (a pipeline rerun) can keep it."""
-    path = Path(cfg.output_dir) / REPORT_FILE
-    try:
-        report = json.loads(path.read_text()) if path.is_file() else None
-    except (OSError, json.JSONDecodeError):
-        return None
-    ok = report is not None and report.get("resume_settings") == resume_settings(cfg)
-    return report if ok and (Path(cfg.output_dir) / HEAD_FILE).is_file() else None
 
 
 @dataclass(frozen=True)

@@ -15,6 +15,7 @@ from xlora.train.distill_losses import POSITIONS
 
 LOSSES = ("kl", "mse")
 HEAD_FILE = "xlora_head.safetensors"  # saving.HEAD_FILE (saving imports torch; the CLI's --help does not)
+REPORT_FILE = "distill.json"  # a complete run's report, in its output_dir
 RUN_LOGS = ("training.json",)  # written beside a model by the runs that train it (and *.jsonl): not the model
 INITS = ("teacher", "scratch")
 
@@ -186,3 +187,15 @@ def teacher_files(teacher: Path) -> list[Path]:
         folder = Path(path) if Path(path).is_absolute() else teacher / path
         files += model_files(folder) if folder.is_dir() else []
     return files
+
+
+def finished_report(cfg: DistillConfig) -> dict[str, Any] | None:
+    """The report of a *complete* run in ``cfg.output_dir`` with these settings and inputs (None if there is none):
+    a caller that would only redo it (a pipeline rerun) can keep it."""
+    path = Path(cfg.output_dir) / REPORT_FILE
+    try:
+        report = json.loads(path.read_text()) if path.is_file() else None
+    except (OSError, json.JSONDecodeError):
+        return None
+    ok = report is not None and report.get("resume_settings") == resume_settings(cfg)
+    return report if ok and (Path(cfg.output_dir) / HEAD_FILE).is_file() else None
