@@ -394,3 +394,14 @@ def test_the_library_refuses_a_prompt_of_no_tokens(saved_model):
     model, tok = load_model_and_tokenizer(saved_model)
     with pytest.raises(ValueError, match=r"^prompt '' gives no tokens"):
         generate_text(model, tok, "")
+
+
+def test_the_demo_eval_help_states_run_evals_own_defaults():
+    """The help reads DEMO_EVAL_DEFAULTS (no torch import); run_eval's signature is what applies."""
+    import inspect
+
+    from xlora.commands import DEMO_EVAL_DEFAULTS
+    from xlora.demo.run import run_eval
+
+    params = inspect.signature(run_eval).parameters
+    assert {k: params["n_per_domain" if k == "n" else k].default for k in DEMO_EVAL_DEFAULTS} == DEMO_EVAL_DEFAULTS

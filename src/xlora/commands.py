@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import sys
-from pathlib import Path
 from typing import Any
 
 
@@ -22,8 +21,10 @@ def demo(args: argparse.Namespace) -> int:
     return run_demo(retrain=args.retrain, out_dir=args.out, n_per_domain=args.n, n_generate=args.n_generate)
 
 
-DEMO_EVAL_DEFAULTS: dict[str, Any] = {"n": 64, "n_generate": 16, "splits": ["test", "test_unseen"], "graph_n": 32,
-                                      "assets": None}  # `xlora eval` without MODEL_DIR: the demo's evaluation
+# `xlora eval` without MODEL_DIR: the demo's evaluation flags and, for the help (which must not import torch),
+# xlora.demo.run.run_eval's defaults for them (a test keeps the two equal)
+DEMO_EVAL_DEFAULTS: dict[str, Any] = {"n": 64, "n_generate": 16, "splits": ("test", "test_unseen"), "graph_n": 32,
+                                      "assets": None}
 
 
 def evaluate(args: argparse.Namespace) -> int:
@@ -47,9 +48,9 @@ def evaluate(args: argparse.Namespace) -> int:
                          "evaluation runs (its flags: -n, --n-generate, --splits, --graph-n, --assets)")
     from xlora.demo.run import run_eval
 
-    demo = {**DEMO_EVAL_DEFAULTS, **{k: given[k] for k in DEMO_EVAL_DEFAULTS if k in given}}
-    return run_eval(output_folder("--out", args.out), n_per_domain=demo["n"], n_generate=demo["n_generate"],
-                    splits=tuple(demo["splits"]), assets=demo["assets"], graph_n=demo["graph_n"])
+    demo = {"n_per_domain" if k == "n" else k: tuple(v) if k == "splits" else v
+            for k, v in given.items() if k in DEMO_EVAL_DEFAULTS}  # the flags given; run_eval's defaults for the rest
+    return run_eval(output_folder("--out", args.out), **demo)
 
 
 def eval_model(args: argparse.Namespace) -> int:
@@ -71,8 +72,8 @@ def graph(args: argparse.Namespace) -> int:
     from xlora.demo.graph import run_graph
     from xlora.files import output_folder
 
-    return run_graph(args.text_file, output_folder("--out", args.out), assets=args.assets, base_dir=args.base, chunk_chars=args.chunk_chars,
-                     max_new_tokens=args.max_new_tokens)
+    return run_graph(args.text_file, output_folder("--out", args.out), assets=args.assets, base_dir=args.base,
+                     chunk_chars=args.chunk_chars, max_new_tokens=args.max_new_tokens)
 
 
 def dialogue(args: argparse.Namespace) -> int:
@@ -164,8 +165,8 @@ def inspect(args: argparse.Namespace) -> int:
 
     if not args.prompt.strip():
         raise ValueError("prompt is empty; give the text whose experts to show")
-    run_inspect(args.model_dir, args.prompt, generate=args.generate, out_dir=output_folder("--out", args.out), chat=args.chat,
-                base_model=args.base, per_page=args.per_page)
+    run_inspect(args.model_dir, args.prompt, generate=args.generate, out_dir=output_folder("--out", args.out),
+                chat=args.chat, base_model=args.base, per_page=args.per_page)
     return 0
 
 
@@ -246,8 +247,7 @@ def export_mistralrs(args: argparse.Namespace) -> int:
     from xlora.files import output_folder
     from xlora.pretrained import export_mistralrs as export_dir
 
-    if Path(args.out).exists() and not Path(args.out).is_dir():
-        output_folder("out", args.out)  # refuses the file, naming it
+    output_folder("out", args.out)  # a file or an unwritable place: refused before the model loads
     print(export_dir(args.model_dir, args.out, base_model=args.base, base_model_id=args.base_model_id,
                      tgt_non_granular_index=args.tgt_non_granular_index))
     return 0

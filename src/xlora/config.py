@@ -15,6 +15,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+CONFIG_FILE = "xlora_config.json"  # an X-LoRA directory's config (this module: no torch, so the CLI's --help may read it)
+HEAD_FILE = "xlora_head.safetensors"  # and its scaling head's state dict
+
 LORA_DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16", "float64": "float64"}
 _EXPERT_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_\-]*$")
 

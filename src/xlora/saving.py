@@ -22,11 +22,9 @@ from transformers import AutoModelForCausalLM, PreTrainedModel
 
 from xlora import formats
 from xlora.adapters import save_expert
-from xlora.config import XLoraConfig
+from xlora.config import CONFIG_FILE, HEAD_FILE, XLoraConfig
 from xlora.files import atomic_save_safetensors, check_finite
 
-CONFIG_FILE = "xlora_config.json"
-HEAD_FILE = "xlora_head.safetensors"
 EXPERTS_DIR = "experts"
 TRAINER_WEIGHTS_FILE = "model.safetensors"  # transformers' SAFE_WEIGHTS_NAME: what Trainer resumes from
 

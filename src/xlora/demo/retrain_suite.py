@@ -137,19 +137,19 @@ CORRECTED = "corrected"  # OUT_DIR/corrected: the correct phase's model
 def correct_head(out: Path, data: Path, base: Path | None, steps: int) -> dict[str, Any]:
     """The ``correct`` phase (see the module doc): ``out``'s head corrected into ``out/corrected``."""
     from xlora.train.distill import DistillConfig, distill
-    from xlora.train.distill_config import finished_report
+    from xlora.train.distill_config import REPORT_FILE, finished_report
 
     cfg = DistillConfig(teacher_dir=str(out), output_dir=str(out / CORRECTED), scaling_pass_layers=None,
                         train_file=str(data / "head_train.jsonl"), eval_file=str(data / "validation.jsonl"),
                         steps=steps, base_model=str(base or base_model_dir()), overwrite=True, log_every=50,
                         **SUITE_CORRECT_OPTIONS)
-    done = finished_report(cfg)
-    if done is not None:
-        return {"output_dir": cfg.output_dir, "steps": steps, "seconds": done["seconds"], "initial": done["initial"],
-                "final": done["final"], "skipped": "finished before with this head, experts, data and settings"}
-    result = distill(cfg)
-    return {"output_dir": str(result.output_dir), "steps": result.steps, "seconds": round(result.seconds, 1),
-            "initial": result.initial, "final": result.final}
+    report = finished_report(cfg)
+    skipped = {"skipped": "finished before with this head, experts, data and settings"} if report else {}
+    if report is None:
+        distill(cfg)
+        report = json.loads((out / CORRECTED / REPORT_FILE).read_text())
+    return {"output_dir": cfg.output_dir, "steps": steps, "seconds": round(report["seconds"], 1),
+            "initial": report["initial"], "final": report["final"], **skipped}
 
 
 def _phase(phase: str) -> tuple[str, tuple[str, ...]]:

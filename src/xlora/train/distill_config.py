@@ -10,11 +10,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from xlora.config import check_bool, check_float, check_int
+from xlora.config import CONFIG_FILE, HEAD_FILE, check_bool, check_float, check_int
 from xlora.train.distill_losses import POSITIONS
 
 LOSSES = ("kl", "mse")
-HEAD_FILE = "xlora_head.safetensors"  # saving.HEAD_FILE (saving imports torch; the CLI's --help does not)
 REPORT_FILE = "distill.json"  # a complete run's report, in its output_dir
 RUN_LOGS = ("training.json",)  # written beside a model by the runs that train it (and *.jsonl): not the model
 INITS = ("teacher", "scratch")
@@ -180,7 +179,7 @@ def teacher_files(teacher: Path) -> list[Path]:
         return []
     files = model_files(teacher)
     try:
-        experts = json.loads((teacher / "xlora_config.json").read_text()).get("experts", {})  # saving.CONFIG_FILE
+        experts = json.loads((teacher / CONFIG_FILE).read_text()).get("experts", {})
     except (OSError, ValueError, AttributeError):
         experts = {}
     for path in experts.values() if isinstance(experts, dict) else ():

@@ -39,8 +39,7 @@ def iter_records(path: str | Path) -> Iterator[dict]:
         ImportError: a non-JSONL format was given and ``datasets`` is not installed.
     """
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"data file {str(path)!r} does not exist (or is not a file); check the path")
+    require_file(path, "data file")
     suffix = path.suffix.lower()
     if suffix == ".jsonl" or (suffix == ".json" and not _starts_with_bracket(path)):
         return _json_lines(path)
