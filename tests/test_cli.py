@@ -350,6 +350,15 @@ def test_an_output_folder_that_is_a_file_or_unwritable_is_refused_before_the_wor
     assert file.read_text() == "keep me\n"
 
 
+def test_an_output_folder_that_is_the_model_directory_is_refused(saved_model, capsys):
+    """inspect/eval would write their logs and plots among the model's files."""
+    before = {p.name: p.read_bytes() for p in saved_model.iterdir()}
+    for argv in (["inspect", str(saved_model), "hi", "--out", str(saved_model)],
+                 ["eval", str(saved_model), "--data", "x.jsonl", "--out", str(saved_model)]):
+        assert f"--out {str(saved_model)!r} is an X-LoRA model directory" in _error(argv, capsys), argv
+    assert {p.name: p.read_bytes() for p in saved_model.iterdir()} == before
+
+
 def test_graph_refuses_empty_and_non_utf8_text_before_loading(tmp_path, capsys):
     empty, binary = tmp_path / "empty.txt", tmp_path / "bin.txt"
     empty.write_text(" \n\t\n")

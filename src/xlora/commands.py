@@ -8,6 +8,18 @@ import sys
 from typing import Any
 
 
+def _out_folder(flag: str, path: str) -> Any:
+    """:func:`xlora.files.output_folder`, and not an X-LoRA model directory: outputs would mix with its files."""
+    from xlora.config import CONFIG_FILE
+    from xlora.files import output_folder
+
+    folder = output_folder(flag, path)
+    if (folder / CONFIG_FILE).is_file():
+        raise ValueError(f"{flag} {str(folder)!r} is an X-LoRA model directory; writing there would mix outputs into "
+                         "the model's files; choose another folder")
+    return folder
+
+
 def example(args: argparse.Namespace) -> int:
     from xlora.demo.tiny import run_example
 
@@ -28,7 +40,6 @@ DEMO_EVAL_DEFAULTS: dict[str, Any] = {"n": 64, "n_generate": 16, "splits": ("tes
 
 
 def evaluate(args: argparse.Namespace) -> int:
-    from xlora.files import output_folder
 
     given = vars(args)
     if args.model_dir is not None or args.data is not None:
@@ -37,7 +48,7 @@ def evaluate(args: argparse.Namespace) -> int:
             flag = "-n" if demo_only[0] == "n" else "--" + demo_only[0].replace("_", "-")
             raise ValueError(f"{flag} applies to the demo's evaluation (xlora eval without MODEL_DIR); with MODEL_DIR "
                              "--data FILE use --max-records N, --generate N and your own files instead")
-        output_folder("--out", args.out)
+        _out_folder("--out", args.out)
         return eval_model(args)
     from xlora.analysis.evaluate import EvalConfig
 
@@ -50,7 +61,7 @@ def evaluate(args: argparse.Namespace) -> int:
 
     demo = {"n_per_domain" if k == "n" else k: tuple(v) if k == "splits" else v
             for k, v in given.items() if k in DEMO_EVAL_DEFAULTS}  # the flags given; run_eval's defaults for the rest
-    return run_eval(output_folder("--out", args.out), **demo)
+    return run_eval(_out_folder("--out", args.out), **demo)
 
 
 def eval_model(args: argparse.Namespace) -> int:
@@ -70,19 +81,17 @@ def eval_model(args: argparse.Namespace) -> int:
 
 def graph(args: argparse.Namespace) -> int:
     from xlora.demo.graph import run_graph
-    from xlora.files import output_folder
 
-    return run_graph(args.text_file, output_folder("--out", args.out), assets=args.assets, base_dir=args.base,
+    return run_graph(args.text_file, _out_folder("--out", args.out), assets=args.assets, base_dir=args.base,
                      chunk_chars=args.chunk_chars, max_new_tokens=args.max_new_tokens)
 
 
 def dialogue(args: argparse.Namespace) -> int:
     from xlora.demo.dialogue import REPETITION_PENALTY, run_dialogue
-    from xlora.files import output_folder
 
     if not args.topic.strip():
         raise ValueError("--topic is empty; say what the agents discuss, e.g. --topic 'spider silk mechanics'")
-    output_folder("--out", args.out)
+    _out_folder("--out", args.out)
     penalty = REPETITION_PENALTY if args.repetition_penalty is None else args.repetition_penalty
     return run_dialogue(args.topic, args.out, turns=args.turns, agent_a=args.agent_a, agent_b=args.agent_b,
                         assets=args.assets, assets_b=args.assets_b, base_dir=args.base,
@@ -161,11 +170,10 @@ class _Once:
 
 def inspect(args: argparse.Namespace) -> int:
     from xlora.analysis.inspect import run_inspect
-    from xlora.files import output_folder
 
     if not args.prompt.strip():
         raise ValueError("prompt is empty; give the text whose experts to show")
-    run_inspect(args.model_dir, args.prompt, generate=args.generate, out_dir=output_folder("--out", args.out),
+    run_inspect(args.model_dir, args.prompt, generate=args.generate, out_dir=_out_folder("--out", args.out),
                 chat=args.chat, base_model=args.base, per_page=args.per_page)
     return 0
 
@@ -244,10 +252,9 @@ def convert(args: argparse.Namespace) -> int:
 
 
 def export_mistralrs(args: argparse.Namespace) -> int:
-    from xlora.files import output_folder
     from xlora.pretrained import export_mistralrs as export_dir
 
-    output_folder("out", args.out)  # a file or an unwritable place: refused before the model loads
+    _out_folder("out", args.out)  # a file or an unwritable place: refused before the model loads
     print(export_dir(args.model_dir, args.out, base_model=args.base, base_model_id=args.base_model_id,
                      tgt_non_granular_index=args.tgt_non_granular_index))
     return 0
