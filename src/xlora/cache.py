@@ -1,7 +1,7 @@
 """The dual KV cache of X-LoRA decoding: :class:`XLoraCache` *is* the main pass's ``DynamicCache`` and owns the
 scaling pass's cache, and every cache operation transformers calls (``reorder_cache`` for beams, ``crop``,
 ``batch_repeat_interleave``, ``batch_select_indices``, ``reset``) is applied to both, and to the prompt-granularity
-state (the fixed scalings ``[b, 1, L, E]`` and the experts folded with them). Used by :mod:`xlora.generation`.
+state (the fixed scalings ``[b, 1, L, E]`` and the experts folded with them) and the head's running means. Used by :mod:`xlora.generation`.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ import torch
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
+from xlora.head import PrefixMeans
 from xlora.sparse import FoldedExperts
 
 Granularity = Literal["token", "prompt"]
@@ -41,6 +42,7 @@ class XLoraCache(DynamicCache):
         # per adapted module, its chosen experts with fixed_scalings folded in (a top-k head only; built at the
         # first decoding step)
         self.folded: tuple[FoldedExperts | None, ...] | None = None
+        self.prefix = PrefixMeans()  # the running means of the scaling pass's states (a head_prefix_mean head)
 
     def _folded_rows(self, fn: Any) -> None:
         if self.folded is not None:
@@ -50,6 +52,7 @@ class XLoraCache(DynamicCache):
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         super().reorder_cache(beam_idx)
         self.scaling_cache.reorder_cache(beam_idx)
+        self.prefix.rows(lambda t: t.index_select(0, beam_idx.to(t.device)))
         if self.fixed_scalings is not None:
             self.fixed_scalings = self.fixed_scalings.index_select(0, beam_idx.to(self.fixed_scalings.device))
         self._folded_rows(lambda t: t.index_select(0, beam_idx.to(t.device)))
@@ -57,10 +60,12 @@ class XLoraCache(DynamicCache):
     def crop(self, tokens_to_remove: int) -> None:
         super().crop(tokens_to_remove)
         self.scaling_cache.crop(tokens_to_remove)
+        self.prefix.crop(tokens_to_remove)
 
     def batch_repeat_interleave(self, repeats: int) -> None:
         super().batch_repeat_interleave(repeats)
         self.scaling_cache.batch_repeat_interleave(repeats)
+        self.prefix.rows(lambda t: t.repeat_interleave(repeats, dim=0))
         if self.fixed_scalings is not None:
             self.fixed_scalings = self.fixed_scalings.repeat_interleave(repeats, dim=0)
         self._folded_rows(lambda t: t.repeat_interleave(repeats, dim=0))
@@ -68,6 +73,7 @@ class XLoraCache(DynamicCache):
     def batch_select_indices(self, indices: torch.Tensor) -> None:
         super().batch_select_indices(indices)
         self.scaling_cache.batch_select_indices(indices)
+        self.prefix.rows(lambda t: t[indices])
         if self.fixed_scalings is not None:
             self.fixed_scalings = self.fixed_scalings[indices]
         self._folded_rows(lambda t: t[indices])
@@ -104,12 +110,14 @@ class XLoraCache(DynamicCache):
                 a.values = torch.cat([_left_pad(a.values, t), _left_pad(b.values, t)], dim=0)
         if self.fixed_scalings is not None:
             self.fixed_scalings = torch.cat([self.fixed_scalings, other.fixed_scalings], dim=0)
+        self.prefix.merge(other.prefix, t)
         self.folded = None  # folded again from the merged fixed scalings at the next step
         return t - t_self, t - t_other
 
     def reset(self) -> None:
         super().reset()
         self.scaling_cache.reset()
+        self.prefix.reset()
         self.fixed_scalings = None
         self.folded = None
 

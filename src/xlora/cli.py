@@ -312,6 +312,9 @@ def _add_distill_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--init", default=keep, metavar="teacher|scratch|DIR",
                    help="start from the teacher head's weights, a fresh head, or the head of the X-LoRA directory DIR "
                         "(same head shape; e.g. an earlier student) (default: teacher)")
+    p.add_argument("--prefix-mean", dest="prefix_mean", action=argparse.BooleanOptionalAction, default=keep,
+                   help="the student's head also reads the running mean of the states, which carries the prompt to a "
+                        "shallow pass (head_prefix_mean; default: as the teacher)")
     p.add_argument("--chat", action=argparse.BooleanOptionalAction, default=keep,
                    help="render prompt/completion records with the chat template, as xlora train --chat (default: no)")
     p.add_argument("--max-length", type=_positive, default=keep, help="tokens per example (default: 512)")

@@ -92,6 +92,9 @@ class XLoraConfig:
         top_k: keep only the ``top_k`` largest scalings per token and layer (None = dense).
         enable_softmax_topk: re-normalise the kept scalings with a softmax (needs ``top_k``).
         layerwise_scalings: the head predicts ``L·E`` values (one set per adapted module) instead of ``E``.
+        head_prefix_mean: the head reads ``[h_t ; mean_{s<=t} h_s]`` (width ``2·hidden``): each position's state
+            and the mean of the sequence's states so far (causal, padding excluded), so a position also sees the
+            text before it when the scaling pass is too shallow to have mixed it in (``scaling_pass_layers``).
         scaling_pass_value: value of every scaling during the scaling pass (0 = exactly the base model).
         global_scaling_weight: ``g``, multiplies every expert's contribution.
         use_trainable_adapters: train the experts together with the head.
@@ -117,6 +120,7 @@ class XLoraConfig:
     top_k: int | None = None
     enable_softmax_topk: bool = False
     layerwise_scalings: bool = False
+    head_prefix_mean: bool = False
     scaling_pass_value: float = 0.0
     global_scaling_weight: float = 1.0
     use_trainable_adapters: bool = False
@@ -134,7 +138,7 @@ class XLoraConfig:
         if not 0.0 <= self.head_dropout < 1.0:
             raise ValueError(f"head_dropout must be in [0, 1), got {self.head_dropout}")
         for name in ("head_bias", "head_relu_dropout", "enable_softmax", "enable_softmax_topk",
-                     "layerwise_scalings", "use_trainable_adapters"):
+                     "layerwise_scalings", "head_prefix_mean", "use_trainable_adapters"):
             check_bool(name, getattr(self, name))
         self.softmax_temperature = check_float("softmax_temperature", self.softmax_temperature)
         if self.softmax_temperature <= 0:

@@ -183,7 +183,7 @@ class XLoraGenerationMixin(GenerationMixin):
                 ref = inputs["input_ids"] if inputs.get("input_ids") is not None else inputs["inputs_embeds"]
                 s = cache.fixed_scalings.expand(-1, ref.shape[1], -1, -1)
         else:
-            s = self.compute_scalings(**inputs, cache=cache.scaling_cache, use_cache=True)
+            s = self.compute_scalings(cache.prefix, **inputs, cache=cache.scaling_cache, use_cache=True)
         return s
 
 

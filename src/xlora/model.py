@@ -20,7 +20,7 @@ from xlora.adapters import LoraExpert, adaptable_modules, load_experts
 from xlora.bases import check_scaling_pass_layers, first_layers, float_dtype, hidden_size
 from xlora.config import XLoraConfig
 from xlora.generation import ScalingsObserver, XLoraGenerationMixin
-from xlora.head import ScalingHead
+from xlora.head import PrefixMeans, ScalingHead, head_input
 from xlora.layers import ColumnTable, MixtureLoraLinear, ScalingState
 from xlora.lifecycle import LifecycleMixin
 from xlora.saving import load_model, save_model, save_trainer_weights
@@ -226,10 +226,11 @@ class XLoraModel(LifecycleMixin, XLoraGenerationMixin, PreTrainedModel):
                 return out.hidden_states[-1]
             return decoder(**inputs, return_dict=True).last_hidden_state
 
-    def compute_scalings(self, **inputs: Any) -> torch.Tensor:
-        """Scaling pass + head: scalings ``[b, t, L, E]`` for ``inputs`` (input_ids, attention_mask, ...)."""
-        hidden = self.scaling_pass(**inputs)
-        return self.head(hidden.to(self.head.layers[0].weight.dtype))
+    def compute_scalings(self, prefix: PrefixMeans | None = None, **inputs: Any) -> torch.Tensor:
+        """Scaling pass + head: scalings ``[b, t, L, E]`` for ``inputs`` (input_ids, attention_mask, ...);
+        ``prefix``: a cache's running means of the states (``head_prefix_mean``) to continue."""
+        hidden = self.scaling_pass(**inputs).to(self.head.layers[0].weight.dtype)
+        return self.head(head_input(self.xlora_config, hidden, inputs.get("attention_mask"), prefix))
 
     # ------------------------------------------------------------------ forward
     def forward(

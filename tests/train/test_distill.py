@@ -162,7 +162,7 @@ def test_scored_positions_distil_only_where_a_completion_token_is_predicted(worl
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
     with torch.no_grad():
         loss, parts = step_loss(model, student, cfg, batch)
-        z_t, _, h_k = scalings_pair(model, 1, batch)
+        z_t, _, h_k = scalings_pair(model, student, batch)
         tau = model.xlora_config.softmax_temperature
         p_t, p_s = torch.softmax(z_t.double() / tau, -1), torch.softmax(student.logits(h_k).double() / tau, -1)
         kl = (p_t * (p_t.log() - p_s.log())).sum(-1).mean(-1)  # [b, t]
@@ -174,6 +174,23 @@ def test_scored_positions_distil_only_where_a_completion_token_is_predicted(worl
         lm = model(input_ids=ids, attention_mask=batch["attention_mask"], labels=labels, scalings=student(h_k)).loss
         assert parts["lm"] == pytest.approx(lm.item(), rel=1e-6)  # the LM loss sees the whole sequence
         assert with_lm.item() == pytest.approx(by_hand.item() + lm.item(), rel=1e-6)
+
+
+def test_a_prefix_mean_student_starts_as_the_teacher_and_saves_its_head_input(world):
+    """--prefix-mean from a teacher without it: the teacher's first layer widened with zero columns for the mean, so
+    the student starts as the teacher's head on h_k (at k = N: the teacher exactly); the saved directory reads the
+    mean again (head_prefix_mean) and gives the student's scalings."""
+    exact = distill(config(world, "kN_mean", 2, init="teacher", prefix_mean=True, steps=1))
+    assert exact.initial["kl"] < 1e-6 and exact.initial["top1"] == 1.0
+    plain = distill(config(world, "k1_plain", 1, init="teacher", steps=1))
+    result = distill(config(world, "k1_mean", 1, init="teacher", prefix_mean=True, steps=40, learning_rate=2e-2))
+    assert result.initial["kl"] == pytest.approx(plain.initial["kl"], abs=1e-6)
+    assert result.final["kl"] < 0.8 * result.initial["kl"], (result.initial, result.final)
+    student = XLoraModel.from_pretrained(result.output_dir).eval()
+    assert student.xlora_config.head_prefix_mean is True and student.head.layers[0].in_features == 2 * 32
+    assert student.xlora_config.scaling_pass_layers == 1
+    with pytest.raises(ValueError, match="prefix_mean must be true or false, got 1"):
+        config(world, "bad", 1, prefix_mean=1)
 
 
 SETS = {"alpha": "abcdefgh", "beta": "ijklmnop", "gamma": "0123456789"}  # each expert's prompts use its own characters
@@ -228,7 +245,7 @@ def test_the_routing_term_is_the_cross_entropy_over_scored_positions_and_the_kl_
     assert int((batch["routing_target"].sum(-1) > 0).sum()) == 8
     with torch.no_grad():
         loss, parts = step_loss(model, student, cfg, batch)
-        z_t, _, h_k = scalings_pair(model, 2, batch)
+        z_t, _, h_k = scalings_pair(model, student, batch)
         scored = torch.zeros_like(batch["labels"], dtype=torch.bool)
         scored[:, :-1] = batch["labels"][:, 1:] != -100
         routed = batch["routing_target"].sum(-1, keepdim=True) > 0
@@ -252,7 +269,7 @@ def test_the_scored_term_adds_the_distillation_over_the_answer_positions(world, 
     batch = Batches(0, None, 8).collate(examples[40:52], model.device)
     with torch.no_grad():
         loss, parts = step_loss(model, student, cfg, batch)
-        z_t, s_t, h_k = scalings_pair(model, 1, batch)
+        z_t, s_t, h_k = scalings_pair(model, student, batch)
         scored = torch.zeros_like(batch["labels"], dtype=torch.bool)
         scored[:, :-1] = batch["labels"][:, 1:] != -100
         tau = model.xlora_config.softmax_temperature

@@ -184,12 +184,16 @@ def follow_ordering(model: nn.Module, layers: dict[str, int], linears: list[Line
 
 
 def check_full_scaling_pass(model: nn.Module, fmt: str) -> None:
-    """Refuse a head trained on a shortened scaling pass: the other formats run the whole base model there."""
+    """Refuse a head the other formats cannot run: trained on a shortened scaling pass (they run the whole base
+    model there) or reading the running mean of the states (``head_prefix_mean``)."""
     k = getattr(model.xlora_config, "scaling_pass_layers", None)
     n = getattr(model.config, "num_hidden_layers", None)
     if k is not None and (n is None or k < n):
         raise ValueError(f"{fmt}'s X-LoRA runs every decoder layer in the scaling pass, but this head was trained "
                          f"with scaling_pass_layers={k} (of {n}): its scalings would differ there; keep it in our format")
+    if getattr(model.xlora_config, "head_prefix_mean", False):
+        raise ValueError(f"{fmt}'s X-LoRA head reads each position's state alone, but this head was trained with "
+                         "head_prefix_mean=True (it also reads the running mean of the states): keep it in our format")
 
 
 def clean_expert(name: str, config_file: Path, weights_file: Path, scratch: Path) -> Path:

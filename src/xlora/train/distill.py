@@ -43,7 +43,7 @@ import torch
 from xlora import XLoraConfig, XLoraModel
 from xlora.files import atomic_save_safetensors, atomic_write_text
 from xlora.generation import pad_token_id
-from xlora.head import ScalingHead
+from xlora.head import ScalingHead, head_input
 from xlora.saving import CONFIG_FILE, HEAD_FILE
 from xlora.train.data import TokenizedExample, batch_order, build_dataset, collate
 from xlora.train.distill_config import REPORT_FILE, DistillConfig, resume_settings
@@ -97,15 +97,15 @@ def distill(cfg: DistillConfig) -> DistillResult:
         cfg = dataclasses.replace(cfg, scaling_pass_layers=decoder_depth(model))
     train_set, eval_set, experts = datasets(cfg, tokenizer, model.xlora_config.expert_names)
     torch.manual_seed(cfg.seed)
-    student = make_student(model, cfg.scaling_pass_layers, cfg.init)
+    student = make_student(model, cfg.scaling_pass_layers, cfg.init, cfg.prefix_mean)
     batches = Batches(pad_token_id(tokenizer), experts, cfg.batch_size)
     if resumable and "initial" in saved:  # evaluated when the run started: the same head, data and settings
         initial = saved["initial"]
     else:
-        initial = evaluate_student(model, student, cfg.scaling_pass_layers, eval_set, batches)
+        initial = evaluate_student(model, student, eval_set, batches)
     out.mkdir(parents=True, exist_ok=True)
     seconds = run_steps(model, student, cfg, train_set, batches, {"settings": settings, "initial": initial})
-    final = evaluate_student(model, student, cfg.scaling_pass_layers, eval_set, batches)
+    final = evaluate_student(model, student, eval_set, batches)
     save_student(model, student, cfg, out)
     tokenizer.save_pretrained(str(out))
     report = {"settings": cfg.to_dict(), "resume_settings": settings, "seconds": seconds,
@@ -170,17 +170,23 @@ def decoder_depth(model: XLoraModel) -> int:
     return len(decoder_layers(model.base_model.base_model)[1])
 
 
-def make_student(model: XLoraModel, k: int, init: str) -> ScalingHead:
+def make_student(model: XLoraModel, k: int, init: str, prefix_mean: bool | None = None) -> ScalingHead:
     """A float32 head of the teacher's shape for ``scaling_pass_layers = k``: the teacher's weights, fresh ones, or
-    those of the X-LoRA directory ``init`` (refused unless its head has the same tensors and shapes)."""
+    those of the X-LoRA directory ``init`` (refused unless its head has the same tensors and shapes). With
+    ``prefix_mean`` unlike the teacher's ``head_prefix_mean``, the teacher's first layer is widened with zero
+    columns for the running mean (the student starts as the teacher on ``h_k``)."""
     from safetensors.torch import load_file
 
-    cfg = XLoraConfig.from_dict({**model.xlora_config.to_dict(), "scaling_pass_layers": k})
+    mean = model.xlora_config.head_prefix_mean if prefix_mean is None else prefix_mean
+    cfg = XLoraConfig.from_dict({**model.xlora_config.to_dict(), "scaling_pass_layers": k, "head_prefix_mean": mean})
     student = ScalingHead(cfg, cfg.hidden_size, model.num_layers, model.num_experts).to(model.device, torch.float32)
     if init == "scratch":
         return student
     state = model.head.state_dict() if init == "teacher" else load_file(str(Path(init) / HEAD_FILE))
     want = {n: tuple(t.shape) for n, t in student.state_dict().items()}
+    if init == "teacher" and mean and not model.xlora_config.head_prefix_mean:
+        first = next(iter(state))  # layers.0.weight [out, hidden] -> [out, 2·hidden]
+        state = {**state, first: torch.cat([state[first], torch.zeros_like(state[first])], 1)}
     got = {n: tuple(t.shape) for n, t in state.items()}
     if got != want:
         raise ValueError(f"init={init!r}: its head's tensors {got} are not the student's {want} (the teacher's head "
@@ -189,18 +195,19 @@ def make_student(model: XLoraModel, k: int, init: str) -> ScalingHead:
     return student
 
 
-def scalings_pair(model: XLoraModel, k: int,
+def scalings_pair(model: XLoraModel, student: ScalingHead,
                   batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(z_T, s_T, h_k)``: the teacher's logits and scalings (float32, ``[b, t, L, E]``) and the student's input
-    (the teacher's own input when ``k`` is the teacher's depth: one scaling pass, not two)."""
+    """``(z_T, s_T, x_k)``: the teacher's logits and scalings (float32, ``[b, t, L, E]``) and the student's input
+    (:func:`~xlora.head.head_input` of the state after its ``k`` layers; one scaling pass when ``k`` is the
+    teacher's depth)."""
     inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
-    head = model.head
+    head, k, mask = model.head, student.config.scaling_pass_layers, batch["attention_mask"]
     with torch.no_grad():
         h_n = model.scaling_pass(**inputs)  # [b, t, hidden]
         h_k = h_n.float() if k == teacher_depth(model) else model.scaling_pass(layers=k, **inputs).float()
-        h_n = h_n.to(head.layers[0].weight.dtype)
-        z_t, s_t = head.logits(h_n).float(), head(h_n).float()
-    return z_t, s_t, h_k
+        x_n = head_input(model.xlora_config, h_n.to(head.layers[0].weight.dtype), mask)
+        z_t, s_t = head.logits(x_n).float(), head(x_n).float()
+    return z_t, s_t, head_input(student.config, h_k, mask)
 
 
 def teacher_depth(model: XLoraModel) -> int:
@@ -211,7 +218,7 @@ def teacher_depth(model: XLoraModel) -> int:
 def step_loss(model: XLoraModel, student: ScalingHead, cfg: DistillConfig,
               batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
     """The loss of one batch (with grad into ``student`` only) and its parts for the metrics."""
-    z_t, s_t, h_k = scalings_pair(model, cfg.scaling_pass_layers, batch)
+    z_t, s_t, h_k = scalings_pair(model, student, batch)
     mask = distill_mask(batch, cfg.positions)  # [b, t]
     s_s = student(h_k)  # [b, t, L, E]
     tau = cfg.temperature or model.xlora_config.softmax_temperature
@@ -289,8 +296,8 @@ def run_steps(model: XLoraModel, student: ScalingHead, cfg: DistillConfig, examp
 
 
 
-def evaluate_student(model: XLoraModel, student: ScalingHead, k: int, examples: list[TokenizedExample],
-                     batches: Batches) -> dict[str, float]:
+def evaluate_student(model: XLoraModel, student: ScalingHead, examples: list[TokenizedExample], batches: Batches,
+                     ) -> dict[str, float]:
     """KL (at the model's temperature, softmax heads only), MSE and top-1 agreement with the teacher,
     averaged over every real token of ``examples``; the student in eval mode (no dropout). With routing on also
     ``own_top1`` and ``teacher_own_top1``: the share of the records naming one expert that the student (the
@@ -301,7 +308,7 @@ def evaluate_student(model: XLoraModel, student: ScalingHead, k: int, examples: 
     with torch.no_grad():
         for i in range(0, len(examples), batches.size):
             batch = batches.collate(examples[i:i + batches.size], model.device)
-            z_t, s_t, h_k = scalings_pair(model, k, batch)
+            z_t, s_t, h_k = scalings_pair(model, student, batch)
             mask, s_s = batch["attention_mask"], student(h_k)
             n = int(mask.sum())
             if model.xlora_config.enable_softmax:
@@ -329,7 +336,7 @@ def save_student(model: XLoraModel, student: ScalingHead, cfg: DistillConfig, ou
     one rewritten relative to ``out`` so that it names the same folder.
     """
     k = None if cfg.scaling_pass_layers == decoder_depth(model) else cfg.scaling_pass_layers
-    config = XLoraConfig.from_dict({**model.xlora_config.to_dict(), "scaling_pass_layers": k})
+    config = XLoraConfig.from_dict({**student.config.to_dict(), "scaling_pass_layers": k})
     experts = {}
     for expert in model.experts:
         given = model.xlora_config.experts[expert.name]

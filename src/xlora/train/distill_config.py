@@ -53,6 +53,9 @@ class DistillConfig:
         init: ``"teacher"`` (start from the teacher head's weights), ``"scratch"`` (a fresh head), or an X-LoRA
             directory whose head has the student's shape (e.g. an earlier student, to go on from it against the
             teacher with another recipe).
+        prefix_mean: the student's ``head_prefix_mean`` (its head also reads the running mean of the states, which
+            carries the prompt to a shallow pass's positions); None: the teacher's. From a teacher without it,
+            ``init='teacher'`` widens the teacher's first layer with zero columns for the mean.
         chat: render prompt/completion records with the chat template, as ``xlora train --chat``.
         max_length: tokens per example (longer records are truncated).
         base_model: base model folder (None: the one the teacher records).
@@ -85,6 +88,7 @@ class DistillConfig:
     routing_weight: float = 0.0
     routing_key: str = "domain"
     init: str = "teacher"
+    prefix_mean: bool | None = None
     chat: bool = False
     max_length: int = 512
     base_model: str | None = None
@@ -131,6 +135,8 @@ class DistillConfig:
         self.init = str(self.init)
         for name in ("chat", "overwrite"):
             check_bool(name, getattr(self, name))
+        if self.prefix_mean is not None:
+            check_bool("prefix_mean", self.prefix_mean)
         if Path(self.output_dir).resolve() == Path(self.teacher_dir).resolve():
             raise ValueError(f"output_dir={self.output_dir!r} is the teacher's directory: the student would "
                              "overwrite the teacher's head; give another folder")
