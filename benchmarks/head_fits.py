@@ -36,7 +36,9 @@ import torch.nn.functional as F
 from routing_probe import make_head, own_top1, save, shipped_head
 from torch import nn
 
+from xlora import XLoraConfig
 from xlora.demo.suite import DOMAINS
+from xlora.head import head_input
 
 N_LAYERS = 30  # SmolLM2-135M
 Record = tuple[torch.Tensor, torch.Tensor, str | None]  # states [n, hidden] fp16, scored mask [n], domain
@@ -69,6 +71,12 @@ def all_states(path: str, cache: Path, layers: int) -> list[Record]:
     return out
 
 
+def with_prefix_mean(records: list[Record]) -> list[Record]:
+    """The states as a ``head_prefix_mean`` head reads them: ``[h_t ; mean_{s<=t} h_s]`` (:func:`xlora.head.head_input`)."""
+    cfg = XLoraConfig(experts={"x": "x"}, head_prefix_mean=True)
+    return [(head_input(cfg, h.float()[None])[0].half(), p, d) for h, p, d in records]
+
+
 def labelled(records: list[Record]) -> tuple[list[torch.Tensor], torch.Tensor]:
     """The scored states of the records that name a suite domain, and their domain indices."""
     keep = [(h.float()[p], DOMAINS.index(d)) for h, p, d in records if d in DOMAINS and p.any()]
@@ -80,7 +88,7 @@ def kl_targets(teacher: nn.Module, full: list[Record], student: list[Record], wh
     """``(X, T)``: the student's states at the KL positions and the teacher's softmax there (from the full states)."""
     xs, ts = [], []
     for (ht, pos, d), (hs, _, d_s) in zip(full, student, strict=True):
-        assert d == d_s and ht.shape == hs.shape, "the two caches hold different records"
+        assert d == d_s and ht.shape[0] == hs.shape[0], "the two caches hold different records"
         keep = ~pos if (where == "unlabelled" and d in DOMAINS) else torch.ones_like(pos)
         xs.append(hs.float()[keep])
         ts.append(torch.softmax(teacher(ht.float()[keep]), -1))
@@ -127,17 +135,23 @@ def main() -> None:
     ap.add_argument("--teacher", type=Path, default=ASSETS / "suite", help="X-LoRA directory of the teacher head")
     ap.add_argument("--layers", type=int, default=N_LAYERS, help="k: the decoder layers the student reads")
     ap.add_argument("--kl-positions", choices=("unlabelled", "all"), default="unlabelled")
+    ap.add_argument("--prefix-mean", action="store_true",
+                    help="the student also reads the running mean of its states (head_prefix_mean; not with init teacher)")
     ap.add_argument("--specs", nargs="*", default=[], help="init,w_route,w_kl,steps,lr,wd[,seeds]")
     ap.add_argument("--heads", nargs="*", default=[], help="X-LoRA directories whose heads to score on the states too")
     ap.add_argument("--save", type=Path, default=None, help="write each spec's head as an X-LoRA directory here")
     args = ap.parse_args()
+    if args.prefix_mean and args.save:
+        ap.error("--save writes the head under the teacher's config, which has no head_prefix_mean: use xlora distill")
     torch.set_num_threads(2)
     teacher = shipped_head(str(args.teacher))
     student = all_states(args.train_file, args.cache, args.layers)
     full = student if args.layers == N_LAYERS else all_states(args.train_file, args.cache, N_LAYERS)
+    read = with_prefix_mean if args.prefix_mean else (lambda records: records)
+    student = read(student)
     data = labelled(student), kl_targets(teacher, full, student, args.kl_positions)
-    evals = {Path(f).stem: labelled(all_states(f, args.cache, args.layers)) for f in args.eval_files}
-    print(f"k = {args.layers}; {len(data[0][0])} labelled records, {len(data[1][0])} KL positions ({args.kl_positions})")
+    evals = {Path(f).stem: labelled(read(all_states(f, args.cache, args.layers))) for f in args.eval_files}
+    print(f"k = {args.layers}{', prefix mean' if args.prefix_mean else ''}; {len(data[0][0])} labelled records, {len(data[1][0])} KL positions ({args.kl_positions})")
     print("| spec | KL | " + " | ".join(evals) + " |\n|---|---:|" + "---|" * len(evals))
 
     def row(name: str, head: nn.Module) -> None:
@@ -146,7 +160,9 @@ def main() -> None:
         cells = [", ".join(f"{v:.2f}" for v in own_top1(head, d, len(DOMAINS))) for d in evals.values()]
         print(f"| {name} | {kl:.3f} | " + " | ".join(cells) + " |", flush=True)
 
-    row(f"teacher `{args.teacher}`" if args.layers == N_LAYERS else f"teacher's head on k = {args.layers}", teacher)
+    if not args.prefix_mean:  # the teacher reads the states alone
+        row(f"teacher `{args.teacher}`" if args.layers == N_LAYERS else f"teacher's head on k = {args.layers}",
+            teacher)
     for d in args.heads:
         row(f"`{d}`", shipped_head(d))
     for spec in args.specs:

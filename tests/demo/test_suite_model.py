@@ -89,29 +89,37 @@ SHALLOW = ASSETS / "shallow"
 
 
 def test_the_shallow_head_runs_8_layers_and_keeps_the_full_heads_routing(models, tmp_path):
-    """``assets/shallow``: the suite head distilled into a head over the first 8 of 30 layers (issue 22), over the
-    suite's experts by relative path; on a stranger's prompts it keeps the full head's routing where that is
-    measured to hold (mechanics, mathematics, graph; BENCHMARKS lists the domains where it does not)."""
+    """``assets/shallow``: the suite head distilled into a head over the first 8 of 30 layers that also reads the
+    running mean of its states (``head_prefix_mean``; issue 22), over the suite's experts by relative path; on a
+    stranger's prompts it keeps the full head's routing where that is measured with a margin (BENCHMARKS lists the
+    rest: chemistry holds there by 0.013 on one record)."""
     from xlora.demo.base_model import base_model_dir
     from xlora.demo.run import load_demo
+    from xlora.head import head_input
 
     model, _, tok = models
     cfg = json.loads((SHALLOW / "xlora_config.json").read_text())
     assert cfg["scaling_pass_layers"] == 8 and cfg["experts"] == {d: f"../suite/experts/{d}" for d in suite.DOMAINS}
+    assert cfg["head_prefix_mean"] is True
     shallow, _ = load_demo(SHALLOW, base_model_dir())
     for a, b in zip(model.mixture_layers(), shallow.mixture_layers()):
         assert torch.equal(a.lora_A, b.lora_A) and torch.equal(a.lora_B, b.lora_B)
     ids = tok("Band gap of coumarin, O=c1ccc2ccccc2o1, in eV?", return_tensors="pt")
     with torch.no_grad():
         short = shallow.compute_scalings(**ids)  # [1, t, L, E]
-        by_hand = shallow.head(shallow.scaling_pass(layers=8, **ids).to(short.dtype))
-    torch.testing.assert_close(short, by_hand, rtol=0, atol=1e-6)  # the shipped model runs 8 layers
-    records = _independent(("mechanics", "mathematics", "graph"))
+        h8 = shallow.scaling_pass(layers=8, **ids).to(short.dtype)
+        by_hand = shallow.head(torch.cat([h8, h8.cumsum(1) / torch.arange(1, h8.shape[1] + 1)[:, None]], -1))
+        assert torch.equal(head_input(shallow.xlora_config, h8)[..., :576], h8)
+    torch.testing.assert_close(short, by_hand, rtol=0, atol=1e-5)  # the shipped model runs 8 layers, reads the mean
+    domains = ("mechanics", "quantum", "mathematics", "graph")
+    records = _independent(domains)
     _, full = _losses_and_routing_of(model, tok, records, tmp_path, rows=("xlora",))
     _, short_routing = _losses_and_routing_of(shallow, tok, records, tmp_path, rows=("xlora",))
-    # issue 22: within 0.05 of the full head's (measured: 1.00 both; the shallow head's own expert is ahead on every
-    # record by >= 0.47 of mean scaling in mathematics and graph and >= 0.008 in mechanics, far above rounding)
-    for d in ("mechanics", "mathematics", "graph"):
-        assert abs(short_routing["top1_own"][d] - full["top1_own"][d]) <= 0.05, (short_routing, full)
-    report = json.loads((SHALLOW / "distill.json").read_text())  # the distillation's own record: KL 2.636 -> 0.213
-    assert report["final"]["top1"] > 0.85 and report["final"]["kl"] < 0.25 < report["initial"]["kl"]
+    # issue 22: at most 0.05 below the full head's (measured: shallow 1.00 in all four, the own expert ahead on every
+    # record by >= 0.33 of mean scaling; the full head 1.00, 0.88, 1.00, 1.00, its one quantum miss by 0.13)
+    for d in domains:
+        assert short_routing["top1_own"][d] >= full["top1_own"][d] - 0.05, (d, short_routing, full)
+    assert short_routing["top1_own"]["quantum"] == 1.0
+    report = json.loads((SHALLOW / "distill.json").read_text())  # the distillation's own record: KL 2.636 -> 0.139
+    assert report["final"]["top1"] > 0.89 and report["final"]["kl"] < 0.15 < report["initial"]["kl"]
+    assert report["settings"]["prefix_mean"] is True

@@ -93,10 +93,14 @@ def mixed_loss(model: XLoraModel, tok, texts: list[str], **kw) -> float:
         return float(model(input_ids=enc["input_ids"], labels=enc["input_ids"], **kw).loss)
 
 
-def test_head_learns_to_route(world, tmp_path):
-    result = train(config(world, tmp_path / "run", eval_file=str(world["files"]["eval"]), max_steps=60))
+@pytest.mark.parametrize("prefix_mean", [False, True], ids=["state", "state+mean"])
+def test_head_learns_to_route(world, tmp_path, prefix_mean):
+    """Also with ``head_prefix_mean`` (the head reads the running mean of the states too), saved and reloaded."""
+    result = train(config(world, tmp_path / "run", eval_file=str(world["files"]["eval"]), max_steps=60,
+                          head_prefix_mean=prefix_mean))
     assert result.steps == 60 and result.eval_loss is not None
     model = XLoraModel.from_pretrained(tmp_path / "run").eval()
+    assert model.xlora_config.head_prefix_mean is prefix_mean
     tok = world["tok"]
     held_out = world["files"]["letters"] + world["files"]["digits"]
     ours = mixed_loss(model, tok, held_out)
