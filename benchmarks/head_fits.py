@@ -151,7 +151,9 @@ def main() -> None:
     student = read(student)
     data = labelled(student), kl_targets(teacher, full, student, args.kl_positions)
     evals = {Path(f).stem: labelled(read(all_states(f, args.cache, args.layers))) for f in args.eval_files}
-    print(f"k = {args.layers}{', prefix mean' if args.prefix_mean else ''}; {len(data[0][0])} labelled records, {len(data[1][0])} KL positions ({args.kl_positions})")
+    mean = ", prefix mean" if args.prefix_mean else ""
+    print(f"k = {args.layers}{mean}; {len(data[0][0])} labelled records, {len(data[1][0])} KL positions "
+          f"({args.kl_positions})")
     print("| spec | KL | " + " | ".join(evals) + " |\n|---|---:|" + "---|" * len(evals))
 
     def row(name: str, head: nn.Module) -> None:

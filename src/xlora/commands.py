@@ -5,10 +5,13 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from pathlib import Path
 
 
-def _out_folder(flag: str, path: str) -> Any:
+def _out_folder(flag: str, path: str) -> Path:
     """:func:`xlora.files.output_folder`, and not an X-LoRA model directory: outputs would mix with its files."""
     from xlora.config import CONFIG_FILE
     from xlora.files import output_folder
@@ -40,7 +43,6 @@ DEMO_EVAL_DEFAULTS: dict[str, Any] = {"n": 64, "n_generate": 16, "splits": ("tes
 
 
 def evaluate(args: argparse.Namespace) -> int:
-
     given = vars(args)
     if args.model_dir is not None or args.data is not None:
         demo_only = [name for name in DEMO_EVAL_DEFAULTS if name in given]

@@ -95,7 +95,6 @@ def test_the_shallow_head_runs_8_layers_and_keeps_the_full_heads_routing(models,
     rest: chemistry holds there by 0.013 on one record)."""
     from xlora.demo.base_model import base_model_dir
     from xlora.demo.run import load_demo
-    from xlora.head import head_input
 
     model, _, tok = models
     cfg = json.loads((SHALLOW / "xlora_config.json").read_text())
@@ -109,14 +108,13 @@ def test_the_shallow_head_runs_8_layers_and_keeps_the_full_heads_routing(models,
         short = shallow.compute_scalings(**ids)  # [1, t, L, E]
         h8 = shallow.scaling_pass(layers=8, **ids).to(short.dtype)
         by_hand = shallow.head(torch.cat([h8, h8.cumsum(1) / torch.arange(1, h8.shape[1] + 1)[:, None]], -1))
-        assert torch.equal(head_input(shallow.xlora_config, h8)[..., :576], h8)
     torch.testing.assert_close(short, by_hand, rtol=0, atol=1e-5)  # the shipped model runs 8 layers, reads the mean
     domains = ("mechanics", "quantum", "mathematics", "graph")
     records = _independent(domains)
     _, full = _losses_and_routing_of(model, tok, records, tmp_path, rows=("xlora",))
     _, short_routing = _losses_and_routing_of(shallow, tok, records, tmp_path, rows=("xlora",))
     # issue 22: at most 0.05 below the full head's (measured: shallow 1.00 in all four, the own expert ahead on every
-    # record by >= 0.33 of mean scaling; the full head 1.00, 0.88, 1.00, 1.00, its one quantum miss by 0.13)
+    # record by >= 0.32 of mean scaling; the full head 1.00, 0.88, 1.00, 1.00, its one quantum miss by 0.13)
     for d in domains:
         assert short_routing["top1_own"][d] >= full["top1_own"][d] - 0.05, (d, short_routing, full)
     assert short_routing["top1_own"]["quantum"] == 1.0

@@ -178,8 +178,8 @@ def test_scored_positions_distil_only_where_a_completion_token_is_predicted(worl
 
 def test_a_prefix_mean_student_starts_as_the_teacher_and_saves_its_head_input(world):
     """--prefix-mean from a teacher without it: the teacher's first layer widened with zero columns for the mean, so
-    the student starts as the teacher's head on h_k (at k = N: the teacher exactly); the saved directory reads the
-    mean again (head_prefix_mean) and gives the student's scalings."""
+    the student starts as the teacher's head on h_k (at k = N: the teacher exactly) and learns; the saved directory
+    records head_prefix_mean and k, and its head has the widened input."""
     exact = distill(config(world, "kN_mean", 2, init="teacher", prefix_mean=True, steps=1))
     assert exact.initial["kl"] < 1e-6 and exact.initial["top1"] == 1.0
     plain = distill(config(world, "k1_plain", 1, init="teacher", steps=1))
@@ -399,7 +399,7 @@ def test_a_crash_resumes_from_the_last_periodic_checkpoint(world, capsys, monkey
 
     import xlora.train.distill as distill_module
     from xlora.train.distill import CHECKPOINT_FILE
-    from xlora.train.loop_checkpoint import saved_settings
+    from xlora.train.loop_checkpoint import saved_state
 
     kw = dict(steps=6, save_every=2, learning_rate=5e-2)
     whole = distill(config(world, "whole_crash", 1, **kw))
@@ -416,7 +416,7 @@ def test_a_crash_resumes_from_the_last_periodic_checkpoint(world, capsys, monkey
         distill(config(world, "crash", 1, **kw))
     monkeypatch.undo()
     out = world["root"] / "crash"
-    assert saved_settings(out / CHECKPOINT_FILE) is not None and [m["step"] for m in metrics(out)] == [1, 2, 3, 4]
+    assert saved_state(out / CHECKPOINT_FILE)["settings"] is not None and [m["step"] for m in metrics(out)] == [1, 2, 3, 4]
     evaluations, evaluate = [], distill_module.evaluate_student
     monkeypatch.setattr(distill_module, "evaluate_student", lambda *a: evaluations.append(1) or evaluate(*a))
     rest = distill(config(world, "crash", 1, **kw))

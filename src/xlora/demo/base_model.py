@@ -152,12 +152,13 @@ def load_demo(assets: str | os.PathLike | None = None, base_dir: str | os.PathLi
     from xlora.model import XLoraModel
     from xlora.saving import CONFIG_FILE
 
-    if assets is not None and not (Path(assets) / CONFIG_FILE).is_file():
-        raise FileNotFoundError(f"assets {str(assets)!r} is not an X-LoRA directory ({CONFIG_FILE} missing); give a "
-                                "folder written by save_pretrained or xlora train (CLI: --assets DIR)")
-    assets = Path(assets) if assets is not None else ASSETS
-    if not (assets / CONFIG_FILE).is_file():
-        raise FileNotFoundError(f"no X-LoRA demo assets in {assets} (xlora_config.json missing); "
-                                "retrain them with `xlora demo --retrain`")
+    folder = Path(assets) if assets is not None else ASSETS
+    if not (folder / CONFIG_FILE).is_file():
+        fix = ("give a folder written by save_pretrained or xlora train (CLI: --assets DIR)" if assets is not None
+               else "retrain them with `xlora demo --retrain`")
+        what = f"assets {str(assets)!r} is not an X-LoRA directory" if assets is not None else \
+            f"no X-LoRA demo assets in {folder}"
+        raise FileNotFoundError(f"{what} ({CONFIG_FILE} missing); {fix}")
+    assets = folder
     base, tokenizer = load_base(base_dir)
     return XLoraModel.from_pretrained(assets, base_model=base).eval(), tokenizer

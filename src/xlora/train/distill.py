@@ -3,7 +3,8 @@
 A head trained with ``scaling_pass_layers = k`` from scratch on the LM loss may not learn to route at all;
 distillation gives it the teacher's routing as a dense target instead. With the teacher's head ``head_T``
 over the last hidden state of all its scaling pass's layers ``h_N`` and the student's ``head_S`` over the
-state after the first ``k`` layers (and the final norm) ``h_k``, both ``[b, t, hidden]``:
+state after the first ``k`` layers (and the final norm) ``h_k``, both ``[b, t, hidden]`` (a ``head_prefix_mean``
+head reads :func:`~xlora.head.head_input` of them):
 
     z_T = head_T.logits(h_N),  z_S = head_S.logits(h_k)           # [b, t, L, E], z_T without grad
     log p_T = log_softmax(z_T / τ),  log p_S = log_softmax(z_S / τ)   over E
@@ -185,7 +186,7 @@ def make_student(model: XLoraModel, k: int, init: str, prefix_mean: bool | None 
     state = model.head.state_dict() if init == "teacher" else load_file(str(Path(init) / HEAD_FILE))
     want = {n: tuple(t.shape) for n, t in student.state_dict().items()}
     if init == "teacher" and mean and not model.xlora_config.head_prefix_mean:
-        first = next(iter(state))  # layers.0.weight [out, hidden] -> [out, 2·hidden]
+        first = "layers.0.weight"  # [out, hidden] -> [out, 2·hidden]
         state = {**state, first: torch.cat([state[first], torch.zeros_like(state[first])], 1)}
     got = {n: tuple(t.shape) for n, t in state.items()}
     if got != want:
@@ -218,11 +219,11 @@ def teacher_depth(model: XLoraModel) -> int:
 def step_loss(model: XLoraModel, student: ScalingHead, cfg: DistillConfig,
               batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
     """The loss of one batch (with grad into ``student`` only) and its parts for the metrics."""
-    z_t, s_t, h_k = scalings_pair(model, student, batch)
+    z_t, s_t, x_k = scalings_pair(model, student, batch)
     mask = distill_mask(batch, cfg.positions)  # [b, t]
-    s_s = student(h_k)  # [b, t, L, E]
+    s_s = student(x_k)  # [b, t, L, E]
     tau = cfg.temperature or model.xlora_config.softmax_temperature
-    z_s = student.logits(h_k) if cfg.loss == "kl" else None
+    z_s = student.logits(x_k) if cfg.loss == "kl" else None
 
     def match(where: torch.Tensor) -> torch.Tensor:  # the distillation term over the positions `where`
         return distill_kl(z_t, z_s, where, tau) if cfg.loss == "kl" else distill_mse(s_t, s_s, where)
@@ -295,9 +296,8 @@ def run_steps(model: XLoraModel, student: ScalingHead, cfg: DistillConfig, examp
     return state["seconds"] + time.perf_counter() - start
 
 
-
-def evaluate_student(model: XLoraModel, student: ScalingHead, examples: list[TokenizedExample], batches: Batches,
-                     ) -> dict[str, float]:
+def evaluate_student(model: XLoraModel, student: ScalingHead, examples: list[TokenizedExample],
+                     batches: Batches) -> dict[str, float]:
     """KL (at the model's temperature, softmax heads only), MSE and top-1 agreement with the teacher,
     averaged over every real token of ``examples``; the student in eval mode (no dropout). With routing on also
     ``own_top1`` and ``teacher_own_top1``: the share of the records naming one expert that the student (the
@@ -308,11 +308,11 @@ def evaluate_student(model: XLoraModel, student: ScalingHead, examples: list[Tok
     with torch.no_grad():
         for i in range(0, len(examples), batches.size):
             batch = batches.collate(examples[i:i + batches.size], model.device)
-            z_t, s_t, h_k = scalings_pair(model, student, batch)
-            mask, s_s = batch["attention_mask"], student(h_k)
+            z_t, s_t, x_k = scalings_pair(model, student, batch)
+            mask, s_s = batch["attention_mask"], student(x_k)
             n = int(mask.sum())
             if model.xlora_config.enable_softmax:
-                sums["kl"] += float(distill_kl(z_t, student.logits(h_k), mask, tau)) * n
+                sums["kl"] += float(distill_kl(z_t, student.logits(x_k), mask, tau)) * n
             sums["mse"] += float(distill_mse(s_t, s_s, mask)) * n
             sums["top1"] += float(top1_agreement(s_t, s_s, mask)) * n
             tokens += n

@@ -87,12 +87,6 @@ def saved_state(path: Path) -> dict[str, Any] | None:
         return json.loads(f.metadata()["state"])
 
 
-def saved_settings(path: Path) -> dict[str, Any] | None:
-    """The settings a checkpoint file was written with (None: no such file)."""
-    state = saved_state(path)
-    return None if state is None else state["settings"]
-
-
 def rng_state(device: torch.device) -> dict[str, list[int]]:
     """The random generators dropout draws from (the CPU's, and the device's on CUDA), as lists for JSON."""
     state = {"rng": torch.get_rng_state().tolist()}
