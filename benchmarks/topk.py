@@ -6,15 +6,17 @@ rank-16 experts on all seven projections (210 adapted modules). Eight distinct P
 written once; expert ``e`` reads directory ``e % 8`` (the timing depends on E and the ranks, not on
 the values). The head has random weights and ``top_k = 2``.
 
-Rows, per E: ``top-2`` (the sparse paths: tokens gathered or grouped by expert) and ``dense`` (the
-same model with the sparse paths switched off, every expert computed and multiplied by its 0);
-prefill of a ``--prompt``-token prompt and per-token decoding (token granularity: both passes, with
-the dual cache) at batch 1. Repetitions are interleaved in a rotating order; medians, spread
+Rows, per E: ``top-2`` (the sparse paths: the chosen experts sliced, gathered or grouped by expert) and
+``dense`` (the same model with the sparse paths switched off, every expert computed and multiplied by its
+0); prefill of a ``--prompt``-token prompt and per-token decoding (token granularity: both passes, with
+the dual cache) at batch ``--batch`` (default 1; each row its own random prompt, so rows choose different
+experts: the random head is the worst case for the experts a decoding step's rows share). Repetitions are interleaved in a rotating order; medians, spread
 (max/min) and the ratios are printed side by side, with an exactness check (max |logit difference|
 between top-2 and dense).
 
     .venv/bin/python benchmarks/topk.py                 # ~3 min on 2 idle cores
     .venv/bin/python benchmarks/topk.py --reps 2 --new 4 --experts 4 64
+    .venv/bin/python benchmarks/topk.py --batch 8 --new 8 --prompt 16
     .venv/bin/python benchmarks/topk.py --module --reps 20     # one gate_proj alone, seconds
 """
 
@@ -71,13 +73,13 @@ def build(E: int, dirs: list[Path], top_k: int | None = 2) -> XLoraModel:
 @contextmanager
 def dense_paths():
     """Switch the sparse paths off (every expert computed), for the dense rows."""
-    saved = MixtureLoraLinear.GATHER_SHARE, MixtureLoraLinear.GROUP_SHARE, MixtureLoraLinear.ONE_TOKEN_SLICES
+    saved = MixtureLoraLinear.GATHER_SHARE, MixtureLoraLinear.GROUP_SHARE, MixtureLoraLinear.SLICE_TOKENS
     MixtureLoraLinear.GATHER_SHARE = MixtureLoraLinear.GROUP_SHARE = float("inf")
-    MixtureLoraLinear.ONE_TOKEN_SLICES = False
+    MixtureLoraLinear.SLICE_TOKENS = 0
     try:
         yield
     finally:
-        MixtureLoraLinear.GATHER_SHARE, MixtureLoraLinear.GROUP_SHARE, MixtureLoraLinear.ONE_TOKEN_SLICES = saved
+        MixtureLoraLinear.GATHER_SHARE, MixtureLoraLinear.GROUP_SHARE, MixtureLoraLinear.SLICE_TOKENS = saved
 
 
 @torch.inference_mode()
@@ -142,6 +144,7 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--prompt", type=int, default=64)
     ap.add_argument("--new", type=int, default=8)
+    ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--module", action="store_true", help="one module alone (seconds), not the whole model")
     args = ap.parse_args()
@@ -154,7 +157,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         dirs = write_experts(smollm2_shaped(), Path(tmp))
         models = {E: build(E, dirs) for E in args.experts}
-    ids = torch.randint(0, 49152, (1, args.prompt), generator=torch.Generator().manual_seed(1))
+    ids = torch.randint(0, 49152, (args.batch, args.prompt), generator=torch.Generator().manual_seed(1))
     rows = [(E, mode) for E in args.experts for mode in ("top-2", "dense")]
     times: dict[tuple[int, str], list[tuple[float, float]]] = {r: [] for r in rows}
     logits: dict[tuple[int, str], torch.Tensor] = {}
@@ -166,7 +169,7 @@ def main() -> None:
                 times[E, mode].append((prefill, decode))
     med = {r: [statistics.median(t[i] for t in times[r]) for i in (0, 1)] for r in rows}
     spread = {r: [max(t[i] for t in times[r]) / min(t[i] for t in times[r]) for i in (0, 1)] for r in rows}
-    print(f"\nbatch 1, prompt {args.prompt}, {args.new} new tokens, {args.reps} interleaved reps (medians, max/min)")
+    print(f"\nbatch {args.batch}, prompt {args.prompt}, {args.new} new tokens, {args.reps} interleaved reps (medians, max/min)")
     print(f"{'E':>3} {'mode':>6} {'prefill ms':>11} {'spread':>6} {'decode ms/tok':>14} {'spread':>6}"
           f" {'top-2/dense decode':>19} {'max|dlogit|':>11}")
     for E, mode in rows:

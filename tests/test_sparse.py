@@ -50,18 +50,21 @@ def calls(monkeypatch) -> list[str]:
     return seen
 
 
-# (experts, k, batch, length, path): one token slices whatever E; few tokens at E = 64 gather; at least E
-# tokens group; the rest is dense
+# (experts, k, batch, length, path): up to SLICE_TOKENS tokens slice (one whatever E; several while the experts
+# they chose are few); more tokens at E = 64 gather (reachable here with slicing off); at least E tokens group;
+# the rest is dense
 CASES = [(64, 2, 1, 1, "sliced"), (16, 2, 1, 1, "sliced"), (4, 2, 1, 1, "sliced"), (4, 1, 1, 1, "sliced"),
-         (64, 1, 2, 1, "gathered"), (16, 2, 4, 4, "grouped"), (16, 2, 2, 9, "grouped"),
-         (64, 4, 4, 16, "grouped"), (16, 1, 2, 8, "grouped"), (64, 2, 3, 1, None),
+         (64, 2, 3, 1, "sliced"), (64, 2, 2, 4, "sliced"), (16, 2, 4, 1, "sliced"), (64, 1, 2, 1, "gathered"),
+         (16, 2, 4, 4, "grouped"), (16, 2, 2, 9, "grouped"), (64, 4, 4, 16, "grouped"), (16, 1, 2, 8, "grouped"),
          (16, 2, 2, 7, None), (4, 2, 2, 9, None)]
 
 
 @pytest.mark.parametrize(("num", "k", "b", "t", "path"), CASES)
 @pytest.mark.parametrize("skip", [None, 5])
-def test_top_k_paths_equal_the_dense_layer(num, k, b, t, path, skip, calls):
+def test_top_k_paths_equal_the_dense_layer(num, k, b, t, path, skip, calls, monkeypatch):
     skip = skip if skip is not None and skip < num else None  # chosen for token 0, but no columns here
+    if path == "gathered":
+        monkeypatch.setattr(MixtureLoraLinear, "SLICE_TOKENS", 1)
     layer, state = layer_of(num, skip)
     x = torch.randn(b, t, IN, generator=torch.Generator().manual_seed(1))
     s = topk_scalings(b, t, num, k, seed=2, favour=skip)
@@ -72,6 +75,25 @@ def test_top_k_paths_equal_the_dense_layer(num, k, b, t, path, skip, calls):
     assert calls == ([] if path is None else [path])
     torch.testing.assert_close(got, dense, rtol=0, atol=1e-5)  # outputs of size ~10: a few float32 ulps
     assert (dense - layer.base_layer(x)).abs().max() > 0.05  # the experts really contribute
+
+
+@pytest.mark.parametrize(("pairs", "path"), [([(0, 1), (1, 0)], "sliced"), ([(0, 1), (2, 3)], None)])
+def test_few_tokens_slice_only_while_the_experts_they_chose_are_few(pairs, path, calls):
+    """Two tokens of four experts, top-2: the same pair (union 2 <= E/2) slices, disjoint pairs (union 4) run
+    dense; both equal the dense layer."""
+    layer, state = layer_of(4)
+    s = torch.zeros(1, 2, L, 4)
+    for token, (e1, e2) in enumerate(pairs):
+        s[0, token, :, e1], s[0, token, :, e2] = 0.7 - 0.1 * token, 0.3 + 0.1 * token
+    x = torch.randn(1, 2, IN, generator=torch.Generator().manual_seed(13))
+    with state.use(scalings=s):
+        dense = layer(x)
+    with state.use(scalings=s, top_k=2):
+        got = layer(x)
+        chosen = state.chosen_slices()[1]
+    assert calls == ([] if path is None else [path])
+    assert [e for _, e in chosen] == sorted({e for p in pairs for e in p})
+    torch.testing.assert_close(got, dense, rtol=0, atol=1e-5)
 
 
 def test_chosen_is_computed_once_per_pass_and_holds_every_nonzero():
@@ -141,11 +163,11 @@ def test_fold_of_zero_scalings_is_none_and_a_batch_mismatch_is_refused():
 
 
 @pytest.mark.parametrize("granularity", ["token", "prompt"])
-@pytest.mark.parametrize("path", ["gathered", "grouped", "sliced"])
+@pytest.mark.parametrize("path", ["gathered", "grouped", "sliced", "sliced-batch"])
 def test_top_k_generation_equals_the_dense_path(llama, monkeypatch, granularity, path, calls):
     """A top-2-of-3 head on the tiny Llama, left-padded batch of 3 with different choices per row: forcing
-    each sparse path (the tiny model is below both thresholds) gives the dense path's tokens and logits.
-    ``sliced`` (one token per pass) decodes the first row alone."""
+    each sparse path (the tiny model is below every threshold) gives the dense path's tokens and logits.
+    ``sliced`` decodes the first row alone (one token per pass), ``sliced-batch`` all three (three per pass)."""
     from conftest import randomize_head
     from decoding import left_padded_batch
 
@@ -160,20 +182,21 @@ def test_top_k_generation_equals_the_dense_path(llama, monkeypatch, granularity,
         ids, mask = ids[1:2, int((mask[1] == 0).sum()):], mask[1:2, int((mask[1] == 0).sum()):]
     kwargs = dict(input_ids=ids, attention_mask=mask, max_new_tokens=6, do_sample=False, granularity=granularity,
                   output_logits=True, return_dict_in_generate=True, pad_token_id=0, eos_token_id=None)
-    monkeypatch.setattr(MixtureLoraLinear, "ONE_TOKEN_SLICES", False)
+    monkeypatch.setattr(MixtureLoraLinear, "SLICE_TOKENS", 0)
     dense = model.generate(**kwargs)
     assert calls == []
-    if path == "sliced":
-        monkeypatch.setattr(MixtureLoraLinear, "ONE_TOKEN_SLICES", True)
+    if path.startswith("sliced"):
+        monkeypatch.setattr(MixtureLoraLinear, "SLICE_TOKENS", ids.shape[0])  # one decoding step, not the prompt
+        monkeypatch.setattr(MixtureLoraLinear, "UNION_SHARE", 0)  # slice however many experts the rows chose
     else:
         monkeypatch.setattr(MixtureLoraLinear, "GATHER_SHARE", 0 if path == "gathered" else 10**9)
         monkeypatch.setattr(MixtureLoraLinear, "GROUP_SHARE", 0)
     recorder = StepRecorder()
     got = model.generate(**kwargs, observer=recorder)
     steps = 1 if granularity == "prompt" else 6  # prompt granularity decodes with the folded experts
-    if path == "sliced":  # the prompt is not one token (dense), prompt granularity folds: only token steps
+    if path.startswith("sliced"):  # the prompt is more tokens (dense), prompt granularity folds: only token steps
         steps = 0 if granularity == "prompt" else 5
-    assert set(calls) == ({path} if steps else set()) and len(calls) == steps * model.num_layers
+    assert set(calls) == ({path.split("-")[0]} if steps else set()) and len(calls) == steps * model.num_layers
     chosen = (torch.cat(recorder.steps, 1)[:, :, 0] != 0)  # [b, t, E]: each token's two experts (layer 0)
     assert chosen.sum(-1).eq(2).all()
     if path == "sliced":  # the single row changes its choice along the way

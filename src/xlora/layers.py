@@ -35,7 +35,7 @@ class ScalingState:
         self.top_k: int | None = None
         self.folded: tuple[sparse.FoldedExperts | None, ...] | None = None
         self._chosen: tuple[torch.Tensor, torch.Tensor] | None = None
-        self._chosen_one: list[list[tuple[float, int]]] | None = None
+        self._chosen_slices: list[list[tuple[float | torch.Tensor, int]]] | None = None
 
     @contextmanager
     def use(
@@ -46,7 +46,7 @@ class ScalingState:
         saved = dict(vars(self))
         self.scalings, self.constant, self.global_weight = scalings, constant, global_weight
         self.coefficients, self.top_k, self.folded = coefficients, top_k, folded
-        self._chosen = self._chosen_one = None
+        self._chosen = self._chosen_slices = None
         try:
             yield
         finally:
@@ -60,13 +60,11 @@ class ScalingState:
             self._chosen = (self.scalings.gather(-1, experts), experts)
         return self._chosen
 
-    def chosen_one(self) -> list[list[tuple[float, int]]]:
-        """For a pass over one token (``b = t = 1``): per layer, the chosen ``(scaling, expert)`` pairs as
-        Python numbers, read from the device once per pass for all layers."""
-        if self._chosen_one is None:
-            values, experts = self.chosen()
-            self._chosen_one = [list(zip(v, e)) for v, e in zip(values[0, 0].tolist(), experts[0, 0].tolist())]
-        return self._chosen_one
+    def chosen_slices(self) -> list[list[tuple[float | torch.Tensor, int]]]:
+        """For a pass over few tokens: :func:`sparse.choices_by_layer` of :meth:`chosen`, once for all layers."""
+        if self._chosen_slices is None:
+            self._chosen_slices = sparse.choices_by_layer(*self.chosen(), self.scalings.shape[-1])
+        return self._chosen_slices
 
     def checkpoint_contexts(self) -> tuple[AbstractContextManager[None], AbstractContextManager[None]]:
         """``context_fn`` for ``torch.utils.checkpoint`` (non-reentrant): the recomputation in the
@@ -184,10 +182,10 @@ class MixtureLoraLinear(nn.Module):
         self._no_dropout = all(p == 0.0 for p, _ in self._dropout_groups)
         self._init_sparse(num_experts, col_scale)
 
-    # Sparse top-k: one token takes views of the chosen experts' A and B whatever E (ONE_TOKEN_SLICES);
-    # more tokens gather when the chosen columns are <= 1/GATHER_SHARE of R, and group by expert when the
-    # chosen experts are <= 1/GROUP_SHARE of E_l and the tokens >= E_l (else the dense matmuls are cheaper).
-    GATHER_SHARE, GROUP_SHARE, ONE_TOKEN_SLICES = 16, 4, True
+    # Sparse top-k: <= SLICE_TOKENS tokens slice the chosen experts' A, B (one token: whatever E; more: when the
+    # experts they chose are <= E_l/UNION_SHARE); more tokens gather (chosen columns <= R/GATHER_SHARE) or group
+    # by expert (chosen experts <= E_l/GROUP_SHARE and tokens >= E_l); else dense.
+    GATHER_SHARE, GROUP_SHARE, SLICE_TOKENS, UNION_SHARE = 16, 4, 8, 2
 
     def _init_sparse(self, num_experts: int, col_scale: torch.Tensor) -> None:
         """Tables from a global expert index to this module's columns (local index ``E_l`` = not here)."""
@@ -198,7 +196,6 @@ class MixtureLoraLinear(nn.Module):
         colscale = torch.zeros(E_l + 1, r_max, dtype=torch.float64)
         starts = [0, *torch.tensor(self.expert_ranks).cumsum(0).tolist()]
         self._spans = list(zip(starts[:-1], starts[1:]))
-        # global expert -> (its columns, α/r) for the one-token path (sparse.sliced)
         self._span_of = {g: (c0, c1, float(col_scale[c0])) for g, (c0, c1) in zip(self.expert_ids, self._spans)}
         for e, (c0, c1) in enumerate(self._spans):
             cols[e, : c1 - c0] = torch.arange(c0, c1)
@@ -209,16 +206,19 @@ class MixtureLoraLinear(nn.Module):
         self.register_buffer("expert_colscale", colscale.to(device, dtype), persistent=False)
         self.register_buffer("expert_scale_or_0", colscale[:, 0].to(device, dtype), persistent=False)
 
-    def _one_token(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor | None:
-        """Top-k scalings, one token (``b = t = 1``), no gradient to the scalings: ``y`` plus the chosen
-        experts' sum by :func:`sparse.sliced`; else ``None``."""
-        state = self.state
-        if (state.top_k is None or state.scalings is None or x.numel() != x.shape[-1] or not self.ONE_TOKEN_SLICES
-                or state.scalings.shape[:2].numel() != 1 or (self.training and not self._no_dropout)
+    def _sliced(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor | None:
+        """Top-k scalings, few tokens (``b·t <= SLICE_TOKENS``), no gradient to the scalings: ``y`` plus the
+        chosen experts' sum by :func:`sparse.sliced`; else ``None``."""
+        state, n = self.state, x.numel() // x.shape[-1]
+        if (state.top_k is None or state.scalings is None or n > self.SLICE_TOKENS
+                or state.scalings.shape[:2].numel() != n or (self.training and not self._no_dropout)
                 or (torch.is_grad_enabled() and state.scalings.requires_grad)):
             return None
-        out = sparse.sliced(self._cast(x).reshape(1, -1), y.reshape(1, -1), self.lora_A, self.lora_B,
-                            state.chosen_one()[self.layer_index], self._span_of, state.global_weight)
+        chosen = state.chosen_slices()[self.layer_index]
+        if n > 1 and len(chosen) * self.UNION_SHARE > len(self.expert_ids):
+            return None
+        out = sparse.sliced(self._cast(x).reshape(n, -1), y.reshape(n, -1), self.lora_A, self.lora_B, chosen,
+                            self._span_of, state.global_weight)
         return out.view(y.shape)
 
     def _sparse(self, x: torch.Tensor) -> torch.Tensor | None:
@@ -294,9 +294,9 @@ class MixtureLoraLinear(nn.Module):
             h, B = sparse.folded_down(self._cast(x), folded), folded.B  # [b, t, R']
             B = B[0] if B.dim() == 3 and B.shape[0] == 1 else B
         else:
-            one = self._one_token(x, y)
-            if one is not None:
-                return one
+            out = self._sliced(x, y)
+            if out is not None:
+                return out
             delta = self._sparse(x)
             if delta is not None:
                 return y + delta.to(y.dtype)

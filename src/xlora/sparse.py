@@ -1,6 +1,6 @@
 """Computing only the experts that count: top-k per token, and coefficients folded into ``A`` once.
 
-All three paths give ``Σ_{chosen e} c_e · B_e · A_e · x`` for a module whose experts are fused as
+All four paths give ``Σ_{chosen e} c_e · B_e · A_e · x`` for a module whose experts are fused as
 ``A`` ``[R, in]`` and ``B`` ``[out, R]`` (see :class:`~xlora.layers.MixtureLoraLinear`); they differ
 only in which work they skip:
 
@@ -9,9 +9,9 @@ only in which work they skip:
   (decoding) when ``k·r_max`` is a small part of ``R``.
 - :func:`grouped`: the (token, expert) pairs are sorted by expert and every chosen expert runs its own
   two matmuls on its tokens only. Pays for many tokens (prefill) when ``k`` is a small part of ``E``.
-- :func:`sliced`: one token (batch-1 decoding): each chosen expert's rows of ``A`` and columns of ``B``
-  are views (contiguous slices, nothing copied) and its coefficient a Python number, so a chosen
-  expert costs two matmuls and nothing else, whatever ``E``.
+- :func:`sliced`: few tokens (decoding): each expert some token chose has its rows of ``A`` and columns
+  of ``B`` as views (contiguous slices, nothing copied), so it costs two matmuls (and, for several
+  tokens, one multiply by each token's scaling of it), whatever ``E``.
 - :func:`fold`: with scalings fixed per sequence (prompt granularity) the coefficients are folded into
   ``A`` once, ``A' = diag(c)·A`` per sequence, keeping only the columns with ``c ≠ 0``; each decoding
   step is then two plain matmuls with no scaling op.
@@ -80,19 +80,40 @@ def gathered(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, cols: torch.Tens
     return torch.bmm(h.unsqueeze(1), b.permute(1, 2, 0)).squeeze(1)  # [n, out]
 
 
-def sliced(x: torch.Tensor, y: torch.Tensor, A: torch.Tensor, B: torch.Tensor, chosen: list[tuple[float, int]],
-           spans: dict[int, tuple[int, int, float]], weight: float) -> torch.Tensor:
-    """One token: ``x`` ``[1, in]`` (the experts' dtype), ``y`` ``[1, out]`` (the base output), the chosen
-    ``(s, e)`` pairs, and ``spans[e] = (c0, c1, α/r)`` for the experts with columns here ->
-    ``y + Σ_{chosen e} weight·s·α/r · B[:, c0:c1] · (A[c0:c1] · x)``: one ``linear`` and one ``addmm`` per
-    chosen expert, on views of ``A`` and ``B`` (nothing gathered)."""
+def choices_by_layer(values: torch.Tensor, experts: torch.Tensor, num_experts: int
+                     ) -> list[list[tuple[float | torch.Tensor, int]]]:
+    """The top-k choice ``values``, ``experts`` ``[b, t, L, k]`` of ``n = b·t`` tokens -> per layer, ``(s, e)``
+    for each expert ``e`` some token chose (one read from the device for all layers). One token: ``s`` its
+    scaling, a Python number; several: ``s`` ``[n, 1]``, each token's scaling of ``e`` (0 where it did not
+    choose ``e``), a view of one ``[L, E, n, 1]`` tensor."""
+    b, t, L, k = values.shape
+    if b * t == 1:
+        return [list(zip(v, e)) for v, e in zip(values[0, 0].tolist(), experts[0, 0].tolist())]
+    n = b * t
+    s = values.new_zeros(n, L, num_experts).scatter_(-1, experts.reshape(n, L, k), values.reshape(n, L, k))
+    used, cols = (s != 0).any(0).tolist(), s.permute(1, 2, 0).unsqueeze(-1).contiguous()  # [L][E], [L, E, n, 1]
+    return [[(cols[l, e], e) for e in range(num_experts) if used[l][e]] for l in range(L)]
+
+
+def sliced(x: torch.Tensor, y: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
+           chosen: list[tuple[float | torch.Tensor, int]], spans: dict[int, tuple[int, int, float]],
+           weight: float) -> torch.Tensor:
+    """Few tokens: ``x`` ``[n, in]`` (the experts' dtype), ``y`` ``[n, out]`` (the base output), the chosen
+    ``(s, e)`` pairs of :func:`choices_by_layer` (``s`` a number for one token, ``[n, 1]`` for several) and
+    ``spans[e] = (c0, c1, α/r)`` for the experts with columns here ->
+    ``y + Σ_e weight·α/r · (s ⊙ (x · A[c0:c1]ᵀ)) · B[:, c0:c1]ᵀ``: per chosen expert one ``linear``, one
+    ``addmm`` (and for several tokens one multiply), on views of ``A`` and ``B`` (nothing gathered)."""
     fused = y.dtype == A.dtype
     delta = y if fused else None
     for s, e in chosen:
-        if s == 0 or e not in spans:
+        per_token = isinstance(s, torch.Tensor)
+        if e not in spans or (not per_token and s == 0):
             continue
         c0, c1, scale = spans[e]
-        c, h = s * scale * weight, F.linear(x, A[c0:c1])  # h: [1, r]
+        h = F.linear(x, A[c0:c1])  # [n, r]
+        c = scale * weight if per_token else s * scale * weight
+        if per_token:
+            h = h * s.to(h.dtype)
         if not fused:  # experts in another dtype than the output (fp16 on a float32 base): scale h before B,
             h, c = h * c, 1.0  # as the dense path does, so that h·Bᵀ cannot overflow before it is scaled
         delta = F.linear(h, B[:, c0:c1]) if delta is None else torch.addmm(delta, h, B[:, c0:c1].t(), alpha=c)
