@@ -113,7 +113,7 @@ def sliced(x: torch.Tensor, y: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
         h = F.linear(x, A[c0:c1])  # [n, r]
         c = scale * weight if per_token else s * scale * weight
         if per_token:
-            h = h * s.to(h.dtype)
+            h = h.mul_(s.to(h.dtype))  # h is fresh from the linear: scaled in place
         if not fused:  # experts in another dtype than the output (fp16 on a float32 base): scale h before B,
             h, c = h * c, 1.0  # as the dense path does, so that h·Bᵀ cannot overflow before it is scaled
         delta = F.linear(h, B[:, c0:c1]) if delta is None else torch.addmm(delta, h, B[:, c0:c1].t(), alpha=c)
