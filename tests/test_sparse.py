@@ -54,7 +54,8 @@ def calls(monkeypatch) -> list[str]:
 # they chose are few); more tokens at E = 64 gather (reachable here with slicing off); at least E tokens group;
 # the rest is dense
 CASES = [(64, 2, 1, 1, "sliced"), (16, 2, 1, 1, "sliced"), (4, 2, 1, 1, "sliced"), (4, 1, 1, 1, "sliced"),
-         (64, 2, 3, 1, "sliced"), (64, 2, 2, 4, "sliced"), (16, 2, 4, 1, "sliced"), (64, 1, 2, 1, "gathered"),
+         (64, 2, 3, 1, "sliced"), (64, 2, 2, 2, "sliced"), (16, 1, 2, 1, "sliced"), (64, 1, 2, 1, "gathered"),
+         (64, 2, 8, 1, None),
          (16, 2, 4, 4, "grouped"), (16, 2, 2, 9, "grouped"), (64, 4, 4, 16, "grouped"), (16, 1, 2, 8, "grouped"),
          (16, 2, 2, 7, None), (4, 2, 2, 9, None)]
 
@@ -77,12 +78,12 @@ def test_top_k_paths_equal_the_dense_layer(num, k, b, t, path, skip, calls, monk
     assert (dense - layer.base_layer(x)).abs().max() > 0.05  # the experts really contribute
 
 
-@pytest.mark.parametrize(("pairs", "path"), [([(0, 1), (1, 0)], "sliced"), ([(0, 1), (2, 3)], None)])
+@pytest.mark.parametrize(("pairs", "path"), [([(0, 9), (9, 0)], "sliced"), ([(0, 9), (2, 3)], None)])
 def test_few_tokens_slice_only_while_the_experts_they_chose_are_few(pairs, path, calls):
-    """Two tokens of four experts, top-2: the same pair (union 2 <= E/2) slices, disjoint pairs (union 4) run
-    dense; both equal the dense layer."""
-    layer, state = layer_of(4)
-    s = torch.zeros(1, 2, L, 4)
+    """Two tokens of sixteen experts, top-2: the same pair (2 experts, <= E/UNION_SHARE) slices, disjoint pairs
+    (4) run dense; both equal the dense layer."""
+    layer, state = layer_of(16)
+    s = torch.zeros(1, 2, L, 16)
     for token, (e1, e2) in enumerate(pairs):
         s[0, token, :, e1], s[0, token, :, e2] = 0.7 - 0.1 * token, 0.3 + 0.1 * token
     x = torch.randn(1, 2, IN, generator=torch.Generator().manual_seed(13))
@@ -94,6 +95,7 @@ def test_few_tokens_slice_only_while_the_experts_they_chose_are_few(pairs, path,
     assert calls == ([] if path is None else [path])
     assert [e for _, e in chosen] == sorted({e for p in pairs for e in p})
     torch.testing.assert_close(got, dense, rtol=0, atol=1e-5)
+    assert (dense - layer.base_layer(x)).abs().max() > 0.05
 
 
 def test_chosen_is_computed_once_per_pass_and_holds_every_nonzero():

@@ -185,7 +185,7 @@ class MixtureLoraLinear(nn.Module):
     # Sparse top-k: <= SLICE_TOKENS tokens slice the chosen experts' A, B (one token: whatever E; more: when the
     # experts they chose are <= E_l/UNION_SHARE); more tokens gather (chosen columns <= R/GATHER_SHARE) or group
     # by expert (chosen experts <= E_l/GROUP_SHARE and tokens >= E_l); else dense.
-    GATHER_SHARE, GROUP_SHARE, SLICE_TOKENS, UNION_SHARE = 16, 4, 8, 2
+    GATHER_SHARE, GROUP_SHARE, SLICE_TOKENS, UNION_SHARE = 16, 4, 8, 8
 
     def _init_sparse(self, num_experts: int, col_scale: torch.Tensor) -> None:
         """Tables from a global expert index to this module's columns (local index ``E_l`` = not here)."""
@@ -215,7 +215,7 @@ class MixtureLoraLinear(nn.Module):
                 or (torch.is_grad_enabled() and state.scalings.requires_grad)):
             return None
         chosen = state.chosen_slices()[self.layer_index]
-        if n > 1 and len(chosen) * self.UNION_SHARE > len(self.expert_ids):
+        if n > 1 and sum(e in self._span_of for _, e in chosen) * self.UNION_SHARE > len(self.expert_ids):
             return None
         out = sparse.sliced(self._cast(x).reshape(n, -1), y.reshape(n, -1), self.lora_A, self.lora_B, chosen,
                             self._span_of, state.global_weight)
