@@ -17,6 +17,7 @@ between top-2 and dense).
     .venv/bin/python benchmarks/topk.py                 # ~3 min on 2 idle cores
     .venv/bin/python benchmarks/topk.py --reps 2 --new 4 --experts 4 64
     .venv/bin/python benchmarks/topk.py --batch 8 --new 8 --prompt 16
+    .venv/bin/python benchmarks/topk.py --batch 8 --new 8 --prompt 16 --experts 64 --force-paths
     .venv/bin/python benchmarks/topk.py --module --reps 20     # one gate_proj alone, seconds
 """
 
@@ -80,6 +81,40 @@ def dense_paths():
         yield
     finally:
         MixtureLoraLinear.GATHER_SHARE, MixtureLoraLinear.GROUP_SHARE, MixtureLoraLinear.SLICE_TOKENS = saved
+
+
+FORCED = {"dense": dict(SLICE_TOKENS=0, GATHER_SHARE=float("inf"), GROUP_SHARE=float("inf")),
+          "sliced": dict(SLICE_TOKENS=1 << 30, UNION_SHARE=0, GATHER_SHARE=float("inf"), GROUP_SHARE=float("inf")),
+          "gathered": dict(SLICE_TOKENS=0, GATHER_SHARE=0, GROUP_SHARE=float("inf"))}
+
+
+@contextmanager
+def forced(path: str):
+    """Every decoding pass through one path whatever the thresholds (``FORCED``), to set the thresholds."""
+    saved = {k: getattr(MixtureLoraLinear, k) for k in ("SLICE_TOKENS", "UNION_SHARE", "GATHER_SHARE", "GROUP_SHARE")}
+    for k, v in FORCED[path].items():
+        setattr(MixtureLoraLinear, k, v)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            setattr(MixtureLoraLinear, k, v)
+
+
+def forced_rows(models: dict[int, XLoraModel], ids: torch.Tensor, new: int, reps: int) -> None:
+    """Decode ms/token per E with each path forced (the prompt too, where it applies), interleaved."""
+    rows = [(E, path) for E in models for path in FORCED]
+    times: dict[tuple[int, str], list[float]] = {r: [] for r in rows}
+    for rep in range(reps + 1):  # rep 0 warms up
+        for E, path in rows[rep % len(rows):] + rows[: rep % len(rows)]:
+            with forced(path):
+                decode = run(models[E], ids, new)[1]
+            if rep:
+                times[E, path].append(decode)
+    print(f"\nbatch {ids.shape[0]}, each path forced, {reps} interleaved reps (medians, max/min)")
+    for E, path in rows:
+        t = times[E, path]
+        print(f"{E:>3} {path:>9} {statistics.median(t) * 1e3:8.1f} ms/token  spread {max(t) / min(t):.2f}")
 
 
 @torch.inference_mode()
@@ -147,6 +182,8 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--module", action="store_true", help="one module alone (seconds), not the whole model")
+    ap.add_argument("--force-paths", action="store_true", help="decode with each sparse path forced (dense, sliced, "
+                    "gathered) instead of the top-2/dense rows: what sets the thresholds")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -158,6 +195,9 @@ def main() -> None:
         dirs = write_experts(smollm2_shaped(), Path(tmp))
         models = {E: build(E, dirs) for E in args.experts}
     ids = torch.randint(0, 49152, (args.batch, args.prompt), generator=torch.Generator().manual_seed(1))
+    if args.force_paths:
+        forced_rows(models, ids, args.new, args.reps)
+        return
     rows = [(E, mode) for E in args.experts for mode in ("top-2", "dense")]
     times: dict[tuple[int, str], list[tuple[float, float]]] = {r: [] for r in rows}
     logits: dict[tuple[int, str], torch.Tensor] = {}
