@@ -10,9 +10,10 @@ Rows, per E: ``top-2`` (the sparse paths: the chosen experts sliced, gathered or
 ``dense`` (the same model with the sparse paths switched off, every expert computed and multiplied by its
 0); prefill of a ``--prompt``-token prompt and per-token decoding (token granularity: both passes, with
 the dual cache) at batch ``--batch`` (default 1; each row its own random prompt, so rows choose different
-experts: the random head is the worst case for the experts a decoding step's rows share). Repetitions are interleaved in a rotating order; medians, spread
-(max/min) and the ratios are printed side by side, with an exactness check (max |logit difference|
-between top-2 and dense).
+experts: the random head is the worst case for the experts a decoding step's rows share). Repetitions
+are interleaved in a rotating order; medians, spread (max/min) and the ratios are printed side by side,
+with an exactness check (max |logit difference| between top-2 and dense). ``--force-paths`` times
+decoding with each sparse path forced instead (what set the thresholds).
 
     .venv/bin/python benchmarks/topk.py                 # ~3 min on 2 idle cores
     .venv/bin/python benchmarks/topk.py --reps 2 --new 4 --experts 4 64
@@ -71,18 +72,6 @@ def build(E: int, dirs: list[Path], top_k: int | None = 2) -> XLoraModel:
     return model
 
 
-@contextmanager
-def dense_paths():
-    """Switch the sparse paths off (every expert computed), for the dense rows."""
-    saved = MixtureLoraLinear.GATHER_SHARE, MixtureLoraLinear.GROUP_SHARE, MixtureLoraLinear.SLICE_TOKENS
-    MixtureLoraLinear.GATHER_SHARE = MixtureLoraLinear.GROUP_SHARE = float("inf")
-    MixtureLoraLinear.SLICE_TOKENS = 0
-    try:
-        yield
-    finally:
-        MixtureLoraLinear.GATHER_SHARE, MixtureLoraLinear.GROUP_SHARE, MixtureLoraLinear.SLICE_TOKENS = saved
-
-
 FORCED = {"dense": dict(SLICE_TOKENS=0, GATHER_SHARE=float("inf"), GROUP_SHARE=float("inf")),
           "sliced": dict(SLICE_TOKENS=1 << 30, UNION_SHARE=0, GATHER_SHARE=float("inf"), GROUP_SHARE=float("inf")),
           "gathered": dict(SLICE_TOKENS=0, GATHER_SHARE=0, GROUP_SHARE=float("inf"))}
@@ -90,7 +79,8 @@ FORCED = {"dense": dict(SLICE_TOKENS=0, GATHER_SHARE=float("inf"), GROUP_SHARE=f
 
 @contextmanager
 def forced(path: str):
-    """Every decoding pass through one path whatever the thresholds (``FORCED``), to set the thresholds."""
+    """Every pass through one path whatever the thresholds (``FORCED``): ``dense`` (every expert computed and
+    multiplied by its 0) for the dense rows, each path in turn to set the thresholds."""
     saved = {k: getattr(MixtureLoraLinear, k) for k in ("SLICE_TOKENS", "UNION_SHARE", "GATHER_SHARE", "GROUP_SHARE")}
     for k, v in FORCED[path].items():
         setattr(MixtureLoraLinear, k, v)
@@ -156,7 +146,7 @@ def module_rows(experts: list[int], reps: int, calls: int = 200) -> None:
         for rep in range(reps + 1):
             for E, mode in rows[rep % len(rows):] + rows[: rep % len(rows)]:
                 layer, state = layers[E]
-                with state.use(scalings=scalings[E], top_k=2), dense_paths() if mode == "dense" else nullcontext():
+                with state.use(scalings=scalings[E], top_k=2), forced("dense") if mode == "dense" else nullcontext():
                     call = base if mode == "base" else layer
                     t0 = time.perf_counter()
                     for _ in range(calls):
@@ -203,13 +193,14 @@ def main() -> None:
     logits: dict[tuple[int, str], torch.Tensor] = {}
     for rep in range(args.reps + 1):  # rep 0 warms up
         for E, mode in rows[rep % len(rows):] + rows[: rep % len(rows)]:
-            with dense_paths() if mode == "dense" else nullcontext():
+            with forced("dense") if mode == "dense" else nullcontext():
                 prefill, decode, logits[E, mode] = run(models[E], ids, args.new)
             if rep:
                 times[E, mode].append((prefill, decode))
     med = {r: [statistics.median(t[i] for t in times[r]) for i in (0, 1)] for r in rows}
     spread = {r: [max(t[i] for t in times[r]) / min(t[i] for t in times[r]) for i in (0, 1)] for r in rows}
-    print(f"\nbatch {args.batch}, prompt {args.prompt}, {args.new} new tokens, {args.reps} interleaved reps (medians, max/min)")
+    print(f"\nbatch {args.batch}, prompt {args.prompt}, {args.new} new tokens, {args.reps} interleaved reps "
+          "(medians, max/min)")
     print(f"{'E':>3} {'mode':>6} {'prefill ms':>11} {'spread':>6} {'decode ms/tok':>14} {'spread':>6}"
           f" {'top-2/dense decode':>19} {'max|dlogit|':>11}")
     for E, mode in rows:

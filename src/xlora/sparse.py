@@ -110,10 +110,11 @@ def sliced(x: torch.Tensor, y: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
         if e not in spans or (not per_token and s == 0):
             continue
         c0, c1, scale = spans[e]
-        h = F.linear(x, A[c0:c1])  # [n, r]
-        c = scale * weight if per_token else s * scale * weight
+        h, c = F.linear(x, A[c0:c1]), scale * weight  # h: [n, r]
         if per_token:
-            h = h.mul_(s.to(h.dtype))  # h is fresh from the linear: scaled in place
+            h.mul_(s.to(h.dtype))  # each token's scaling of e; h is fresh from the linear, so in place
+        else:
+            c *= s
         if not fused:  # experts in another dtype than the output (fp16 on a float32 base): scale h before B,
             h, c = h * c, 1.0  # as the dense path does, so that h·Bᵀ cannot overflow before it is scaled
         delta = F.linear(h, B[:, c0:c1]) if delta is None else torch.addmm(delta, h, B[:, c0:c1].t(), alpha=c)

@@ -154,11 +154,10 @@ def load_demo(assets: str | os.PathLike | None = None, base_dir: str | os.PathLi
 
     folder = Path(assets) if assets is not None else ASSETS
     if not (folder / CONFIG_FILE).is_file():
-        fix = ("give a folder written by save_pretrained or xlora train (CLI: --assets DIR)" if assets is not None
-               else "retrain them with `xlora demo --retrain`")
-        what = f"assets {str(assets)!r} is not an X-LoRA directory" if assets is not None else \
-            f"no X-LoRA demo assets in {folder}"
-        raise FileNotFoundError(f"{what} ({CONFIG_FILE} missing); {fix}")
-    assets = folder
+        if assets is None:
+            raise FileNotFoundError(f"no X-LoRA demo assets in {folder} ({CONFIG_FILE} missing); retrain them with "
+                                    "`xlora demo --retrain`")
+        raise FileNotFoundError(f"assets {str(assets)!r} is not an X-LoRA directory ({CONFIG_FILE} missing); give a "
+                                "folder written by save_pretrained or xlora train (CLI: --assets DIR)")
     base, tokenizer = load_base(base_dir)
-    return XLoraModel.from_pretrained(assets, base_model=base).eval(), tokenizer
+    return XLoraModel.from_pretrained(folder, base_model=base).eval(), tokenizer
