@@ -179,7 +179,8 @@ def _add_demo_parsers(sub: argparse._SubParsersAction) -> None:
                                     "uniform mix, PEFT's Arrow and the oracle (no MODEL_DIR: the earlier five-domain "
                                     "demo assets)")
     p.add_argument("model_dir", nargs="?", default=None, help="an X-LoRA directory in any format xlora reads")
-    p.add_argument("--out", default="xlora-eval", help="folder for eval.md, eval.json, eval.png (default: xlora-eval)")
+    p.add_argument("--out", default="xlora-eval",
+                   help="folder for eval.md, eval.json, eval_records.jsonl, eval.png (default: xlora-eval)")
     _add_eval_data_flags(p)
     g = p.add_argument_group("the demo's evaluation (without MODEL_DIR)")
     keep, demo = argparse.SUPPRESS, commands.DEMO_EVAL_DEFAULTS  # absent unless given: refused with MODEL_DIR
@@ -213,6 +214,8 @@ def _add_eval_data_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--answer-batch-size", type=_positive, default=keep, metavar="N",
                    help="prompts answered together (default: 2 x --batch-size; on a GPU its KV cache is twice the size)")
     g.add_argument("--skip-bad", action="store_true", default=keep, help="skip and count bad records instead of stopping")
+    g.add_argument("--resamples", type=_count, default=keep, metavar="B",
+                   help="bootstrap resamples of the 95%% intervals of X-LoRA's loss over each row's (default 2000; 0: none)")
 
 
 def _add_model_parsers(sub: argparse._SubParsersAction) -> None:

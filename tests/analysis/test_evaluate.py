@@ -172,9 +172,10 @@ def test_routing_and_collapse_equal_the_heads_scalings(setup, result):
 
 def test_json_schema_and_files(result, tmp_path):
     paths = result.write(tmp_path)
-    assert [p.name for p in paths] == ["eval.md", "eval.json", "eval.png"]
+    assert [p.name for p in paths] == ["eval.md", "eval.json", "eval_records.jsonl", "eval.png"]
     js = json.loads((tmp_path / "eval.json").read_text())
-    assert list(js) == ["format", "model", "records", "domains", "configs", "routing", "collapse", "skipped"]
+    assert list(js) == ["format", "model", "records", "domains", "configs", "routing", "collapse", "skipped",
+                        "intervals"]
     assert js["format"] == "xlora-eval/1" and js["model"] == "tiny" and js["records"] == 7
     assert js["domains"] == ["alpha", "beta", "gamma", "delta"] and js["skipped"] == {}
     for row in js["configs"].values():
@@ -184,8 +185,37 @@ def test_json_schema_and_files(result, tmp_path):
     assert list(js["routing"]) == ["mean", "top1_own"]
     assert list(js["collapse"]) == ["max_expert_share", "mean_entropy", "mean_entropy_normalized"]
     md = (tmp_path / "eval.md").read_text()
-    assert md.count("\n| ") == (1 + 8) + (1 + 4) and "| oracle |" in md and "| arrow |" in md and "top-1 own" in md
+    assert md.count("\n| ") == (1 + 8) + (1 + 7) + (1 + 4) and "| oracle |" in md and "| arrow |" in md
+    assert "top-1 own" in md and "95% Wilson interval" in md and "paired bootstrap" in md
     assert (tmp_path / "eval.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_records_file_sums_to_the_losses_and_intervals_hold_the_ratios(result, tmp_path):
+    """eval_records.jsonl: one line per record whose NLLs sum, per row and domain, to the table's losses (the oracle:
+    each record's own expert); the intervals: X-LoRA's mixed loss over each row's, inside its bootstrap interval."""
+    result.write(tmp_path, png=False)
+    lines = [json.loads(line) for line in (tmp_path / "eval_records.jsonl").read_text().splitlines()]
+    assert sorted(int(r["where"].rsplit("line ", 1)[1]) for r in lines) == list(range(1, 8))  # each record once
+    assert sorted(r["domain"] for r in lines) == sorted(r["domain"] for r in RECORDS)
+    for row, cfg in result.configs.items():
+        for d, loss in cfg["loss"].items():
+            mine = [r for r in lines if row in r["nll"] and (d == "mixed" or r["domain"] == d)]
+            assert sum(r["nll"][row] for r in mine) / sum(r["tokens"] for r in mine) == pytest.approx(loss, rel=1e-12)
+    assert all(r["nll"]["oracle"] == r["nll"][r["domain"]] for r in lines if r["domain"] in NAMES)
+    assert {r["top1"] for r in lines} <= set(NAMES) and all(r["top1"] for r in lines)
+    spans = result.intervals
+    assert spans["reference"] == "xlora" and spans["resamples"] == 2000 and spans["level"] == 0.95
+    assert list(spans["loss_ratio"]) == ["base", *NAMES, "uniform", "oracle", "arrow"]
+    x = result.configs["xlora"]["loss"]
+    for row, cells in spans["loss_ratio"].items():
+        both = [r for r in lines if row in r["nll"]]  # the oracle leaves out delta, which names no expert
+        expected = sum(r["nll"]["xlora"] for r in both) / sum(r["nll"][row] for r in both)
+        assert cells["mixed"][0] == pytest.approx(expected, rel=1e-12)
+        if row != "oracle":
+            assert expected == pytest.approx(x["mixed"] / result.configs[row]["loss"]["mixed"], rel=1e-12)
+        for ratio, low, high in cells.values():
+            assert low <= ratio <= high
+    assert spans["top1_own"].keys() == result.routing["top1_own"].keys()
 
 
 def test_prompt_completion_without_chat_is_joined_as_the_trainer_joins(setup):
@@ -326,14 +356,15 @@ def test_eval_config_errors_name_the_field():
         EvalConfig(answer_batch_size=0)
 
 
-def test_cli_eval_writes_the_three_files(setup, tmp_path, capsys):
+def test_cli_eval_writes_its_files(setup, tmp_path, capsys):
     from xlora.cli import main
 
     model, tok, root, _, data = setup
     out = tmp_path / "out"
     assert main(["eval", str(root / "xlora"), "--data", str(data), "--base", str(root / "base"), "--out", str(out),
-                 "--arrow-top-k", "2", "--batch-size", "4"]) == 0
+                 "--arrow-top-k", "2", "--batch-size", "4", "--resamples", "300"]) == 0
     js = json.loads((out / "eval.json").read_text())
+    assert js["intervals"]["resamples"] == 300 and len((out / "eval_records.jsonl").read_text().splitlines()) == 7
     assert js["model"] == str(root / "xlora") and list(js["configs"]) == ["base", *NAMES, "uniform", "oracle",
                                                                          "arrow", "xlora"]
     printed = capsys.readouterr().out

@@ -58,6 +58,13 @@ def test_demo_table_equals_the_engine_on_the_exported_records(demo, tmp_path):
     assert targets["mixed loss / oracle's"] == (pytest.approx(x / table.loss["oracle"]["mixed"]), 1.0)
     md = table.to_markdown()
     assert "| oracle |" in md and "| arrow |" in md
+    # the targets carry the engine's intervals: the same numbers as xlora eval's on the same records
+    assert table.intervals["loss_ratio"] == result.intervals["loss_ratio"]
+    ratio, low, high = table.intervals["loss_ratio"]["oracle"]["mixed"]
+    assert ratio == pytest.approx(x / table.loss["oracle"]["mixed"], rel=1e-9)
+    assert f"- mixed loss / oracle's: {ratio:.3f} [{low:.3f}, {high:.3f}] (bound 1)" in md
+    w = table.intervals["top1_own"]["general"]
+    assert f"- top-1 routing general: {table.routing_top1['general']:.3f} [{w[0]:.2f}, {w[1]:.2f}]" in md
     assert f"| mathematics | {table.routing['mathematics']['mathematics']:.3f} |" in md
 
 

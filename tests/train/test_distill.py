@@ -399,6 +399,7 @@ def test_a_crash_resumes_from_the_last_periodic_checkpoint(world, capsys, monkey
 
     import xlora.train.distill as distill_module
     from xlora.train.distill import CHECKPOINT_FILE
+    from xlora.train.distill_config import resume_settings
     from xlora.train.loop_checkpoint import saved_state
 
     kw = dict(steps=6, save_every=2, learning_rate=5e-2)
@@ -416,7 +417,9 @@ def test_a_crash_resumes_from_the_last_periodic_checkpoint(world, capsys, monkey
         distill(config(world, "crash", 1, **kw))
     monkeypatch.undo()
     out = world["root"] / "crash"
-    assert saved_state(out / CHECKPOINT_FILE)["settings"] is not None and [m["step"] for m in metrics(out)] == [1, 2, 3, 4]
+    saved = saved_state(out / CHECKPOINT_FILE)
+    assert saved["settings"] == resume_settings(config(world, "crash", 1, **kw)) and saved["step"] == 4
+    assert [m["step"] for m in metrics(out)] == [1, 2, 3, 4]
     evaluations, evaluate = [], distill_module.evaluate_student
     monkeypatch.setattr(distill_module, "evaluate_student", lambda *a: evaluations.append(1) or evaluate(*a))
     rest = distill(config(world, "crash", 1, **kw))

@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 
+from xlora.analysis.eval_intervals import RESAMPLES, RecordLosses, intervals, ratio_markdown
 from xlora.analysis.eval_numeric import numeric_fit, numeric_markdown
 from xlora.files import atomic_write, atomic_write_text
 
@@ -35,6 +36,7 @@ class Totals:
         self.counts: dict[str, int] = {}
         self.weight = torch.zeros(E, dtype=torch.float64)
         self.entropy, self.scored = 0.0, 0
+        self.per_record: list[RecordLosses] = []  # every record's NLL per row, for intervals and eval_records.jsonl
 
     def _add(self, row: str, domain: str, nll: float, n: int) -> None:
         self.sums[row][domain] = self.sums[row].get(domain, 0.0) + nll
@@ -46,19 +48,27 @@ class Totals:
             d = rec.domain if rec.domain is not None else UNLABELLED
             self.domains.setdefault(d)  # callers may register them first, in file order
             self.records += 1
+            raw_id = rec.raw.get("id") if isinstance(rec.raw, dict) else None
+            entry = RecordLosses(rec.where, d, scored[i], record_id=None if raw_id is None else str(raw_id))
             for row in self.rows:
                 if row in losses:
                     self._add(row, d, losses[row][i], scored[i])
+                    entry.nll[row] = losses[row][i]
             if ORACLE in self.rows and rec.domain in self.names:
                 self._add(ORACLE, d, losses[rec.domain][i], scored[i])
+                entry.nll[ORACLE] = losses[rec.domain][i]
+            self.per_record.append(entry)
 
     def add_routing(self, chunk: list[Any], scalings: torch.Tensor, target: torch.Tensor,
                     entropy: torch.Tensor) -> None:
         """``scalings`` ``[b, T, L, E]``, ``target``/``entropy`` ``[b, T]``, position t scoring token t+1."""
         s = scalings.mean(2)  # [b, T, E], modules averaged
+        entries = self.per_record[-len(chunk):]  # add_losses registered this chunk last
         for i, rec in enumerate(chunk):
             m = target[i]
             per_token = s[i][m]  # [n, E]
+            if len(per_token):
+                entries[i].top1 = self.names[int(per_token.mean(0).argmax())]
             self.weight += per_token.sum(0)
             self.entropy += float(entropy[i][m].sum())
             self.scored += int(m.sum())
@@ -70,7 +80,10 @@ class Totals:
             self.counts[d] = self.counts.get(d, 0) + 1
             self.hits[d] = self.hits.get(d, 0) + (self.names[int(per_token.mean(0).argmax())] == d)
 
-    def result(self, model: str, skipped: dict[str, str], chat: bool) -> EvalResult:
+    def result(self, model: str, skipped: dict[str, str], chat: bool, reference: str | None = None,
+               resamples: int = RESAMPLES) -> EvalResult:
+        """The totals as an :class:`EvalResult`; with ``resamples`` > 0 and a ``reference`` row (X-LoRA), the
+        :mod:`~xlora.analysis.eval_intervals` of its loss over every other row's and of the top-1 own shares."""
         doms = list(self.domains)
         configs, notes = {}, []
         for row in self.rows:
@@ -97,7 +110,13 @@ class Totals:
             h = self.entropy / self.scored
             collapse = {"max_expert_share": float(self.weight.max() / self.weight.sum().clamp_min(1e-300)),
                         "mean_entropy": h, "mean_entropy_normalized": h / math.log(E) if E > 1 else 0.0}
-        return EvalResult(model, self.records, doms, configs, routing, collapse, skipped, chat=chat, notes=notes)
+        spans = None
+        if resamples > 0 and reference in configs:
+            spans = intervals(self.per_record, reference, [r for r in self.rows if r in configs],
+                              {d: self.hits[d] for d in self.counts if d in self.names},
+                              {d: self.counts[d] for d in self.counts if d in self.names}, resamples)
+        return EvalResult(model, self.records, doms, configs, routing, collapse, skipped, chat=chat, notes=notes,
+                          intervals=spans, per_record=self.per_record)
 
 
 @dataclass
@@ -107,8 +126,11 @@ class EvalResult:
     ``configs[row]``: ``loss`` (nats per scored token, per domain and ``mixed``), ``tokens`` (scored tokens
     per domain), ``task_score`` (None, or the mean check score per domain and ``mixed``; an expert that answered
     only its own domain, ``EvalConfig.expert_answers == "own"``, has no ``mixed``) and, when some
-    answered records have numeric checks, ``numeric`` (R² and MAE per task, :mod:`xlora.analysis.eval_numeric`). Not in the
-    JSON: ``answers`` (each row's generated answers, in the order of ``samples``, the raw records answered).
+    answered records have numeric checks, ``numeric`` (R² and MAE per task, :mod:`xlora.analysis.eval_numeric`).
+    ``intervals`` (or None): X-LoRA's loss over each row's with a paired bootstrap interval, and Wilson intervals
+    of the top-1 own shares (:func:`xlora.analysis.eval_intervals.intervals`). Not in the JSON: ``per_record``
+    (every record's NLL per row, written to ``eval_records.jsonl``), ``answers`` (each row's generated answers,
+    in the order of ``samples``, the raw records answered).
     """
 
     model: str
@@ -120,6 +142,8 @@ class EvalResult:
     skipped: dict[str, str]
     chat: bool = False
     notes: list[str] = field(default_factory=list)
+    intervals: dict[str, Any] | None = None
+    per_record: list[RecordLosses] = field(default_factory=list)
     bad_records: list[str] = field(default_factory=list)
     answers: dict[str, list[str | None]] = field(default_factory=dict)
     samples: list[dict[str, Any]] = field(default_factory=list)
@@ -128,7 +152,7 @@ class EvalResult:
     def to_json(self) -> dict[str, Any]:
         return {"format": FORMAT, "model": self.model, "records": self.records, "domains": list(self.domains),
                 "configs": self.configs, "routing": self.routing, "collapse": self.collapse,
-                "skipped": dict(self.skipped)}
+                "skipped": dict(self.skipped), "intervals": self.intervals}
 
     def set_task_scores(self, samples: list[Any], checker: Callable[[dict[str, Any], str], float]) -> None:
         """Score every row's answers to ``samples`` with ``checker(raw record, answer)``."""
@@ -153,19 +177,22 @@ class EvalResult:
         out = [f"`{self.model}` on {self.records} records ({'chat' if self.chat else 'plain'} rendering); "
                f"scored tokens: " + ", ".join(f"{d} {n}" for d, n in self._tokens().items()) + "\n\n"]
         out += ["Loss (mean NLL per scored token, nats; lower is better):\n\n",
-                _table(self.configs, "loss", cols, min)]
+                _table(self.configs, "loss", cols, min), ratio_markdown(self.intervals, cols)]
         if any(c["task_score"] for c in self.configs.values()):
             out += ["\nTask score (share of generated answers that pass their check; higher is better):\n\n",
                     _table(self.configs, "task_score", cols, max), numeric_markdown(self.configs)]
         if self.routing:
             experts = list(next(iter(self.routing["mean"].values())))
             out += ["\nX-LoRA routing (mean scalings over scored positions, modules averaged; top-1 own: share of "
-                    "the domain's records whose largest mean scaling is its own expert):\n\n",
+                    "the domain's records whose largest mean scaling is its own expert"
+                    + (f", with its {self.intervals['level']:.0%} Wilson interval" if self.intervals else "") + "):\n\n",
                     "| domain | " + " | ".join(experts) + " | top-1 own |\n|---|" + "---:|" * (len(experts) + 1) + "\n"]
+            wilson = self.intervals["top1_own"] if self.intervals else {}
             for d, row in self.routing["mean"].items():
                 own = self.routing["top1_own"].get(d)
+                span = f" [{wilson[d][0]:.2f}, {wilson[d][1]:.2f}]" if d in wilson else ""
                 out.append(f"| {d} | " + " | ".join(f"{v:.3f}" for v in row.values())
-                           + f" | {'' if own is None else f'{own:.3f}'} |\n")
+                           + f" | {'' if own is None else f'{own:.3f}'}{span} |\n")
         if self.collapse:
             c = self.collapse
             out.append(f"\nCollapse: largest expert's share of the weight {c['max_expert_share']:.3f}; mean per-token "
@@ -183,12 +210,14 @@ class EvalResult:
         return {}
 
     def write(self, out_dir: str | Path, png: bool = True) -> list[Path]:
-        """``eval.md``, ``eval.json`` and (with matplotlib) ``eval.png`` in ``out_dir``, atomically."""
+        """``eval.md``, ``eval.json``, ``eval_records.jsonl`` (every record's NLL per row, for pairing runs on the
+        same data) and (with matplotlib) ``eval.png`` in ``out_dir``, atomically."""
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         atomic_write_text(out / "eval.md", self.to_markdown())
         atomic_write_text(out / "eval.json", json.dumps(self.to_json(), indent=2) + "\n")
-        paths = [out / "eval.md", out / "eval.json"]
+        atomic_write_text(out / "eval_records.jsonl", "".join(json.dumps(r.to_json()) + "\n" for r in self.per_record))
+        paths = [out / "eval.md", out / "eval.json", out / "eval_records.jsonl"]
         if png:
             paths.append(self.plot(out / "eval.png"))
         return paths

@@ -40,6 +40,7 @@ from xlora.analysis.eval_data import (
     iter_eval_records,
     left_padded,
 )
+from xlora.analysis.eval_intervals import RESAMPLES
 from xlora.analysis.eval_report import ORACLE, UNLABELLED, EvalResult, Totals
 from xlora.analysis.stats import token_entropy
 from xlora.generation import pad_token_id
@@ -67,6 +68,8 @@ class EvalConfig:
         expert_answers: ``"all"``: every expert answers every sampled record; ``"own"``: each expert answers
             only its own domain's records (``E`` times fewer expert answers; the oracle row is unchanged and the
             expert rows get no ``mixed`` task score).
+        resamples: bootstrap resamples of the intervals of X-LoRA's loss over every other row's
+            (:mod:`~xlora.analysis.eval_intervals`; 0: no intervals).
     """
 
     chat: bool | None = None
@@ -78,9 +81,11 @@ class EvalConfig:
     answer_batch_size: int | None = None
     skip_bad: bool = False
     expert_answers: str = "all"
+    resamples: int = RESAMPLES
 
     def __post_init__(self) -> None:
-        for name, low in (("arrow_top_k", 1), ("generate", 0), ("max_new_tokens", 1), ("batch_size", 1)):
+        for name, low in (("arrow_top_k", 1), ("generate", 0), ("max_new_tokens", 1), ("batch_size", 1),
+                          ("resamples", 0)):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise ValueError(f"EvalConfig.{name} must be an integer >= {low}, got {value!r}")
@@ -166,7 +171,8 @@ def evaluate(model: Any, tokenizer: Any, records: Iterable[EvalRecord], config: 
     samples = _loss_pass(model, tokenizer, records, config, fixed, arrow, totals, progress)
     if totals.records == 0:
         raise ValueError("no record was left to score (every one was bad and skipped); check the data files")
-    result = totals.result(model_name, skipped, chat=use_chat(config, tokenizer))
+    result = totals.result(model_name, skipped, chat=use_chat(config, tokenizer), reference=XLORA,
+                           resamples=config.resamples)
     if config.generate > 0:
         budget = max_new_tokens or (lambda r: config.max_new_tokens)
         task_scores(model, tokenizer, samples, result, fixed, arrow, checker or check_answer, budget,
@@ -294,7 +300,8 @@ def run_eval(model_dir: str | Path, data: list[str | Path], *, tokenize_record: 
              read_records: ReadRecords | None = None, base_model: str | None = None,
              out_dir: str | Path = "xlora-eval", config: EvalConfig | None = None) -> EvalResult:
     """The ``xlora eval MODEL_DIR --data FILE ...`` command: load, evaluate, print the tables, write
-    ``eval.md``, ``eval.json`` and ``eval.png`` (without matplotlib: the first two) to ``out_dir``.
+    ``eval.md``, ``eval.json``, ``eval_records.jsonl`` and ``eval.png`` (without matplotlib: the first three) to
+    ``out_dir``.
     ``tokenize_record`` / ``read_records``: the trainer's parsing (see :func:`evaluate_files`)."""
     from xlora.pretrained import load_model_and_tokenizer
     from xlora.saving import load_base

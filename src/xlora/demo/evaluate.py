@@ -72,6 +72,7 @@ class EvalTable:
     routing_top1: dict[str, float] = field(default_factory=dict)
     tokens: dict[str, int] = field(default_factory=dict)
     samples: list[dict[str, Any]] = field(default_factory=list)
+    intervals: dict[str, Any] | None = None  # the engine's (xlora.analysis.eval_intervals), when X-LoRA ran
 
     def targets(self) -> list[tuple[str, float, float, bool]]:
         """The science suite's targets as ``(what, value, bound, met)``: own-expert top-1 routing >= 0.8 in every
@@ -89,6 +90,16 @@ class EvalTable:
                 best = min(self.loss[c]["mixed"] for c in singles)
                 rows.append(("mixed loss - best single expert's", x - best, 0.0, x < best))
         return rows
+
+    def _span(self, what: str) -> str:
+        """`` [low, high]`` of a target's value from ``intervals`` (routing shares and loss ratios), else ``""``."""
+        if not self.intervals:
+            return ""
+        if what.startswith("top-1 routing ") and (w := self.intervals["top1_own"].get(what[len("top-1 routing "):])):
+            return f" [{w[0]:.2f}, {w[1]:.2f}]"
+        row = {"mixed loss / uniform's": UNIFORM, "mixed loss / oracle's": ORACLE}.get(what)
+        cells = self.intervals["loss_ratio"].get(row, {}).get("mixed") if row else None
+        return f" [{cells[1]:.3f}, {cells[2]:.3f}]" if cells else ""
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -129,8 +140,9 @@ class EvalTable:
                     "| " + " | ".join(self.routing_top1) + " |\n|" + "---:|" * len(self.routing_top1) + "\n",
                     "| " + " | ".join(f"{v:.3f}" for v in self.routing_top1.values()) + " |\n"]
         if self.targets():
-            out += ["\nTargets:\n"] + [f"- {what}: {value:.3f} (bound {bound:g}) — {'met' if ok else 'MISSED'}\n"
-                                                for what, value, bound, ok in self.targets()]
+            out += ["\nTargets (95 % intervals: Wilson for routing, paired bootstrap over records for loss ratios):\n"]
+            out += [f"- {what}: {value:.3f}{self._span(what)} (bound {bound:g}) — {'met' if ok else 'MISSED'}\n"
+                    for what, value, bound, ok in self.targets()]
         return "".join(out)
 
     def write(self, out_dir: str | os.PathLike, stem: str = "eval") -> tuple[Path, Path]:
@@ -263,6 +275,7 @@ def evaluate(model: Any, tokenizer: Any, split: str = "test", n_per_domain: int 
                         check, expert_answers)
     table.configs = [c for c in configs if c in result.configs]
     table.loss, table.routing, table.tokens, table.routing_top1 = _from_result(result, configs)
+    table.intervals = result.intervals
     for c in configs if n_generate > 0 else []:
         if result.configs.get(c, {}).get("task_score"):
             table.score[c] = result.configs[c]["task_score"]

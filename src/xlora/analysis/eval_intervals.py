@@ -1,0 +1,159 @@
+"""How sure is a difference? Paired bootstrap intervals of loss ratios, Wilson intervals of routing shares.
+
+Loss ratio of row ``X`` over row ``Y`` on records ``R`` scored by both (a paired comparison: same records, same
+tokens)::
+
+    ρ = Σ_{r∈R} NLL_X(r) / Σ_{r∈R} NLL_Y(r)     (= the ratio of their token-weighted mean losses)
+
+Interval: ``B`` resamples of the records with replacement *within each domain* (a split's mix of domains is
+part of its design), drawn from numpy's PCG64 seeded with ``seed``; the ``(1 - level)/2`` and ``(1 + level)/2``
+percentiles of the ``B`` ratios. Resample ``b`` is a count matrix ``C [B, n]`` (how often record ``r`` was drawn),
+so ``ρ_b = (C x)_b / (C y)_b``. An interval wholly below 1 says ``X`` beats ``Y`` on these records beyond
+the noise of which records were drawn (not beyond the noise of training: one model, one seed).
+
+Top-1 own routing ``h`` of ``n`` records: the Wilson score interval at ``level``
+``(p + z²/2n ± z·sqrt(p(1-p)/n + z²/4n²)) / (1 + z²/n)``, ``p = h/n``, ``z`` the normal quantile.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from statistics import NormalDist
+
+import numpy as np
+
+LEVEL = 0.95
+RESAMPLES = 2000
+SEED = 0
+
+
+@dataclass
+class RecordLosses:
+    """One scored record: where it came from, its domain, scored tokens and summed NLL per row."""
+
+    where: str
+    domain: str
+    tokens: int
+    nll: dict[str, float] = field(default_factory=dict)
+    record_id: str | None = None
+    top1: str | None = None  # X-LoRA's expert of largest mean scaling over the scored positions, when routed
+
+    def to_json(self) -> dict[str, object]:
+        return {"where": self.where, "id": self.record_id, "domain": self.domain, "tokens": self.tokens,
+                "nll": self.nll, "top1": self.top1}
+
+
+def resample_counts(domains: list[str], resamples: int, seed: int = SEED) -> np.ndarray:
+    """``[resamples, n]`` int64: how often each of the ``n`` records is drawn when each domain's records are
+    resampled with replacement to that domain's size (rows sum to ``n``)."""
+    rng = np.random.Generator(np.random.PCG64(seed))
+    counts = np.zeros((resamples, len(domains)), dtype=np.int64)
+    for d in dict.fromkeys(domains):
+        idx = np.flatnonzero(np.asarray(domains, dtype=object) == d)
+        counts[:, idx] = rng.multinomial(len(idx), np.full(len(idx), 1.0 / len(idx)), size=resamples)
+    return counts
+
+
+def ratio_interval(x: np.ndarray, y: np.ndarray, counts: np.ndarray, level: float = LEVEL
+                   ) -> tuple[float, float, float]:
+    """``(Σx/Σy, low, high)``: the ratio of sums and its percentile interval over the resamples ``counts``
+    ``[B, n]`` of the ``n`` paired values ``x``, ``y`` (resamples whose ``Σy`` is 0 are left out)."""
+    sx, sy = counts @ x, counts @ y
+    keep = sy > 0
+    ratios = sx[keep] / sy[keep]
+    if not len(ratios) or y.sum() <= 0:
+        return float("nan"), float("nan"), float("nan")
+    low, high = np.quantile(ratios, [(1 - level) / 2, (1 + level) / 2])
+    return float(x.sum() / y.sum()), float(low), float(high)
+
+
+def loss_ratios(records: list[RecordLosses], ref: str, rows: list[str], resamples: int = RESAMPLES,
+                seed: int = SEED, level: float = LEVEL) -> dict[str, dict[str, list[float]]]:
+    """``out[row][domain or "mixed"] = [ρ, low, high]``: row ``ref``'s loss over ``row``'s on the records both
+    scored (see the module docstring); one set of resamples for every row, drawn over those records."""
+    out: dict[str, dict[str, list[float]]] = {}
+    for row in rows:
+        both = [r for r in records if ref in r.nll and row in r.nll]
+        if row == ref or not both:
+            continue
+        domains = [r.domain for r in both]
+        counts = resample_counts(domains, resamples, seed)
+        x = np.array([r.nll[ref] for r in both], dtype=np.float64)
+        y = np.array([r.nll[row] for r in both], dtype=np.float64)
+        cells = {"mixed": list(ratio_interval(x, y, counts, level))}
+        for d in dict.fromkeys(domains):
+            m = np.array([dd == d for dd in domains])
+            cells[d] = list(ratio_interval(x[m], y[m], counts[:, m], level))
+        out[row] = cells
+    return out
+
+
+def wilson(hits: int, n: int, level: float = LEVEL) -> tuple[float, float]:
+    """The Wilson score interval of a share ``hits / n`` at ``level`` (``(0, 1)`` for ``n = 0``)."""
+    if n <= 0:
+        return 0.0, 1.0
+    z = NormalDist().inv_cdf((1 + level) / 2)
+    p, z2 = hits / n, z * z
+    centre, half = p + z2 / (2 * n), z * (p * (1 - p) / n + z2 / (4 * n * n)) ** 0.5
+    low, high = (centre - half) / (1 + z2 / n), (centre + half) / (1 + z2 / n)
+    return (0.0 if hits == 0 else low), (1.0 if hits == n else high)  # exact ends where rounding would miss them
+
+
+def intervals(records: list[RecordLosses], ref: str, rows: list[str], hits: dict[str, int], counts: dict[str, int],
+              resamples: int = RESAMPLES, seed: int = SEED, level: float = LEVEL) -> dict[str, object]:
+    """The ``intervals`` of an ``xlora-eval/1`` result: ``loss_ratio`` (:func:`loss_ratios` of ``ref`` over
+    every other row) and ``top1_own`` (``[low, high]`` per domain, :func:`wilson`), with the method's settings."""
+    return {"level": level, "resamples": resamples, "seed": seed, "reference": ref,
+            "method": "paired bootstrap over records, stratified by domain (loss ratios); Wilson (top-1 own)",
+            "loss_ratio": loss_ratios(records, ref, rows, resamples, seed, level),
+            "top1_own": {d: list(wilson(hits[d], counts[d], level)) for d in hits}}
+
+
+def ratio_markdown(spans: dict[str, object] | None, cols: list[str]) -> str:
+    """The loss-ratio table of :func:`intervals` (``cols``: the domains and ``mixed``), or ``""``."""
+    if not spans or not spans["loss_ratio"]:
+        return ""
+    ratios: dict[str, dict[str, list[float]]] = spans["loss_ratio"]  # type: ignore[assignment]
+    head = (f"\n{spans['reference']}'s loss over each row's, with its {spans['level']:.0%} interval (paired bootstrap "
+            f"over records, stratified by domain, {spans['resamples']} resamples); below 1: {spans['reference']} "
+            "is better, and an interval wholly below 1 says so beyond the draw of records:\n\n"
+            "| row | " + " | ".join(cols) + " |\n|---|" + "---:|" * len(cols) + "\n")
+    lines = []
+    for row, cells in ratios.items():
+        text = [f"{c[0]:.3f} [{c[1]:.3f}, {c[2]:.3f}]" if d in cells and (c := cells[d]) else "" for d in cols]
+        lines.append(f"| {row} | " + " | ".join(text) + " |")
+    return head + "\n".join(lines) + "\n"
+
+
+def read_records(path: str) -> list[RecordLosses]:
+    """The lines of an ``eval_records.jsonl`` (written by ``EvalResult.write``) as :class:`RecordLosses`."""
+    import json
+    from pathlib import Path
+
+    out = []
+    for n, line in enumerate(Path(path).read_text().splitlines(), 1):
+        try:
+            r = json.loads(line)
+            out.append(RecordLosses(r["where"], r["domain"], int(r["tokens"]), dict(r["nll"]), r.get("id"), r.get("top1")))
+        except (ValueError, KeyError, TypeError) as e:
+            raise ValueError(f"{path}: line {n} is not an eval_records.jsonl line ({e}); write it with xlora eval") from None
+    return out
+
+
+def paired_runs(a: list[RecordLosses], b: list[RecordLosses], row: str = "xlora", resamples: int = RESAMPLES,
+                seed: int = SEED, level: float = LEVEL) -> dict[str, list[float]]:
+    """Two evaluations of the same records (two models, say a shallow head and the full one): ``row``'s loss in
+    ``a`` over its loss in ``b``, ``[ρ, low, high]`` per domain and ``mixed`` (:func:`loss_ratios`). Records are
+    matched by ``where``; both runs must have scored the same records with the same tokens."""
+    by_where = {r.where: r for r in b}
+    if len(by_where) != len(b) or {r.where for r in a} != set(by_where):
+        raise ValueError("the two evaluations did not score the same records (their 'where' differ): run both on "
+                         "the same --data files")
+    pairs = []
+    for r in a:
+        other = by_where[r.where]
+        if other.tokens != r.tokens or row not in r.nll or row not in other.nll:
+            raise ValueError(f"{r.where}: the runs differ in scored tokens ({r.tokens} vs {other.tokens}) or lack "
+                             f"row {row!r}; compare runs of one tokenizer and data, both with that row")
+        pairs.append(RecordLosses(r.where, r.domain, r.tokens, {"a": r.nll[row], "b": other.nll[row]}))
+    return loss_ratios(pairs, "a", ["b"], resamples, seed, level)["b"]
