@@ -112,3 +112,18 @@ def test_records_file_round_trips_and_pairs_two_runs(tmp_path):
     path.write_text(json.dumps(a[0].to_json()) + "\n{\"where\": 1}\n")
     with pytest.raises(ValueError, match="line 2 is not an eval_records.jsonl line"):
         read_records(str(path))
+
+
+def test_routing_difference_is_paired_per_domain():
+    """Twenty records of p: a routes 18 to p, b 14, and b's hits are a subset of a's, so every resample's
+    difference is >= 0; the point is 0.2 and the interval lies within the changed records' share."""
+    from xlora.analysis.eval_intervals import routing_difference
+
+    a = [RecordLosses(f"f: line {i}", "p", 1, {}, top1="p" if i < 18 else "q") for i in range(20)]
+    b = [RecordLosses(r.where, "p", 1, {}, top1="p" if i < 14 else "q") for i, r in enumerate(a)]
+    b.append(RecordLosses("f: line 99", "q", 1, {}, top1=None))
+    a.append(RecordLosses("f: line 99", "q", 1, {}, top1="q"))
+    delta, low, high = routing_difference(a, b)["p"]
+    assert delta == pytest.approx(0.2) and 0.0 <= low < 0.2 < high <= 0.45
+    assert list(routing_difference(a, b)) == ["p"]  # q has no top1 in b
+    assert routing_difference(b[:-1] + a[-1:], b[:-1] + a[-1:])["q"] == [0.0, 0.0, 0.0]

@@ -157,3 +157,23 @@ def paired_runs(a: list[RecordLosses], b: list[RecordLosses], row: str = "xlora"
                              f"row {row!r}; compare runs of one tokenizer and data, both with that row")
         pairs.append(RecordLosses(r.where, r.domain, r.tokens, {"a": r.nll[row], "b": other.nll[row]}))
     return loss_ratios(pairs, "a", ["b"], resamples, seed, level)["b"]
+
+
+def routing_difference(a: list[RecordLosses], b: list[RecordLosses], resamples: int = RESAMPLES, seed: int = SEED,
+                       level: float = LEVEL) -> dict[str, list[float]]:
+    """Two evaluations of the same records: top-1 own routing of ``a`` minus that of ``b`` per domain,
+    ``[Δ, low, high]``, the interval from the same paired resamples of each domain's records (a record whose
+    top-1 is its own domain's expert counts 1). Domains whose records have no ``top1`` in both runs are left out."""
+    by_where = {r.where: r for r in b}
+    if {r.where for r in a} != set(by_where):
+        raise ValueError("the two evaluations did not score the same records (their 'where' differ): run both on "
+                         "the same --data files")
+    both = [(r, by_where[r.where]) for r in a if r.top1 is not None and by_where[r.where].top1 is not None]
+    out: dict[str, list[float]] = {}
+    for d in dict.fromkeys(r.domain for r, _ in both):
+        pairs = [(r, o) for r, o in both if r.domain == d]
+        delta = np.array([(r.top1 == d) - (o.top1 == d) for r, o in pairs], dtype=np.float64)
+        means = resample_counts([d] * len(pairs), resamples, seed) @ delta / len(pairs)
+        low, high = np.quantile(means, [(1 - level) / 2, (1 + level) / 2])
+        out[d] = [float(delta.mean()), float(low), float(high)]
+    return out
