@@ -70,7 +70,8 @@ def ratio_interval(x: np.ndarray, y: np.ndarray, counts: np.ndarray, level: floa
 def loss_ratios(records: list[RecordLosses], ref: str, rows: list[str], resamples: int = RESAMPLES,
                 seed: int = SEED, level: float = LEVEL) -> dict[str, dict[str, list[float]]]:
     """``out[row][domain or "mixed"] = [ρ, low, high]``: row ``ref``'s loss over ``row``'s on the records both
-    scored (see the module docstring); one set of resamples for every row, drawn over those records."""
+    scored (see the module docstring), resampled with the same seed for every row: the same resamples wherever
+    the rows scored the same records (every row but the oracle, which leaves out domains naming no expert)."""
     out: dict[str, dict[str, list[float]]] = {}
     for row in rows:
         both = [r for r in records if ref in r.nll and row in r.nll]
