@@ -1,7 +1,7 @@
 """Distillation records reworded with domain-neutral chatter and light typos (the teacher labels every position of
 them, so no answer changes): an opening sentence (80 %), a closing one (50 %), one typo in a plain word (30 %), a
 lower-case first letter (25 %), on a share ``--p`` of the records. None of the phrases is in the wording composer's
-held-out pools (``xlora.demo._wording_data``). BENCHMARKS ("Intervals", issue 22 item 1) distils the k = 8 student on
+held-out pools (``xlora.demo._wording_data``). BENCHMARKS ("How sure are these numbers?", issue 22 item 1) distils the k = 8 student on
 it: no change on the independent set.
 
     python benchmarks/chatter.py DISTILL_DATA.jsonl OUT.jsonl --p 0.5 --seed 0

@@ -17,7 +17,9 @@ Top-1 own routing ``h`` of ``n`` records: the Wilson score interval at ``level``
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
+from pathlib import Path
 from statistics import NormalDist
 
 import numpy as np
@@ -48,8 +50,9 @@ def resample_counts(domains: list[str], resamples: int, seed: int = SEED) -> np.
     resampled with replacement to that domain's size (rows sum to ``n``)."""
     rng = np.random.Generator(np.random.PCG64(seed))
     counts = np.zeros((resamples, len(domains)), dtype=np.int64)
+    labels = np.asarray(domains, dtype=object)
     for d in dict.fromkeys(domains):
-        idx = np.flatnonzero(np.asarray(domains, dtype=object) == d)
+        idx = np.flatnonzero(labels == d)
         counts[:, idx] = rng.multinomial(len(idx), np.full(len(idx), 1.0 / len(idx)), size=resamples)
     return counts
 
@@ -73,12 +76,14 @@ def loss_ratios(records: list[RecordLosses], ref: str, rows: list[str], resample
     scored (see the module docstring), resampled with the same seed for every row: the same resamples wherever
     the rows scored the same records (every row but the oracle, which leaves out domains naming no expert)."""
     out: dict[str, dict[str, list[float]]] = {}
+    drawn: dict[tuple[str, ...], np.ndarray] = {}  # the resamples of each record set (the same for most rows)
     for row in rows:
         both = [r for r in records if ref in r.nll and row in r.nll]
         if row == ref or not both:
             continue
         domains = [r.domain for r in both]
-        counts = resample_counts(domains, resamples, seed)
+        key = tuple(r.where for r in both)
+        counts = drawn[key] if key in drawn else drawn.setdefault(key, resample_counts(domains, resamples, seed))
         x = np.array([r.nll[ref] for r in both], dtype=np.float64)
         y = np.array([r.nll[row] for r in both], dtype=np.float64)
         cells = {"mixed": list(ratio_interval(x, y, counts, level))}
@@ -128,9 +133,6 @@ def ratio_markdown(spans: dict[str, object] | None, cols: list[str]) -> str:
 
 def read_records(path: str) -> list[RecordLosses]:
     """The lines of an ``eval_records.jsonl`` (written by ``EvalResult.write``) as :class:`RecordLosses`."""
-    import json
-    from pathlib import Path
-
     out = []
     for n, line in enumerate(Path(path).read_text().splitlines(), 1):
         try:
@@ -146,13 +148,8 @@ def paired_runs(a: list[RecordLosses], b: list[RecordLosses], row: str = "xlora"
     """Two evaluations of the same records (two models, say a shallow head and the full one): ``row``'s loss in
     ``a`` over its loss in ``b``, ``[ρ, low, high]`` per domain and ``mixed`` (:func:`loss_ratios`). Records are
     matched by ``where``; both runs must have scored the same records with the same tokens."""
-    by_where = {r.where: r for r in b}
-    if len(by_where) != len(b) or {r.where for r in a} != set(by_where):
-        raise ValueError("the two evaluations did not score the same records (their 'where' differ): run both on "
-                         "the same --data files")
     pairs = []
-    for r in a:
-        other = by_where[r.where]
+    for r, other in _matched(a, b):
         if other.tokens != r.tokens or row not in r.nll or row not in other.nll:
             raise ValueError(f"{r.where}: the runs differ in scored tokens ({r.tokens} vs {other.tokens}) or lack "
                              f"row {row!r}; compare runs of one tokenizer and data, both with that row")
@@ -164,17 +161,21 @@ def routing_difference(a: list[RecordLosses], b: list[RecordLosses], resamples: 
                        level: float = LEVEL) -> dict[str, list[float]]:
     """Two evaluations of the same records: top-1 own routing of ``a`` minus that of ``b`` per domain,
     ``[Δ, low, high]``, the interval from the same paired resamples of each domain's records (a record whose
-    top-1 is its own domain's expert counts 1). Domains whose records have no ``top1`` in both runs are left out."""
-    by_where = {r.where: r for r in b}
-    if {r.where for r in a} != set(by_where):
-        raise ValueError("the two evaluations did not score the same records (their 'where' differ): run both on "
-                         "the same --data files")
-    both = [(r, by_where[r.where]) for r in a if r.top1 is not None and by_where[r.where].top1 is not None]
+    top-1 is its own domain's expert counts 1; the mean is :func:`ratio_interval` of the differences over ones).
+    Domains whose records have no ``top1`` in both runs are left out."""
+    both = [(r, o) for r, o in _matched(a, b) if r.top1 is not None and o.top1 is not None]
     out: dict[str, list[float]] = {}
     for d in dict.fromkeys(r.domain for r, _ in both):
-        pairs = [(r, o) for r, o in both if r.domain == d]
-        delta = np.array([(r.top1 == d) - (o.top1 == d) for r, o in pairs], dtype=np.float64)
-        means = resample_counts([d] * len(pairs), resamples, seed) @ delta / len(pairs)
-        low, high = np.quantile(means, [(1 - level) / 2, (1 + level) / 2])
-        out[d] = [float(delta.mean()), float(low), float(high)]
+        delta = np.array([(r.top1 == d) - (o.top1 == d) for r, o in both if r.domain == d], dtype=np.float64)
+        counts = resample_counts([d] * len(delta), resamples, seed)
+        out[d] = list(ratio_interval(delta, np.ones_like(delta), counts, level))
     return out
+
+
+def _matched(a: list[RecordLosses], b: list[RecordLosses]) -> list[tuple[RecordLosses, RecordLosses]]:
+    """``a``'s records each with ``b``'s of the same ``where``; an error unless both scored the same records once."""
+    by_where = {r.where: r for r in b}
+    if len(by_where) != len(b) or len({r.where for r in a}) != len(a) or {r.where for r in a} != set(by_where):
+        raise ValueError("the two evaluations did not score the same records (their 'where' differ): run both on "
+                         "the same --data files")
+    return [(r, by_where[r.where]) for r in a]

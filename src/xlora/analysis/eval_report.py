@@ -67,8 +67,8 @@ class Totals:
         for i, rec in enumerate(chunk):
             m = target[i]
             per_token = s[i][m]  # [n, E]
-            if len(per_token):
-                entries[i].top1 = self.names[int(per_token.mean(0).argmax())]
+            top = self.names[int(per_token.mean(0).argmax())] if len(per_token) else None
+            entries[i].top1 = top
             self.weight += per_token.sum(0)
             self.entropy += float(entropy[i][m].sum())
             self.scored += int(m.sum())
@@ -78,7 +78,7 @@ class Totals:
             self.route[d] = self.route.get(d, torch.zeros_like(self.weight)) + per_token.sum(0)
             self.route_tokens[d] = self.route_tokens.get(d, 0) + len(per_token)
             self.counts[d] = self.counts.get(d, 0) + 1
-            self.hits[d] = self.hits.get(d, 0) + (self.names[int(per_token.mean(0).argmax())] == d)
+            self.hits[d] = self.hits.get(d, 0) + (top == d)
 
     def result(self, model: str, skipped: dict[str, str], chat: bool, reference: str | None = None,
                resamples: int = RESAMPLES) -> EvalResult:

@@ -78,28 +78,30 @@ class EvalTable:
         """The science suite's targets as ``(what, value, bound, met)``: own-expert top-1 routing >= 0.8 in every
         domain; X-LoRA's mixed loss <= 0.85 x the uniform mixture's, <= the oracle's (when there is an oracle
         row) and below every single expert's."""
-        rows = [(f"top-1 routing {d}", v, 0.8, v >= 0.8) for d, v in self.routing_top1.items()]
+        return [t[:4] for t in self._targets()]
+
+    def _targets(self) -> list[tuple[str, float, float, bool, str]]:
+        """:meth:`targets`, each with its interval as text (``" [low, high]"`` from ``intervals``, else ``""``)."""
+        spans = self.intervals or {"top1_own": {}, "loss_ratio": {}}
+        wilson = spans["top1_own"]
+        rows = [(f"top-1 routing {d}", v, 0.8, v >= 0.8, f" [{wilson[d][0]:.2f}, {wilson[d][1]:.2f}]" if d in wilson
+                 else "") for d, v in self.routing_top1.items()]
+
+        def ratio_span(row: str) -> str:
+            cells = spans["loss_ratio"].get(row, {}).get("mixed")
+            return f" [{cells[1]:.3f}, {cells[2]:.3f}]" if cells else ""
+
         if XLORA in self.loss and UNIFORM in self.loss:
             x, u = self.loss[XLORA]["mixed"], self.loss[UNIFORM]["mixed"]
-            rows.append(("mixed loss / uniform's", x / u, 0.85, x / u <= 0.85))
+            rows.append(("mixed loss / uniform's", x / u, 0.85, x / u <= 0.85, ratio_span(UNIFORM)))
             if ORACLE in self.loss:
                 o = self.loss[ORACLE]["mixed"]
-                rows.append(("mixed loss / oracle's", x / o, 1.0, x / o <= 1.0))
+                rows.append(("mixed loss / oracle's", x / o, 1.0, x / o <= 1.0, ratio_span(ORACLE)))
             singles = [c for c in self.configs if c not in NOT_SINGLE and c in self.loss]
             if singles:
                 best = min(self.loss[c]["mixed"] for c in singles)
-                rows.append(("mixed loss - best single expert's", x - best, 0.0, x < best))
+                rows.append(("mixed loss - best single expert's", x - best, 0.0, x < best, ""))
         return rows
-
-    def _span(self, what: str) -> str:
-        """`` [low, high]`` of a target's value from ``intervals`` (routing shares and loss ratios), else ``""``."""
-        if not self.intervals:
-            return ""
-        if what.startswith("top-1 routing ") and (w := self.intervals["top1_own"].get(what[len("top-1 routing "):])):
-            return f" [{w[0]:.2f}, {w[1]:.2f}]"
-        row = {"mixed loss / uniform's": UNIFORM, "mixed loss / oracle's": ORACLE}.get(what)
-        cells = self.intervals["loss_ratio"].get(row, {}).get("mixed") if row else None
-        return f" [{cells[1]:.3f}, {cells[2]:.3f}]" if cells else ""
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -139,10 +141,10 @@ class EvalTable:
             out += ["\nTop-1 own-expert routing (fraction of records whose largest mean scaling is their domain's expert):\n",
                     "| " + " | ".join(self.routing_top1) + " |\n|" + "---:|" * len(self.routing_top1) + "\n",
                     "| " + " | ".join(f"{v:.3f}" for v in self.routing_top1.values()) + " |\n"]
-        if self.targets():
+        if targets := self._targets():
             out += ["\nTargets (95 % intervals: Wilson for routing, paired bootstrap over records for loss ratios):\n"]
-            out += [f"- {what}: {value:.3f}{self._span(what)} (bound {bound:g}) — {'met' if ok else 'MISSED'}\n"
-                    for what, value, bound, ok in self.targets()]
+            out += [f"- {what}: {value:.3f}{span} (bound {bound:g}) — {'met' if ok else 'MISSED'}\n"
+                    for what, value, bound, ok, span in targets]
         return "".join(out)
 
     def write(self, out_dir: str | os.PathLike, stem: str = "eval") -> tuple[Path, Path]:
