@@ -270,3 +270,96 @@ def test_sliced_fp16_experts_scale_before_the_up_projection(calls):
     assert calls == ["sliced"]
     torch.testing.assert_close(dense, expected, rtol=2e-3, atol=0)
     torch.testing.assert_close(got, expected, rtol=2e-3, atol=0)
+
+
+# ------------------------------------------------------------------ scalings fixed by hand for every token, folded
+def _hand_mix(L_: int, E: int) -> torch.Tensor:
+    """An ``[L, E]`` mixture with one expert never used and every other layer all zero."""
+    s = torch.rand(L_, E, generator=torch.Generator().manual_seed(4))
+    s[:, 1] = 0
+    s[::2] = 0
+    return s
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+@pytest.mark.parametrize("spec", ["zero", "alpha", "gamma", "uniform", "mix"])
+def test_scalings_fixed_for_every_token_fold_into_A_and_equal_the_dense_path(setups, arch, spec):
+    """``[L, E]`` scalings at inference fold into each module's ``A`` over the columns they weight (none for the
+    base, an expert's own ``r`` for one expert; uniform scalings, which skip nothing, stay dense): logits equal the dense path's (the same scalings per token,
+    ``[b, t, L, E]``, which never folds) within 1e-5, and the base bit-identical to the adapters disabled."""
+    from decoding import build, left_padded_batch
+
+    model = build(setups[arch])
+    ids, mask = left_padded_batch(seed=3)
+    given = _hand_mix(model.num_layers, model.num_experts) if spec == "mix" else spec
+    s = model.resolve_scalings(given)
+    with torch.no_grad():
+        got = model(input_ids=ids, attention_mask=mask, scalings=given).logits
+        dense = model(input_ids=ids, attention_mask=mask, scalings=s.expand(*ids.shape, *s.shape).clone()).logits
+        with model.disable_adapters():
+            base = model(input_ids=ids, attention_mask=mask).logits
+    torch.testing.assert_close(got, dense, rtol=0, atol=1e-5)
+    assert torch.equal(got, base) if spec == "zero" else (got - base).abs().max() > 1e-3
+    folded = sparse.SharedFold().get(s, 1.0, model.mixture_layers, keep=False)
+    if spec == "uniform":  # every expert weighted everywhere: nothing to skip, the dense path runs
+        assert folded is None
+        return
+    for layer, f in zip(model.mixture_layers(), folded):
+        cols = sum(r for e, r in zip(layer.expert_ids, layer.expert_ranks) if s[layer.layer_index, e] != 0)
+        assert f is None if cols == 0 else f.A.shape == (cols, layer.in_features)
+
+
+def test_a_fixed_scalings_context_folds_once_and_owns_its_scalings(llama, monkeypatch):
+    """Inside ``fixed_scalings`` the fold is made once for all decoding steps (one ``fold`` per module for a
+    6-token generation), from the context's own copy: changing the caller's tensor afterwards changes nothing.
+    Leaving the context drops the fold. The greedy tokens equal the dense path's (per-sequence ``[b, L, E]``)."""
+    from decoding import build, left_padded_batch
+
+    model = build(llama)
+    ids, mask = left_padded_batch(seed=3)
+    s = _hand_mix(model.num_layers, model.num_experts)
+    folds: list[int] = []
+    real = MixtureLoraLinear.fold
+    monkeypatch.setattr(MixtureLoraLinear, "fold", lambda self, *a: folds.append(1) or real(self, *a))
+    kwargs = dict(input_ids=ids, attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0,
+                  eos_token_id=None, output_logits=True, return_dict_in_generate=True)
+    with model.fixed_scalings(s.unsqueeze(0).expand(3, -1, -1).clone()):  # [b, L, E]: never folded
+        dense = model.generate(**kwargs)
+    assert folds == []
+    given = s.clone()
+    with model.fixed_scalings(given):
+        got = model.generate(**kwargs)
+        given.mul_(0)
+        with torch.no_grad():
+            after = model(input_ids=ids, attention_mask=mask).logits
+    assert len(folds) == model.num_layers
+    assert torch.equal(got.sequences, dense.sequences)
+    for a, b in zip(got.logits, dense.logits):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
+    with torch.no_grad():
+        torch.testing.assert_close(after, model(input_ids=ids, attention_mask=mask, scalings=s).logits, rtol=0, atol=0)
+    assert len(folds) == 2 * model.num_layers  # a per-call [L, E] folds on every call
+    with model.fixed_scalings(s), torch.no_grad():
+        model(input_ids=ids, attention_mask=mask)
+    assert len(folds) == 3 * model.num_layers  # a new context folds anew
+
+
+def test_fixed_scalings_with_gradients_or_in_training_do_not_fold(llama, monkeypatch):
+    """Folding runs under ``no_grad`` at inference only: a gradient to hand-set scalings goes through the dense
+    path and equals the per-token form's; in training mode (where experts may drop out) nothing folds either."""
+    from decoding import build, left_padded_batch
+
+    model = build(llama)
+    ids, mask = left_padded_batch(seed=3)
+    monkeypatch.setattr(MixtureLoraLinear, "fold", lambda *a: pytest.fail("folded"))
+    with torch.no_grad():
+        model.train()(input_ids=ids, attention_mask=mask, scalings="alpha")
+    model.eval()
+    grads = []
+    for per_token in (False, True):
+        s = _hand_mix(model.num_layers, model.num_experts).requires_grad_(True)
+        given = s.expand(*ids.shape, *s.shape) if per_token else s
+        model(input_ids=ids, attention_mask=mask, scalings=given).logits.square().mean().backward()
+        grads.append(s.grad)
+    assert grads[0].abs().sum() > 0
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-5, atol=1e-7)

@@ -24,6 +24,7 @@ from xlora.head import PrefixMeans, ScalingHead, head_input
 from xlora.layers import ColumnTable, MixtureLoraLinear, ScalingState
 from xlora.lifecycle import LifecycleMixin
 from xlora.saving import load_model, save_model, save_trainer_weights
+from xlora.sparse import SharedFold
 
 ScalingsSpec = str | int | torch.Tensor | None
 
@@ -98,6 +99,7 @@ class XLoraModel(LifecycleMixin, XLoraGenerationMixin, PreTrainedModel):
         w = base_model.get_input_embeddings().weight
         self.head = ScalingHead(config, hidden, L, config.num_experts).to(w.device, float_dtype(base_model))
         self._fixed_scalings: torch.Tensor | None = None  # set only inside `with fixed_scalings(...)`
+        self._shared_fold = SharedFold()
         self.train(base_model.training)
 
     @property
@@ -174,9 +176,7 @@ class XLoraModel(LifecycleMixin, XLoraGenerationMixin, PreTrainedModel):
                     f"scalings tensor has shape {tuple(spec.shape)}; expected [E]=[{E}], [L, E]=[{L}, {E}], "
                     f"[batch, {L}, {E}] or [batch, seq, {L}, {E}]"
                 )
-            if spec.dim() == 1:
-                spec = spec.expand(L, E)
-            return spec.to(self.device, self.dtype)
+            return (spec.expand(L, E) if spec.dim() == 1 else spec).to(self.device, self.dtype)
         raise ValueError(f"scalings must be None, 'uniform', 'zero', an expert name/index or a tensor, got {spec!r}")
 
     @contextmanager
@@ -185,11 +185,13 @@ class XLoraModel(LifecycleMixin, XLoraGenerationMixin, PreTrainedModel):
         scalings ``spec`` (see :meth:`resolve_scalings`) instead of the scaling pass and head; the
         per-call form is ``model(..., scalings="chem")``."""
         saved = self._fixed_scalings
-        self._fixed_scalings = self.resolve_scalings(spec)
+        fixed = self.resolve_scalings(spec)  # a copy of its own: the fold kept for it cannot go stale
+        self._fixed_scalings = fixed.clone() if fixed is not None and fixed.dim() <= 2 else fixed
         try:
             yield
         finally:
             self._fixed_scalings = saved
+            self._shared_fold.clear()
 
     def _expand_fixed(self, fixed: torch.Tensor, b: int, t: int) -> torch.Tensor:
         if fixed.dim() == 4:
@@ -226,10 +228,12 @@ class XLoraModel(LifecycleMixin, XLoraGenerationMixin, PreTrainedModel):
                 return out.hidden_states[-1]
             return decoder(**inputs, return_dict=True).last_hidden_state
 
-    def compute_scalings(self, prefix: PrefixMeans | None = None, **inputs: Any) -> torch.Tensor:
+    def compute_scalings(self, prefix: PrefixMeans | None = None, hidden: torch.Tensor | None = None,
+                         **inputs: Any) -> torch.Tensor:
         """Scaling pass + head: scalings ``[b, t, L, E]`` for ``inputs`` (input_ids, attention_mask, ...);
-        ``prefix``: a cache's running means of the states (``head_prefix_mean``) to continue."""
-        hidden = self.scaling_pass(**inputs).to(self.head.layers[0].weight.dtype)
+        ``prefix``: a cache's running means of the states (``head_prefix_mean``) to continue; ``hidden``: the
+        scaling pass's output ``[b, t, hidden]`` when the caller already has it (then only the head runs)."""
+        hidden = (self.scaling_pass(**inputs) if hidden is None else hidden).to(self.head.layers[0].weight.dtype)
         return self.head(head_input(self.xlora_config, hidden, inputs.get("attention_mask"), prefix))
 
     # ------------------------------------------------------------------ forward
@@ -275,14 +279,16 @@ class XLoraModel(LifecycleMixin, XLoraGenerationMixin, PreTrainedModel):
             return XLoraOutput(loss=out.loss, logits=out.logits, cache=out.cache, hidden_states=out.hidden_states,
                                attentions=out.attentions)
         fixed = self.resolve_scalings(scalings) if scalings is not None else self._fixed_scalings
-        folded = None  # prompt granularity's decoding steps: the fixed coefficients folded into A
+        folded = None  # prompt granularity's decoding steps, or [L, E] scalings at inference: folded into A
+        g = self.xlora_config.global_scaling_weight
         if fixed is not None:
             s = self._expand_fixed(fixed, b, t)  # no scaling pass: its cache falls behind (checked on reuse)
+            if fixed.dim() <= 2 and not (torch.is_grad_enabled() or self.training):
+                folded = self._shared_fold.get(fixed, g, self.mixture_layers, keep=fixed is self._fixed_scalings)
         else:
             s, folded = self.step_experts(inputs, cache)
         if observer is not None:
             observer.record(s, input_ids, attention_mask)
-        g = self.xlora_config.global_scaling_weight
         top_k = self.xlora_config.top_k if fixed is None else None  # the head's scalings: k nonzero at most
         # an expert on the output layer needs every position its scalings cover: its logits are cut after it
         keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
@@ -337,13 +343,8 @@ class XLoraModel(LifecycleMixin, XLoraGenerationMixin, PreTrainedModel):
         """Nothing to tie: a Trainer resume loads only the trainable tensors, the base's (tied) weights stay as they are."""
 
     @classmethod
-    def from_pretrained(
-        cls,
-        directory: str | os.PathLike,
-        base_model: PreTrainedModel | str | os.PathLike | None = None,
-        ordering: str | os.PathLike | None = None,
-        **model_kwargs: Any,
-    ) -> XLoraModel:
+    def from_pretrained(cls, directory: str | os.PathLike, base_model: PreTrainedModel | str | os.PathLike | None = None,
+                        ordering: str | os.PathLike | None = None, **model_kwargs: Any) -> XLoraModel:
         """Load a directory written by :meth:`save_pretrained` or in another format (``ordering``: a
         mistral.rs ordering file kept elsewhere); see :func:`xlora.saving.load_model`."""
         return load_model(cls, directory, base_model, ordering=ordering, **model_kwargs)

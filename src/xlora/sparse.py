@@ -14,7 +14,9 @@ only in which work they skip:
   tokens, one multiply by each token's scaling of it), whatever ``E``.
 - :func:`fold`: with scalings fixed per sequence (prompt granularity) the coefficients are folded into
   ``A`` once, ``A' = diag(c)·A`` per sequence, keeping only the columns with ``c ≠ 0``; each decoding
-  step is then two plain matmuls with no scaling op.
+  step is then two plain matmuls with no scaling op. :class:`SharedFold` does it for scalings fixed by
+  hand for every sequence and token (``[L, E]``: the base, one expert, the uniform mix), so such a pass
+  computes only the experts it weights (none for the base).
 """
 
 from __future__ import annotations
@@ -32,7 +34,8 @@ class FoldedExperts:
 
     ``delta(x)[b] = (x[b] · A[b]ᵀ) · B[b]ᵀ`` where ``A`` is ``[b, R', in]`` (``diag(c_b)·A`` restricted to
     the columns kept, rows of zeros where a sequence has fewer than ``R'``) and ``B`` is ``[out, R']``
-    (shared: every column kept) or ``[b, out, R']`` (each sequence's own columns).
+    (shared: every column kept) or ``[b, out, R']`` (each sequence's own columns). A 2-D ``A`` ``[R', in]``
+    (with ``B`` ``[out, R']``) is one coefficient vector shared by every sequence of any batch.
     """
 
     A: torch.Tensor
@@ -40,6 +43,8 @@ class FoldedExperts:
 
     def rows(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> FoldedExperts:
         """The same op on the batch axis of every per-sequence tensor (beam reorder, repeat, select)."""
+        if self.A.dim() == 2:  # shared by every sequence: no batch axis
+            return self
         return FoldedExperts(fn(self.A), fn(self.B) if self.B.dim() == 3 else self.B)
 
 
@@ -59,12 +64,50 @@ def fold(A: torch.Tensor, B: torch.Tensor, coef: torch.Tensor) -> FoldedExperts 
 
 def folded_down(x: torch.Tensor, f: FoldedExperts) -> torch.Tensor:
     """``x · A'ᵀ`` per sequence: ``x`` ``[b, t, in]`` -> ``[b, t, R']``."""
+    if f.A.dim() == 2:  # shared by every sequence
+        return F.linear(x, f.A)
     if x.dim() != 3 or x.shape[0] != f.A.shape[0]:
         raise ValueError(f"folded experts hold {f.A.shape[0]} sequences but the input has shape {tuple(x.shape)}: "
                          "the cache's rows and the batch differ")
     if x.shape[0] == 1:
         return F.linear(x, f.A[0])
     return torch.bmm(x, f.A.transpose(1, 2))
+
+
+class SharedFold:
+    """Scalings fixed by hand for every sequence and token, ``s`` ``[L, E]``, folded into every module's ``A``
+    (:func:`fold` with one coefficient vector, kept 2-D): ``A'_l = diag(c_l)·A_l`` over the columns with
+    ``c ≠ 0``. The base (``s = 0``) then runs no expert matmul, one expert alone its ``r`` columns of ``R``,
+    and no pass multiplies by coefficients.
+
+    :meth:`get` keeps the last fold for the tensor it was asked to keep (a ``fixed_scalings`` context's own
+    copy, which nobody else can change), so decoding steps fold once; :meth:`clear` drops it.
+    """
+
+    def __init__(self) -> None:
+        self._key: tuple[torch.Tensor, float] | None = None
+        self._folded: tuple[FoldedExperts | None, ...] | None = None
+
+    def get(self, s: torch.Tensor, global_weight: float, layers: Callable[[], list], keep: bool
+            ) -> tuple[FoldedExperts | None, ...] | None:
+        """Per layer of ``layers()`` (:class:`~xlora.layers.MixtureLoraLinear`), ``s`` folded (``None``: all 0);
+        ``None`` instead of the tuple when ``s`` weights every expert everywhere (nothing to skip: the dense
+        path, measured as fast)."""
+        if keep and self._key is not None and self._key[0] is s and self._key[1] == global_weight:
+            return self._folded
+        folded = None if bool((s != 0).all()) else \
+            tuple(_shared(layer.fold(s.unsqueeze(0), global_weight)) for layer in layers())
+        if keep:
+            self._key, self._folded = (s, global_weight), folded
+        return folded
+
+    def clear(self) -> None:
+        self._key, self._folded = None, None
+
+
+def _shared(f: FoldedExperts | None) -> FoldedExperts | None:
+    """A one-sequence fold as the 2-D form that serves any batch."""
+    return None if f is None else FoldedExperts(f.A[0], f.B[0] if f.B.dim() == 3 else f.B)
 
 
 def gathered(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, cols: torch.Tensor, coef: torch.Tensor) -> torch.Tensor:

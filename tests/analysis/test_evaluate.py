@@ -124,6 +124,46 @@ def test_every_row_equals_model_with_those_scalings(setup, result):
     assert result.notes == ["oracle: domains ['delta'] name no expert; their records are not in the oracle row"]
 
 
+def test_x_lora_takes_its_scaling_pass_from_the_base_rows_forward(setup):
+    """``scaling_pass_value`` 0 over every layer: the base row's forward is X-LoRA's scaling pass. The X-LoRA row
+    is then bit-identical whether the base row runs or not, and each batch runs one decoder pass fewer (plus one
+    on the first batch, which checks the base's last hidden state against ``scaling_pass``)."""
+    model, tok, _, _, data = setup
+    passes: list[int] = []
+    hook = model.base_model.model.register_forward_pre_hook(lambda *a: passes.append(1))
+    config = EvalConfig(batch_size=2, resamples=0)
+    try:
+        both = evaluate_files(model, tok, [data], config, rows=["base", "xlora"], progress=False)
+        shared = len(passes)
+        alone = evaluate_files(model, tok, [data], config, rows=["xlora"], progress=False)
+    finally:
+        hook.remove()
+    batches = -(-len(RECORDS) // 2)
+    assert (shared, len(passes) - shared) == (2 * batches + 1, 2 * batches)
+    assert both.configs["xlora"] == alone.configs["xlora"] and both.routing == alone.routing
+
+
+def test_the_shared_scaling_pass_stops_at_a_mismatch_and_needs_value_0_without_top_k(setup):
+    from types import SimpleNamespace
+
+    from xlora.analysis.eval_data import left_padded
+    from xlora.analysis.evaluate import SharedScalingPass
+
+    model, tok, _, _, data = setup
+    fixed = {"base": "zero", "xlora": None}
+    for change in ({"scaling_pass_value": 0.5}, {"top_k": 2}, {"scaling_pass_layers": 1}):
+        other = SimpleNamespace(xlora_config=XLoraConfig(experts=model.xlora_config.experts, **change))
+        assert not SharedScalingPass(other, fixed).on, change
+    assert not SharedScalingPass(model, {"xlora": None}).on
+    shared = SharedScalingPass(model, fixed)
+    records = iter_eval_records([data], tok, chat=True, max_length=256, tokenize_record=tokenize_record)
+    batch = left_padded([next(records).example, next(records).example], 0)
+    with torch.no_grad():
+        states = model.scaling_pass(**{k: batch[k] for k in ("input_ids", "attention_mask", "position_ids")})
+    wrong = SimpleNamespace(hidden_states=(states + 1e-6,))
+    assert shared.states(model, batch, wrong) is None and not shared.on and not shared.takes("base")
+
+
 def test_arrow_row_equals_pefts_own_arrow_model(setup, result):
     model, tok, root, experts, _ = setup
     arrow = create_arrow_model(fresh_base(root)(), list(experts.values()), ArrowConfig(top_k=2, rng_seed=0)).eval()

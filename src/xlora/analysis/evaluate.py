@@ -192,6 +192,7 @@ def _loss_pass(model: Any, tokenizer: Any, records: Iterable[EvalRecord], config
     samples: list[EvalRecord] = []
     per_domain: dict[str | None, int] = {}
     window: list[EvalRecord] = []
+    shared = SharedScalingPass(model, fixed)
     for rec in records:
         totals.domains.setdefault(rec.domain if rec.domain is not None else UNLABELLED)  # file order
         if rec.reference is not None and per_domain.get(rec.domain, 0) < config.generate:
@@ -199,31 +200,34 @@ def _loss_pass(model: Any, tokenizer: Any, records: Iterable[EvalRecord], config
             samples.append(rec)
         window.append(rec)
         if len(window) == config.batch_size * WINDOW:
-            _score_window(model, window, pad, fixed, arrow, totals, bar, config.batch_size)
+            _score_window(model, window, pad, fixed, arrow, totals, bar, config.batch_size, shared)
             window = []
-    _score_window(model, window, pad, fixed, arrow, totals, bar, config.batch_size)
+    _score_window(model, window, pad, fixed, arrow, totals, bar, config.batch_size, shared)
     bar(0, close=True)
     return samples
 
 
 def _score_window(model: Any, window: list[EvalRecord], pad: int, fixed: dict[str, Any], arrow: Any,
-                  totals: Totals, bar: Callable[..., None], batch_size: int) -> None:
+                  totals: Totals, bar: Callable[..., None], batch_size: int, shared: SharedScalingPass) -> None:
     """Score a window of records in batches of similar length (left padding costs the longest row's length)."""
     window = sorted(window, key=lambda r: len(r.example.input_ids))
     for i in range(0, len(window), batch_size):
-        _score_batch(model, window[i:i + batch_size], pad, fixed, arrow, totals)
+        _score_batch(model, window[i:i + batch_size], pad, fixed, arrow, totals, shared)
         bar(len(window[i:i + batch_size]))
 
 
 @torch.no_grad()
 def _score_batch(model: Any, chunk: list[EvalRecord], pad: int, fixed: dict[str, Any], arrow: Any,
-                 totals: Totals) -> None:
+                 totals: Totals, shared: SharedScalingPass) -> None:
     batch = left_padded([r.example for r in chunk], pad)
     target = batch["labels"][:, 1:] != IGNORE_INDEX  # [b, T-1]: position t predicts token t+1
     losses: dict[str, list[float]] = {}
-    scalings = None
+    scalings = hidden = None
     for row, spec in fixed.items():
-        per_seq, out = completion_loss(model, batch, "none", scalings=spec)
+        if row == XLORA and hidden is not None:  # the head on the base row's states: the same scalings
+            spec = model.compute_scalings(hidden=hidden, attention_mask=batch["attention_mask"])
+        per_seq, out = completion_loss(model, batch, "none", scalings=spec, output_hidden_states=shared.takes(row))
+        hidden = shared.states(model, batch, out) if shared.takes(row) else hidden
         losses[row] = per_seq.tolist()
         if row == XLORA:
             scalings = out.scalings[:, :-1].double()  # [b, T-1, L, E]
@@ -232,6 +236,31 @@ def _score_batch(model: Any, chunk: list[EvalRecord], pad: int, fixed: dict[str,
     totals.add_losses(chunk, losses, target.sum(1).tolist())
     if scalings is not None:
         totals.add_routing(chunk, scalings, target, token_entropy(scalings))
+
+
+class SharedScalingPass:
+    """X-LoRA's scaling pass taken from the base row's forward: with ``scaling_pass_value`` 0 over every layer it
+    *is* the base's forward, so the base row's last hidden state feeds the head (without top-k the X-LoRA row is
+    then bit-identical, and one of the ``E + 3`` passes per batch is saved). The first batch checks the base's
+    ``hidden_states[-1]`` against :meth:`~xlora.model.XLoraModel.scaling_pass`; on a mismatch (an architecture
+    whose last hidden state is not the final normed one) X-LoRA runs its own pass from then on."""
+
+    def __init__(self, model: Any, fixed: dict[str, Any]) -> None:
+        c = model.xlora_config
+        self.on = (BASE in fixed and XLORA in fixed and fixed[BASE] == "zero" and c.scaling_pass_value == 0
+                   and c.scaling_pass_layers is None and c.top_k is None)
+        self.checked = False
+
+    def takes(self, row: str) -> bool:  # whether row's forward also returns its hidden states for X-LoRA
+        return self.on and row == BASE
+
+    def states(self, model: Any, batch: dict[str, Any], out: Any) -> torch.Tensor | None:
+        hidden = out.hidden_states[-1]
+        if not self.checked:
+            self.checked = True
+            inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids")}
+            self.on = torch.equal(hidden, model.scaling_pass(**inputs))
+        return hidden if self.on else None
 
 
 def _progress_bar(total: int | None) -> Callable[..., None]:
