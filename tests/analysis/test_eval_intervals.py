@@ -47,6 +47,19 @@ def test_a_constant_ratio_has_a_zero_width_interval():
     assert ratio_interval(0.8 * y, y, counts) == pytest.approx((0.8, 0.8, 0.8), rel=1e-12)
 
 
+def test_a_row_whose_loss_sums_to_zero_leaves_its_cells_out_instead_of_nan():
+    """No ratio is defined over a zero loss: the cell is left out (strict JSON, no NaN) and the others stay."""
+    import json
+
+    records = [RecordLosses(f"f: line {i}", d, 3, {"xlora": 1.0 + i, "perfect": 0.0 if d == "a" else 2.0})
+               for i, d in enumerate(["a", "a", "b", "b"])]
+    out = loss_ratios(records, "xlora", ["perfect"], resamples=200)["perfect"]
+    assert set(out) == {"b", "mixed"} and out["b"] == pytest.approx([7 / 4, 1.5, 2.0], abs=1e-12)
+    assert out["mixed"][0] == pytest.approx(10 / 4) and json.loads(json.dumps(out, allow_nan=False)) == out
+    assert ratio_interval(np.ones(3), np.zeros(3), resample_counts(["a"] * 3, 50)) is None
+    assert ratio_interval(np.ones(3), np.ones(3), resample_counts(["a"] * 3, 0)) is None  # no resample: no interval
+
+
 def test_paired_bootstrap_equals_a_naive_resampling_loop():
     """One domain of 40 records: the percentile interval of Σx/Σy against 20,000 resamples drawn with Python's
     random.choices (another generator), within Monte-Carlo error (the two estimate the same quantiles)."""

@@ -58,14 +58,15 @@ def resample_counts(domains: list[str], resamples: int, seed: int = SEED) -> np.
 
 
 def ratio_interval(x: np.ndarray, y: np.ndarray, counts: np.ndarray, level: float = LEVEL
-                   ) -> tuple[float, float, float]:
+                   ) -> tuple[float, float, float] | None:
     """``(Σx/Σy, low, high)``: the ratio of sums and its percentile interval over the resamples ``counts``
-    ``[B, n]`` of the ``n`` paired values ``x``, ``y`` (resamples whose ``Σy`` is 0 are left out)."""
+    ``[B, n]`` of the ``n`` paired values ``x``, ``y`` (resamples whose ``Σy`` is 0 are left out); ``None`` where
+    no ratio is defined (``Σy = 0``, or in every resample), so that no NaN reaches the JSON."""
     sx, sy = counts @ x, counts @ y
     keep = sy > 0
     ratios = sx[keep] / sy[keep]
     if not len(ratios) or y.sum() <= 0:
-        return float("nan"), float("nan"), float("nan")
+        return None
     low, high = np.quantile(ratios, [(1 - level) / 2, (1 + level) / 2])
     return float(x.sum() / y.sum()), float(low), float(high)
 
@@ -73,7 +74,7 @@ def ratio_interval(x: np.ndarray, y: np.ndarray, counts: np.ndarray, level: floa
 def loss_ratios(records: list[RecordLosses], ref: str, rows: list[str], resamples: int = RESAMPLES,
                 seed: int = SEED, level: float = LEVEL) -> dict[str, dict[str, list[float]]]:
     """``out[row][domain or "mixed"] = [ρ, low, high]``: row ``ref``'s loss over ``row``'s on the records both
-    scored (see the module docstring), resampled with the same seed for every row: the same resamples wherever
+    scored (see the module docstring; a cell whose ``row`` loss sums to 0 is left out), resampled with the same seed for every row: the same resamples wherever
     the rows scored the same records (every row but the oracle, which leaves out domains naming no expert)."""
     out: dict[str, dict[str, list[float]]] = {}
     drawn: dict[tuple[str, ...], np.ndarray] = {}  # the resamples of each record set (the same for most rows)
@@ -86,11 +87,11 @@ def loss_ratios(records: list[RecordLosses], ref: str, rows: list[str], resample
         counts = drawn[key] if key in drawn else drawn.setdefault(key, resample_counts(domains, resamples, seed))
         x = np.array([r.nll[ref] for r in both], dtype=np.float64)
         y = np.array([r.nll[row] for r in both], dtype=np.float64)
-        cells = {"mixed": list(ratio_interval(x, y, counts, level))}
+        cells = {"mixed": ratio_interval(x, y, counts, level)}
         for d in dict.fromkeys(domains):
             m = np.array([dd == d for dd in domains])
-            cells[d] = list(ratio_interval(x[m], y[m], counts[:, m], level))
-        out[row] = cells
+            cells[d] = ratio_interval(x[m], y[m], counts[:, m], level)
+        out[row] = {d: list(c) for d, c in cells.items() if c is not None}  # undefined cells left out
     return out
 
 
@@ -168,7 +169,8 @@ def routing_difference(a: list[RecordLosses], b: list[RecordLosses], resamples: 
     for d in dict.fromkeys(r.domain for r, _ in both):
         delta = np.array([(r.top1 == d) - (o.top1 == d) for r, o in both if r.domain == d], dtype=np.float64)
         counts = resample_counts([d] * len(delta), resamples, seed)
-        out[d] = list(ratio_interval(delta, np.ones_like(delta), counts, level))
+        if (cell := ratio_interval(delta, np.ones_like(delta), counts, level)) is not None:
+            out[d] = list(cell)
     return out
 
 
