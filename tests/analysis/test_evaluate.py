@@ -459,3 +459,23 @@ def test_other_formats_go_through_the_trainers_reader(setup, tmp_path):
         evaluate_files(model, tok, [path], rows=["base"], progress=False)
     res = evaluate_files(model, tok, [path], rows=["base"], progress=False, read_records=iter_records)
     assert res.records == 2 and res.domains == ["alpha", "beta"]
+
+
+def test_routing_of_a_chunk_must_follow_its_losses():
+    """The per-record routing is written into the entries add_losses made for the same records, in order."""
+    from types import SimpleNamespace
+
+    from xlora.analysis.eval_report import Totals
+
+    totals = Totals(NAMES, ["xlora"])
+    chunk = [SimpleNamespace(where=f"f: line {i}", domain="alpha", raw={}) for i in range(2)]
+    s = torch.full((2, 3, 4, 3), 1 / 3)
+    s[..., 1] = 0.5
+    mask, entropy = torch.ones(2, 3, dtype=torch.bool), torch.zeros(2, 3)
+    with pytest.raises(RuntimeError, match="must follow add_losses"):
+        totals.add_routing(chunk, s, mask, entropy)
+    totals.add_losses(chunk, {"xlora": [1.0, 2.0]}, [3, 3])
+    with pytest.raises(RuntimeError, match="must follow add_losses"):
+        totals.add_routing(chunk[::-1], s, mask, entropy)
+    totals.add_routing(chunk, s, mask, entropy)
+    assert [e.top1 for e in totals.per_record] == ["beta", "beta"] and totals.hits == {"alpha": 0}

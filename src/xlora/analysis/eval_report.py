@@ -63,7 +63,9 @@ class Totals:
                     entropy: torch.Tensor) -> None:
         """``scalings`` ``[b, T, L, E]``, ``target``/``entropy`` ``[b, T]``, position t scoring token t+1."""
         s = scalings.mean(2)  # [b, T, E], modules averaged
-        entries = self.per_record[-len(chunk):]  # add_losses registered this chunk last
+        entries = self.per_record[-len(chunk):]
+        if [e.where for e in entries] != [r.where for r in chunk]:
+            raise RuntimeError("add_routing(chunk) must follow add_losses(chunk) of the same records")
         for i, rec in enumerate(chunk):
             m = target[i]
             per_token = s[i][m]  # [n, E]
