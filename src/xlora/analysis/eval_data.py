@@ -277,7 +277,8 @@ def left_padded(examples: list[Any], pad_id: int) -> dict[str, Any]:
     for row, e in enumerate(examples):  # right-aligned: every sequence ends at column T - 1
         n = len(e.input_ids)
         ids[row, T - n:], mask[row, T - n:] = torch.tensor(e.input_ids, dtype=torch.long), 1
-        labels[row, T - n:] = torch.tensor(e.labels, dtype=torch.long)
+        # the first token follows nothing of its own (in a padded row, a pad): it is never scored
+        labels[row, T - n + 1:] = torch.tensor(e.labels[1:], dtype=torch.long)
     has_loss = (labels != IGNORE_INDEX).any(1)
     first = int((labels != IGNORE_INDEX).float().argmax(1)[has_loss].min()) if has_loss.any() else T - 1
     positions = (mask.cumsum(1) - 1).clamp_min(0)
