@@ -193,6 +193,12 @@ def _add_demo_parsers(sub: argparse._SubParsersAction) -> None:
                    help=f"held-out passages for the triple F1 table (0: skip; default: {demo['graph_n']})")
     g.add_argument("--assets", default=keep, help="an X-LoRA directory over the demo base (default: the shipped one)")
     p.set_defaults(func=commands.evaluate)
+    p = sub.add_parser("compare", help="two xlora eval runs of the same records (say two models): loss ratio and top-1 "
+                                       "routing difference with paired 95 %% intervals")
+    p.add_argument("runs", nargs=2, metavar="EVAL_DIR", help="folders written by xlora eval --out (eval_records.jsonl)")
+    p.add_argument("--splits", nargs="+", default=None, help="compare these subfolders of both runs (suite_eval's layout)")
+    p.add_argument("--row", default="xlora", help="the row compared (default: xlora)")
+    p.set_defaults(func=commands.compare)
 
 
 def _add_eval_data_flags(p: argparse.ArgumentParser) -> None:

@@ -81,6 +81,13 @@ def eval_model(args: argparse.Namespace) -> int:
     return 0
 
 
+def compare(args: argparse.Namespace) -> int:
+    from xlora.analysis.eval_intervals import compare_runs
+
+    print(compare_runs(*args.runs, splits=args.splits, row=args.row), end="")
+    return 0
+
+
 def graph(args: argparse.Namespace) -> int:
     from xlora.demo.graph import run_graph
 

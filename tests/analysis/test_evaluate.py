@@ -185,6 +185,20 @@ def test_left_padded_batches_equal_one_record_at_a_time(setup, result):
     assert result.routing["mean"]["beta"] == pytest.approx(one.routing["mean"]["beta"], abs=1e-5)
 
 
+def test_a_fully_scored_record_left_padded_in_a_batch_scores_as_alone(setup):
+    """A ``text`` record scores every token but its first, which follows nothing: padded behind a longer record,
+    its first token must not be scored as predicted from the pad (the batch-8 run pads it, batch 1 does not)."""
+    model, tok, _, _, data = setup
+    runs = [evaluate_files(model, tok, [data], EvalConfig(batch_size=n, resamples=0), progress=False)
+            for n in (8, 1)]
+    one_batch, alone = ({r.where: r for r in run.per_record} for run in runs)
+    text = next(w for w in alone if w.endswith("line 7"))
+    assert one_batch[text].tokens == alone[text].tokens == len(tok(RECORDS[6]["text"])["input_ids"])
+    for where, rec in alone.items():
+        assert one_batch[where].tokens == rec.tokens
+        assert one_batch[where].nll == pytest.approx(rec.nll, rel=1e-5), where
+
+
 def test_routing_and_collapse_equal_the_heads_scalings(setup, result):
     model, tok, *_ = setup
     acc, n, hits, counts = {}, {}, {}, {}
@@ -420,6 +434,36 @@ def test_cli_eval_writes_its_files(setup, tmp_path, capsys):
     for name, message in (("missing.jsonl", "does not exist"), ("empty.jsonl", "is empty")):
         assert main(["eval", str(tmp_path / "no-model"), "--data", str(tmp_path / name)]) == 2
         assert f"{name}' {message}" in capsys.readouterr().err
+
+
+def test_cli_compare_two_runs_of_the_same_records(setup, result, tmp_path, capsys):
+    """``xlora compare A B``: X-LoRA's loss in A over B's (Σ NLL over the records files) and the top-1 own share
+    of A minus B's per domain, each with its interval; refused for a folder without records or other records."""
+    from xlora.cli import main
+
+    model, tok, root, _, data = setup
+    other = XLoraModel.from_pretrained(root / "xlora", base_model=str(root / "base")).eval()
+    randomize_head(other, seed=3, std=1.0)
+    a, b, c = tmp_path / "a", tmp_path / "b", tmp_path / "c"
+    result.write(a)
+    evaluate_files(other, tok, [data], EvalConfig(resamples=0), progress=False).write(b)
+    evaluate_files(other, tok, [data], EvalConfig(resamples=0, max_records=3), progress=False).write(c)
+    assert main(["compare", str(a), str(b)]) == 0
+    table = {line.split(" | ")[1]: line.split(" | ")[2:] for line in capsys.readouterr().out.splitlines()
+             if line.startswith("| - |")}
+    ra, rb = ([json.loads(x) for x in (d / "eval_records.jsonl").read_text().splitlines()] for d in (a, b))
+    ratio = sum(r["nll"]["xlora"] for r in ra) / sum(r["nll"]["xlora"] for r in rb)
+    point, span = table["mixed"][0].split(" [")
+    low, high = (float(x) for x in span.rstrip("]").split(", "))
+    assert float(point) == pytest.approx(ratio, abs=5e-4) and low <= float(point) <= high
+    for d in NAMES:
+        share = [sum(r["top1"] == d for r in run if r["domain"] == d) / sum(r["domain"] == d for r in run)
+                 for run in (ra, rb)]
+        assert float(table[d][1].split(" [")[0]) == pytest.approx(share[0] - share[1], abs=5e-3)
+    assert main(["compare", str(a), str(tmp_path)]) == 2
+    assert "has no eval_records.jsonl" in capsys.readouterr().err
+    assert main(["compare", str(a), str(c)]) == 2
+    assert "did not score the same records" in capsys.readouterr().err
 
 
 def test_peft_single_expert_equals_the_expert_row(setup, result):

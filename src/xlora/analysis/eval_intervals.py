@@ -181,3 +181,32 @@ def _matched(a: list[RecordLosses], b: list[RecordLosses]) -> list[tuple[RecordL
         raise ValueError("the two evaluations did not score the same records (their 'where' differ): run both on "
                          "the same --data files")
     return [(r, by_where[r.where]) for r in a]
+
+
+def records_file(run: str | Path, split: str | None = None) -> Path:
+    """``eval_records.jsonl`` of an ``xlora eval`` output folder (or of its ``split`` subfolder)."""
+    folder = Path(run) / split if split else Path(run)
+    path = folder / "eval_records.jsonl"
+    if not path.is_file():
+        raise FileNotFoundError(f"{folder} has no eval_records.jsonl: give folders written by xlora eval --out "
+                                "(this version or later)" + (f", each with a {split}/ subfolder" if split else ""))
+    return path
+
+
+def compare_runs(a: str | Path, b: str | Path, splits: list[str] | None = None, row: str = "xlora",
+                 resamples: int = RESAMPLES) -> str:
+    """The ``xlora compare A B`` table: per split and domain, ``row``'s loss in run ``a`` over its loss in run ``b``
+    (:func:`paired_runs`) and the top-1 own routing of ``a`` minus ``b``'s (:func:`routing_difference`), each with
+    its paired interval. Both runs must have scored the same records (e.g. two models on the same ``--data``)."""
+    lines = [f"A = {a}\nB = {b}\n\n{row}'s loss in A over its loss in B, and top-1 own routing of A minus B's, with "
+             f"{LEVEL:.0%} paired intervals ({resamples} resamples over records, stratified by domain); a loss interval "
+             "wholly below 1 says A is better on these records:\n",
+             "| split | domain | loss A / B | top-1 own A − B |", "|---|---|---:|---:|"]
+    for split in splits or [None]:
+        ra, rb = read_records(str(records_file(a, split))), read_records(str(records_file(b, split)))
+        ratio, routing = paired_runs(ra, rb, row, resamples), routing_difference(ra, rb, resamples)
+        for d, (r, lo, hi) in ratio.items():
+            diff = routing.get(d)
+            cell = f"{diff[0]:+.2f} [{diff[1]:+.2f}, {diff[2]:+.2f}]" if diff else ""
+            lines.append(f"| {split or '-'} | {d} | {r:.3f} [{lo:.3f}, {hi:.3f}] | {cell} |")
+    return "\n".join(lines) + "\n"
