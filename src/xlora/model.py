@@ -193,21 +193,26 @@ class XLoraModel(LifecycleMixin, XLoraGenerationMixin, PreTrainedModel):
             self._fixed_scalings = saved
             self._shared_fold.clear()
 
+    def _fixed_experts(self, fixed: torch.Tensor, b: int, t: int, g: float) -> tuple[torch.Tensor, tuple | None]:
+        """Hand-fixed scalings expanded to ``[b, t, L, E]`` (no scaling pass: its cache falls behind, checked on
+        reuse) and, for ``[L, E]`` scalings at inference, their fold into ``A`` (:class:`~xlora.sparse.SharedFold`)."""
+        s = self._expand_fixed(fixed, b, t)
+        if fixed.dim() > 2 or torch.is_grad_enabled() or self.training:
+            return s, None
+        return s, self._shared_fold.get(fixed, g, self.mixture_layers, keep=fixed is self._fixed_scalings)
+
     def _expand_fixed(self, fixed: torch.Tensor, b: int, t: int) -> torch.Tensor:
         if fixed.dim() == 4:
             if fixed.shape[0] != b or fixed.shape[1] != t:
-                raise ValueError(
-                    f"fixed scalings of shape {tuple(fixed.shape)} do not match the input's batch {b} x length {t}: "
-                    f"give [{b}, {t}, L, E] (one mixture per token), or [{b}, L, E] for one mixture per sequence"
-                )
+                raise ValueError(f"fixed scalings of shape {tuple(fixed.shape)} do not match the input's batch {b} x "
+                                 f"length {t}: give [{b}, {t}, L, E] (one mixture per token), or [{b}, L, E] for one "
+                                 "mixture per sequence")
             return fixed
         if fixed.dim() == 3:  # [b, L, E]: one mixture per sequence, at every position
             if fixed.shape[0] != b:
-                raise ValueError(
-                    f"per-sequence fixed scalings of shape {tuple(fixed.shape)} do not match the input's batch {b}; "
-                    "with num_beams or num_return_sequences k > 1 give one row per generated sequence "
-                    "(scalings.repeat_interleave(k, 0))"
-                )
+                raise ValueError(f"per-sequence fixed scalings of shape {tuple(fixed.shape)} do not match the input's "
+                                 f"batch {b}; with num_beams or num_return_sequences k > 1 give one row per generated "
+                                 "sequence (scalings.repeat_interleave(k, 0))")
             return fixed.unsqueeze(1).expand(b, t, -1, -1)
         return fixed.expand(b, t, *fixed.shape)
 
@@ -279,14 +284,8 @@ class XLoraModel(LifecycleMixin, XLoraGenerationMixin, PreTrainedModel):
             return XLoraOutput(loss=out.loss, logits=out.logits, cache=out.cache, hidden_states=out.hidden_states,
                                attentions=out.attentions)
         fixed = self.resolve_scalings(scalings) if scalings is not None else self._fixed_scalings
-        folded = None  # prompt granularity's decoding steps, or [L, E] scalings at inference: folded into A
-        g = self.xlora_config.global_scaling_weight
-        if fixed is not None:
-            s = self._expand_fixed(fixed, b, t)  # no scaling pass: its cache falls behind (checked on reuse)
-            if fixed.dim() <= 2 and not (torch.is_grad_enabled() or self.training):
-                folded = self._shared_fold.get(fixed, g, self.mixture_layers, keep=fixed is self._fixed_scalings)
-        else:
-            s, folded = self.step_experts(inputs, cache)
+        g = self.xlora_config.global_scaling_weight  # folded: [L, E] scalings at inference, prompt granularity's steps
+        s, folded = self._fixed_experts(fixed, b, t, g) if fixed is not None else self.step_experts(inputs, cache)
         if observer is not None:
             observer.record(s, input_ids, attention_mask)
         top_k = self.xlora_config.top_k if fixed is None else None  # the head's scalings: k nonzero at most
