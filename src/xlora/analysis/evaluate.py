@@ -226,8 +226,9 @@ def _score_batch(model: Any, chunk: list[EvalRecord], pad: int, fixed: dict[str,
     for row, spec in fixed.items():
         if row == XLORA and hidden is not None:  # the head on the base row's states: the same scalings
             spec = model.compute_scalings(hidden=hidden, attention_mask=batch["attention_mask"])
-        per_seq, out = completion_loss(model, batch, "none", scalings=spec, output_hidden_states=shared.takes(row))
-        hidden = shared.states(model, batch, out) if shared.takes(row) else hidden
+        takes = shared.takes(row)
+        per_seq, out = completion_loss(model, batch, "none", scalings=spec, output_hidden_states=takes)
+        hidden = shared.states(model, batch, out) if takes else hidden
         losses[row] = per_seq.tolist()
         if row == XLORA:
             scalings = out.scalings[:, :-1].double()  # [b, T-1, L, E]
@@ -239,11 +240,10 @@ def _score_batch(model: Any, chunk: list[EvalRecord], pad: int, fixed: dict[str,
 
 
 class SharedScalingPass:
-    """X-LoRA's scaling pass taken from the base row's forward: with ``scaling_pass_value`` 0 over every layer it
-    *is* the base's forward, so the base row's last hidden state feeds the head (without top-k the X-LoRA row is
-    then bit-identical, and one of the ``E + 3`` passes per batch is saved). The first batch checks the base's
-    ``hidden_states[-1]`` against :meth:`~xlora.model.XLoraModel.scaling_pass`; on a mismatch (an architecture
-    whose last hidden state is not the final normed one) X-LoRA runs its own pass from then on."""
+    """X-LoRA's scaling pass taken from the base row's forward: with ``scaling_pass_value`` 0 over every layer it *is*
+    the base's forward, so the base row's last hidden state feeds the head (no top-k: a bit-identical row, one of the
+    ``E + 4`` passes per batch, ``E + 5`` with Arrow, saved). The first batch checks ``hidden_states[-1]`` against
+    :meth:`~xlora.model.XLoraModel.scaling_pass`; on a mismatch X-LoRA runs its own pass from then on."""
 
     def __init__(self, model: Any, fixed: dict[str, Any]) -> None:
         c = model.xlora_config
