@@ -196,9 +196,9 @@ def records_file(run: str | Path, split: str | None = None) -> Path:
 def compare_runs(a: str | Path, b: str | Path, splits: list[str] | None = None, row: str = "xlora",
                  resamples: int = RESAMPLES) -> str:
     """The ``xlora compare A B`` table: per split and domain, ``row``'s loss in run ``a`` over its loss in run ``b``
-    (:func:`paired_runs`) and the top-1 own routing of ``a`` minus ``b``'s (:func:`routing_difference`), each with
+    (:func:`paired_runs`) and X-LoRA's top-1 own routing in ``a`` minus ``b``'s (:func:`routing_difference`), each with
     its paired interval. Both runs must have scored the same records (e.g. two models on the same ``--data``)."""
-    lines = [f"A = {a}\nB = {b}\n\n{row}'s loss in A over its loss in B, and top-1 own routing of A minus B's, with "
+    lines = [f"A = {a}\nB = {b}\n\n{row}'s loss in A over its loss in B, and X-LoRA's top-1 own routing in A minus B's, with "
              f"{LEVEL:.0%} paired intervals ({resamples} resamples over records, stratified by domain); a loss interval "
              "wholly below 1 says A is better on these records:\n",
              "| split | domain | loss A / B | top-1 own A − B |", "|---|---|---:|---:|"]
