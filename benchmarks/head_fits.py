@@ -6,15 +6,18 @@ states ``h`` of every position are cached (float16): the base's last hidden stat
 layers and the final norm — exactly the input ``scaling_pass(layers=k)`` gives the head — with the mask of the
 positions that predict completion tokens ("scored", where ``xlora eval`` measures routing). The loss of a fit is
 
-    w_route · mean_records −log p̄[own]  +  w_kl · mean_positions KL(p_T(h_full) || p_S(h_k))
+    w_route · mean_records −log p̄[own]  +  w_first · mean_records −log p_1[own]
+        +  w_kl · mean_positions KL(p_T(h_full) || p_S(h_k))
 
-``p̄`` = the student's softmax averaged over a labelled record's scored positions (8 records a step); the KL is
+``p̄`` = the student's softmax averaged over a labelled record's scored positions (8 records a step), ``p_1`` its
+softmax at the first of them (the position that predicts the answer's first token); the KL is
 over 1,024 positions a step drawn from ``--kl-positions``: ``unlabelled`` (every position that takes no routing
 label: the prompts, and every position of the composite records) or ``all``. AdamW, cosine learning rate.
 Routing is scored as ``xlora eval`` scores it (top-1 own domain of ``p̄``) on every evaluation file.
 
-A spec is ``init,w_route,w_kl,steps,lr,wd[,seeds]``: ``init`` is ``teacher`` (start from its weights; same depth),
-``linear`` or ``mlp`` (fresh); with ``seeds`` = n > 1 the n fits' weights are averaged. BENCHMARKS ("Heads fitted
+A spec is ``init,w_route,w_kl,steps,lr,wd[,seeds][,first=w_first][,seed=s]``: ``init`` is ``teacher`` (start from its
+weights; same depth), ``linear`` or ``mlp`` (fresh); with ``seeds`` = n > 1 the n fits' weights are averaged;
+``w_first`` defaults to 0, ``seed`` (the first seed) to 0. Each head is scored twice: top-1 own of ``p̄`` (as ``xlora eval``), and of ``p_1``. BENCHMARKS ("Heads fitted
 to labels and a teacher") has the runs.
 
     .venv/bin/python benchmarks/head_fits.py DATA_H9/head_train.jsonl DATA/test_unseen.jsonl \\
@@ -96,7 +99,7 @@ def kl_targets(teacher: nn.Module, full: list[Record], student: list[Record], wh
 
 
 def fit(init: str, teacher: nn.Module, data, w_route: float, w_kl: float, steps: int, lr: float, wd: float,
-        seed: int) -> nn.Module:
+        seed: int, w_first: float = 0.0) -> nn.Module:
     (S, y), (X, T) = data
     torch.manual_seed(seed)
     head = copy.deepcopy(teacher) if init == "teacher" else make_head(init, X.shape[-1], len(DOMAINS))
@@ -106,10 +109,14 @@ def fit(init: str, teacher: nn.Module, data, w_route: float, w_kl: float, steps:
         for group in opt.param_groups:
             group["lr"] = lr * 0.5 * (1 + math.cos(math.pi * step / steps))
         loss = torch.zeros(())
-        if w_route:
+        if w_route or w_first:
             idx = torch.randint(len(S), (8,)).tolist()
-            p = torch.stack([torch.softmax(head(S[i]), -1).mean(0) for i in idx])
+            probs = [torch.softmax(head(S[i]), -1) for i in idx]
+            p = torch.stack([q.mean(0) for q in probs])
             loss = loss + w_route * F.nll_loss(p.clamp_min(1e-9).log(), y[idx])
+            if w_first:
+                p1 = torch.stack([q[0] for q in probs])
+                loss = loss + w_first * F.nll_loss(p1.clamp_min(1e-9).log(), y[idx])
         if w_kl:
             j = torch.randint(len(X), (1024,))
             loss = loss + w_kl * F.kl_div(F.log_softmax(head(X[j]), -1), T[j], reduction="batchmean")
@@ -137,12 +144,10 @@ def main() -> None:
     ap.add_argument("--kl-positions", choices=("unlabelled", "all"), default="unlabelled")
     ap.add_argument("--prefix-mean", action="store_true",
                     help="the student also reads the running mean of its states (head_prefix_mean; not with init teacher)")
-    ap.add_argument("--specs", nargs="*", default=[], help="init,w_route,w_kl,steps,lr,wd[,seeds]")
+    ap.add_argument("--specs", nargs="*", default=[], help="init,w_route,w_kl,steps,lr,wd[,seeds][,first=W][,seed=S]")
     ap.add_argument("--heads", nargs="*", default=[], help="X-LoRA directories whose heads to score on the states too")
     ap.add_argument("--save", type=Path, default=None, help="write each spec's head as an X-LoRA directory here")
     args = ap.parse_args()
-    if args.prefix_mean and args.save:
-        ap.error("--save writes the head under the teacher's config, which has no head_prefix_mean: use xlora distill")
     torch.set_num_threads(2)
     teacher = shipped_head(str(args.teacher))
     student = all_states(args.train_file, args.cache, args.layers)
@@ -161,6 +166,9 @@ def main() -> None:
             kl = F.kl_div(F.log_softmax(head(data[1][0]), -1), data[1][1], reduction="batchmean").item()
         cells = [", ".join(f"{v:.2f}" for v in own_top1(head, d, len(DOMAINS))) for d in evals.values()]
         print(f"| {name} | {kl:.3f} | " + " | ".join(cells) + " |", flush=True)
+        firsts = [", ".join(f"{v:.2f}" for v in own_top1(head, ([s[:1] for s in d[0]], d[1]), len(DOMAINS)))
+                  for d in evals.values()]
+        print("| (first position) | | " + " | ".join(firsts) + " |", flush=True)
 
     if not args.prefix_mean:  # the teacher reads the states alone
         row(f"teacher `{args.teacher}`" if args.layers == N_LAYERS else f"teacher's head on k = {args.layers}",
@@ -168,13 +176,19 @@ def main() -> None:
     for d in args.heads:
         row(f"`{d}`", shipped_head(d))
     for spec in args.specs:
-        init, w_route, w_kl, steps, lr, wd, *n = spec.split(",")
-        heads = [fit(init, teacher, data, float(w_route), float(w_kl), int(steps), float(lr), float(wd), seed)
-                 for seed in range(int(n[0]) if n else 1)]
+        init, w_route, w_kl, steps, lr, wd, *rest = spec.split(",")
+        n = [v for v in rest if "=" not in v]
+        opts = dict(v.split("=", 1) for v in rest if "=" in v)
+        if set(opts) - {"first", "seed"}:
+            ap.error(f"spec {spec!r}: unknown option(s) {sorted(set(opts) - {'first', 'seed'})}; use first=W, seed=S")
+        w_first, seed0 = float(opts.get("first", 0)), int(opts.get("seed", 0))
+        heads = [fit(init, teacher, data, float(w_route), float(w_kl), int(steps), float(lr), float(wd), seed, w_first)
+                 for seed in range(seed0, seed0 + (int(n[0]) if n else 1))]
         head = averaged(heads) if len(heads) > 1 else heads[0]
         row(spec, head)
         if args.save:
-            save(head, args.save / spec.replace(",", "_"), args.teacher, None if args.layers == N_LAYERS else args.layers)
+            save(head, args.save / spec.replace(",", "_"), args.teacher, None if args.layers == N_LAYERS else args.layers,
+                 prefix_mean=args.prefix_mean)
 
 
 if __name__ == "__main__":

@@ -142,9 +142,11 @@ def main() -> None:
                     save(head, args.save)
 
 
-def save(head: nn.Module, out: Path, like: Path | None = None, layers: int | None = None) -> None:
+def save(head: nn.Module, out: Path, like: Path | None = None, layers: int | None = None,
+         prefix_mean: bool = False) -> None:
     """``head`` (a ``make_head`` Sequential) as an X-LoRA directory: the config of ``like`` (default: the shipped
-    suite) with ``head_depth`` = its Linear layers and ``scaling_pass_layers = layers``, the experts by absolute path."""
+    suite) with ``head_depth`` = its Linear layers, ``scaling_pass_layers = layers`` and ``head_prefix_mean``, the
+    experts by absolute path."""
     from safetensors.torch import save_file
 
     from xlora.demo.run import ASSETS
@@ -153,6 +155,7 @@ def save(head: nn.Module, out: Path, like: Path | None = None, layers: int | Non
     cfg = json.loads((like / "xlora_config.json").read_text())
     cfg["head_depth"] = sum(isinstance(m, nn.Linear) for m in head)
     cfg["scaling_pass_layers"] = layers
+    cfg["head_prefix_mean"] = prefix_mean
     cfg["experts"] = {d: str((like / p).resolve()) for d, p in cfg["experts"].items()}
     out.mkdir(parents=True, exist_ok=True)
     (out / "xlora_config.json").write_text(json.dumps(cfg, indent=2) + "\n")
