@@ -20,6 +20,7 @@ from xlora.train.data import (
     record_kind,
     tokenize_record,
 )
+from xlora.train.losses import loss_tokens
 from xlora.train.records import iter_records, read_records
 
 M = -100
@@ -303,7 +304,20 @@ def test_collate_left_pads_when_asked():
                     side="left")
     assert batch["input_ids"].tolist() == [[5, 6, 7], [0, 0, 8]]
     assert batch["attention_mask"].tolist() == [[1, 1, 1], [0, 0, 1]]
-    assert batch["labels"].tolist() == [[M, 6, 7], [M, M, 8]]
+    assert batch["labels"].tolist() == [[M, 6, 7], [M, M, M]]  # 8 follows a pad: not a target
+
+
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_collate_scores_the_same_targets_whatever_the_batch(side):
+    """A text record's first token follows nothing: padded behind a longer record it is still not scored (it
+    was, on the left, as predicted from the pad), so a record's scored targets do not depend on its batch."""
+    examples = [TokenizedExample([5, 6, 7, 9], [5, 6, 7, 9]), TokenizedExample([8, 4], [8, 4]),
+                TokenizedExample([3, 2, 1], [M, 2, 1])]
+    together = collate(examples, pad_token_id=0, side=side)
+    alone = [collate([e], pad_token_id=0, side=side) for e in examples]
+    assert loss_tokens(together) == sum(loss_tokens(b) for b in alone) == 3 + 1 + 2
+    targets = together["labels"][:, 1:]  # what each row's positions predict, as the causal-LM loss shifts them
+    assert sorted(targets[targets != M].tolist()) == sorted([6, 7, 9, 4, 2, 1])
 
 
 def test_collate_of_nothing_is_an_error():

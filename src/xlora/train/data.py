@@ -308,8 +308,9 @@ def collate(examples: list[TokenizedExample], pad_token_id: int, side: str = "ri
 
     Returns:
         ``input_ids`` ``[b, T]`` (padded with ``pad_token_id``), ``attention_mask`` ``[b, T]`` (1 real,
-        0 pad) and ``labels`` ``[b, T]`` (``-100`` on pad), all ``int64``, ``T = max(n_i)``; with ``experts``
-        also ``routing_target`` ``[b, E]`` float32 (:func:`~xlora.train.routing.routing_targets`).
+        0 pad) and ``labels`` ``[b, T]`` (``-100`` on pad; left-padded, also on each row's first token, which
+        follows nothing of its own: the pad before it would otherwise predict it), all ``int64``,
+        ``T = max(n_i)``; with ``experts`` also ``routing_target`` ``[b, E]`` float32 (:func:`~xlora.train.routing.routing_targets`).
     """
     if not examples:
         raise ValueError("collate got an empty list of examples; a batch needs at least one")
@@ -325,6 +326,8 @@ def collate(examples: list[TokenizedExample], pad_token_id: int, side: str = "ri
         input_ids[row, cols] = torch.tensor(e.input_ids, dtype=torch.long)
         attention_mask[row, cols] = 1
         labels[row, cols] = torch.tensor(e.labels, dtype=torch.long)
+        if side == "left":  # the first token follows nothing of its own: the pad before it must not predict it
+            labels[row, cols.start] = IGNORE_INDEX
     batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
     if experts is not None:
         batch["routing_target"] = routing_targets([e.target for e in examples], experts)
