@@ -7,99 +7,15 @@ import sys
 from collections.abc import Callable
 
 from xlora import commands
-
-
-def _add_base_flags(p: argparse.ArgumentParser) -> None:
-    """How to load the base model: its dtype and an optional bitsandbytes quantisation."""
-    p.add_argument("--base", default=None, help="base model path (default: the one recorded in the directory)")
-    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
-                   help="load the base in this dtype (default: the checkpoint's)")
-    quant = p.add_mutually_exclusive_group()
-    quant.add_argument("--load-in-8bit", action="store_true", help="quantise the base to 8 bits (bitsandbytes)")
-    quant.add_argument("--load-in-4bit", action="store_true", help="quantise the base to 4-bit nf4 (bitsandbytes)")
-
-
-def _add_cluster_flags(p: argparse.ArgumentParser) -> None:
-    """``xlora serve --replicas N ...``: Ray Serve replicas of the same app (xlora.serve.cluster)."""
-    keep = argparse.SUPPRESS  # defaults live in ClusterConfig
-    g = p.add_argument_group("Ray Serve replicas (pip install 'xlora[cluster]')")
-    g.add_argument("--replicas", type=_positive, default=keep, metavar="N",
-                   help="serve N model copies, each with its own batcher, behind Ray Serve's HTTP proxy")
-    g.add_argument("--ray-address", default=keep, metavar="ADDR",
-                   help="join a running Ray cluster ('auto' after `ray start`; default: a fresh local instance)")
-    g.add_argument("--cpus-per-replica", type=_non_negative, default=keep, metavar="C",
-                   help="Ray CPUs (and torch threads) per replica (default: 1)")
-    g.add_argument("--gpus-per-replica", type=_non_negative, default=keep, metavar="G",
-                   help="Ray GPUs per replica; fractions share a GPU (default: 0)")
-    g.add_argument("--min-replicas", type=_count, default=keep, help="autoscaling: the fewest replicas (default 1)")
-    g.add_argument("--max-replicas", type=_positive, default=keep, help="autoscaling: the most (default: --replicas)")
-    g.add_argument("--target-ongoing-requests", type=_non_negative, default=keep,
-                   help="autoscaling: the ongoing requests per replica Ray Serve aims for")
-    g.add_argument("--object-store-mb", type=_positive, default=keep,
-                   help="the local Ray instance's object store (default: Ray's)")
-
-
-def _add_dataclass_flags(p: argparse.ArgumentParser, cls: type, skip: set[str], required: set[str]) -> None:
-    """One flag per dataclass field (``--field-name``), defaults left to the dataclass (one source of truth),
-    its help the field's entry in the class docstring's ``Args:``."""
-    import dataclasses
-    import typing
-
-    hints, docs = typing.get_type_hints(cls), _field_help(cls)
-    for f in dataclasses.fields(cls):
-        if f.name in skip:
-            continue
-        flag, hint = "--" + f.name.replace("_", "-"), hints[f.name]
-        default = "required, here or in --config" if f.name in required else \
-            f"default: {f.default if f.default is not dataclasses.MISSING else f.default_factory()!r}"
-        doc = f"{docs.get(f.name, '')} ({default})".strip().replace("%", "%%")
-        if hint is bool:
-            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=doc)
-        elif f.name == "experts":
-            p.add_argument(flag, nargs="+", metavar="NAME=PATH", default=argparse.SUPPRESS,
-                           help=f"the experts, in order: NAME=PATH of each PEFT LoRA adapter folder ({default})")
-        else:
-            args = [a for a in typing.get_args(hint) if a is not type(None)] or [hint]
-            p.add_argument(flag, type=args[0], default=argparse.SUPPRESS, help=doc)
-
-
-def _field_help(cls: type) -> dict[str, str]:
-    """``{field: text}`` from the Google-style ``Args:`` of ``cls``'s docstring (``a / b:`` entries share a text)."""
-    import inspect
-    import re
-
-    lines = inspect.cleandoc(cls.__doc__ or "").splitlines()
-    found: dict[str, list[str]] = {}
-    current: list[str] = []
-    for line in lines[lines.index("Args:") + 1:] if "Args:" in lines else []:
-        entry = re.match(r"^    ([\w ]+(?: / [\w ]+)*): (.*)$", line)
-        if entry:
-            current = [entry.group(2)]
-            found.update({name.strip(): current for name in entry.group(1).split(" / ")})
-        elif line.startswith("        "):
-            current.append(line.strip())
-        elif line.strip():
-            break  # the next section
-    return {name: " ".join(text).replace("``", "") for name, text in found.items()}
-
-
-def _number(kind: type, ok: Callable[[float], bool], expected: str) -> Callable[[str], float]:
-    """An argparse ``type`` that parses ``kind`` and refuses values outside ``ok`` (naming the value)."""
-    def parse(text: str) -> float:
-        try:
-            value = kind(text)
-        except ValueError:
-            value = None
-        if value is None or not ok(value):  # `not ok` also refuses nan
-            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
-        return value
-    return parse
-
-
-_positive = _number(int, lambda v: v >= 1, "a positive integer")
-_count = _number(int, lambda v: v >= 0, "an integer >= 0")
-_non_negative = _number(float, lambda v: v >= 0, "a number >= 0")
-_probability = _number(float, lambda v: 0 < v <= 1, "a number in (0, 1]")
+from xlora.cli_flags import (
+    add_base_flags,
+    add_cluster_flags,
+    add_dataclass_flags,
+    count,
+    non_negative,
+    positive,
+    probability,
+)
 
 
 def _add_format_parsers(sub: argparse._SubParsersAction) -> None:
@@ -118,7 +34,7 @@ def _add_format_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("out", help="a new folder for the export")
     p.add_argument("--base", default=None, help="base model path (default: the one recorded in MODEL_DIR)")
     p.add_argument("--base-model-id", default=None, help="what mistral.rs loads the base from (default: --base)")
-    p.add_argument("--tgt-non-granular-index", type=_positive, default=None,
+    p.add_argument("--tgt-non-granular-index", type=positive, default=None,
                    help="mistral.rs: fix the scalings after this many decoding steps (put on the printed command)")
     p.set_defaults(func=commands.export_mistralrs)
 
@@ -128,20 +44,20 @@ def _add_app_parsers(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("graph", help="a knowledge graph from a text file: triples coloured by the expert that wrote them")
     p.add_argument("text_file", help="a UTF-8 text file")
     p.add_argument("--out", required=True, help="folder for graph.graphml, graph.json, graph.png and graph.html")
-    p.add_argument("--chunk-chars", type=_positive, default=600, help="characters per chunk (whole sentences)")
-    p.add_argument("--max-new-tokens", type=_positive, default=128, help="tokens per chunk's answer")
+    p.add_argument("--chunk-chars", type=positive, default=600, help="characters per chunk (whole sentences)")
+    p.add_argument("--max-new-tokens", type=positive, default=128, help="tokens per chunk's answer")
     p.add_argument("--assets", default=None, help="an X-LoRA directory (default: the demo's)")
     p.add_argument("--base", default=None, help="base model directory (default: the demo's SmolLM2)")
     p.set_defaults(func=commands.graph)
 
     p = sub.add_parser("dialogue", help="two agents on the X-LoRA model take turns; the experts are traced per turn")
     p.add_argument("--topic", required=True, help="what the agents discuss")
-    p.add_argument("--turns", type=_positive, default=6)
+    p.add_argument("--turns", type=positive, default=6)
     p.add_argument("--agent-a", default=None, help="agent A's system prompt (default: a questioning scientist)")
     p.add_argument("--agent-b", default=None, help="agent B's system prompt (default: a critical reviewer)")
     p.add_argument("--out", default="xlora-dialogue", help="folder for transcript.md, dialogue.json and the plot")
-    p.add_argument("--max-new-tokens", type=_positive, default=64, help="tokens per turn")
-    p.add_argument("--max-context", type=_positive, default=512, help="prompt + answer tokens per turn; older turns dropped")
+    p.add_argument("--max-new-tokens", type=positive, default=64, help="tokens per turn")
+    p.add_argument("--max-context", type=positive, default=512, help="prompt + answer tokens per turn; older turns dropped")
     p.add_argument("--repetition-penalty", type=float, default=None,
                    help="transformers' repetition penalty, > 0 (default: 1.3; 1.0 is plain greedy decoding)")
     p.add_argument("--assets", default=None, help="an X-LoRA directory (default: the demo's)")
@@ -162,7 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _add_demo_parsers(sub: argparse._SubParsersAction) -> None:
     """``example``, ``demo`` and ``eval``: the in-process example and the embedded demo (xlora.demo)."""
     p = sub.add_parser("example", help="build a tiny model and two experts in-process and print the X-LoRA scalings")
-    p.add_argument("--seq-len", type=_positive, default=8, help="number of tokens in the example sequence")
+    p.add_argument("--seq-len", type=positive, default=8, help="number of tokens in the example sequence")
     p.set_defaults(func=commands.example)
 
     p = sub.add_parser("demo", help="the embedded demo: SmolLM2-135M with seven science experts (protein, mechanics, "
@@ -171,8 +87,8 @@ def _add_demo_parsers(sub: argparse._SubParsersAction) -> None:
                    help="retrain the seven experts and the head from the shipped science rows first (several hours on "
                         "2 CPU cores; rerun to continue)")
     p.add_argument("--out", default=None, help="folder for the table and heatmaps (default: $XLORA_CACHE/demo)")
-    p.add_argument("-n", type=_positive, default=4, help="test_unseen records per domain for the losses (default: 4)")
-    p.add_argument("--n-generate", type=_positive, default=1, help="records per domain answered and scored (default: 1; each costs about 20 s)")
+    p.add_argument("-n", type=positive, default=4, help="test_unseen records per domain for the losses (default: 4)")
+    p.add_argument("--n-generate", type=positive, default=1, help="records per domain answered and scored (default: 1; each costs about 20 s)")
     p.set_defaults(func=commands.demo)
 
     p = sub.add_parser("eval", help="does the mixture help on my data? X-LoRA against the base, every expert, the "
@@ -184,12 +100,12 @@ def _add_demo_parsers(sub: argparse._SubParsersAction) -> None:
     _add_eval_data_flags(p)
     g = p.add_argument_group("the demo's evaluation (without MODEL_DIR)")
     keep, demo = argparse.SUPPRESS, commands.DEMO_EVAL_DEFAULTS  # absent unless given: refused with MODEL_DIR
-    g.add_argument("-n", type=_positive, default=keep, help=f"test records per domain for the losses (default: {demo['n']})")
-    g.add_argument("--n-generate", type=_positive, default=keep,
+    g.add_argument("-n", type=positive, default=keep, help=f"test records per domain for the losses (default: {demo['n']})")
+    g.add_argument("--n-generate", type=positive, default=keep,
                    help=f"records per domain answered and scored (default: {demo['n_generate']})")
     g.add_argument("--splits", nargs="+", choices=["test", "test_unseen", "validation"], default=keep,
                    help="test: seen phrasings; test_unseen: held-out phrasings (default: both)")
-    g.add_argument("--graph-n", type=_count, default=keep,
+    g.add_argument("--graph-n", type=count, default=keep,
                    help=f"held-out passages for the triple F1 table (0: skip; default: {demo['graph_n']})")
     g.add_argument("--assets", default=keep, help="an X-LoRA directory over the demo base (default: the shipped one)")
     p.set_defaults(func=commands.evaluate)
@@ -210,17 +126,17 @@ def _add_eval_data_flags(p: argparse.ArgumentParser) -> None:
     keep = argparse.SUPPRESS  # EvalConfig's defaults: one source of truth (the help repeats them)
     g.add_argument("--chat", action=argparse.BooleanOptionalAction, default=keep,
                    help="render prompt/completion records as a chat (default: when the tokenizer has a template)")
-    g.add_argument("--arrow-top-k", type=_positive, default=keep, metavar="K", help="experts PEFT's Arrow mixes (default 3)")
-    g.add_argument("--generate", type=_count, default=keep, metavar="N", help="greedy answers per domain, scored")
-    g.add_argument("--max-new-tokens", type=_positive, default=keep, help="tokens per generated answer (default 64)")
+    g.add_argument("--arrow-top-k", type=positive, default=keep, metavar="K", help="experts PEFT's Arrow mixes (default 3)")
+    g.add_argument("--generate", type=count, default=keep, metavar="N", help="greedy answers per domain, scored")
+    g.add_argument("--max-new-tokens", type=positive, default=keep, help="tokens per generated answer (default 64)")
     g.add_argument("--expert-answers", choices=["all", "own"], default=keep,
                    help="all: every expert answers every sampled record (default); own: only its own domain's")
-    g.add_argument("--max-records", type=_positive, default=keep, metavar="N", help="read at most N records")
-    g.add_argument("--batch-size", type=_positive, default=keep, help="records per forward (default 8)")
-    g.add_argument("--answer-batch-size", type=_positive, default=keep, metavar="N",
+    g.add_argument("--max-records", type=positive, default=keep, metavar="N", help="read at most N records")
+    g.add_argument("--batch-size", type=positive, default=keep, help="records per forward (default 8)")
+    g.add_argument("--answer-batch-size", type=positive, default=keep, metavar="N",
                    help="prompts answered together (default: 2 x --batch-size; on a GPU its KV cache is twice the size)")
     g.add_argument("--skip-bad", action="store_true", default=keep, help="skip and count bad records instead of stopping")
-    g.add_argument("--resamples", type=_count, default=keep, metavar="B",
+    g.add_argument("--resamples", type=count, default=keep, metavar="B",
                    help="bootstrap resamples of the 95%% intervals of X-LoRA's loss over each row's (default 2000; 0: none)")
 
 
@@ -229,12 +145,12 @@ def _add_model_parsers(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("generate", help="stream text from an X-LoRA model directory")
     p.add_argument("model_dir", help="directory written by XLoraModel.save_pretrained")
     p.add_argument("prompt", help="the prompt text")
-    _add_base_flags(p)
+    add_base_flags(p)
     p.add_argument("--chat", action="store_true", help="apply the tokenizer's chat template to the prompt")
     p.add_argument("--show-experts", action="store_true", help="print the dominant expert of every generated token")
-    p.add_argument("--max-new-tokens", type=_positive, default=64)
-    p.add_argument("--temperature", type=_non_negative, default=0.0, help="0 = greedy")
-    p.add_argument("--top-p", type=_probability, default=1.0, help="nucleus sampling mass in (0, 1]")
+    p.add_argument("--max-new-tokens", type=positive, default=64)
+    p.add_argument("--temperature", type=non_negative, default=0.0, help="0 = greedy")
+    p.add_argument("--top-p", type=probability, default=1.0, help="nucleus sampling mass in (0, 1]")
     p.add_argument("--granularity", choices=["token", "prompt"], default="token")
     p.add_argument("--seed", type=int, default=None)
     p.set_defaults(func=commands.generate)
@@ -242,11 +158,11 @@ def _add_model_parsers(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("inspect", help="show which experts a prompt (and its answer) uses: table, colours, plots")
     p.add_argument("model_dir", help="directory written by XLoraModel.save_pretrained")
     p.add_argument("prompt", help="the prompt text")
-    p.add_argument("--generate", type=_count, default=0, metavar="N", help="also generate N tokens greedily")
+    p.add_argument("--generate", type=count, default=0, metavar="N", help="also generate N tokens greedily")
     p.add_argument("--out", default="xlora-inspect", help="folder for the scalings log, stats.json and the plots")
     p.add_argument("--chat", action="store_true", help="apply the tokenizer's chat template to the prompt")
     p.add_argument("--base", default=None, help="base model path (default: the one recorded in the directory)")
-    p.add_argument("--per-page", type=_positive, default=None, help="rows per plot file (default 64)")
+    p.add_argument("--per-page", type=positive, default=None, help="rows per plot file (default 64)")
     p.set_defaults(func=commands.inspect)
 
 
@@ -254,7 +170,7 @@ def _add_serve_parser(sub: argparse._SubParsersAction) -> None:
     """``serve``: flags left unset keep ServerConfig's defaults (one source of truth)."""
     p = sub.add_parser("serve", help="serve an X-LoRA model over an OpenAI-compatible HTTP API")
     p.add_argument("model_dir", help="directory written by XLoraModel.save_pretrained")
-    _add_base_flags(p)
+    add_base_flags(p)
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     keep = argparse.SUPPRESS  # defaults live in ServerConfig
     p.add_argument("--host", default=keep, help="(default: 127.0.0.1)")
@@ -266,9 +182,9 @@ def _add_serve_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-queue", type=int, default=keep, help="more waiting requests get HTTP 429 (default: 256)")
     p.add_argument("--max-tokens-limit", type=int, default=keep, help="largest max_tokens allowed (default: 4096)")
     p.add_argument("--max-prompt-tokens", type=int, default=keep, help="(default: the model's context length)")
-    p.add_argument("--shutdown-timeout", dest="shutdown_timeout_s", type=_non_negative, default=keep, metavar="SECONDS",
+    p.add_argument("--shutdown-timeout", dest="shutdown_timeout_s", type=non_negative, default=keep, metavar="SECONDS",
                    help="on SIGTERM/Ctrl-C, running requests get this long, then end with an OpenAI error (default: 30)")
-    _add_cluster_flags(p)
+    add_cluster_flags(p)
     p.set_defaults(func=commands.serve)
 
 
@@ -281,8 +197,8 @@ def _add_train_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--config", default=argparse.SUPPRESS, metavar="FILE",
                    help="JSON or YAML file of these options (keys: the flags' names, with - or _; relative paths "
                         "from the file's folder); flags given here override it")
-    _add_dataclass_flags(p, TrainConfig, skip={"xlora"}, required={"base_model", "train_file", "output_dir"})
-    _add_dataclass_flags(p, XLoraConfig, skip={"hidden_size", "num_adapted_modules", "base_model_name_or_path"},
+    add_dataclass_flags(p, TrainConfig, skip={"xlora"}, required={"base_model", "train_file", "output_dir"})
+    add_dataclass_flags(p, XLoraConfig, skip={"hidden_size", "num_adapted_modules", "base_model_name_or_path"},
                          required={"experts"})
     p.set_defaults(func=commands.train)
 
@@ -292,31 +208,31 @@ def _add_distill_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("distill", help="train a head over the first K decoder layers to give a teacher X-LoRA's scalings")
     p.add_argument("teacher_dir", help="the teacher: an X-LoRA directory (its head runs all its layers)")
     p.add_argument("output_dir", help="where the student X-LoRA directory goes")
-    p.add_argument("--layers", dest="scaling_pass_layers", type=_positive, default=argparse.SUPPRESS, metavar="K",
+    p.add_argument("--layers", dest="scaling_pass_layers", type=positive, default=argparse.SUPPRESS, metavar="K",
                    help="decoder layers of the student's scaling pass (1..N; default: all N, to correct a head at "
                         "its own depth with --routing-weight)")
     p.add_argument("--data", dest="train_file", required=True, metavar="FILE", help="training records (as xlora train)")
     keep = argparse.SUPPRESS
     p.add_argument("--eval", dest="eval_file", default=keep, metavar="FILE",
                    help="held-out records for the initial and final KL and top-1 agreement (default: --data)")
-    p.add_argument("--steps", type=_positive, default=keep, help="optimizer steps (default: 500)")
-    p.add_argument("--batch-size", type=_positive, default=keep, help="examples per step (default: 8)")
+    p.add_argument("--steps", type=positive, default=keep, help="optimizer steps (default: 500)")
+    p.add_argument("--batch-size", type=positive, default=keep, help="examples per step (default: 8)")
     p.add_argument("--lr", dest="learning_rate", type=float, default=keep, help="peak learning rate (default: 1e-3)")
-    p.add_argument("--warmup-steps", type=_count, default=keep, help="linear warm-up, then cosine decay (default: 0)")
+    p.add_argument("--warmup-steps", type=count, default=keep, help="linear warm-up, then cosine decay (default: 0)")
     p.add_argument("--loss", choices=["kl", "mse"], default=keep, help="KL(teacher || student) or MSE (default: kl)")
     p.add_argument("--temperature", type=float, default=keep, help="KL temperature (default: the teacher's)")
-    p.add_argument("--lm-weight", type=_non_negative, default=keep, help="add this times the LM loss (default: 0)")
+    p.add_argument("--lm-weight", type=non_negative, default=keep, help="add this times the LM loss (default: 0)")
     p.add_argument("--positions", choices=["all", "scored", "unrouted"], default=keep,
                    help="tokens the distillation averages: all (default), scored (those predicting a completion) or "
                         "unrouted (those taking no routing loss)")
-    p.add_argument("--scored-weight", type=_non_negative, default=keep,
+    p.add_argument("--scored-weight", type=non_negative, default=keep,
                    help="add this times the KL (or MSE) over the scored positions only, where answers are routed "
                         "(default: 0)")
-    p.add_argument("--routing-weight", type=_non_negative, default=keep,
+    p.add_argument("--routing-weight", type=non_negative, default=keep,
                    help="add this times the routing cross-entropy of the records naming their expert (default: 0)")
     p.add_argument("--routing-key", default=keep, help="the record field naming the expert (default: domain)")
-    p.add_argument("--weight-decay", type=_non_negative, default=keep, help="AdamW weight decay (default: 0)")
-    p.add_argument("--save-every", type=_count, default=keep,
+    p.add_argument("--weight-decay", type=non_negative, default=keep, help="AdamW weight decay (default: 0)")
+    p.add_argument("--save-every", type=count, default=keep,
                    help="checkpoint every N steps into OUTPUT_DIR; a rerun continues from it (default: 50; 0: never)")
     p.add_argument("--init", default=keep, metavar="teacher|scratch|DIR",
                    help="start from the teacher head's weights, a fresh head, or the head of the X-LoRA directory DIR "
@@ -326,8 +242,8 @@ def _add_distill_parser(sub: argparse._SubParsersAction) -> None:
                         "shallow pass (head_prefix_mean; default: as the teacher)")
     p.add_argument("--chat", action=argparse.BooleanOptionalAction, default=keep,
                    help="render prompt/completion records with the chat template, as xlora train --chat (default: no)")
-    p.add_argument("--max-length", type=_positive, default=keep, help="tokens per example (default: 512)")
-    p.add_argument("--seed", type=_count, default=keep, help="data order and a fresh head's weights (default: 0)")
+    p.add_argument("--max-length", type=positive, default=keep, help="tokens per example (default: 512)")
+    p.add_argument("--seed", type=count, default=keep, help="data order and a fresh head's weights (default: 0)")
     p.add_argument("--base", dest="base_model", default=keep, help="base model path (default: the teacher's)")
     p.add_argument("--device", default=keep, help="cpu, cuda, ... (default: cuda when available)")
     p.add_argument("--overwrite", action="store_true", default=keep, help="write into a non-empty OUTPUT_DIR")
