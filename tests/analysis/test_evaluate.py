@@ -201,7 +201,7 @@ def test_a_fully_scored_record_left_padded_in_a_batch_scores_as_alone(setup):
 
 def test_routing_and_collapse_equal_the_heads_scalings(setup, result):
     model, tok, *_ = setup
-    acc, n, hits, counts = {}, {}, {}, {}
+    acc, n, hits, counts, first = {}, {}, {}, {}, {}
     weight, ent, total = torch.zeros(3, dtype=torch.float64), 0.0, 0
     for r in RECORDS:
         ids, labels = scored(tok, r)
@@ -213,11 +213,14 @@ def test_routing_and_collapse_equal_the_heads_scalings(setup, result):
         acc[d], n[d] = acc.get(d, 0) + per.sum(0), n.get(d, 0) + len(per)
         counts[d] = counts.get(d, 0) + 1
         hits[d] = hits.get(d, 0) + (NAMES[int(per.mean(0).argmax())] == d)
+        first[d] = first.get(d, 0) + (NAMES[int(per[0].argmax())] == d)  # the first scored position alone
         weight, ent, total = weight + per.sum(0), ent + float(token_entropy(s[m]).sum()), total + len(per)
     assert list(result.routing["mean"]) == ["alpha", "beta", "gamma", "delta"]  # routing even without an expert
     for d in acc:
         assert list(result.routing["mean"][d].values()) == pytest.approx((acc[d] / n[d]).tolist(), abs=1e-6)
     assert result.routing["top1_own"] == {d: hits[d] / counts[d] for d in NAMES}
+    assert result.routing["top1_own_first"] == {d: first[d] / counts[d] for d in NAMES}
+    assert result.routing["top1_own_first"] != result.routing["top1_own"], result.routing  # this seed: differs
     c = result.collapse
     assert c["max_expert_share"] == pytest.approx(float(weight.max() / weight.sum()), abs=1e-6)
     assert c["mean_entropy"] == pytest.approx(ent / total, abs=1e-6)
@@ -236,7 +239,7 @@ def test_json_schema_and_files(result, tmp_path):
         assert list(row) == ["loss", "tokens", "task_score"] and row["task_score"] is None
         assert all(isinstance(v, float) for v in row["loss"].values()) and "mixed" in row["loss"]
         assert all(isinstance(v, int) for v in row["tokens"].values())
-    assert list(js["routing"]) == ["mean", "top1_own"]
+    assert list(js["routing"]) == ["mean", "top1_own", "top1_own_first"]
     assert list(js["collapse"]) == ["max_expert_share", "mean_entropy", "mean_entropy_normalized"]
     md = (tmp_path / "eval.md").read_text()
     assert md.count("\n| ") == (1 + 8) + (1 + 7) + (1 + 4) and "| oracle |" in md and "| arrow |" in md

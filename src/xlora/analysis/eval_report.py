@@ -33,6 +33,7 @@ class Totals:
         self.route: dict[str, torch.Tensor] = {}  # domain -> [E] summed layer-averaged scalings
         self.route_tokens: dict[str, int] = {}
         self.hits: dict[str, int] = {}
+        self.first_hits: dict[str, int] = {}  # top-1 own at the first scored position (the answer's first token)
         self.counts: dict[str, int] = {}
         self.weight = torch.zeros(E, dtype=torch.float64)
         self.entropy, self.scored = 0.0, 0
@@ -81,6 +82,7 @@ class Totals:
             self.route_tokens[d] = self.route_tokens.get(d, 0) + len(per_token)
             self.counts[d] = self.counts.get(d, 0) + 1
             self.hits[d] = self.hits.get(d, 0) + (top == d)
+            self.first_hits[d] = self.first_hits.get(d, 0) + (self.names[int(per_token[0].argmax())] == d)
 
     def result(self, model: str, skipped: dict[str, str], chat: bool, reference: str | None = None,
                resamples: int = RESAMPLES) -> EvalResult:
@@ -105,7 +107,8 @@ class Totals:
             routed = [d for d in doms if d in self.route]  # in file order, not the order batches ran
             routing = {"mean": {d: dict(zip(self.names, (self.route[d] / self.route_tokens[d]).tolist()))
                                 for d in routed},
-                       "top1_own": {d: self.hits[d] / self.counts[d] for d in routed if d in self.names}}
+                       "top1_own": {d: self.hits[d] / self.counts[d] for d in routed if d in self.names},
+                       "top1_own_first": {d: self.first_hits[d] / self.counts[d] for d in routed if d in self.names}}
         collapse = None
         if self.scored:
             E = len(self.names)
@@ -187,14 +190,17 @@ class EvalResult:
             experts = list(next(iter(self.routing["mean"].values())))
             out += ["\nX-LoRA routing (mean scalings over scored positions, modules averaged; top-1 own: share of "
                     "the domain's records whose largest mean scaling is its own expert"
-                    + (f", with its {self.intervals['level']:.0%} Wilson interval" if self.intervals else "") + "):\n\n",
-                    "| domain | " + " | ".join(experts) + " | top-1 own |\n|---|" + "---:|" * (len(experts) + 1) + "\n"]
+                    + (f", with its {self.intervals['level']:.0%} Wilson interval" if self.intervals else "")
+                    + "; first position: the same share by the scalings at the first scored position alone, the one "
+                    "that predicts an answer's first token):\n\n",
+                    "| domain | " + " | ".join(experts) + " | top-1 own | first position |\n|---|"
+                    + "---:|" * (len(experts) + 2) + "\n"]
             wilson = self.intervals["top1_own"] if self.intervals else {}
             for d, row in self.routing["mean"].items():
-                own = self.routing["top1_own"].get(d)
+                own, first = self.routing["top1_own"].get(d), self.routing.get("top1_own_first", {}).get(d)
                 span = f" [{wilson[d][0]:.2f}, {wilson[d][1]:.2f}]" if d in wilson else ""
                 out.append(f"| {d} | " + " | ".join(f"{v:.3f}" for v in row.values())
-                           + f" | {'' if own is None else f'{own:.3f}'}{span} |\n")
+                           + f" | {'' if own is None else f'{own:.3f}'}{span} | {'' if first is None else f'{first:.3f}'} |\n")
         if self.collapse:
             c = self.collapse
             out.append(f"\nCollapse: largest expert's share of the weight {c['max_expert_share']:.3f}; mean per-token "
