@@ -12,7 +12,9 @@ import pytest
 import torch
 from conftest import tokens
 from formats_fixtures import build
+from packaging.version import Version
 from peft import PeftModel
+from safetensors.torch import load_file, save_file
 
 from xlora import XLoraModel
 from xlora.formats import detect
@@ -94,14 +96,36 @@ def peft_xlora(setup, depth: int, seed: int = 11):
     return model
 
 
+PEFT_DROPS_HEAD_LAYERS = Version(peft.__version__) < Version("0.22")  # its save filtered layers.<i> as adapters
+
+
+def as_peft_021_saved(path) -> None:
+    """Rewrite PEFT's X-LoRA weights file as peft <= 0.21's ``save_pretrained`` wrote it: without every classifier
+    layer ``layers.<i>`` whose ``i`` is an expert's name ("0".."N-1"), which it filtered out as other adapters."""
+    names = json.loads((path / "adapter_config.json").read_text())["adapters"]
+    tensors = load_file(str(path / "adapter_model.safetensors"))
+    save_file({k: v for k, v in tensors.items() if k.split("classifier.layers.")[-1].split(".")[0] not in names},
+              str(path / "adapter_model.safetensors"))
+
+
 @pytest.mark.parametrize("depth", [1, 2])
-def test_peft_own_save_loses_head_layers_refused_then_repaired_by_save_classifier(llama, tmp_path, depth):
-    """peft 0.21 drops layers.<i> for every expert index i, so its save of any head is partial."""
+def test_peft_own_save_loads_and_a_partial_one_is_refused_then_repaired_by_save_classifier(llama, tmp_path, depth):
+    """peft >= 0.22 saves the whole head, which loads with PEFT's logits; peft <= 0.21 dropped layers.<i> for every
+    expert index i (layers.0 always), so its save of any head was partial: refused, then repaired."""
     theirs = peft_xlora(llama, depth=depth)
     x = tokens(batch=2, seq=8, seed=5)
     ref = theirs(input_ids=x).logits
     theirs.save_pretrained(str(tmp_path / "saved"))
+    held = sorted({k.split("classifier.")[-1].rsplit(".", 1)[0]
+                   for k in load_file(str(tmp_path / "saved" / "adapter_model.safetensors"))})
     kept = [] if depth == 1 else ["layers.3"]  # layers.0 (and layers.3 had there been 4 experts) dropped
+    if PEFT_DROPS_HEAD_LAYERS:
+        assert held == kept
+    else:
+        assert held == ["layers.0", "layers.3"][:depth]  # the whole head (Linear, ReLU, Dropout, Linear)
+        whole = XLoraModel.from_pretrained(tmp_path / "saved", base_model=llama.base()).eval()
+        torch.testing.assert_close(whole(x).logits, ref, rtol=0, atol=1e-5)
+        as_peft_021_saved(tmp_path / "saved")
     with pytest.raises(ValueError, match=re.escape(f"holds {depth - 1} of the classifier's {depth} linear layers ({kept})")):
         XLoraModel.from_pretrained(tmp_path / "saved", base_model=llama.base())
     save_classifier(theirs, tmp_path / "saved")

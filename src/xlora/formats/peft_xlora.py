@@ -11,7 +11,8 @@ that its ``save_pretrained`` writes hold only part of each expert, so we never r
 0.21's ``save_pretrained`` also drops every classifier layer ``layers.{i}`` whose ``i`` is an
 expert's name (``"0".."N-1"``, which it filters out as "other adapters"): ``layers.0`` always, so
 at best only the last layer is left. Such a file is refused (a half-random head is never loaded);
-:func:`save_classifier` rewrites it whole from the live PEFT model.
+:func:`save_classifier` rewrites it whole from the live PEFT model. peft 0.22's ``save_pretrained`` keeps the
+whole classifier, and its files load as they are.
 
 Our writer names the experts ``"0".."N-1"`` as PEFT needs and keeps our names in
 ``xlora_names.json``, so that the export reads back as it was. Experts copied into the folder
