@@ -197,7 +197,7 @@ class EvalResult:
                     + "---:|" * (len(experts) + 2) + "\n"]
             wilson = self.intervals["top1_own"] if self.intervals else {}
             for d, row in self.routing["mean"].items():
-                own, first = self.routing["top1_own"].get(d), self.routing.get("top1_own_first", {}).get(d)
+                own, first = self.routing["top1_own"].get(d), self.routing["top1_own_first"].get(d)
                 span = f" [{wilson[d][0]:.2f}, {wilson[d][1]:.2f}]" if d in wilson else ""
                 out.append(f"| {d} | " + " | ".join(f"{v:.3f}" for v in row.values())
                            + f" | {'' if own is None else f'{own:.3f}'}{span} | {'' if first is None else f'{first:.3f}'} |\n")
