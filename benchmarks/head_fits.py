@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import hashlib
 import json
 import math
 from pathlib import Path
@@ -49,8 +50,9 @@ Record = tuple[torch.Tensor, torch.Tensor, str | None]  # states [n, hidden] fp1
 
 @torch.no_grad()
 def all_states(path: str, cache: Path, layers: int) -> list[Record]:
-    """Every record's states after ``layers`` decoder layers and the final norm, cached as ``<stem>_k<layers>.pt``."""
-    hit = cache / f"{Path(path).stem}_k{layers}.pt"
+    """Every record's states after ``layers`` decoder layers and the final norm, cached as
+    ``<stem>_<sha256 of the file, 12 hex>_k<layers>.pt`` (a file of the same name with other records misses)."""
+    hit = cache / f"{Path(path).stem}_{hashlib.sha256(Path(path).read_bytes()).hexdigest()[:12]}_k{layers}.pt"
     if hit.exists():
         return torch.load(hit)
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -138,7 +140,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("train_file")
     ap.add_argument("eval_files", nargs="+")
-    ap.add_argument("--cache", type=Path, required=True, help="where the states are kept (by file stem and k)")
+    ap.add_argument("--cache", type=Path, required=True, help="where the states are kept (by file stem, content hash and k)")
     ap.add_argument("--teacher", type=Path, default=ASSETS / "suite", help="X-LoRA directory of the teacher head")
     ap.add_argument("--layers", type=int, default=N_LAYERS, help="k: the decoder layers the student reads")
     ap.add_argument("--kl-positions", choices=("unlabelled", "all"), default="unlabelled")

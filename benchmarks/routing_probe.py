@@ -19,6 +19,7 @@ BENCHMARKS ("Routing-only heads on cached states") used it to choose the suite h
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 from pathlib import Path
 
@@ -35,8 +36,8 @@ from xlora.train.losses import scored_positions
 @torch.no_grad()
 def states(path: str, cache: Path | None) -> tuple[list[torch.Tensor], list[str]]:
     """Per record with a domain expert and a scored position: the base's last hidden states ``[n_i, hidden]`` at
-    the positions predicting completion tokens, and its domain (cached under ``cache`` by file stem)."""
-    hit = cache / f"{Path(path).stem}.pt" if cache else None
+    the positions predicting completion tokens, and its domain (cached under ``cache`` by file stem and content hash)."""
+    hit = cache / f"{Path(path).stem}_{hashlib.sha256(Path(path).read_bytes()).hexdigest()[:12]}.pt" if cache else None
     if hit is not None and hit.exists():
         z = torch.load(hit)
         return z["S"], z["dom"]
@@ -107,7 +108,7 @@ def main() -> None:
     ap.add_argument("train_file")
     ap.add_argument("eval_files", nargs="+")
     ap.add_argument("--heads", nargs="*", default=[], help="X-LoRA directories whose heads to score too")
-    ap.add_argument("--cache", type=Path, default=None, help="keep the extracted states here (by file stem)")
+    ap.add_argument("--cache", type=Path, default=None, help="keep the extracted states here (by file stem and content hash)")
     ap.add_argument("--steps", type=int, default=1500)
     ap.add_argument("--wds", type=float, nargs="+", default=[0.0, 0.1, 1.0], help="AdamW weight decays")
     ap.add_argument("--seeds", type=int, default=2)

@@ -9,6 +9,7 @@ import re
 import pytest
 from science_rows import rows_fixture  # noqa: F401 (the shared fixture `rows`)
 
+from xlora.demo import _wording_data as vocab
 from xlora.demo import suite, wording
 from xlora.demo.science_tasks import load_pools
 
@@ -151,7 +152,12 @@ def test_split_files_have_the_trainer_shapes_and_counts(rows, tmp_path):
     comp = [json.loads(x) for x in (tmp_path / "composite_train.jsonl").read_text().splitlines()]
     assert all(len(r["experts"]) == 2 for r in comp) and head[-len(comp):] == [
         {k: v for k, v in r.items() if k != "experts"} for r in comp]
-    assert manifest["head_casings"] == list(wording.CASINGS)
+    assert manifest["head_casings"] == list(wording.CASINGS) and manifest["head_wide"] is True
+    wide_families = {f"forward/{f}" for f in vocab.WIDE_FRAMES["forward"]}  # the head's draw is the wide one ...
+    assert {r.get("family") for r in head} & wide_families
+    for split in ("train", "validation", "test"):  # ... and no expert's split or test sees it
+        recs = [json.loads(x) for x in (tmp_path / f"{split}.jsonl").read_text().splitlines()]
+        assert not {r.get("family") for r in recs} & wide_families
 
 
 def test_the_heads_draw_takes_every_casing_and_the_experts_splits_no_all_caps(rows):

@@ -34,9 +34,9 @@ SLOTS = {
 }
 
 
-def _draw(kind: str, split: str, n: int, seed: int = 0) -> list[wording.Wording]:
+def _draw(kind: str, split: str, n: int, seed: int = 0, wide: bool = False) -> list[wording.Wording]:
     rng = random.Random(f"{kind}:{split}:{seed}")
-    return [wording.compose(kind, split, rng, rng.choice(SLOTS[kind])) for _ in range(n)]
+    return [wording.compose(kind, split, rng, rng.choice(SLOTS[kind]), wide=wide) for _ in range(n)]
 
 
 def test_every_kind_has_slots_here():
@@ -56,7 +56,8 @@ def test_hundreds_of_surface_forms_per_kind(kind):
 def test_test_unseen_uses_only_held_out_families_and_alias_sets(kind):
     fams, held, prefix = wording.families(kind)
     assert held and set(held) < set(fams)  # some families are held out, some are seen
-    seen = _draw(kind, "train", 400) + _draw(kind, "validation", 100) + _draw(kind, "test", 100)
+    seen = _draw(kind, "train", 400) + _draw(kind, "validation", 100) + _draw(kind, "test", 100) \
+        + _draw(kind, "train", 400, wide=True)  # the head's wider pools are seen too
     unseen = _draw(kind, "test_unseen", 200)
     assert {w.family for w in unseen} == {f"{prefix}/{f}" for f in held}
     assert not {w.family for w in seen} & {f"{prefix}/{f}" for f in held}
@@ -119,6 +120,26 @@ def test_casings_override_only_the_casing_of_a_seen_split():
     for bad in ((), ("shouting",), "upper"):
         with pytest.raises(ValueError, match="casings="):
             wording.compose("qm_forward", "train", random.Random(0), slots, casings=bad)
+
+
+@pytest.mark.parametrize("kind", ["protein_forward", "qm_forward", "chem_count", "mech_inverse", "linear"])
+def test_wide_adds_seen_entries_only_to_seen_splits(kind):
+    """``wide`` (the head's data) draws new aliases, verbs, contexts, closings and frame families on a seen split,
+    none of them in the plain seen pools, and leaves test_unseen exactly as it was."""
+    plain, wide = _draw(kind, "train", 300), _draw(kind, "train", 300, wide=True)
+    assert _draw(kind, "test_unseen", 50, wide=True) == _draw(kind, "test_unseen", 50)
+    assert {w.which for w in wide} == {"seen"}
+    spec = wording.KINDS[kind]
+    new_families = {f"{spec.frames}/{f}" for f in vocab.WIDE_FRAMES[spec.frames]}
+    assert {w.family for w in wide} & new_families and not {w.family for w in plain} & new_families
+    new_contexts = {w.parts["context"] for w in wide} - {w.parts["context"] for w in plain}
+    assert new_contexts and new_contexts <= set(vocab.WIDE_CONTEXTS)
+    if spec.noun:  # a property kind: aliases from the wide set, which the plain pools never draw
+        props = {s["prop"] for s in SLOTS[kind]}
+        wide_aliases = {a for p in props for a in vocab.WIDE_ALIASES[p]}
+        assert {w.parts["prop"] for w in wide} & wide_aliases and not {w.parts["prop"] for w in plain} & wide_aliases
+    for p, extra in vocab.WIDE_ALIASES.items():  # every wide alias is new, and no held-out alias
+        assert not set(extra) & (set(vocab.PROPERTY_ALIASES[p][0]) | set(vocab.PROPERTY_ALIASES[p][1])), p
 
 
 def test_a_linear_equation_names_its_variable():

@@ -139,3 +139,35 @@ DESIGN_THINGS: dict[str, Pool] = {  # what an inverse task asks for (content {n}
     "molecule": (("a molecule (as SMILES)", "a compound, written as SMILES", "a SMILES string"),
                  ("a structure in SMILES notation", "some chemical (SMILES only)")),
 }
+
+# The scaling head's data only (``compose(..., wide=True)``): more seen entries per role, so that the head meets
+# more than one or two wordings of each property, frame and context before it meets a stranger's. The experts'
+# splits, validation and test keep the pools above; nothing here shares a phrase with a held-out entry.
+WIDE_ALIASES: dict[str, tuple[str, ...]] = {
+    "mw": ("average mass", "total mass", "M.W."), "pi": ("IEP", "isoelectric value", "pI value"),
+    "gravy": ("GRAVY index", "GRAVY value", "hydrophobicity score (GRAVY)"),
+    "instability": ("Guruprasad index", "II value", "instability (Guruprasad)"),
+    "logp": ("log P", "logP (Crippen)", "logP value"), "rings": ("ring count", "SSSR rings", "ring systems"),
+    "hbd": ("donors", "HBD", "H-donors"), "hba": ("acceptors", "HBA", "H-acceptors"),
+    "gap": ("HOMO/LUMO gap", "HL gap", "HOMO to LUMO gap"), "homo": ("HOMO", "HOMO eigenvalue", "E_HOMO"),
+    "lumo": ("LUMO", "LUMO eigenvalue", "E_LUMO"), "dipole": ("dipole magnitude", "total dipole", "|mu|"),
+    "hydration": ("hydration energy", "dG(hyd)", "hydration free-energy value"),
+    "logs": ("solubility (logS)", "log S", "logS value"),
+    "force": ("maximum force", "peak pulling force", "max force"),
+    "work": ("work of pulling", "total work", "pull work"),
+}
+WIDE_CONTEXTS = ("Homework help:", "Quick one.", "Hello.", "A colleague asked:", "Checking a calculation:")
+WIDE_CLOSINGS = ("Thanks in advance.", "Short answer please.")
+WIDE_VERBS: dict[str, tuple[str, ...]] = {"forward": ("find", "tell me", "provide"), "design": ("create", "make"),
+                                          "count": ("list the number of",)}
+WIDE_FRAMES: dict[str, dict[str, tuple[str, ...]]] = {
+    "forward": {"qa": ("Q: {prop} of {thing} {x}{unit_clause}? {dec}",
+                       "Question: what {prop} would you give {x}{unit_clause}? {dec}"),
+                "form": ("{prop}{unit_clause}\n- {thing}: {x}\n- {dec}", "Item: {x}\nWanted: {prop}{unit_clause}\n{dec}"),
+                "note": ("Need the {prop} for {x}{unit_clause}, please. {dec}",
+                         "{x} - {verb} the {prop}{unit_clause}. {dec}")},
+    "count": {"qa": ("Q: number of {prop} in {x}?",), "form": ("Item: {x}\nWanted: number of {prop}",)},
+    "design": {"qa": ("Q: could you {verb} {thing} with {want}?",),
+               "form": ("Wanted: {thing}\nRequirement: {want}", "{want}\n- {verb} {thing}")},
+    "linear": {"qa": ("Q: {eqn}; {v} = ?",)},
+}

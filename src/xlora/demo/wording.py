@@ -83,31 +83,34 @@ class Wording:
     parts: dict[str, str] = field(default_factory=dict)
 
 
-def families(kind: str) -> tuple[dict[str, tuple[str, ...]], tuple[str, ...], str]:
-    """``(family -> frames, held-out family names, family prefix)`` of a task kind."""
+def families(kind: str, wide: bool = False) -> tuple[dict[str, tuple[str, ...]], tuple[str, ...], str]:
+    """``(family -> frames, held-out family names, family prefix)`` of a task kind; ``wide``: with the head-only
+    families of ``WIDE_FRAMES`` among the seen ones."""
     if kind not in KINDS:
         raise ValueError(f"task kind {kind!r} has no wording; known kinds: {sorted(KINDS)}")
     spec = KINDS[kind]
     if spec.frames != "phrasings":
-        return vocab.FRAMES[spec.frames], vocab.HELD_OUT_FAMILIES[spec.frames], spec.frames
+        extra = vocab.WIDE_FRAMES.get(spec.frames, {}) if wide else {}
+        return {**vocab.FRAMES[spec.frames], **extra}, vocab.HELD_OUT_FAMILIES[spec.frames], spec.frames
     seen, unseen = phrasings.TEMPLATES[kind]
     fams = {"question": tuple(t for t in seen if t.rstrip().endswith("?")),
             "imperative": tuple(t for t in seen if not t.rstrip().endswith("?")), "unseen": unseen}
     return {f: ts for f, ts in fams.items() if ts}, ("unseen",), kind
 
 
-def _pool(pool: vocab.Pool, which: str) -> tuple[str, ...]:
-    return pool[0] if which == SEEN else pool[1]
+def _pool(pool: vocab.Pool, which: str, extra: tuple[str, ...] = ()) -> tuple[str, ...]:
+    """The seen entries (with ``extra``, the head-only ones, when wide) or the unseen ones."""
+    return pool[0] + extra if which == SEEN else pool[1]
 
 
-def _part(name: str, spec: KindSpec, slots: dict[str, Any], which: str) -> tuple[str, ...]:
-    """The options of one part for this kind, item and wording side."""
+def _part(name: str, spec: KindSpec, slots: dict[str, Any], which: str, wide: bool = False) -> tuple[str, ...]:
+    """The options of one part for this kind, item and wording side (``wide``: plus the head-only entries)."""
     if name == "verb":
-        return _pool(vocab.VERBS[spec.verbs], which)
+        return _pool(vocab.VERBS[spec.verbs], which, vocab.WIDE_VERBS.get(spec.verbs, ()) if wide else ())
     if name == "prop":
         if slots.get("prop") not in vocab.PROPERTY_ALIASES:
             raise ValueError(f"slot 'prop'={slots.get('prop')!r} names no property; known: {sorted(vocab.PROPERTY_ALIASES)}")
-        return _pool(vocab.PROPERTY_ALIASES[slots["prop"]], which)
+        return _pool(vocab.PROPERTY_ALIASES[slots["prop"]], which, vocab.WIDE_ALIASES[slots["prop"]] if wide else ())
     if name == "thing":
         table = vocab.DESIGN_THINGS if spec.frames == "design" else vocab.THINGS
         return _pool(table[spec.noun], which)
@@ -125,7 +128,7 @@ def _part(name: str, spec: KindSpec, slots: dict[str, Any], which: str) -> tuple
 
 
 def _resolve(text: str, spec: KindSpec, slots: dict[str, Any], which: str, rng: random.Random,
-             chosen: dict[str, str]) -> str:
+             chosen: dict[str, str], wide: bool = False) -> str:
     """Fill the parts of ``text`` (parts may contain parts), leaving the content slots as ``{name}``."""
     for _ in range(len(PARTS) + 1):
         names = sorted(set(_PART.findall(text)))
@@ -133,7 +136,7 @@ def _resolve(text: str, spec: KindSpec, slots: dict[str, Any], which: str, rng: 
             return text
         for name in names:
             if name not in chosen:
-                chosen[name] = rng.choice(_part(name, spec, slots, which))
+                chosen[name] = rng.choice(_part(name, spec, slots, which, wide))
         if all(n in CONTENT_PARTS for n in names):
             return text
         text = _PART.sub(lambda m: m.group(0) if m.group(1) in CONTENT_PARTS else chosen[m.group(1)], text)
@@ -164,14 +167,16 @@ def _restyle(template: str, casing: str, ending: str) -> str:
 
 
 def compose(kind: str, split: str, rng: random.Random, slots: dict[str, Any],
-            casings: tuple[str, ...] | None = None) -> Wording:
+            casings: tuple[str, ...] | None = None, wide: bool = False) -> Wording:
     """Compose a prompt of ``kind`` for ``split`` (see the module doc) around the item's ``slots``.
 
     ``slots`` holds the content slots the frames name (``x``, ``n``, ``lo``, ``hi``, ``decimals``, ``e``, ...)
     and the item's ``prop`` (a key of ``PROPERTY_ALIASES``), ``unit`` (a key of ``UNITS``) and, for
     inverse tasks, ``exact`` (an exact count instead of a range). ``casings``: draw the casing from these
     instead of the split's pool (the scaling head's data takes all of :data:`CASINGS`; every other part
-    keeps its split's pool).
+    keeps its split's pool). ``wide``: a seen split also draws from the head-only entries of
+    :mod:`~xlora.demo._wording_data` (``WIDE_*``: more aliases, verbs, contexts, closings and frame families);
+    an unseen split is unchanged.
 
     Raises:
         ValueError: an unknown kind, property, casing, or a frame slot that ``slots`` lacks (named).
@@ -179,14 +184,16 @@ def compose(kind: str, split: str, rng: random.Random, slots: dict[str, Any],
     if casings is not None and (not casings or set(casings) - set(CASINGS)):
         raise ValueError(f"casings={casings!r}: give a non-empty tuple drawn from {CASINGS}")
     which = which_for(split)
-    fams, held, prefix = families(kind)
+    wide = wide and which == SEEN
+    fams, held, prefix = families(kind, wide)
     spec = KINDS[kind]
     names = sorted(f for f in fams if (f in held) == (which == UNSEEN))
     family = rng.choice(names)
     index = rng.randrange(len(fams[family]))
     chosen: dict[str, str] = {}
-    body = _resolve(fams[family][index], spec, slots, which, rng, chosen)
-    context, closing = rng.choice(_pool(vocab.CONTEXTS, which)), rng.choice(_pool(vocab.CLOSINGS, which))
+    body = _resolve(fams[family][index], spec, slots, which, rng, chosen, wide)
+    context = rng.choice(_pool(vocab.CONTEXTS, which, vocab.WIDE_CONTEXTS if wide else ()))
+    closing = rng.choice(_pool(vocab.CLOSINGS, which, vocab.WIDE_CLOSINGS if wide else ()))
     casing, ending = rng.choice(casings or _pool(vocab.CASINGS, which)), rng.choice(_pool(vocab.ENDINGS, which))
     sep = "\n" if "\n" in body else " "
     text = (context + sep if context else "") + body.strip() + (sep + closing if closing else "")
