@@ -48,6 +48,7 @@ def test_demo_table_equals_the_engine_on_the_exported_records(demo, tmp_path):
     for d in DOMS:
         assert table.routing[d] == pytest.approx(result.routing["mean"][d], abs=1e-6)
     assert table.routing_top1 == result.routing["top1_own"]
+    assert table.routing_top1_first == result.routing["top1_own_first"] and set(table.routing_top1_first) == set(DOMS)
     # the oracle row is each domain's own expert; the targets ignore oracle and arrow (not single experts)
     assert table.loss["oracle"]["general"] == table.loss["general"]["general"]
     single = min(table.loss[c]["mixed"] for c in DOMS)
@@ -66,6 +67,8 @@ def test_demo_table_equals_the_engine_on_the_exported_records(demo, tmp_path):
     w = table.intervals["top1_own"]["general"]
     assert f"- top-1 routing general: {table.routing_top1['general']:.3f} [{w[0]:.2f}, {w[1]:.2f}]" in md
     assert f"| mathematics | {table.routing['mathematics']['mathematics']:.3f} |" in md
+    first = table.routing_top1_first
+    assert "| first position | " + " | ".join(f"{first[d]:.3f}" for d in table.routing_top1) + " |" in md
 
 
 def test_demo_answers_are_scored_by_the_demo_checker(demo):

@@ -70,6 +70,7 @@ class EvalTable:
     score: dict[str, dict[str, float]] = field(default_factory=dict)
     routing: dict[str, dict[str, float]] = field(default_factory=dict)
     routing_top1: dict[str, float] = field(default_factory=dict)
+    routing_top1_first: dict[str, float] = field(default_factory=dict)  # the same at the first answer position
     tokens: dict[str, int] = field(default_factory=dict)
     samples: list[dict[str, Any]] = field(default_factory=list)
     intervals: dict[str, Any] | None = None  # the engine's (xlora.analysis.eval_intervals), when X-LoRA ran
@@ -138,9 +139,13 @@ class EvalTable:
             out += [f"| {d} | " + " | ".join(f"{self.routing[d][e]:.3f}" for e in experts) + " |\n"
                     for d in self.routing]
         if self.routing_top1:
-            out += ["\nTop-1 own-expert routing (fraction of records whose largest mean scaling is their domain's expert):\n",
-                    "| " + " | ".join(self.routing_top1) + " |\n|" + "---:|" * len(self.routing_top1) + "\n",
-                    "| " + " | ".join(f"{v:.3f}" for v in self.routing_top1.values()) + " |\n"]
+            first = self.routing_top1_first
+            out += ["\nTop-1 own-expert routing (fraction of records whose largest scaling is their domain's expert; by "
+                    "the mean over the answer, and at the first answer position alone):\n",
+                    "| | " + " | ".join(self.routing_top1) + " |\n|---|" + "---:|" * len(self.routing_top1) + "\n",
+                    "| mean | " + " | ".join(f"{v:.3f}" for v in self.routing_top1.values()) + " |\n"]
+            out += ["| first position | " + " | ".join(f"{first[d]:.3f}" for d in self.routing_top1) + " |\n"] \
+                if first else []
         if targets := self._targets():
             out += ["\nTargets (95 % intervals: Wilson for routing, paired bootstrap over records for loss ratios):\n"]
             out += [f"- {what}: {value:.3f}{span} (bound {bound:g}) — {'met' if ok else 'MISSED'}\n"
@@ -277,6 +282,7 @@ def evaluate(model: Any, tokenizer: Any, split: str = "test", n_per_domain: int 
                         check, expert_answers)
     table.configs = [c for c in configs if c in result.configs]
     table.loss, table.routing, table.tokens, table.routing_top1 = _from_result(result, configs)
+    table.routing_top1_first = result.routing["top1_own_first"] if result.routing else {}
     table.intervals = result.intervals
     for c in configs if n_generate > 0 else []:
         if result.configs.get(c, {}).get("task_score"):
