@@ -47,12 +47,16 @@ def variants(S: torch.Tensor, p0: int, own: int) -> dict[str, torch.Tensor | int
     return {"head": None, "prompt=p0": at_p0, "prompt=own": on_prompt, "p0=own": on_p0, "own": own}
 
 
+def tokenized(rec: dict, tok) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """``ids`` ``[1, t]``, ``scored`` ``[t]`` (positions that predict a completion token) and ``p0``, the first of them."""
+    ex, _ = tokenize_record(rec, tok, 512, chat=True)
+    scored = scored_positions(torch.tensor([ex.labels]))[0]
+    return torch.tensor([ex.input_ids]), scored, int(scored.nonzero()[0, 0])
+
+
 @torch.no_grad()
 def probe(model, tok, rec: dict, names: list[str], loss: bool) -> dict:
-    ex, _ = tokenize_record(rec, tok, 512, chat=True)
-    ids, labels = torch.tensor([ex.input_ids]), torch.tensor([ex.labels])
-    scored = scored_positions(labels)[0]  # [t]: positions that predict a completion token
-    p0 = int(scored.nonzero()[0, 0])
+    ids, scored, p0 = tokenized(rec, tok)
     own = names.index(rec["domain"])
     head = model(input_ids=ids)
     S = head.scalings  # [1, t, L, E]
@@ -74,17 +78,20 @@ def probe(model, tok, rec: dict, names: list[str], loss: bool) -> dict:
 @torch.no_grad()
 def greedy(model, tok, rec: dict, prompt_at_p0: bool, max_new_tokens: int = 14) -> str:
     """The greedy answer, recomputing the whole sequence each step (no cache): the head's scalings, or with
-    ``prompt_at_p0`` the prompt's positions ``s < p0`` given the scalings of ``p0`` (the last prompt position)."""
-    ex, _ = tokenize_record(rec, tok, 512, chat=True)
-    p0 = int(scored_positions(torch.tensor([ex.labels]))[0].nonzero()[0, 0])
-    ids, stop = list(ex.input_ids[: p0 + 1]), tok.convert_tokens_to_ids("<|im_end|>")
+    ``prompt_at_p0`` the prompt's positions ``s < p0`` given the scalings of ``p0`` (the last prompt position).
+    Not ``model.generate``: its fixed scalings are one mixture per sequence, and this mode needs the head's own
+    scalings for the generated tokens with the prompt's replaced."""
+    full, _, p0 = tokenized(rec, tok)
+    ids = full[0, : p0 + 1].tolist()
     for _ in range(max_new_tokens):
         x = torch.tensor([ids])
-        S = model(input_ids=x).scalings.clone()
-        if prompt_at_p0:
+        out = model(input_ids=x)
+        if prompt_at_p0:  # a second main pass, with the prompt's scalings replaced
+            S = out.scalings.clone()
             S[0, :p0] = S[0, p0]
-        nxt = int(model(input_ids=x, scalings=S).logits[0, -1].argmax())
-        if nxt == stop:
+            out = model(input_ids=x, scalings=S)
+        nxt = int(out.logits[0, -1].argmax())
+        if nxt == tok.eos_token_id:
             break
         ids.append(nxt)
     return tok.decode(ids[p0 + 1:])
